@@ -1,0 +1,891 @@
+"""Unit spaces: which tensors and weights must grow together, and why not.
+
+Widening a layer adds units to its output. Every tensor that carries those
+units (after activations, normalisation, pooling, residual additions,
+concatenations, flattening...) carries the same *unit space* S, and every
+weight that produces or consumes S must be rewritten with one mapping g.
+This module finds that whole group by walking the graph from the layer's
+output, in both directions, op by op.
+
+A `Placement` says where the n units of S sit on one axis of a tensor. The
+axis is `outer` repetitions of a block; in every block unit u occupies the
+`inner` consecutive positions starting at `offset + u * inner`:
+
+* a Conv output [N, C, H, W]:           axis 1, offset 0, inner 1, outer 1
+* after Concat at channel offset k:      offset k
+* Flatten of NCHW into [N, C*H*W]:       inner H*W (each channel is a block)
+* Transpose to NHWC, then Flatten:       inner 1, outer H*W (feature p*C + c)
+* a depthwise Conv with multiplier m:    inner m
+
+The walk produces `Edit`s that the rewrites apply; it never changes the model.
+Anything it does not understand exactly stops the walk with a `Refusal` that
+names the op and the reason: a refusal is always preferred to a wrong answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .ir import GraphIR, node_attr
+
+# Ops that act on each element independently (all data ports share the placement).
+ELEMENTWISE_UNARY = frozenset("""
+    Relu LeakyRelu Sigmoid Tanh Gelu Erf Elu Selu Celu Softplus Softsign HardSigmoid
+    HardSwish Mish ThresholdedRelu Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round
+    Sign Sin Cos Tan Sinh Cosh Asin Acos Atan Asinh Acosh Atanh Identity Cast CastLike
+    Dropout Not IsNaN IsInf Shrink Clip Bernoulli
+""".split())
+# Ops whose inputs broadcast against each other elementwise.
+ELEMENTWISE_NARY = frozenset("""
+    Add Sub Mul Div Pow Max Min Sum Mean Mod Where Equal Less LessOrEqual Greater
+    GreaterOrEqual And Or Xor BitShift PRelu
+""".split())
+POOLING = frozenset("""
+    MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool
+""".split())
+REDUCTIONS = frozenset("""
+    ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2
+    ReduceLogSum ReduceLogSumExp ReduceSumSquare
+""".split())
+RESHAPES = frozenset("Flatten Reshape Squeeze Unsqueeze".split())
+WEIGHTED_LAYERS = frozenset("Conv ConvTranspose Gemm MatMul".split())
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the units of a space sit on one axis of a tensor (see module doc)."""
+
+    axis: int
+    rank: int
+    length: int
+    offset: int = 0
+    inner: int = 1
+    outer: int = 1
+
+    @property
+    def block(self) -> int:
+        return self.length // self.outer
+
+    def on_axis(self, axis: int, rank: int) -> "Placement":
+        return replace(self, axis=axis, rank=rank)
+
+    def growth(self) -> int:
+        """Positions added on the axis per unit added to the space."""
+        return self.inner * self.outer
+
+
+@dataclass(frozen=True)
+class WeightEdit:
+    """Rewrite the constant at `node.input[port]` along `axis`.
+
+    `role` is "copy" for a producer (new unit j copies unit g(j)) and "split"
+    for a consumer (slot j takes slot g(j)'s weights divided among its copies).
+    """
+
+    node: int
+    port: int
+    axis: int
+    placement: Placement
+    role: str
+
+
+@dataclass(frozen=True)
+class ValueEdit:
+    """Add `per_unit * (q - n)` to element `index` of the constant at
+    `node.input[port]` (a Reshape shape, Split sizes, Slice ends)."""
+
+    node: int
+    port: int
+    index: int
+    per_unit: int
+
+
+@dataclass(frozen=True)
+class AttributeEdit:
+    """Add `per_unit * (q - n)` to an integer attribute (depthwise `group`)."""
+
+    node: int
+    name: str
+    per_unit: int
+
+
+@dataclass
+class Refusal:
+    """Why a group cannot grow: the op, the node and the reason."""
+
+    node: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}" if self.node else self.reason
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal):
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+@dataclass
+class UnitGroup:
+    """A unit space and everything that must change when it grows.
+
+    Attributes:
+        seed: the node index of the layer the walk started from.
+        size: n, the current number of units.
+        placements: every tensor carrying the space, with its placement.
+        producers: node indices of the weighted layers whose output is the space.
+        weight_edits, value_edits, attribute_edits: what the rewrite changes.
+        step: valid new sizes are size + k * step.
+        refusal: set when the group cannot grow exactly.
+        dynamic_shapes: the space's size is also read at run time (Shape ops).
+    """
+
+    seed: int
+    size: int
+    placements: dict[str, Placement] = field(default_factory=dict)
+    producers: list[int] = field(default_factory=list)
+    weight_edits: list[WeightEdit] = field(default_factory=list)
+    value_edits: list[ValueEdit] = field(default_factory=list)
+    attribute_edits: list[AttributeEdit] = field(default_factory=list)
+    step: int = 1
+    refusal: Refusal | None = None
+    dynamic_shapes: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.refusal is None
+
+
+# ----------------------------------------------------------------------------
+# Layers
+
+
+def weighted_layers(ir: GraphIR) -> list[int]:
+    """Node indices of Conv, ConvTranspose, Gemm, and MatMul with a constant weight."""
+    found = []
+    for index, node in enumerate(ir.nodes):
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 and ir.is_const(node.input[1]):
+            found.append(index)
+        elif node.op_type == "MatMul" and ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
+            found.append(index)
+    return found
+
+
+def layer_name(ir: GraphIR, index: int) -> str:
+    """The name users give a layer: the node name, else its weight's name."""
+    node = ir.nodes[index]
+    return node.name or node.input[1]
+
+
+def find_layer(ir: GraphIR, name: str) -> int | None:
+    """The weighted layer called `name` (node name or weight initializer name)."""
+    layers = weighted_layers(ir)
+    for index in layers:
+        if ir.nodes[index].name == name:
+            return index
+    for index in layers:
+        if ir.nodes[index].input[1] == name:
+            return index
+    return None
+
+
+def layer_width(ir: GraphIR, index: int) -> int:
+    """The number of output units of a weighted layer."""
+    node = ir.nodes[index]
+    weight = ir.shape(node.input[1]) or ir.const_value(node.input[1]).shape
+    if node.op_type == "Conv":
+        return int(weight[0])
+    if node.op_type == "ConvTranspose":
+        return int(weight[1]) * int(node_attr(node, "group", 1))
+    if node.op_type == "Gemm":
+        return int(weight[0] if node_attr(node, "transB", 0) else weight[1])
+    return int(weight[-1])
+
+
+def layer_output_placement(ir: GraphIR, index: int) -> Placement:
+    node = ir.nodes[index]
+    output = node.output[0]
+    rank = ir.rank(output)
+    if rank is None:
+        raise _Refused(Refusal(ir.label(index), f"the rank of output '{output}' is unknown"))
+    axis = rank - 1 if node.op_type in ("MatMul", "Gemm") else 1
+    return Placement(axis=axis, rank=rank, length=layer_width(ir, index))
+
+
+# ----------------------------------------------------------------------------
+# The walk
+
+
+def find_group(ir: GraphIR, layer: int) -> UnitGroup:
+    """The unit space produced by `layer`, with every coupled tensor and edit."""
+    group = UnitGroup(seed=layer, size=layer_width(ir, layer))
+    try:
+        _Walk(ir, group).run(ir.nodes[layer].output[0], layer_output_placement(ir, layer))
+        if layer not in group.producers:
+            raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
+    except _Refused as refused:
+        group.refusal = refused.refusal
+    return group
+
+
+class _Walk:
+    """Breadth-first walk over (tensor, placement), dispatching to op rules."""
+
+    def __init__(self, ir: GraphIR, group: UnitGroup):
+        self.ir = ir
+        self.group = group
+        self.queue: list[tuple[str, Placement]] = []
+        self.visited_ports: set[tuple[int, str, int]] = set()
+        self.outputs = set(ir.graph_outputs)
+        self.inputs = set(ir.graph_inputs)
+
+    def run(self, tensor: str, placement: Placement) -> None:
+        self.add(tensor, placement)
+        while self.queue:
+            tensor, placement = self.queue.pop(0)
+            self.visit(tensor, placement)
+
+    def add(self, tensor: str, placement: Placement) -> None:
+        known = self.group.placements.get(tensor)
+        if known is not None:
+            if known != placement:
+                raise _Refused(Refusal(None, f"tensor '{tensor}' carries the units in two different layouts"))
+            return
+        self.group.placements[tensor] = placement
+        self.queue.append((tensor, placement))
+
+    def visit(self, tensor: str, placement: Placement) -> None:
+        if tensor in self.outputs:
+            raise _Refused(Refusal(None, f"the units reach graph output '{tensor}' (its shape would change)"))
+        if tensor in self.inputs:
+            raise _Refused(Refusal(None, f"the units reach graph input '{tensor}' (its shape would change)"))
+        if self.ir.is_const(tensor):
+            raise _Refused(Refusal(None, f"constant '{tensor}' carries the units"))
+        producer = self.ir.producer.get(tensor)
+        if producer is not None:
+            self.dispatch(producer[0], "out", producer[1], placement)
+        for use in self.ir.uses(tensor):
+            if use.port < 0:
+                raise _Refused(Refusal(self.ir.label(use.node),
+                                       f"{self.ir.nodes[use.node].op_type} reads '{tensor}' inside a subgraph"))
+            self.dispatch(use.node, "in", use.port, placement)
+
+    def dispatch(self, index: int, side: str, port: int, placement: Placement) -> None:
+        key = (index, side, port)
+        if key in self.visited_ports:
+            return
+        self.visited_ports.add(key)
+        node = self.ir.nodes[index]
+        rule = _RULES.get(node.op_type)
+        if rule is None:
+            for family, family_rule in _FAMILY_RULES:
+                if node.op_type in family:
+                    rule = family_rule
+                    break
+        if rule is None or node.domain not in ("", "ai.onnx"):
+            self.refuse(index, "this op is not known to act on each unit separately")
+        rule(self, index, side, port, placement)
+
+    # -- helpers for rules --------------------------------------------------
+
+    def refuse(self, index: int, reason: str):
+        node = self.ir.nodes[index]
+        raise _Refused(Refusal(f"{node.op_type} {self.ir.label(index)}", reason))
+
+    def shape(self, index: int, tensor: str) -> tuple:
+        shape = self.ir.shape(tensor)
+        if shape is None:
+            self.refuse(index, f"the shape of '{tensor}' is unknown")
+        return shape
+
+    def const(self, index: int, tensor: str, what: str) -> np.ndarray:
+        value = self.ir.const_value(tensor)
+        if value is None:
+            self.refuse(index, f"its {what} '{tensor}' is not a constant")
+        return value
+
+    def weight(self, index: int, port: int, axis: int, placement: Placement, role: str) -> None:
+        node = self.ir.nodes[index]
+        if port >= len(node.input) or not node.input[port]:
+            return
+        self.const(index, node.input[port], "weight")
+        self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role))
+
+    def same_on_ports(self, index: int, placement: Placement, inputs=(0,), outputs=(0,)) -> None:
+        node = self.ir.nodes[index]
+        for port in inputs:
+            if port < len(node.input) and node.input[port]:
+                self.add(node.input[port], placement)
+        for port in outputs:
+            if port < len(node.output) and node.output[port]:
+                self.add(node.output[port], placement)
+
+    def require_channel_axis(self, index: int, placement: Placement, allow_blocks: bool = False) -> None:
+        if placement.axis != 1 or placement.rank < 3:
+            self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
+        if placement.outer != 1 or (placement.inner != 1 and not allow_blocks):
+            self.refuse(index, "the units are interleaved with other data on the channel axis")
+
+
+# ----------------------------------------------------------------------------
+# Op rules. Each receives the node, the side ("in"/"out") and port where the
+# units arrived, and their placement there; it adds the other tensors of the
+# space and the edits, or refuses.
+
+
+def _unary(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, f"the units reach its parameter input {port}")
+    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and walk.ir.uses(node.output[1]):
+        walk.same_on_ports(index, placement, outputs=(0, 1))
+    else:
+        walk.same_on_ports(index, placement)
+
+
+def _pool(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    walk.require_channel_axis(index, placement, allow_blocks=True)
+    if len(node.output) > 1 and node.output[1] and walk.ir.uses(node.output[1]):
+        walk.refuse(index, "its indices output depends on the channel count")
+    walk.same_on_ports(index, placement)
+
+
+def _batchnorm(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach a statistics input")
+    if len([o for o in node.output if o]) > 1 or node_attr(node, "training_mode", 0):
+        walk.refuse(index, "training-mode BatchNormalization (running statistics outputs)")
+    walk.require_channel_axis(index, placement, allow_blocks=True) if placement.rank >= 3 else None
+    if placement.axis != 1:
+        walk.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
+    params = (1, 2) if node.op_type == "InstanceNormalization" else (1, 2, 3, 4)
+    if node.op_type == "InstanceNormalization" and placement.inner != 1:
+        walk.refuse(index, "instance normalisation over a block of channels")
+    for param in params:
+        walk.weight(index, param, 0, _axis_only(placement), "copy")
+    walk.same_on_ports(index, placement)
+
+
+def _axis_only(placement: Placement) -> Placement:
+    return Placement(axis=0, rank=1, length=placement.length, offset=placement.offset,
+                     inner=placement.inner, outer=placement.outer)
+
+
+def _elementwise(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Broadcasting ops: operands with the unit axis at full width join the space
+    (constants are copied like a producer's bias); size-1 operands broadcast."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    from_end = placement.rank - placement.axis
+    out_rank = walk.shape(index, node.output[0]).__len__()
+    for other, name in enumerate(node.input):
+        if not name or (side == "in" and other == port):
+            continue
+        shape = walk.shape(index, name)
+        axis = len(shape) - from_end
+        if axis < 0 or shape[axis] == 1:
+            continue
+        if shape[axis] != placement.length:
+            walk.refuse(index, f"operand '{name}' has {shape[axis]} positions on the unit axis, "
+                               f"not {placement.length}")
+        if ir.is_const(name):
+            walk.weight(index, other, axis, placement, "copy")
+        else:
+            walk.add(name, placement.on_axis(axis, len(shape)))
+    for out in node.output:
+        if out:
+            walk.add(out, placement.on_axis(out_rank - from_end, out_rank))
+
+
+def _concat(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    rank = placement.rank
+    axis = node_attr(node, "axis") % rank
+    if axis != placement.axis:
+        walk.same_on_ports(index, placement, inputs=range(len(node.input)))
+        return
+    if placement.outer != 1:
+        walk.refuse(index, "concatenation of interleaved features")
+    sizes = [walk.shape(index, name)[axis] for name in node.input]
+    if any(size is None for size in sizes):
+        walk.refuse(index, "an input's size on the concatenation axis is unknown")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    total = int(starts[-1])
+    if side == "in":
+        walk.add(node.output[0], replace(placement, offset=placement.offset + int(starts[port]), length=total))
+        return
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    for source, name in enumerate(node.input):
+        if starts[source] <= lo and hi <= starts[source + 1]:
+            walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
+            return
+    walk.refuse(index, "the units span several concatenated inputs")
+
+
+def _split(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    axis = node_attr(node, "axis", 0) % placement.rank
+    if axis != placement.axis:
+        walk.same_on_ports(index, placement, outputs=range(len(node.output)))
+        return
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its split sizes")
+    sizes = [walk.shape(index, name)[axis] for name in node.output]
+    if any(size is None for size in sizes):
+        walk.refuse(index, "an output's size on the split axis is unknown")
+    has_sizes_input = len(node.input) > 1 and node.input[1]
+    if not has_sizes_input:
+        walk.refuse(index, "it splits evenly (no explicit sizes to update)")
+    walk.const(index, node.input[1], "split sizes")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    if side == "out":
+        piece = port
+        walk.add(node.input[0], replace(placement, offset=placement.offset + int(starts[piece]),
+                                         length=int(starts[-1])))
+    else:
+        lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+        pieces = [k for k in range(len(sizes)) if starts[k] <= lo and hi <= starts[k + 1]]
+        if not pieces or placement.outer != 1:
+            walk.refuse(index, "the units span several split outputs")
+        piece = pieces[0]
+        walk.add(node.output[piece], replace(placement, offset=lo - int(starts[piece]), length=sizes[piece]))
+    walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
+
+
+def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its slice bounds")
+    if len(node.input) < 3:
+        walk.refuse(index, "Slice with attribute bounds (opset < 10)")
+    rank = placement.rank
+    starts = walk.const(index, node.input[1], "starts")
+    ends = walk.const(index, node.input[2], "ends")
+    axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+    steps = walk.const(index, node.input[4], "steps") if len(node.input) > 4 and node.input[4] else np.ones(len(starts))
+    axes = [int(a) % rank for a in axes]
+    if placement.axis not in axes:
+        walk.same_on_ports(index, placement)
+        return
+    k = axes.index(placement.axis)
+    if steps[k] != 1:
+        walk.refuse(index, "it slices the unit axis with a step")
+    source = placement if side == "in" else None
+    in_length = placement.length if side == "in" else walk.shape(index, node.input[0])[placement.axis]
+    start, end = _clamp(int(starts[k]), in_length), _clamp(int(ends[k]), in_length)
+    if side == "in":
+        lo, hi = source.offset, source.offset + walk.group.size * source.inner
+        if source.outer != 1 or not (start <= lo and hi <= end):
+            walk.refuse(index, "it cuts through the units")
+        walk.add(node.output[0], replace(source, offset=lo - start, length=end - start))
+    else:
+        walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
+    if int(starts[k]) < 0:
+        walk.group.value_edits.append(ValueEdit(index, 1, k, -placement.growth()))
+    if 0 <= int(ends[k]) <= in_length:
+        walk.group.value_edits.append(ValueEdit(index, 2, k, placement.growth()))
+
+
+def _clamp(value: int, length: int) -> int:
+    if value < 0:
+        value += length
+    return max(0, min(value, length))
+
+
+def _transpose(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    perm = node_attr(node, "perm") or list(reversed(range(placement.rank)))
+    if side == "in":
+        walk.add(node.output[0], placement.on_axis(list(perm).index(placement.axis), placement.rank))
+    else:
+        walk.add(node.input[0], placement.on_axis(int(perm[placement.axis]), placement.rank))
+
+
+def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its shape input")
+    src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
+    src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
+    moved, reason = map_through_reshape(placement, src, dst, walk.group.size)
+    if moved is None:
+        walk.refuse(index, reason)
+    walk.add(dst_name, moved)
+    if node.op_type == "Reshape":
+        out_placement = moved if side == "in" else placement
+        _update_shape_input(walk, index, out_placement)
+
+
+def map_through_reshape(placement: Placement, src: tuple, dst: tuple, size: int):
+    """Where the units land when a tensor of shape `src` is viewed as `dst`.
+
+    Returns (placement, None) or (None, reason). Handles axes that keep their
+    length, merges of the unit axis with its neighbours (flattening), and the
+    exact inverse of such a merge.
+    """
+    segments = _reshape_segments(src, dst)
+    if segments is None:
+        return None, f"cannot match shape {_fmt(src)} to {_fmt(dst)} (unknown dims)"
+    for (i0, i1), (j0, j1) in segments:
+        if not i0 <= placement.axis < i1:
+            continue
+        a = placement.axis
+        if i1 - i0 == 1 and j1 - j0 == 1:
+            return placement.on_axis(j0, len(dst)), None
+        if j1 - j0 == 1:
+            if placement.outer != 1:
+                return None, "flattening interleaved features again"
+            after = int(np.prod(src[a + 1:i1], dtype=np.int64))
+            before = int(np.prod(src[i0:a], dtype=np.int64))
+            length = placement.length * after
+            return Placement(axis=j0, rank=len(dst), length=length * before, offset=placement.offset * after,
+                             inner=placement.inner * after, outer=before), None
+        if i1 - i0 == 1:
+            return _unflatten(placement, dst, j0, j1, size)
+        return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
+    return None, "the unit axis is not in the reshape"
+
+
+def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int, size: int):
+    """The inverse of flattening: [.., F, ..] -> [.., d_j0, ..., d_j1-1, ..]."""
+    for j in range(j0, j1):
+        after = int(np.prod(dst[j + 1:j1], dtype=np.int64))
+        before = int(np.prod(dst[j0:j], dtype=np.int64))
+        block = dst[j] * after
+        if placement.inner % after or placement.offset % after:
+            continue
+        if placement.outer != before or (before > 1 and placement.block != block):
+            continue
+        return Placement(axis=j, rank=len(dst), length=dst[j], offset=placement.offset // after,
+                         inner=placement.inner // after), None
+    return None, "the reshape splits the unit axis across the units"
+
+
+def _reshape_segments(src: tuple, dst: tuple):
+    """Pair runs of axes with equal element counts: [((i0, i1), (j0, j1)), ...]."""
+    segments, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        i0, j0 = i, j
+        if i < len(src) and j < len(dst) and (src[i] is None or dst[j] is None):
+            if src[i] is None and dst[j] is None:
+                segments.append(((i, i + 1), (j, j + 1)))
+                i, j = i + 1, j + 1
+                continue
+            return None
+        a = src[i] if i < len(src) else 1
+        b = dst[j] if j < len(dst) else 1
+        i, j = min(i + 1, len(src)) if i < len(src) else i, min(j + 1, len(dst)) if j < len(dst) else j
+        while a != b:
+            if a < b:
+                if i >= len(src) or src[i] is None:
+                    return None
+                a *= src[i]
+                i += 1
+            else:
+                if j >= len(dst) or dst[j] is None:
+                    return None
+                b *= dst[j]
+                j += 1
+        segments.append(((i0, i), (j0, j)))
+        if i0 == i and j0 == j:
+            break
+    return segments
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _update_shape_input(walk: _Walk, index: int, out_placement: Placement) -> None:
+    """Record the edit of the literal dim of a Reshape's target shape."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    shape_name = node.input[1]
+    axis = out_placement.axis
+    value = ir.const_value(shape_name)
+    if value is not None:
+        if int(value[axis]) > 0:
+            walk.group.value_edits.append(ValueEdit(index, 1, axis, out_placement.growth()))
+        elif int(value[axis]) == 0:
+            walk.refuse(index, "its target shape copies the unit axis from the input (0) across a move")
+        return
+    producer = ir.producer_node(shape_name)
+    if producer is not None and ir.nodes[producer].op_type == "Concat":
+        position = 0
+        for piece_port, piece in enumerate(ir.nodes[producer].input):
+            piece_shape = ir.shape(piece)
+            if piece_shape is None or len(piece_shape) != 1 or piece_shape[0] is None:
+                break
+            if position <= axis < position + piece_shape[0]:
+                piece_value = ir.const_value(piece)
+                if piece_value is not None and int(piece_value.reshape(-1)[axis - position]) > 0:
+                    walk.group.value_edits.append(
+                        ValueEdit(producer, piece_port, axis - position, out_placement.growth()))
+                break
+            position += piece_shape[0]
+    walk.group.dynamic_shapes = True
+
+
+def _shape_op(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    # The shape is read at run time, so it follows the new width by itself.
+    walk.group.dynamic_shapes = True
+
+
+def _conv(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its weights or bias")
+    walk.require_channel_axis(index, placement, allow_blocks=True)
+    weight = walk.const(index, node.input[1], "weight")
+    groups = int(node_attr(node, "group", 1))
+    channels_in = weight.shape[1] * groups
+    if groups == 1:
+        if placement.inner != 1:
+            walk.refuse(index, "the units are blocks of channels")
+        if side == "in":
+            walk.weight(index, 1, 1, _axis_only(placement), "split")
+        else:
+            walk.weight(index, 1, 0, _axis_only(placement), "copy")
+            walk.weight(index, 2, 0, _axis_only(placement), "copy")
+            walk.group.producers.append(index)
+        return
+    if groups == channels_in and groups == walk.shape(index, node.input[0])[1]:
+        _depthwise(walk, index, side, placement, weight.shape[0] // groups)
+        return
+    walk.refuse(index, f"grouped convolution (group={groups}) is not supported yet")
+
+
+def _depthwise(walk: _Walk, index: int, side: str, placement: Placement, multiplier: int) -> None:
+    """A depthwise conv acts per channel: its filters grow with its input."""
+    node = walk.ir.nodes[index]
+    if side == "in":
+        inp = placement
+        out = replace(placement, offset=placement.offset * multiplier, inner=placement.inner * multiplier,
+                      length=placement.length * multiplier)
+    else:
+        if placement.inner % multiplier or placement.offset % multiplier:
+            walk.refuse(index, "the units split a depthwise filter group")
+        out = placement
+        inp = replace(placement, offset=placement.offset // multiplier, inner=placement.inner // multiplier,
+                      length=placement.length // multiplier)
+    walk.weight(index, 1, 0, _axis_only(out), "copy")
+    walk.weight(index, 2, 0, _axis_only(out), "copy")
+    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.inner))
+    walk.add(node.input[0], inp)
+    walk.add(node.output[0], out)
+
+
+def _conv_transpose(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its weights or bias")
+    walk.require_channel_axis(index, placement)
+    walk.const(index, node.input[1], "weight")
+    if int(node_attr(node, "group", 1)) != 1:
+        walk.refuse(index, "grouped transposed convolution is not supported yet")
+    if node_attr(node, "output_shape") is not None:
+        walk.refuse(index, "explicit output_shape attribute")
+    if side == "in":
+        walk.weight(index, 1, 0, _axis_only(placement), "split")
+    else:
+        walk.weight(index, 1, 1, _axis_only(placement), "copy")
+        walk.weight(index, 2, 0, _axis_only(placement), "copy")
+        walk.group.producers.append(index)
+
+
+def _gemm(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    trans_a, trans_b = int(node_attr(node, "transA", 0)), int(node_attr(node, "transB", 0))
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its weight or bias")
+    walk.const(index, node.input[1], "weight")
+    if side == "in":
+        if placement.axis != (0 if trans_a else 1):
+            walk.refuse(index, "the units are on its row (batch) axis")
+        walk.weight(index, 1, 1 if trans_b else 0, _axis_only(placement), "split")
+        return
+    if placement.axis != 1:
+        walk.refuse(index, "the units are on its row (batch) axis")
+    walk.weight(index, 1, 0 if trans_b else 1, _axis_only(placement), "copy")
+    if len(node.input) > 2 and node.input[2]:
+        bias_shape = walk.shape(index, node.input[2])
+        if bias_shape and bias_shape[-1] != 1:
+            walk.weight(index, 2, len(bias_shape) - 1, _axis_only(placement), "copy")
+    walk.group.producers.append(index)
+
+
+def _matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if not ir.is_const(node.input[1]) or ir.is_const(node.input[0]):
+        walk.refuse(index, "a product of two computed tensors mixes units (attention-style MatMul)")
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its weight")
+    weight_rank = len(walk.shape(index, node.input[1]))
+    last = placement.rank - 1
+    if weight_rank > 2 and placement.axis < placement.rank - 2:
+        walk.refuse(index, "the units are on a batch axis of a batched weight")
+    if side == "in" and placement.axis == last:
+        walk.weight(index, 1, weight_rank - 2, _axis_only(placement), "split")
+    elif side == "out" and placement.axis == last:
+        walk.weight(index, 1, weight_rank - 1, _axis_only(placement), "copy")
+        walk.group.producers.append(index)
+    else:
+        # Rows pass through a matrix product unchanged.
+        out_rank = len(walk.shape(index, node.output[0]))
+        in_rank = len(walk.shape(index, node.input[0]))
+        if side == "in":
+            walk.add(node.output[0], placement.on_axis(placement.axis + out_rank - in_rank, out_rank))
+        else:
+            walk.add(node.input[0], placement.on_axis(placement.axis - out_rank + in_rank, in_rank))
+
+
+def _softmax(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    opset = _opset(walk.ir)
+    axis = int(node_attr(node, "axis", -1 if opset >= 13 else 1)) % placement.rank
+    if axis == placement.axis or (opset < 13 and placement.axis >= axis):
+        walk.refuse(index, "it normalises over the unit axis")
+    walk.same_on_ports(index, placement)
+
+
+def _reduce(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its axes input")
+    axes = node_attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = walk.const(index, node.input[1], "axes").tolist()
+    if axes is None or len(axes) == 0:
+        if node_attr(node, "noop_with_empty_axes", 0):
+            walk.same_on_ports(index, placement)
+            return
+        walk.refuse(index, "it reduces over every axis, the unit axis included")
+    in_rank = len(walk.shape(index, node.input[0]))
+    axes = sorted(int(a) % in_rank for a in axes)
+    keep = int(node_attr(node, "keepdims", 1))
+    if side == "in":
+        if placement.axis in axes:
+            walk.refuse(index, "it reduces over the unit axis")
+        axis = placement.axis if keep else placement.axis - sum(a < placement.axis for a in axes)
+        walk.add(node.output[0], placement.on_axis(axis, in_rank if keep else in_rank - len(axes)))
+    else:
+        axis = placement.axis
+        if not keep:
+            kept = [a for a in range(in_rank) if a not in axes]
+            axis = kept[placement.axis]
+        walk.add(node.input[0], placement.on_axis(axis, in_rank))
+
+
+def _layernorm(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    axis = int(node_attr(node, "axis", -1)) % placement.rank
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scale or bias")
+    if placement.axis >= axis:
+        walk.refuse(index, "it normalises over the unit axis (tiling/LEMON expansion not supported yet)")
+    if any(o and walk.ir.uses(o) for o in node.output[1:]):
+        walk.refuse(index, "its mean / inverse-std outputs are used")
+    walk.same_on_ports(index, placement)
+
+
+def _pad(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its pads")
+    pads = node_attr(node, "pads")
+    if pads is None:
+        pads = walk.const(index, node.input[1], "pads").tolist()
+    rank = placement.rank
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % rank for a in walk.const(index, node.input[3], "axes")]
+    count = len(axes)
+    if placement.axis in axes:
+        k = axes.index(placement.axis)
+        if pads[k] != 0 or pads[k + count] != 0:
+            walk.refuse(index, "it pads the unit axis")
+    walk.same_on_ports(index, placement)
+
+
+def _gather(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units are used as indices")
+    in_rank = len(walk.shape(index, node.input[0]))
+    axis = int(node_attr(node, "axis", 0)) % in_rank
+    index_rank = len(walk.shape(index, node.input[1]))
+    if side == "in":
+        if placement.axis == axis:
+            walk.refuse(index, "it gathers along the unit axis")
+        moved = placement.axis if placement.axis < axis else placement.axis - 1 + index_rank
+        walk.add(node.output[0], placement.on_axis(moved, in_rank - 1 + index_rank))
+    else:
+        if axis <= placement.axis < axis + index_rank:
+            walk.refuse(index, "the units are on the gathered axis")
+        moved = placement.axis if placement.axis < axis else placement.axis + 1 - index_rank
+        walk.add(node.input[0], placement.on_axis(moved, in_rank))
+
+
+def _resize(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scales or sizes")
+    scales = walk.ir.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = walk.ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size:
+        if scales.size <= placement.axis or scales[placement.axis] != 1:
+            walk.refuse(index, "it resizes the unit axis")
+    elif sizes is not None and sizes.size:
+        walk.group.value_edits.append(ValueEdit(index, 3, placement.axis, placement.growth()))
+    else:
+        walk.refuse(index, "its scales/sizes are not constant")
+    walk.same_on_ports(index, placement)
+
+
+def _opset(ir: GraphIR) -> int:
+    for opset in ir.handle.proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1
+
+
+_RULES = {
+    "BatchNormalization": _batchnorm,
+    "InstanceNormalization": _batchnorm,
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    "Transpose": _transpose,
+    "Shape": _shape_op,
+    "Size": _shape_op,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "LayerNormalization": _layernorm,
+    "Pad": _pad,
+    "Gather": _gather,
+    "Resize": _resize,
+}
+_FAMILY_RULES = [
+    (ELEMENTWISE_UNARY, _unary),
+    (ELEMENTWISE_NARY, _elementwise),
+    (POOLING, _pool),
+    (REDUCTIONS, _reduce),
+    (RESHAPES, _reshape),
+]

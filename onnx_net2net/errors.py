@@ -1,0 +1,37 @@
+"""The few error types of onnx_net2net.
+
+`UserError` (and its subclasses) is a problem with what the user gave us: a bad
+file, an unknown layer, a width that cannot be reached. The CLI prints its
+message as one line and exits with code 2. Anything else escaping the CLI is a
+bug: it is reported as such and exits with code 3.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input; shown as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ModelLoadError(UserError):
+    """The model file cannot be read, parsed or trusted."""
+
+
+class UnsafePathError(ModelLoadError):
+    """A path (output or external data) is outside where it may be."""
+
+
+class GrowthRefused(UserError):
+    """A requested rewrite cannot be done exactly; the message says why."""
+
+
+class VerificationFailed(Exception):
+    """The grown model does not compute the same function (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,448 @@
+"""Loading and saving ONNX models safely.
+
+Three promises, kept here and nowhere else:
+
+* Nothing is read outside the model's folder: every external-data location is
+  checked (relative, inside the folder after resolving links, within the file)
+  before a byte of it is read.
+* The input is never modified, and an output never replaces the input.
+* An output is either complete or absent: it is written to temporary files in
+  the target folder and renamed into place; stale temporaries of killed runs
+  are removed by the next save into the same folder.
+
+Weights held in external data files are read lazily (only the tensors a rewrite
+changes are ever loaded) and streamed from the input's data file into the
+output's, so memory stays bounded by what changes, not by the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import ModelLoadError, UnsafePathError, UserError
+
+PROTOBUF_LIMIT = 2**31 - 1
+#: Above this many bytes of weights an output is written with external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Tensors smaller than this stay inline even in an external-data output.
+INLINE_TENSOR_BYTES = 1024
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class ModelHandle:
+    """A model and where its weights live.
+
+    Attributes:
+        proto: the ModelProto. Initializers stored externally keep their
+            external references until a rewrite replaces their data.
+        base_dir: the folder external-data locations resolve against, or None
+            for a model that came from memory.
+        path: the file the model was loaded from, if any.
+    """
+
+    proto: onnx.ModelProto
+    base_dir: Path | None = None
+    path: Path | None = None
+    _data_sizes: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    def has_external_data(self) -> bool:
+        return any(_is_external(t) for t in _all_tensors(self.proto))
+
+    def array(self, tensor: TensorProto) -> np.ndarray:
+        """The values of `tensor`, read from its external file if needed."""
+        if not _is_external(tensor):
+            return numpy_helper.to_array(tensor)
+        if self.base_dir is None:
+            raise ModelLoadError(f"tensor '{tensor.name}' has external data but the model has no folder")
+        info = _external_info(tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        with open(self.base_dir / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise ModelLoadError(f"external data of tensor '{tensor.name}' is shorter than its shape")
+        return data.reshape(tuple(tensor.dims))
+
+    def weight_bytes(self) -> int:
+        return sum(tensor_nbytes(t) for t in self.graph.initializer)
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    """Size in bytes of a tensor's data, without loading it."""
+    if _is_external(tensor):
+        length = _external_info(tensor).get("length")
+        if length is not None:
+            return int(length)
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
+    """Replace the data (and dims) of `tensor` in place, keeping its name and type."""
+    name, data_type = tensor.name, tensor.data_type
+    new = numpy_helper.from_array(np.ascontiguousarray(values).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(data_type), copy=False), name)
+    tensor.Clear()
+    tensor.CopyFrom(new)
+    tensor.name = name
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | os.PathLike) -> ModelHandle:
+    """Load a model file, checking it can be trusted before reading any weight.
+
+    Raises:
+        ModelLoadError: the file is missing, not ONNX, unsupported, or its
+            external data is unsafe or incomplete.
+    """
+    path = Path(path)
+    _check_input_file(path)
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    _check_model_header(proto, path)
+    handle = ModelHandle(proto=proto, base_dir=path.resolve().parent, path=path)
+    _check_external_data(handle)
+    return handle
+
+
+def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ModelHandle:
+    """Wrap an in-memory ModelProto (external references resolve in `base_dir`)."""
+    _check_model_header(proto, "model")
+    handle = ModelHandle(proto=proto, base_dir=Path(base_dir).resolve() if base_dir else None)
+    if handle.has_external_data():
+        if handle.base_dir is None:
+            raise ModelLoadError("model has external data references but no base folder was given")
+        _check_external_data(handle)
+    return handle
+
+
+def _check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not a model file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"{path}: not readable")
+
+
+def _check_model_header(proto: onnx.ModelProto, where) -> None:
+    if not proto.HasField("graph") or not proto.ir_version:
+        raise ModelLoadError(f"{where}: not an ONNX model (no graph or IR version)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{where}: unsupported IR version {proto.ir_version} (this onnx supports up to {onnx.IR_VERSION})")
+    if not proto.opset_import:
+        raise ModelLoadError(f"{where}: not an ONNX model (no opset_import)")
+    if not proto.graph.output:
+        raise ModelLoadError(f"{where}: graph has no outputs")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise ModelLoadError(
+                f"{where}: unsupported opset {opset.version} for the ONNX domain (supported: 1..{newest})")
+
+
+def _check_external_data(handle: ModelHandle) -> None:
+    base = handle.base_dir.resolve()
+    for tensor in _all_tensors(handle.proto):
+        if _is_external(tensor):
+            _check_external_tensor(tensor, base, handle._data_sizes)
+
+
+def _check_external_tensor(tensor: TensorProto, base: Path, sizes: dict) -> None:
+    info = _external_info(tensor)
+    location = info.get("location", "")
+    name = tensor.name or "<unnamed>"
+    if not location:
+        raise UnsafePathError(f"tensor '{name}': external data has no location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise UnsafePathError(f"tensor '{name}': external data location '{location}' is absolute")
+    normal = os.path.normpath(location)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise UnsafePathError(f"tensor '{name}': external data location '{location}' escapes the model's folder")
+    target = (base / normal)
+    real = Path(os.path.realpath(target))
+    if real != base and base not in real.parents:
+        raise UnsafePathError(
+            f"tensor '{name}': external data location '{location}' resolves outside the model's folder")
+    if not real.is_file():
+        raise ModelLoadError(f"tensor '{name}': external data file '{location}' is missing")
+    size = sizes.get(real)
+    if size is None:
+        size = sizes[real] = real.stat().st_size
+    offset = int(info.get("offset", 0))
+    length = info.get("length")
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(
+        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    length = int(length) if length is not None else expected
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelLoadError(
+            f"tensor '{name}': external data [{offset}, {offset + length}) runs past the end of "
+            f"'{location}' ({size} bytes)")
+    if length != expected:
+        raise ModelLoadError(
+            f"tensor '{name}': external data holds {length} bytes but its shape needs {expected}")
+
+
+# ----------------------------------------------------------------------------
+# Saving
+
+
+def check_output_path(out: str | os.PathLike, inputs: list[Path] = ()) -> Path:
+    """Refuse an output path that is unusable or would overwrite an input."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: output path is a directory")
+    parent = out.resolve().parent if out.parent != Path("") else Path.cwd()
+    if not parent.is_dir():
+        raise UserError(f"{out}: output folder '{out.parent}' does not exist")
+    if not os.access(parent, os.W_OK) or (parent.stat().st_mode & 0o222) == 0:
+        raise UserError(f"{out}: output folder '{out.parent}' is read-only")
+    real_out = os.path.realpath(out)
+    for source in inputs:
+        if os.path.realpath(source) == real_out:
+            raise UserError(f"{out}: output path is the input model; choose another path")
+    return out
+
+
+def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None = None,
+         protected: list[Path] = (), before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write the model atomically to `out`.
+
+    Everything is first written into a private temporary folder beside `out`;
+    `before_commit(temporary_model_path)` may inspect it (verification) and
+    raise to abandon the write. Then the data file and the model are renamed
+    into place, so a reader never sees a partial output.
+
+    Args:
+        handle: the model to write; it is not modified.
+        out: the output model path.
+        external: write weights to `<out name>.data` beside the output. Default:
+            when the input had external data or the weights exceed about 1.8 GB.
+        protected: files that must not be overwritten (the input and its data).
+        before_commit: called with the temporary model path before renaming.
+
+    Returns:
+        The output path.
+    """
+    out = Path(out)
+    sources = list(protected) + ([handle.path] if handle.path else []) + _data_files(handle)
+    check_output_path(out, sources)
+    if external is None:
+        external = handle.has_external_data()
+    external = external or handle.weight_bytes() > EXTERNAL_DATA_THRESHOLD
+    data_name = out.name + ".data"
+    data_path = out.parent / data_name
+    if external and any(os.path.realpath(data_path) == os.path.realpath(s) for s in sources):
+        raise UserError(f"{data_path}: output data file would overwrite the input's data")
+    remove_stale_temporaries(out.parent)
+    staging = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}.tmp"
+    staging.mkdir()
+    try:
+        staged_model = staging / out.name
+        with open(staged_model, "wb") as model_file:
+            if external:
+                with open(staging / data_name, "wb") as data_file:
+                    _write_model(handle, model_file, data_file, data_name)
+                    _sync(data_file)
+            else:
+                _write_model(handle, model_file, None, None)
+            _sync(model_file)
+        if before_commit is not None:
+            before_commit(staged_model)
+        if external:
+            os.replace(staging / data_name, data_path)
+        os.replace(staged_model, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO | None,
+                 data_name: str | None) -> None:
+    """Stream the model: skeleton first, then one initializer at a time.
+
+    Protobuf merges concatenated messages (repeated fields append), so a model
+    can be written as its skeleton followed by one small ModelProto per
+    initializer; no copy of the whole model is ever built in memory.
+    """
+    model_file.write(_skeleton(handle.proto).SerializeToString())
+    for tensor in handle.graph.initializer:
+        piece = onnx.ModelProto()
+        out_tensor = piece.graph.initializer.add()
+        if data_file is not None and tensor_nbytes(tensor) >= INLINE_TENSOR_BYTES:
+            _copy_metadata(tensor, out_tensor)
+            offset = _align(data_file)
+            length = _write_tensor_bytes(handle, tensor, data_file)
+            out_tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = out_tensor.external_data.add()
+                entry.key, entry.value = key, value
+        elif _is_external(tensor):
+            out_tensor.CopyFrom(numpy_helper.from_array(handle.array(tensor), tensor.name))
+        else:
+            out_tensor.CopyFrom(tensor)
+        model_file.write(piece.SerializeToString())
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without its initializers (which are streamed)."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    return skeleton
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for descriptor, value in src.ListFields():
+        if descriptor.name == skip:
+            continue
+        if isinstance(value, (str, bytes, int, float, bool)):
+            setattr(dst, descriptor.name, value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, descriptor.name).CopyFrom(value)
+        else:
+            getattr(dst, descriptor.name).extend(value)
+
+
+def _copy_metadata(src: TensorProto, dst: TensorProto) -> None:
+    dst.name = src.name
+    dst.data_type = src.data_type
+    dst.dims.extend(src.dims)
+    if src.doc_string:
+        dst.doc_string = src.doc_string
+
+
+def _write_tensor_bytes(handle: ModelHandle, tensor: TensorProto, data_file: BinaryIO) -> int:
+    if _is_external(tensor):
+        info = _external_info(tensor)
+        length = tensor_nbytes(tensor)
+        with open(handle.base_dir / info["location"], "rb") as src:
+            src.seek(int(info.get("offset", 0)))
+            remaining = length
+            while remaining:
+                chunk = src.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    raise ModelLoadError(f"external data of '{tensor.name}' ended early")
+                data_file.write(chunk)
+                remaining -= len(chunk)
+        return length
+    if tensor.raw_data:
+        data_file.write(tensor.raw_data)
+        return len(tensor.raw_data)
+    data = numpy_helper.to_array(tensor).tobytes()
+    data_file.write(data)
+    return len(data)
+
+
+def _align(data_file: BinaryIO, alignment: int = 4096) -> int:
+    position = data_file.tell()
+    padding = (-position) % alignment if position else 0
+    if padding:
+        data_file.write(b"\0" * padding)
+    return position + padding
+
+
+def _sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+_TMP_TAG = ".onnx_net2net-"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the staging folders of runs that were killed (their process is gone)."""
+    for entry in folder.glob(f".*{_TMP_TAG}*.tmp"):
+        pid = entry.name.rsplit(_TMP_TAG, 1)[1][: -len(".tmp")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _external_info(tensor: TensorProto) -> dict:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _data_files(handle: ModelHandle) -> list[Path]:
+    if handle.base_dir is None:
+        return []
+    return sorted({handle.base_dir / _external_info(t)["location"]
+                   for t in _all_tensors(handle.proto) if _is_external(t)})
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model: initializers and attribute tensors, in subgraphs too."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for graph in attr.graphs:
+            yield from _graph_tensors(graph)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,253 @@
+"""The networkx IR: a read-only view of an ONNX graph for analysis.
+
+Nodes of the `networkx.DiGraph` are indices into `graph.node`; an edge
+`(producer, consumer)` carries the names of the tensors flowing along it. The
+view answers the questions the analysis asks: who produces and who consumes a
+tensor, which tensors are constants (initializers, `Constant` nodes, and
+`Identity` chains over them), what shape ONNX shape inference gives each
+tensor (None where unknown), and the topological order.
+
+Rewrites edit the ModelProto directly and build a fresh view afterwards, so the
+view never goes stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelLoadError
+from .io import ModelHandle, tensor_nbytes
+
+#: Initializers up to this size are kept for shape inference (shape constants).
+_SHAPE_INFERENCE_KEEP_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Use:
+    """One input slot of a node reading a tensor (`port` -1: a subgraph reads it)."""
+
+    node: int
+    port: int
+
+
+class GraphIR:
+    """Producers, consumers, constants and shapes of a model's main graph."""
+
+    def __init__(self, handle: ModelHandle, *, infer_shapes: bool = True):
+        self.handle = handle
+        self.graph = handle.proto.graph
+        self.nodes = list(self.graph.node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.graph_inputs = [v.name for v in self.graph.input if v.name not in self.initializers]
+        self.graph_outputs = [v.name for v in self.graph.output]
+        self.producer: dict[str, tuple[int, int]] = {}
+        self.consumers: dict[str, list[Use]] = {}
+        self._index_nodes()
+        self.nx = self._build_digraph()
+        self._check_acyclic()
+        self.shapes: dict[str, tuple | None] = {}
+        self.dtypes: dict[str, int] = {}
+        if infer_shapes:
+            self._infer_shapes()
+
+    # -- structure ----------------------------------------------------------
+
+    def _index_nodes(self) -> None:
+        defined = set(self.initializers) | {v.name for v in self.graph.input}
+        for index, node in enumerate(self.nodes):
+            for port, name in enumerate(node.output):
+                if not name:
+                    continue
+                if name in self.producer or name in defined:
+                    raise ModelLoadError(f"tensor '{name}' is defined twice (node {self.label(index)})")
+                self.producer[name] = (index, port)
+        known = defined | set(self.producer)
+        for index, node in enumerate(self.nodes):
+            for port, name in enumerate(node.input):
+                if not name:
+                    continue
+                if name not in known:
+                    raise ModelLoadError(
+                        f"node {self.label(index)} reads '{name}', which nothing produces (dangling input)")
+                self.consumers.setdefault(name, []).append(Use(index, port))
+            for name in _outer_scope_reads(node):
+                if name in known:
+                    self.consumers.setdefault(name, []).append(Use(index, -1))
+        for name in self.graph_outputs:
+            if name not in known:
+                raise ModelLoadError(f"graph output '{name}' is not produced by any node")
+
+    def _build_digraph(self) -> nx.DiGraph:
+        digraph = nx.DiGraph()
+        for index, node in enumerate(self.nodes):
+            digraph.add_node(index, op=node.op_type, name=node.name)
+        for tensor, uses in self.consumers.items():
+            if tensor in self.producer:
+                source = self.producer[tensor][0]
+                for use in uses:
+                    if digraph.has_edge(source, use.node):
+                        digraph.edges[source, use.node]["tensors"].append(tensor)
+                    else:
+                        digraph.add_edge(source, use.node, tensors=[tensor])
+        return digraph
+
+    def _check_acyclic(self) -> None:
+        if not nx.is_directed_acyclic_graph(self.nx):
+            cycle = nx.find_cycle(self.nx)
+            raise ModelLoadError(f"graph has a cycle through node {self.label(cycle[0][0])}")
+
+    def topological_order(self) -> list[int]:
+        return list(nx.lexicographical_topological_sort(self.nx))
+
+    def label(self, index: int) -> str:
+        """A readable name for node `index` (its name, or op and position)."""
+        node = self.nodes[index]
+        return f"'{node.name}'" if node.name else f"{node.op_type}#{index}"
+
+    def uses(self, tensor: str) -> list[Use]:
+        return self.consumers.get(tensor, [])
+
+    def producer_node(self, tensor: str) -> int | None:
+        entry = self.producer.get(tensor)
+        return entry[0] if entry else None
+
+    # -- constants ----------------------------------------------------------
+
+    def const_root(self, tensor: str) -> tuple[str, str | int] | None:
+        """Where a constant tensor's data lives: ('init', name) or ('node', index).
+
+        Follows Identity nodes (exporters put them on shared weights).
+        """
+        seen = 0
+        while seen < 64:
+            if tensor in self.initializers:
+                return ("init", tensor)
+            entry = self.producer.get(tensor)
+            if entry is None:
+                return None
+            node = self.nodes[entry[0]]
+            if node.op_type == "Constant":
+                return ("node", entry[0])
+            if node.op_type != "Identity":
+                return None
+            tensor = node.input[0]
+            seen += 1
+        return None
+
+    def const_value(self, tensor: str) -> np.ndarray | None:
+        root = self.const_root(tensor)
+        if root is None:
+            return None
+        kind, key = root
+        if kind == "init":
+            return self.handle.array(self.initializers[key])
+        return constant_node_value(self.nodes[key])
+
+    def is_const(self, tensor: str) -> bool:
+        return self.const_root(tensor) is not None
+
+    # -- shapes -------------------------------------------------------------
+
+    def shape(self, tensor: str) -> tuple | None:
+        """Shape as a tuple of ints (None for an unknown dim), or None if unknown."""
+        if tensor in self.initializers:
+            return tuple(int(d) for d in self.initializers[tensor].dims)
+        return self.shapes.get(tensor)
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def _infer_shapes(self) -> None:
+        light = _shape_inference_model(self.handle)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
+        except onnx.shape_inference.InferenceError as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else "shape inference failed"
+            if "custom" in message.lower() or "No Op registered" in message or "schema" in message.lower():
+                inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+            else:
+                raise ModelLoadError(f"shapes are inconsistent: {message[:300]}") from None
+        except Exception as exc:  # noqa: BLE001 - onnx raises bare RuntimeErrors too
+            raise ModelLoadError(f"shape inference failed: {str(exc).strip()[:300]}") from None
+        graph = inferred.graph
+        for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+            type_proto = value.type
+            if not type_proto.HasField("tensor_type"):
+                continue
+            tensor_type = type_proto.tensor_type
+            self.dtypes[value.name] = tensor_type.elem_type
+            if tensor_type.HasField("shape"):
+                self.shapes[value.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(attr.f if attr.name == "value_float" else attr.i)
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(list(attr.floats) if attr.name == "value_floats" else list(attr.ints))
+    return None
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for graph in graphs:
+            local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+            for inner in graph.node:
+                local.update(inner.output)
+            for inner in graph.node:
+                names.update(n for n in inner.input if n and n not in local)
+                names.update(_outer_scope_reads(inner) - local)
+    return names
+
+
+def _shape_inference_model(handle: ModelHandle) -> onnx.ModelProto:
+    """A copy of the model for shape inference, without the bulk of the weights.
+
+    Big initializers become graph inputs of the same type and shape: shape
+    inference needs their shapes, not their values, and copying them would
+    double the memory of a large model.
+    """
+    model = onnx.ModelProto()
+    for descriptor, value in handle.proto.ListFields():
+        if descriptor.name == "graph":
+            continue
+        if hasattr(value, "CopyFrom"):
+            getattr(model, descriptor.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float, bool)):
+            setattr(model, descriptor.name, value)
+        else:
+            getattr(model, descriptor.name).extend(value)
+    graph = model.graph
+    source = handle.proto.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    declared = {v.name for v in source.input}
+    for tensor in source.initializer:
+        if tensor_nbytes(tensor) <= _SHAPE_INFERENCE_KEEP_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return model

@@ -1,0 +1,240 @@
+"""Rewrites as passes: a model in, the model and whether it changed out.
+
+Each pass resolves the user's layer names, asks the coupling analysis for the
+groups, applies the rewrite and returns a report. Passes compose in a
+`Pipeline`, take an `onnx.ModelProto` (never modified: the pass works on a
+copy) or a `ModelHandle` (modified in place, which is what lets the CLI avoid
+copying large models), and never verify by themselves: verification is the
+caller's choice (see `onnx_net2net.widen` and the CLI).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from . import coupling
+from .errors import GrowthRefused, UserError
+from .io import ModelHandle, from_proto, tensor_nbytes
+from .ir import GraphIR
+from .rewrites import deeper, wider
+from .rewrites.deeper import DeepenOptions
+from .rewrites.wider import WidenOptions
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model, whether it changed, and what it did."""
+
+    model: onnx.ModelProto
+    modified: bool
+    report: dict = field(default_factory=dict)
+
+
+class _Pass:
+    name = "pass"
+
+    def __call__(self, model: onnx.ModelProto | ModelHandle) -> PassResult:
+        if isinstance(model, ModelHandle):
+            handle = model
+        else:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            handle = from_proto(copy)
+        report = self.apply(handle)
+        return PassResult(handle.proto, bool(report.get("changes")), report)
+
+    def apply(self, handle: ModelHandle) -> dict:
+        raise NotImplementedError
+
+
+class WidenPass(_Pass):
+    """Net2WiderNet on the groups of the named layers (or every group).
+
+    Args:
+        widths: {layer name: new width}; a layer name is its node name or its
+            weight initializer's name.
+        factor: widen every growable group by this factor instead (rounded up
+            to the group's step).
+        options: split, noise, init and seed.
+    """
+
+    name = "widen"
+
+    def __init__(self, widths: dict[str, int] | None = None, factor: float | None = None,
+                 options: WidenOptions | None = None):
+        if bool(widths) == (factor is not None):
+            raise UserError("give either layer widths or a factor")
+        if factor is not None and not factor > 1:
+            raise UserError(f"--factor {factor}: must be larger than 1")
+        self.widths = dict(widths or {})
+        self.factor = factor
+        self.options = options or WidenOptions()
+        _check_choice("split", self.options.split, wider.SPLITS)
+        _check_choice("init", self.options.init, wider.INITS)
+        if self.options.noise < 0:
+            raise UserError("--noise must be >= 0")
+
+    def apply(self, handle: ModelHandle) -> dict:
+        before = parameter_count(handle)
+        requests = self._requests(GraphIR(handle))
+        changes = []
+        for number, (name, width) in enumerate(requests):
+            ir = GraphIR(handle)
+            group = _group_of(ir, name)
+            _check_memory(ir, group, width)
+            options = WidenOptions(self.options.split, self.options.noise, self.options.init,
+                                   self.options.seed + number)
+            names = [coupling.layer_name(ir, p) for p in group.producers]
+            changes.append(asdict(wider.widen_group(ir, group, width, options, names)))
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+                "parameters": {"before": before, "after": parameter_count(handle)}}
+
+    def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
+        """One (layer, width) per group, checked before anything changes."""
+        if self.factor is not None:
+            requests = []
+            for group in analyse_groups(ir):
+                if group.ok:
+                    wanted = math.ceil(group.size * self.factor)
+                    width = group.size + group.step * math.ceil((wanted - group.size) / group.step)
+                    requests.append((coupling.layer_name(ir, group.seed), width))
+            if not requests:
+                raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
+            return requests
+        by_group: dict[frozenset, tuple[str, int]] = {}
+        for name, width in self.widths.items():
+            group = _group_of(ir, name)
+            if width <= group.size:
+                raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.size}")
+            if (width - group.size) % group.step:
+                raise UserError(f"layer '{name}': width must be {group.size} + a multiple of {group.step}")
+            key = frozenset(group.producers)
+            if key in by_group and by_group[key][1] != width:
+                other = by_group[key][0]
+                raise UserError(f"layers '{other}' and '{name}' grow together; give them the same width")
+            by_group.setdefault(key, (name, width))
+        return list(by_group.values())
+
+
+class DeepenPass(_Pass):
+    """Net2DeeperNet: an identity construction after each named layer."""
+
+    name = "deepen"
+
+    def __init__(self, after: list[str], options: DeepenOptions | None = None):
+        if not after:
+            raise UserError("name at least one layer to deepen after")
+        self.after = list(after)
+        self.options = options or DeepenOptions()
+        _check_choice("mode", self.options.mode, deeper.MODES)
+        kernel = self.options.kernel
+        if kernel is not None and (kernel < 1 or kernel % 2 == 0):
+            raise UserError(f"--kernel {kernel}: must be a positive odd number")
+        if self.options.noise < 0:
+            raise UserError("--noise must be >= 0")
+
+    def apply(self, handle: ModelHandle) -> dict:
+        before = parameter_count(handle)
+        changes = []
+        for number, name in enumerate(self.after):
+            ir = GraphIR(handle)
+            layer = _layer(ir, name)
+            try:
+                insertion = deeper.plan(ir, layer, self.options)
+            except GrowthRefused as refused:
+                raise GrowthRefused(f"layer '{name}' cannot be deepened: {refused}") from None
+            options = DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm,
+                                    self.options.noise, self.options.seed + number)
+            changes.append(asdict(deeper.insert(ir, insertion, options)))
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+                "parameters": {"before": before, "after": parameter_count(handle)}}
+
+
+class Pipeline(_Pass):
+    """Passes applied in order; the report lists each pass's report."""
+
+    name = "pipeline"
+
+    def __init__(self, passes: list[_Pass]):
+        self.passes = list(passes)
+
+    def apply(self, handle: ModelHandle) -> dict:
+        reports = [p.apply(handle) for p in self.passes]
+        return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
+
+
+# ----------------------------------------------------------------------------
+# Analysis helpers shared with `inspect`
+
+
+def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
+    """The group of every weighted layer, each group once (in layer order)."""
+    groups, seen = [], {}
+    for layer in coupling.weighted_layers(ir):
+        if layer in seen:
+            continue
+        group = coupling.find_group(ir, layer)
+        groups.append(group)
+        seen[layer] = group
+        if group.ok:
+            for producer in group.producers:
+                seen.setdefault(producer, group)
+    return groups
+
+
+def _layer(ir: GraphIR, name: str) -> int:
+    index = coupling.find_layer(ir, name)
+    if index is None:
+        known = [coupling.layer_name(ir, i) for i in coupling.weighted_layers(ir)]
+        hint = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
+        raise UserError(f"unknown layer '{name}' (layers: {hint or 'none'})")
+    return index
+
+
+def _group_of(ir: GraphIR, name: str) -> coupling.UnitGroup:
+    group = coupling.find_group(ir, _layer(ir, name))
+    if not group.ok:
+        raise GrowthRefused(f"layer '{name}' cannot be widened exactly: {group.refusal}")
+    return group
+
+
+def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
+    """Refuse, before allocating, a widening that cannot fit in memory."""
+    needed = 0
+    for edit in group.weight_edits:
+        tensor = ir.nodes[edit.node].input[edit.port]
+        root = ir.const_root(tensor)
+        if root and root[0] == "init":
+            nbytes = tensor_nbytes(ir.initializers[root[1]])
+            length = edit.placement.length
+            needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
+    available = _available_memory()
+    if available and needed * 3 > available:
+        raise UserError(f"widening to {width} needs about {needed / 2**30:.1f} GiB for the new weights, "
+                        f"more than this machine can hold ({available / 2**30:.1f} GiB available)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def parameter_count(handle: ModelHandle) -> int:
+    """Number of floating-point weight elements."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in handle.graph.initializer if t.data_type in floats))
+
+
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise UserError(f"--{what} {value}: choose one of {', '.join(choices)}")

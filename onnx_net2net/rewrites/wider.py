@@ -1,0 +1,297 @@
+"""Net2WiderNet: replicate units and divide their outgoing weights.
+
+A unit space S of n units grows to q units with a mapping
+g: {0..q-1} -> {0..n-1}, g(j) = j for j < n and g(j) drawn uniformly for j >= n.
+With c(u) = |{j : g(j) = u}| copies of unit u:
+
+* producers (Conv/Gemm/MatMul outputs, biases, BatchNormalization and other
+  per-unit constants) copy:        W'[.., j, ..] = W[.., g(j), ..]
+* consumers (the contracted axis of the next Conv/Gemm/MatMul) split:
+                                   V'[.., j, ..] = V[.., g(j), ..] * a_j
+  with sum over the copies of u of a_j = 1: a_j = 1/c(u) for `split="equal"`
+  (the paper), random positive fractions for `split="random"` (exact, and
+  the copies no longer get identical gradients).
+
+Every op between producers and consumers acts per unit, so the copies carry
+identical values and y' = y. Divisions live in the consumers' weights, never
+on activations, which is why any activation stays exact.
+
+`noise` adds the paper's Gaussian noise (relative to each weight's std) to the
+replicated entries; `init="random-pad"` is the paper's non-preserving baseline
+(new units random, old units untouched). Both change the function on purpose.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
+from ..io import set_tensor_values
+from ..ir import GraphIR
+
+SPLITS = ("equal", "random")
+INITS = ("net2net", "random-pad")
+
+
+@dataclass
+class WidenOptions:
+    """How new units are initialised.
+
+    Attributes:
+        split: "equal" (divide by the copy count) or "random" (random fractions
+            summing to one: exact and symmetry-breaking).
+        noise: std of Gaussian noise added to replicated weights, relative to
+            each weight tensor's std (0: exact).
+        init: "net2net" (function-preserving) or "random-pad" (new units random).
+        seed: seeds the mapping g, the split fractions and the noise.
+    """
+
+    split: str = "equal"
+    noise: float = 0.0
+    init: str = "net2net"
+    seed: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.noise == 0 and self.init == "net2net"
+
+
+@dataclass
+class GrownGroup:
+    """What one widening changed (for the report)."""
+
+    layers: list[str]
+    old_width: int
+    new_width: int
+    tensors: list[str] = field(default_factory=list)
+    weights: list[str] = field(default_factory=list)
+
+
+def unit_mapping(n: int, q: int, rng: np.random.Generator) -> np.ndarray:
+    """g: new unit -> old unit; the first n units keep their place."""
+    return np.concatenate([np.arange(n), rng.integers(0, n, size=q - n)]).astype(np.int64)
+
+
+def source_index(placement: Placement, n: int, g: np.ndarray) -> np.ndarray:
+    """For each position of the widened axis, the old position it copies."""
+    block = placement.block
+    base = np.arange(block)
+    units = (placement.offset + g[:, None] * placement.inner + np.arange(placement.inner)).ravel()
+    end = placement.offset + n * placement.inner
+    new_block = np.concatenate([base[: placement.offset], units, base[end:]])
+    return (new_block[None, :] + block * np.arange(placement.outer)[:, None]).ravel()
+
+
+def unit_slots(placement: Placement, n: int, q: int) -> np.ndarray:
+    """For each position of the widened axis, its unit j (or -1 outside the space)."""
+    new_block = placement.block + (q - n) * placement.inner
+    slots = np.full(new_block, -1, dtype=np.int64)
+    span = np.repeat(np.arange(q), placement.inner)
+    slots[placement.offset: placement.offset + q * placement.inner] = span
+    return np.tile(slots, placement.outer)
+
+
+def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOptions,
+                layer_names: list[str]) -> GrownGroup:
+    """Apply the widening of `group` to `new_width` units on the model of `ir`."""
+    n, q = group.size, new_width
+    rng = np.random.default_rng(options.seed)
+    g = unit_mapping(n, q, rng)
+    counts = np.bincount(g, minlength=n)
+    record = GrownGroup(layers=layer_names, old_width=n, new_width=q, tensors=sorted(group.placements))
+
+    by_input = defaultdict(list)
+    for edit in group.weight_edits:
+        by_input[(edit.node, edit.port)].append(edit)
+    new_values = {}
+    for (node, port), edits in by_input.items():
+        value = ir.const_value(ir.nodes[node].input[port])
+        reference_std = float(np.std(value)) if value.size else 0.0
+        is_layer_weight = port == 1 and ir.nodes[node].op_type in WEIGHTED_LAYERS
+        for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
+            value = _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_layer_weight)
+        new_values[(node, port)] = value
+    record.weights = _store_constants(ir, new_values)
+    _apply_value_edits(ir, group, q - n)
+    for edit in group.attribute_edits:
+        _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
+    _update_declared_shapes(ir, group, q - n)
+    return record
+
+
+def _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_layer_weight):
+    placement = edit.placement
+    axis = edit.axis
+    value = np.take(value, source_index(placement, n, g), axis=axis)
+    slots = unit_slots(placement, n, q)
+    shape = [1] * value.ndim
+    shape[axis] = -1
+    new = (slots >= n).reshape(shape)
+    if options.init == "random-pad":
+        noise = rng.normal(0.0, reference_std or 1.0, size=value.shape).astype(value.dtype)
+        if edit.role == "split" or is_layer_weight:
+            value = np.where(new, noise, value)
+        return value
+    if edit.role == "split":
+        value = value * _split_factors(value.shape, axis, slots, g, counts, options.split, rng).astype(value.dtype)
+    if options.noise > 0:
+        replicated = (slots >= 0) & (counts[g[np.maximum(slots, 0)]] > 1) if edit.role == "split" else slots >= n
+        noise = rng.normal(0.0, options.noise * reference_std, size=value.shape).astype(value.dtype)
+        value = value + noise * replicated.reshape(shape)
+    return value
+
+
+def _split_factors(shape, axis, slots, g, counts, split, rng) -> np.ndarray:
+    """Per-element fractions a_j that sum to one over the copies of each unit."""
+    positions_shape = [1] * len(shape)
+    positions_shape[axis] = -1
+    copies = np.where(slots >= 0, counts[g[np.maximum(slots, 0)]], 1).astype(np.float64)
+    if split == "equal":
+        return (1.0 / copies).reshape(positions_shape)
+    factors = np.ones(shape, dtype=np.float64)
+    moved = np.moveaxis(factors, axis, 0)
+    for unit in np.nonzero(counts > 1)[0]:
+        positions = np.stack([np.nonzero(slots == j)[0] for j in np.nonzero(g == unit)[0]])
+        draws = rng.uniform(0.25, 1.75, size=positions.shape + moved.shape[1:])
+        moved[positions] = draws / draws.sum(axis=0, keepdims=True)
+    return factors
+
+
+def _store_constants(ir: GraphIR, new_values: dict) -> list[str]:
+    """Write edited constants back, in place when every reader wants the same
+    edit, otherwise as a fresh initializer for the readers that differ."""
+    written = []
+    by_root = defaultdict(list)
+    for (node, port), value in new_values.items():
+        by_root[ir.const_root(ir.nodes[node].input[port])].append((node, port, value))
+    for root, edits in by_root.items():
+        readers = _constant_readers(ir, root)
+        edited = {(node, port) for node, port, _ in edits}
+        first = edits[0][2]
+        uniform = all(v.shape == first.shape and np.array_equal(v, first) for _, _, v in edits)
+        if uniform and readers <= edited:
+            _set_root(ir, root, first)
+            written.append(_root_name(ir, root))
+            continue
+        for node, port, value in edits:
+            written.append(_add_clone(ir, node, port, value))
+    return written
+
+
+def _constant_readers(ir: GraphIR, root) -> set[tuple[int, int]]:
+    """Every (node, port) reading the constant, through Identity chains."""
+    kind, key = root
+    start = key if kind == "init" else ir.nodes[key].output[0]
+    readers, frontier = set(), [start]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in ir.graph_outputs:
+            readers.add((-1, -1))
+        for use in ir.uses(tensor):
+            node = ir.nodes[use.node]
+            if node.op_type == "Identity":
+                frontier.append(node.output[0])
+            else:
+                readers.add((use.node, use.port))
+    return readers
+
+
+def _set_root(ir: GraphIR, root, value: np.ndarray) -> None:
+    kind, key = root
+    if kind == "init":
+        set_tensor_values(ir.initializers[key], value)
+        _update_declared_input(ir, key, value.shape)
+    else:
+        for attr in ir.nodes[key].attribute:
+            if attr.name == "value":
+                attr.t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(attr.t).dtype), attr.t.name))
+                return
+        raise NotImplementedError("Constant node without a tensor value")
+    # Identity chains between the root and the readers change shape too.
+    _clear_declared_shapes_after(ir, key if kind == "init" else ir.nodes[key].output[0])
+
+
+def _root_name(ir: GraphIR, root) -> str:
+    kind, key = root
+    return key if kind == "init" else ir.nodes[key].output[0]
+
+
+def _add_clone(ir: GraphIR, node: int, port: int, value: np.ndarray) -> str:
+    original = ir.nodes[node].input[port]
+    dtype = ir.const_value(original).dtype
+    name = _unique_name(ir, f"{original}/widened")
+    tensor = numpy_helper.from_array(value.astype(dtype), name)
+    ir.graph.initializer.append(tensor)
+    ir.initializers[name] = ir.graph.initializer[-1]
+    ir.nodes[node].input[port] = name
+    return name
+
+
+def _unique_name(ir: GraphIR, base: str) -> str:
+    taken = set(ir.initializers) | set(ir.producer) | {v.name for v in ir.graph.input}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}{k}", k + 1
+    return name
+
+
+def _apply_value_edits(ir: GraphIR, group: UnitGroup, added: int) -> None:
+    grouped = defaultdict(list)
+    for edit in group.value_edits:
+        grouped[(edit.node, edit.port)].append(edit)
+    values = {}
+    for (node, port), edits in grouped.items():
+        value = ir.const_value(ir.nodes[node].input[port]).copy()
+        flat = value.reshape(-1)
+        for edit in edits:
+            flat[edit.index] += edit.per_unit * added
+        values[(node, port)] = value
+    _store_constants(ir, values)
+
+
+def _add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.i += delta
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, 1 + delta))
+
+
+def _update_declared_shapes(ir: GraphIR, group: UnitGroup, added: int) -> None:
+    """Keep value_info truthful: grow the unit axis of every tensor in the space."""
+    for value in ir.graph.value_info:
+        placement = group.placements.get(value.name)
+        if placement is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if placement.axis < len(dims) and dims[placement.axis].HasField("dim_value"):
+            dims[placement.axis].dim_value += placement.growth() * added
+
+
+def _update_declared_input(ir: GraphIR, name: str, shape: tuple) -> None:
+    for value in ir.graph.input:
+        if value.name == name and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, shape):
+                dim.ClearField("dim_param")
+                dim.dim_value = int(size)
+
+
+def _clear_declared_shapes_after(ir: GraphIR, tensor: str) -> None:
+    chain, frontier = set(), [tensor]
+    while frontier:
+        current = frontier.pop()
+        for use in ir.uses(current):
+            node = ir.nodes[use.node]
+            if node.op_type == "Identity":
+                chain.add(node.output[0])
+                frontier.append(node.output[0])
+    if chain:
+        kept = [v for v in ir.graph.value_info if v.name not in chain]
+        del ir.graph.value_info[:]
+        ir.graph.value_info.extend(kept)
