@@ -1,0 +1,144 @@
+"""onnx_net2net: grow trained ONNX models wider or deeper, exactly.
+
+The public API (all of it works on `onnx.ModelProto` or a path; models given
+as objects are never modified):
+
+    import onnx_net2net as n2n
+    model = n2n.load("models/cnn.onnx")                 # onnx.ModelProto
+    report = n2n.inspect(model)                         # layers, widths, what can grow
+    wider, info = n2n.widen(model, {"/4/Conv": 24})     # verified before it is returned
+    deeper, info = n2n.deepen(model, ["/4/Conv"])
+    n2n.save(wider, "cnn_wider.onnx")
+    result = n2n.verify(model, wider)                   # VerificationReport
+
+Pass objects (`WidenPass`, `DeepenPass`, `Pipeline`) give the same rewrites as
+composable passes: `result = WidenPass(factor=2)(model)` ->
+`PassResult(model, modified, report)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "save", "inspect", "widen", "deepen", "verify",
+    "WidenPass", "DeepenPass", "Pipeline", "PassResult", "WidenOptions", "DeepenOptions",
+    "UserError", "GrowthRefused", "VerificationFailed",
+]
+
+from .errors import GrowthRefused, UserError, VerificationFailed  # noqa: E402
+
+
+def __getattr__(name):
+    # Lazy: importing the package stays cheap (no onnxruntime/networkx until used).
+    if name in ("WidenPass", "DeepenPass", "Pipeline", "PassResult"):
+        from . import passes
+
+        return getattr(passes, name)
+    if name == "WidenOptions":
+        from .rewrites.wider import WidenOptions
+
+        return WidenOptions
+    if name == "DeepenOptions":
+        from .rewrites.deeper import DeepenOptions
+
+        return DeepenOptions
+    raise AttributeError(name)
+
+
+def _handle(model):
+    from . import io
+
+    if isinstance(model, (str, Path)):
+        return io.load(model)
+    return io.from_proto(model)
+
+
+def load(path):
+    """Load a model file (external data included) as an `onnx.ModelProto`."""
+    import onnx
+
+    from . import io
+
+    handle = io.load(path)
+    if handle.has_external_data():
+        onnx.load_external_data_for_model(handle.proto, str(handle.base_dir))
+    return handle.proto
+
+
+def save(model, path, *, external: bool | None = None):
+    """Write a ModelProto atomically (never over its source)."""
+    from . import io
+
+    return io.save(io.from_proto(model), path, external=external)
+
+
+def inspect(model, *, trial: bool | None = None) -> dict:
+    """Every weighted layer, its width, and whether widen/deepen are exact for it."""
+    from .inspection import inspect_model
+
+    return inspect_model(_handle(model), trial=trial)
+
+
+def verify(reference, candidate, **options):
+    """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`)."""
+    from .verify import verify_models
+
+    return verify_models(reference, candidate, **options)
+
+
+def widen(model, widths: dict[str, int] | None = None, *, factor: float | None = None, split: str = "equal",
+          noise: float = 0.0, init: str = "net2net", seed: int = 0, verify: bool = True, **verify_options):
+    """Net2WiderNet. Returns (new ModelProto, report).
+
+    Args:
+        model: ModelProto or path.
+        widths: {layer name: new width}, or `factor` to widen every growable group.
+        split: "equal" or "random" (both exact).
+        noise: relative noise on replicated weights (changes the function).
+        init: "net2net" or "random-pad" (the paper's baseline, not exact).
+        seed: seeds the mapping and the random choices.
+        verify: compare outputs with onnxruntime; raises VerificationFailed
+            when an exact rewrite does not match.
+    """
+    from .passes import WidenPass
+    from .rewrites.wider import WidenOptions
+
+    options = WidenOptions(split=split, noise=noise, init=init, seed=seed)
+    return _run_pass(model, WidenPass(widths, factor, options), verify, options.exact, verify_options)
+
+
+def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
+           noise: float = 0.0, seed: int = 0, verify: bool = True, **verify_options):
+    """Net2DeeperNet: insert identity constructions after the named layers.
+    Returns (new ModelProto, report)."""
+    from .passes import DeepenPass
+    from .rewrites.deeper import DeepenOptions
+
+    options = DeepenOptions(kernel=kernel, mode=mode, batchnorm=batchnorm, noise=noise, seed=seed)
+    return _run_pass(model, DeepenPass(list(after), options), verify, noise == 0, verify_options)
+
+
+def _run_pass(model, grow, verify: bool, exact: bool, verify_options: dict):
+    handle = _handle(model)
+    reference = handle.proto
+    if isinstance(model, (str, Path)):
+        reference = str(model)
+    else:
+        import onnx
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(handle.proto)
+        handle.proto = copy
+    report = grow.apply(handle)
+    if verify:
+        from .verify import verify_models
+
+        result = verify_models(reference if isinstance(reference, str) else model, handle.proto, **verify_options)
+        report["verification"] = result.to_dict()
+        report["exact"] = exact
+        if exact and not result.passed:
+            raise VerificationFailed(result.summary(), report)
+    return handle.proto, report

@@ -1,0 +1,100 @@
+"""`inspect`: every weighted layer and what can be done to it, exactly.
+
+`ok: true` is a promise. The static analysis (coupling and insertion plans)
+decides what is possible; for models small enough to run cheaply, each
+possible rewrite is also tried once (widen by one step, deepen once) and
+verified in onnxruntime, so a promise is never made on analysis alone.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from . import coupling
+from .errors import GrowthRefused, UserError
+from .io import ModelHandle
+from .ir import GraphIR
+from .passes import DeepenPass, WidenPass, analyse_groups
+from .rewrites import deeper
+from .verify import InputSpec, ReferenceRun
+
+#: Models with more weight bytes than this are not trial-run by default.
+TRIAL_LIMIT_BYTES = 64 << 20
+
+
+def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: InputSpec | None = None,
+                  providers: list[str] | None = None, name: str | None = None) -> dict:
+    """Describe every weighted layer (see the JSON schema in the README).
+
+    Args:
+        handle: the model.
+        trial: try each possible rewrite and verify it (default: for models
+            whose weights are under 64 MB and inline).
+        inputs, providers: for the trial runs.
+        name: the model's name in the report.
+    """
+    ir = GraphIR(handle)
+    if trial is None:
+        trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
+    reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
+    group_of = {}
+    for group in analyse_groups(ir):
+        if group.ok and reference is not None:
+            _trial(group, reference, lambda g=group: WidenPass(
+                {coupling.layer_name(ir, g.seed): g.size + g.step})(handle.proto).model)
+        members = group.producers if group.ok else [group.seed]
+        for member in members:
+            group_of.setdefault(member, group)
+    layers = []
+    for index in coupling.weighted_layers(ir):
+        group = group_of.get(index) or coupling.find_group(ir, index)
+        layers.append(_describe(ir, index, group, reference, handle))
+    return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+
+
+def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:
+    node = ir.nodes[index]
+    names = sorted(coupling.layer_name(ir, p) for p in group.producers) if group.ok else []
+    widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.step, "group": names}
+    return {
+        "name": coupling.layer_name(ir, index),
+        "op": node.op_type,
+        "weight": node.input[1] if len(node.input) > 1 else None,
+        "width": coupling.layer_width(ir, index),
+        "widen": widen,
+        "deepen": _deepen_status(ir, index, reference, handle),
+    }
+
+
+def _deepen_status(ir: GraphIR, index: int, reference, handle) -> dict:
+    try:
+        deeper.plan(ir, index, deeper.DeepenOptions())
+    except GrowthRefused as refused:
+        return {"ok": False, "reason": str(refused)}
+    status = {"ok": True, "reason": None}
+    if reference is not None:
+        name = coupling.layer_name(ir, index)
+        failure = _try(reference, lambda: DeepenPass([name])(handle.proto).model)
+        if failure:
+            status.update(ok=False, reason=failure)
+    return status
+
+
+def _trial(group: coupling.UnitGroup, reference: ReferenceRun, build) -> None:
+    failure = _try(reference, build)
+    if failure:
+        group.refusal = coupling.Refusal(None, failure)
+
+
+def _try(reference: ReferenceRun, build) -> str | None:
+    """Run a trial rewrite; a failure message, or None when it verified."""
+    try:
+        candidate: onnx.ModelProto = build()
+        report = reference.compare(candidate)
+    except UserError as error:
+        return f"trial rewrite failed ({error}); refused to be safe"
+    except Exception as error:  # noqa: BLE001 - a bug here must not become a promise
+        return f"trial rewrite raised {type(error).__name__}: {error}; refused to be safe"
+    if not report.passed:
+        return f"trial rewrite did not verify (max rel err {report.max_rel:.2g}); refused to be safe"
+    return None
