@@ -1,0 +1,374 @@
+"""`python -m onnx_net2net`: info, inspect, verify, widen, deepen.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage (one line,
+no traceback), 3 internal error (a bug).
+
+Argument groups (verification, output) are defined once and shared by every
+subcommand that needs them. Heavy imports (onnxruntime, networkx) happen inside
+the commands, so `--help` and errors in arguments stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError, VerificationFailed
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+PROG = "onnx_net2net"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+# ----------------------------------------------------------------------------
+# Shared argument groups
+
+
+def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> None:
+    group = parser.add_argument_group("verification (onnxruntime, graph optimisations off)")
+    if for_growth:
+        group.add_argument("--no-verify", action="store_true",
+                           help="skip the comparison with the input model (not recommended)")
+        group.add_argument("--save-on-failure", action="store_true",
+                           help="write the output even when verification fails (exit code is still 1)")
+    group.add_argument("--inputs", metavar="FILE.npz",
+                       help="real inputs: arrays named like the model's inputs (others are random)")
+    group.add_argument("--input-shapes", nargs="+", metavar="NAME:[D,...]",
+                       help="shapes for inputs with dynamic dims, e.g. input:[4,3,224,224] "
+                            "(default: 2 for the first dynamic dim, 1 for the others, announced on stderr)")
+    group.add_argument("--int-range", nargs=2, type=int, default=(0, 10), metavar=("LOW", "HIGH"),
+                       help="range [LOW, HIGH) of random integer inputs, e.g. token ids (default 0 10)")
+    group.add_argument("--input-seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    group.add_argument("--rtol", type=float, default=None,
+                       help="relative tolerance: an element passes when |a-b| <= atol + rtol*max(1,|a|) "
+                            "(default 1e-5)")
+    group.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-6)")
+    group.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                       help="onnxruntime providers (default: CUDAExecutionProvider when a GPU is usable, "
+                            "else CPUExecutionProvider)")
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
+                       help="where to write the grown model (never the input; written atomically)")
+    group.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                       help="store weights in OUT.onnx.data (auto: when the input did, or above ~1.8 GB)")
+    group.add_argument("--report", metavar="FILE.json",
+                       help="write what grew, widths, parameter counts, verification figures and options")
+
+
+def _verify_options(args) -> dict:
+    from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, parse_input_shapes, stderr_note
+
+    low, high = args.int_range
+    if high <= low:
+        raise UserError(f"--int-range {low} {high}: HIGH must be larger than LOW")
+    spec = InputSpec(seed=args.input_seed, shapes=parse_input_shapes(args.input_shapes), int_range=(low, high),
+                     npz=args.inputs)
+    atol = DEFAULT_ATOL if args.atol is None else args.atol
+    rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
+    if atol < 0 or rtol < 0:
+        raise UserError("--atol and --rtol must be >= 0")
+    return dict(inputs=spec, atol=atol, rtol=rtol, providers=args.providers, announce=stderr_note)
+
+
+# ----------------------------------------------------------------------------
+# Commands
+
+
+def cmd_info(args) -> int:
+    from .info import model_info, format_info
+    from .io import load
+
+    info = model_info(load(args.model))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from .io import load
+    from .verify import verify_models
+
+    for path in (args.reference, args.candidate):
+        load(path)  # the same safety checks as any input
+    report = verify_models(args.reference, args.candidate, **_verify_options(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for output in report.outputs:
+            agreement = "" if output.argmax_agreement is None else f", argmax agreement {output.argmax_agreement:.1%}"
+            problem = f" ({output.problem})" if output.problem else ""
+            print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
+                  f"{agreement} {'ok' if output.passed else 'MISMATCH'}{problem}")
+        print(report.summary())
+    return EXIT_OK if report.passed else EXIT_MISMATCH
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import inspect_model
+    from .io import load
+    from .verify import InputSpec, parse_input_shapes
+
+    trial = False if args.no_trial else (True if args.trial else None)
+    spec = InputSpec(shapes=parse_input_shapes(args.input_shapes))
+    report = inspect_model(load(args.model), trial=trial, inputs=spec, name=args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"{report['model']}: {len(report['layers'])} weighted layer(s)")
+    for layer in report["layers"]:
+        widen, deepen = layer["widen"], layer["deepen"]
+        w = f"widen ok (step {widen['step']}, group {', '.join(widen['group'])})" if widen["ok"] \
+            else f"widen no: {widen['reason']}"
+        d = "deepen ok" if deepen["ok"] else f"deepen no: {deepen['reason']}"
+        print(f"  {layer['name']} [{layer['op']}, width {layer['width']}]\n      {w}\n      {d}")
+    return EXIT_OK
+
+
+def cmd_widen(args) -> int:
+    from .passes import WidenPass
+    from .rewrites.wider import WidenOptions
+
+    widths = _parse_layer_widths(args.layer)
+    if args.factor is None and not widths:
+        raise UserError("give --layer NAME=WIDTH (repeatable) or --factor F")
+    if args.factor is not None and widths:
+        raise UserError("give either --layer or --factor, not both")
+    options = WidenOptions(split=args.split, noise=args.noise, init=args.init, seed=args.seed)
+    if options.init == "random-pad":
+        print("WARNING: --init random-pad is the paper's baseline: new units are random and the grown model "
+              "does NOT compute the same function (for experiments only)", file=sys.stderr)
+    return _grow(args, WidenPass(widths or None, args.factor, options), exact=options.exact)
+
+
+def cmd_deepen(args) -> int:
+    from .passes import DeepenPass
+    from .rewrites.deeper import DeepenOptions
+
+    options = DeepenOptions(kernel=args.kernel, mode=args.mode, batchnorm=args.batchnorm, noise=args.noise,
+                            seed=args.seed)
+    return _grow(args, DeepenPass(args.after, options), exact=args.noise == 0)
+
+
+def _grow(args, grow_pass, *, exact: bool) -> int:
+    """Load, rewrite, verify against the input, write atomically, report."""
+    from . import io
+    from .provenance import record_provenance
+    from .verify import ReferenceRun
+
+    source = Path(args.model)
+    io.check_output_path(args.output, [source])
+    verify_options = _verify_options(args) if not args.no_verify else None
+    handle = io.load(source)
+    report = grow_pass.apply(handle)
+    report["command"] = sys.argv[1:] if args.argv is None else args.argv
+    record_provenance(handle.proto, report)
+    outcome = {}
+
+    def check(staged: Path) -> None:
+        result = ReferenceRun(str(source), **verify_options).compare(str(staged))
+        outcome["result"] = result
+        report["verification"] = result.to_dict()
+        report["exact"] = exact
+        if exact and not result.passed and not args.save_on_failure:
+            raise VerificationFailed(result.summary(), report)
+
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    try:
+        io.save(handle, args.output, external=external, protected=[source],
+                before_commit=None if args.no_verify else check)
+    finally:
+        if args.report:
+            _write_json(args.report, report)
+    _print_changes(report)
+    result = outcome.get("result")
+    if result is None:
+        print(f"written {args.output} (not verified)")
+        return EXIT_OK
+    if not exact:
+        print(f"deviation (expected: noise or random-pad): max abs {result.max_abs:.3g}, "
+              f"max rel {result.max_rel:.3g}")
+        print(f"written {args.output}")
+        return EXIT_OK
+    print(result.summary())
+    print(f"written {args.output}")
+    return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+def _print_changes(report: dict) -> None:
+    for change in report.get("changes", []):
+        if "old_width" in change:
+            print(f"widened {', '.join(change['layers'])}: {change['old_width']} -> {change['new_width']} "
+                  f"({len(change['tensors'])} tensors, {len(change['weights'])} weights rewritten)")
+        else:
+            print(f"deepened after {change['after']}: mode {change['mode']} (activation {change['activation']}), "
+                  f"new nodes {', '.join(change['nodes'])}")
+    params = report.get("parameters")
+    if params:
+        print(f"parameters: {params['before']} -> {params['after']}")
+
+
+def _parse_layer_widths(items: list[str] | None) -> dict[str, int]:
+    widths = {}
+    for item in items or []:
+        name, sep, width = item.rpartition("=")
+        if not sep or not name:
+            raise UserError(f"--layer '{item}': expected NAME=WIDTH")
+        try:
+            widths[name] = int(width)
+        except ValueError:
+            raise UserError(f"--layer '{item}': WIDTH must be an integer") from None
+    return widths
+
+
+def _write_json(path: str, data: dict) -> None:
+    import os
+    import tempfile
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{path}: report path is a directory")
+    if not target.resolve().parent.is_dir():
+        raise UserError(f"{path}: report folder does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, target)
+
+
+# ----------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Grow ONNX models wider (Net2WiderNet) or deeper (Net2DeeperNet), "
+                                            "computing exactly the same function, verified with onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    info = commands.add_parser("info", help="opset, inputs/outputs, op histogram, parameters",
+                               description="Summarise a model: opset, inputs and outputs with shapes, op "
+                                           "histogram, parameter count and bytes.")
+    info.add_argument("model", help="the ONNX model")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(run=cmd_info)
+
+    verify = commands.add_parser("verify", help="do two models compute the same function?",
+                                 description="Run both models in onnxruntime on the same inputs and compare every "
+                                             "output. Exit 0 when all match, 1 when not.")
+    verify.add_argument("reference", help="the reference model")
+    verify.add_argument("candidate", help="the model to check against it")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_verify_args(verify, for_growth=False)
+    verify.set_defaults(run=cmd_verify)
+
+    inspect = commands.add_parser("inspect", help="every weighted layer and what can grow exactly",
+                                  description="List every Conv, ConvTranspose, Gemm and MatMul with a constant "
+                                              "weight: name, width, and whether widen/deepen are exact (with the "
+                                              "reason when not). ok: true is a promise.")
+    inspect.add_argument("model", help="the ONNX model")
+    inspect.add_argument("--json", action="store_true", help="print JSON (schema in the README)")
+    trial = inspect.add_mutually_exclusive_group()
+    trial.add_argument("--trial", action="store_true",
+                       help="try and verify every possible rewrite (default: for models under 64 MB)")
+    trial.add_argument("--no-trial", action="store_true", help="static analysis only")
+    inspect.add_argument("--input-shapes", nargs="+", metavar="NAME:[D,...]",
+                         help="shapes for dynamic inputs in trial runs")
+    inspect.set_defaults(run=cmd_inspect)
+
+    widen = commands.add_parser("widen", help="Net2WiderNet: more units, same function",
+                                description="Widen layers by replicating units and dividing their outgoing "
+                                            "weights; every tensor coupled with the layer grows with it.")
+    widen.add_argument("model", help="the ONNX model (never modified)")
+    widen.add_argument("--layer", action="append", metavar="NAME=WIDTH",
+                       help="new width of a layer (node name or weight name, as `inspect` lists); repeatable")
+    widen.add_argument("--factor", type=float, help="widen every growable group by this factor instead")
+    widen.add_argument("--split", choices=("equal", "random"), default="equal",
+                       help="equal: divide by the copy count (the paper); random: random fractions that sum to "
+                            "one (exact, breaks symmetry)")
+    widen.add_argument("--noise", type=float, default=0.0, metavar="STD",
+                       help="noise on the replicated weights, relative to each weight's std (changes the "
+                            "function slightly; the deviation is reported)")
+    widen.add_argument("--init", choices=("net2net", "random-pad"), default="net2net",
+                       help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
+    widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
+    _add_output_args(widen)
+    _add_verify_args(widen, for_growth=True)
+    widen.set_defaults(run=cmd_widen)
+
+    deepen = commands.add_parser("deepen", help="Net2DeeperNet: more layers, same function",
+                                 description="Insert layers initialised to the identity after named layers.")
+    deepen.add_argument("model", help="the ONNX model (never modified)")
+    deepen.add_argument("--after", action="append", required=True, metavar="NAME",
+                        help="insert after this layer (and its activation); repeatable")
+    deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
+    deepen.add_argument("--mode", choices=("auto", "identity", "before-activation", "residual", "prelu"),
+                        default="auto",
+                        help="auto: identity after Relu/Clip or no activation, else prelu; identity: identity "
+                             "layer + the same activation; before-activation: identity before the activation; "
+                             "residual: x + 0*act(I x); prelu: identity + PRelu(slope 1)")
+    deepen.add_argument("--batchnorm", action="store_true", help="add an exact identity BatchNormalization")
+    deepen.add_argument("--noise", type=float, default=0.0, metavar="STD",
+                        help="noise on the identity weights, relative to the layer's weight std")
+    deepen.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    _add_output_args(deepen)
+    _add_verify_args(deepen, for_growth=True)
+    deepen.set_defaults(run=cmd_deepen)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return args.run(args)
+    except VerificationFailed as failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+        print("nothing written (use --save-on-failure to keep the output)", file=sys.stderr)
+        return EXIT_MISMATCH
+    except UserError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(f"{PROG}: error: out of memory (the model or the requested growth is too large for this machine)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+    except OSError as error:
+        print(f"{PROG}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence
+        print(f"{PROG}: internal error (a bug, please report it to the onnx_net2net issue tracker with the "
+              f"command and, if you can, the model): {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:500] or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
