@@ -1,4 +1,4 @@
-"""`python -m onnx_net2net`: info, inspect, verify, widen, deepen.
+"""`python -m onnx_net2net`: info, inspect, verify, widen, deepen, grow, align.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage (one line,
 no traceback), 3 internal error (a bug).
@@ -160,6 +160,56 @@ def cmd_deepen(args) -> int:
     return _grow(args, DeepenPass(args.after, options), exact=args.noise == 0)
 
 
+def cmd_align(args) -> int:
+    from .passes import AlignPass
+
+    return _grow(args, AlignPass(args.multiple, args.fill, args.seed), exact=True)
+
+
+def cmd_grow(args) -> int:
+    from .plans import load_plan
+
+    plan = load_plan(args.plan)
+    if plan.verify_each or args.verify_each:
+        plan_pass = _VerifiedPipeline(plan, args)
+    else:
+        plan_pass = plan.pipeline()
+    exact = all(getattr(getattr(step, "options", None), "noise", 0) == 0 and
+                getattr(getattr(step, "options", None), "init", "net2net") != "random-pad" for step in plan.steps)
+    args.plan_object = plan
+    return _grow(args, plan_pass, exact=exact)
+
+
+class _VerifiedPipeline:
+    """A plan run step by step, each step verified against the model before it."""
+
+    def __init__(self, plan, args):
+        self.plan, self.args = plan, args
+
+    def apply(self, handle) -> dict:
+        import onnx
+
+        from .verify import ReferenceRun
+
+        reports = []
+        for number, step in enumerate(self.plan.steps):
+            before = onnx.ModelProto()
+            before.CopyFrom(handle.proto)
+            report = step.apply(handle)
+            result = ReferenceRun(before, **_verify_options(self.args)).compare(handle.proto)
+            report["verification"] = result.to_dict()
+            print(f"step {number + 1} ({step.name}): {result.summary()}")
+            reports.append(report)
+            if not result.passed and not _is_inexact(step):
+                raise VerificationFailed(f"step {number + 1}: {result.summary()}", {"steps": reports})
+        return {"pass": "pipeline", "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
+
+
+def _is_inexact(step) -> bool:
+    options = getattr(step, "options", None)
+    return getattr(options, "noise", 0) > 0 or getattr(options, "init", "net2net") == "random-pad"
+
+
 def _grow(args, grow_pass, *, exact: bool) -> int:
     """Load, rewrite, verify against the input, write atomically, report."""
     from . import io
@@ -170,6 +220,13 @@ def _grow(args, grow_pass, *, exact: bool) -> int:
     io.check_output_path(args.output, [source])
     verify_options = _verify_options(args) if not args.no_verify else None
     handle = io.load(source)
+    plan = getattr(args, "plan_object", None)
+    if plan is not None:
+        from .coupling import layer_name, weighted_layers
+        from .ir import GraphIR
+
+        ir = GraphIR(handle)
+        plan.check_layers({layer_name(ir, i) for i in weighted_layers(ir)} | {n.name for n in ir.nodes})
     report = grow_pass.apply(handle)
     report["command"] = sys.argv[1:] if args.argv is None else args.argv
     record_provenance(handle.proto, report)
@@ -325,6 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(deepen)
     _add_verify_args(deepen, for_growth=True)
     deepen.set_defaults(run=cmd_deepen)
+
+    grow = commands.add_parser("grow", help="run a growth plan (TOML) as one pipeline",
+                               description="Run the steps of a growth plan (widen / deepen / align, see passes/"
+                                           "README.md) as one pipeline, verified once at the end (or after each "
+                                           "step).")
+    grow.add_argument("model", help="the ONNX model (never modified)")
+    grow.add_argument("--plan", required=True, metavar="PLAN.toml", help="the growth plan")
+    grow.add_argument("--verify-each", action="store_true", help="also verify after every step")
+    _add_output_args(grow)
+    _add_verify_args(grow, for_growth=True)
+    grow.set_defaults(run=cmd_grow)
+
+    align = commands.add_parser("align", help="widen every growable group to a multiple of N, exactly",
+                                description="Deployment pass: widen every growable group to the next multiple of "
+                                            "N (tensor cores and SIMD units like such widths), preserving the "
+                                            "function.")
+    align.add_argument("model", help="the ONNX model (never modified)")
+    align.add_argument("--multiple", type=int, default=8, metavar="N", help="the multiple (default 8)")
+    align.add_argument("--fill", choices=("zero", "replicate"), default="zero",
+                       help="zero: new units with zero outgoing weights, original weights untouched (default); "
+                            "replicate: Net2Net replicate-and-divide")
+    align.add_argument("--seed", type=int, default=0, help="seed of the unit mapping")
+    _add_output_args(align)
+    _add_verify_args(align, for_growth=True)
+    align.set_defaults(run=cmd_align)
     return parser
 
 

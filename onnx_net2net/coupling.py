@@ -141,6 +141,7 @@ class UnitGroup:
         step: valid new sizes are size + k * step.
         refusal: set when the group cannot grow exactly.
         dynamic_shapes: the space's size is also read at run time (Shape ops).
+        ops: the op types the walk went through.
     """
 
     seed: int
@@ -153,6 +154,7 @@ class UnitGroup:
     step: int = 1
     refusal: Refusal | None = None
     dynamic_shapes: bool = False
+    ops: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -287,6 +289,7 @@ class _Walk:
                     break
         if rule is None or node.domain not in ("", "ai.onnx"):
             self.refuse(index, "this op is not known to act on each unit separately")
+        self.group.ops.add(node.op_type)
         rule(self, index, side, port, placement)
 
     # -- helpers for rules --------------------------------------------------

@@ -120,15 +120,28 @@ class WidenPass(_Pass):
         return list(by_group.values())
 
 
+SELECTORS = ("all", "stages", "last")
+
+
 class DeepenPass(_Pass):
-    """Net2DeeperNet: an identity construction after each named layer."""
+    """Net2DeeperNet: an identity construction after each named layer.
+
+    Args:
+        after: layer names, or a selector resolved against the model when the
+            pass runs: "all" (every layer that can be deepened), "stages" (the
+            last deepenable layer of each run of equal-width layers), "last".
+        options: mode, kernel, batchnorm, noise, seed.
+    """
 
     name = "deepen"
 
-    def __init__(self, after: list[str], options: DeepenOptions | None = None):
+    def __init__(self, after: list[str] | str, options: DeepenOptions | None = None):
         if not after:
             raise UserError("name at least one layer to deepen after")
-        self.after = list(after)
+        self.selector = after if isinstance(after, str) else None
+        if self.selector is not None and self.selector not in SELECTORS:
+            raise UserError(f"after = '{after}': give layer names or one of {', '.join(SELECTORS)}")
+        self.after = [] if self.selector else list(after)
         self.options = options or DeepenOptions()
         _check_choice("mode", self.options.mode, deeper.MODES)
         kernel = self.options.kernel
@@ -140,7 +153,8 @@ class DeepenPass(_Pass):
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
         changes = []
-        for number, name in enumerate(self.after):
+        names = self._select(GraphIR(handle)) if self.selector else self.after
+        for number, name in enumerate(names):
             ir = GraphIR(handle)
             layer = _layer(ir, name)
             try:
@@ -152,6 +166,86 @@ class DeepenPass(_Pass):
             changes.append(asdict(deeper.insert(ir, insertion, options)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
+
+
+    def _select(self, ir: GraphIR) -> list[str]:
+        order = {node: position for position, node in enumerate(ir.topological_order())}
+        layers = sorted(coupling.weighted_layers(ir), key=order.__getitem__)
+        possible = []
+        for layer in layers:
+            try:
+                deeper.plan(ir, layer, self.options)
+                possible.append(layer)
+            except GrowthRefused:
+                continue
+        if self.selector == "last":
+            possible = possible[-1:]
+        elif self.selector == "stages":
+            possible = _stage_ends(ir, layers, set(possible))
+        if not possible:
+            raise GrowthRefused(f"no layer matches after = '{self.selector}' (see `inspect`)")
+        return [coupling.layer_name(ir, layer) for layer in possible]
+
+
+def _stage_ends(ir: GraphIR, layers: list[int], possible: set[int]) -> list[int]:
+    """The last deepenable layer of each run of consecutive equal-width layers."""
+    ends, run = [], []
+    for layer in layers + [None]:
+        if run and (layer is None or coupling.layer_width(ir, layer) != coupling.layer_width(ir, run[-1])):
+            candidates = [member for member in run if member in possible]
+            ends += candidates[-1:]
+            run = []
+        if layer is not None:
+            run.append(layer)
+    return ends
+
+
+class AlignPass(_Pass):
+    """Widen every growable group to the next multiple of `multiple`, exactly.
+
+    Channel counts that are multiples of 8/16/32/64 suit tensor cores and SIMD
+    units. `fill="zero"` (default) gives new units zero outgoing weights and
+    keeps every original weight as it was; `fill="replicate"` uses Net2Net
+    replication (replicate and divide).
+    """
+
+    name = "align"
+
+    def __init__(self, multiple: int = 8, fill: str = "zero", seed: int = 0):
+        if multiple < 2:
+            raise UserError(f"--multiple {multiple}: must be at least 2")
+        _check_choice("fill", fill, ("zero", "replicate"))
+        self.multiple, self.fill, self.seed = multiple, fill, seed
+
+    def apply(self, handle: ModelHandle) -> dict:
+        ir = GraphIR(handle)
+        widths = {}
+        for group in analyse_groups(ir):
+            if not group.ok:
+                continue
+            target = _next_aligned(group.size, group.step, self.multiple)
+            if target is not None and target != group.size:
+                widths[coupling.layer_name(ir, group.seed)] = target
+        if not widths:
+            return {"pass": self.name, "options": self._options(), "changes": [],
+                    "parameters": {"before": parameter_count(handle), "after": parameter_count(handle)}}
+        options = WidenOptions(split="equal", init="zero" if self.fill == "zero" else "net2net", seed=self.seed)
+        report = WidenPass(widths, options=options).apply(handle)
+        report.update(self._options(), **{"pass": self.name})
+        return report
+
+    def _options(self) -> dict:
+        return {"options": {"multiple": self.multiple, "fill": self.fill, "seed": self.seed}}
+
+
+def _next_aligned(size: int, step: int, multiple: int) -> int | None:
+    """The smallest width >= size that is a multiple of `multiple` and reachable
+    in steps of `step` (None if there is none below a sane bound)."""
+    target = -(-size // multiple) * multiple
+    for candidate in range(target, size + multiple * max(step, 1) * 8 + 1, multiple):
+        if (candidate - size) % step == 0:
+            return candidate
+    return None
 
 
 class Pipeline(_Pass):

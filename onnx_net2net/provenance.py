@@ -18,7 +18,9 @@ VERSION_KEY = "onnx_net2net.version"
 
 
 def record_provenance(model: onnx.ModelProto, report: dict) -> None:
-    entry = {key: report[key] for key in ("pass", "options", "command", "steps") if key in report}
+    entry = {key: report[key] for key in ("pass", "options", "command") if key in report}
+    if "steps" in report:
+        entry["steps"] = [{key: step.get(key) for key in ("pass", "options")} for step in report["steps"]]
     entry["changes"] = [_summary(change) for change in report.get("changes", [])]
     history = json.loads(_get(model, HISTORY_KEY) or "[]")
     history.append(entry)

@@ -35,7 +35,15 @@ from ..io import set_tensor_values
 from ..ir import GraphIR
 
 SPLITS = ("equal", "random")
-INITS = ("net2net", "random-pad")
+INITS = ("net2net", "random-pad", "zero")
+#: Ops that keep finite values finite whatever the input: units with zero
+#: incoming weights stay harmless through them.
+_FINITE_SAFE = frozenset("""
+    Conv ConvTranspose Gemm MatMul Add Sub Mul Relu LeakyRelu PRelu Sigmoid Tanh Gelu Erf Elu Selu Celu
+    Softplus Softsign HardSigmoid HardSwish Mish Clip Abs Neg Identity Dropout Cast BatchNormalization
+    MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool Concat Split Slice Transpose
+    Flatten Reshape Squeeze Unsqueeze Pad Shape Max Min Where Sum Mean Gather Resize
+""".split())
 
 
 @dataclass
@@ -47,7 +55,10 @@ class WidenOptions:
             summing to one: exact and symmetry-breaking).
         noise: std of Gaussian noise added to replicated weights, relative to
             each weight tensor's std (0: exact).
-        init: "net2net" (function-preserving) or "random-pad" (new units random).
+        init: "net2net" (function-preserving), "zero" (function-preserving: new
+            units get zero outgoing weights, so the original weights are kept
+            as they are; for alignment, not for training), or "random-pad"
+            (the paper's baseline: new units random, not preserving).
         seed: seeds the mapping g, the split fractions and the noise.
     """
 
@@ -58,7 +69,7 @@ class WidenOptions:
 
     @property
     def exact(self) -> bool:
-        return self.noise == 0 and self.init == "net2net"
+        return self.noise == 0 and self.init != "random-pad"
 
 
 @dataclass
@@ -108,12 +119,16 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     by_input = defaultdict(list)
     for edit in group.weight_edits:
         by_input[(edit.node, edit.port)].append(edit)
+    zero_incoming = options.init == "zero" and group.ops <= _FINITE_SAFE
     new_values = {}
     for (node, port), edits in by_input.items():
         value = ir.const_value(ir.nodes[node].input[port])
         reference_std = float(np.std(value)) if value.size else 0.0
         is_layer_weight = port == 1 and ir.nodes[node].op_type in WEIGHTED_LAYERS
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
+            if options.init == "zero":
+                value = _zero_fill(value, edit, n, q, g, zero_incoming and is_layer_weight)
+                continue
             value = _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_layer_weight)
         new_values[(node, port)] = value
     record.weights = _store_constants(ir, new_values)
@@ -143,6 +158,18 @@ def _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_la
         replicated = (slots >= 0) & (counts[g[np.maximum(slots, 0)]] > 1) if edit.role == "split" else slots >= n
         noise = rng.normal(0.0, options.noise * reference_std, size=value.shape).astype(value.dtype)
         value = value + noise * replicated.reshape(shape)
+    return value
+
+
+def _zero_fill(value, edit, n, q, g, zero_incoming: bool):
+    """New units: copies on the producer side (zero incoming weights when safe),
+    zero outgoing weights; the original entries are untouched."""
+    placement = edit.placement
+    value = np.take(value, source_index(placement, n, g), axis=edit.axis)
+    if edit.role == "split" or zero_incoming:
+        shape = [1] * value.ndim
+        shape[edit.axis] = -1
+        value = np.where((unit_slots(placement, n, q) >= n).reshape(shape), np.zeros((), value.dtype), value)
     return value
 
 
