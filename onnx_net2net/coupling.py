@@ -137,6 +137,8 @@ class UnitGroup:
         size: n, the current number of units.
         placements: every tensor carrying the space, with its placement.
         producers: node indices of the weighted layers whose output is the space.
+        passthrough: weighted layers that act per unit inside the space
+            (depthwise convolutions): they grow with it.
         weight_edits, value_edits, attribute_edits: what the rewrite changes.
         step: valid new sizes are size + k * step.
         refusal: set when the group cannot grow exactly.
@@ -148,6 +150,7 @@ class UnitGroup:
     size: int
     placements: dict[str, Placement] = field(default_factory=dict)
     producers: list[int] = field(default_factory=list)
+    passthrough: list[int] = field(default_factory=list)
     weight_edits: list[WeightEdit] = field(default_factory=list)
     value_edits: list[ValueEdit] = field(default_factory=list)
     attribute_edits: list[AttributeEdit] = field(default_factory=list)
@@ -226,11 +229,20 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
     group = UnitGroup(seed=layer, size=layer_width(ir, layer))
     try:
         _Walk(ir, group).run(ir.nodes[layer].output[0], layer_output_placement(ir, layer))
-        if layer not in group.producers:
+        _deduplicate(group)
+        if layer not in group.producers and layer not in group.passthrough:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
+        if not group.producers:
+            raise _Refused(Refusal(ir.label(layer), "no layer produces these units"))
     except _Refused as refused:
         group.refusal = refused.refusal
     return group
+
+
+def _deduplicate(group: UnitGroup) -> None:
+    """A node reached from several of its ports records its edits once."""
+    for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits"):
+        setattr(group, name, list(dict.fromkeys(getattr(group, name))))
 
 
 class _Walk:
@@ -684,6 +696,7 @@ def _depthwise(walk: _Walk, index: int, side: str, placement: Placement, multipl
     walk.weight(index, 1, 0, _axis_only(out), "copy")
     walk.weight(index, 2, 0, _axis_only(out), "copy")
     walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.inner))
+    walk.group.passthrough.append(index)
     walk.add(node.input[0], inp)
     walk.add(node.output[0], out)
 

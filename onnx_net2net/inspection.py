@@ -42,7 +42,7 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         if group.ok and reference is not None:
             _trial(group, reference, lambda g=group: WidenPass(
                 {coupling.layer_name(ir, g.seed): g.size + g.step})(handle.proto).model)
-        members = group.producers if group.ok else [group.seed]
+        members = group.producers + group.passthrough if group.ok else [group.seed]
         for member in members:
             group_of.setdefault(member, group)
     layers = []
@@ -54,7 +54,7 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:
     node = ir.nodes[index]
-    names = sorted(coupling.layer_name(ir, p) for p in group.producers) if group.ok else []
+    names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
     widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.step, "group": names}
     return {
         "name": coupling.layer_name(ir, index),

@@ -88,7 +88,7 @@ class WidenPass(_Pass):
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
-            names = [coupling.layer_name(ir, p) for p in group.producers]
+            names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
             changes.append(asdict(wider.widen_group(ir, group, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
@@ -275,8 +275,8 @@ def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
         groups.append(group)
         seen[layer] = group
         if group.ok:
-            for producer in group.producers:
-                seen.setdefault(producer, group)
+            for member in group.producers + group.passthrough:
+                seen.setdefault(member, group)
     return groups
 
 

@@ -52,6 +52,11 @@ def make_model(nodes, inputs, outputs, inits: dict | None = None, *, opset: int 
                               initializer=initializers, value_info=list(value_info))
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
+    if any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.output}
+        for out in model.graph.output:
+            if not out.type.tensor_type.HasField("shape") and out.name in inferred:
+                out.CopyFrom(inferred[out.name])
     if check:
         onnx.checker.check_model(model, full_check=True)
     return model
