@@ -24,6 +24,7 @@ names the op and the reason: a refusal is always preferred to a wrong answer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -89,6 +90,7 @@ class WeightEdit:
     axis: int
     placement: Placement
     role: str
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -322,12 +324,22 @@ class _Walk:
             self.refuse(index, f"its {what} '{tensor}' is not a constant")
         return value
 
-    def weight(self, index: int, port: int, axis: int, placement: Placement, role: str) -> None:
+    def weight(self, index: int, port: int, axis: int, placement: Placement, role: str, groups: int = 1) -> None:
         node = self.ir.nodes[index]
         if port >= len(node.input) or not node.input[port]:
             return
         self.const(index, node.input[port], "weight")
-        self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role))
+        self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role, groups))
+
+    def require_blocks(self, index: int, placement: Placement, blocks: int) -> None:
+        """The space must split into `blocks` equal blocks (grouped convolution)."""
+        group = self.group
+        if placement.offset or placement.inner != 1 or placement.outer != 1 or placement.length != group.size:
+            self.refuse(index, f"grouped convolution (group={blocks}) over part of a concatenation")
+        step = math.lcm(group.step, blocks)
+        if group.size % step:
+            self.refuse(index, f"grouped convolutions with {group.step} and {blocks} groups do not nest")
+        group.step = step
 
     def same_on_ports(self, index: int, placement: Placement, inputs=(0,), outputs=(0,)) -> None:
         node = self.ir.nodes[index]
@@ -677,7 +689,13 @@ def _conv(walk: _Walk, index: int, side: str, port: int, placement: Placement) -
     if groups == channels_in and groups == walk.shape(index, node.input[0])[1]:
         _depthwise(walk, index, side, placement, weight.shape[0] // groups)
         return
-    walk.refuse(index, f"grouped convolution (group={groups}) is not supported yet")
+    walk.require_blocks(index, placement, groups)
+    if side == "in":
+        walk.weight(index, 1, 1, _axis_only(placement), "split", groups)
+    else:
+        walk.weight(index, 1, 0, _axis_only(placement), "copy")
+        walk.weight(index, 2, 0, _axis_only(placement), "copy")
+        walk.group.producers.append(index)
 
 
 def _depthwise(walk: _Walk, index: int, side: str, placement: Placement, multiplier: int) -> None:

@@ -129,7 +129,7 @@ def test_sklearn_mlp_matmul_add():
     feeds = {"float_input": np.random.default_rng(0).integers(0, 17, (6, 64)).astype(np.float32)}
     wider, report = widen_exact(model, {"MatMul": 40, "MatMul1": 20}, feeds=feeds)
     assert node_weight(wider, "MatMul").shape == (64, 40)
-    assert node_weight(wider, "Add", 1).shape == (40,)
+    assert node_weight(wider, "Add", 1).shape == (1, 40)
     assert node_weight(wider, "MatMul1").shape == (40, 20)
     assert node_weight(wider, "MatMul2").shape == (20, 10)
     assert sorted(c["new_width"] for c in report["changes"]) == [20, 40]
@@ -330,7 +330,7 @@ def test_concat_second_branch_offset():
     model = concat_model()
     wider, _ = widen_exact(model, {"B": 4})
     wc = node_weight(wider, "C")
-    assert wc.shape == (2, 6, 3, 3)
+    assert wc.shape == (2, 7, 3, 3)
     np.testing.assert_array_equal(wc[:, :3], init(model, "WC")[:, :3])
     g = infer_mapping(init(model, "WB"), node_weight(wider, "B"))
     check_consumer_split(init(model, "WC")[:, 3:], wc[:, 3:], g)
@@ -404,21 +404,10 @@ def test_slice_taking_a_channel_subrange_of_one_layer():
 
 def test_transpose_nhwc_then_flatten_into_gemm():
     """Feature index p*C + c after NHWC flattening: units interleaved with positions."""
-    def nhwc_flatten(t, inits, rng, c):
-        return [H("Relu", [t], ["r"]), H("Transpose", ["r"], ["nhwc"], perm=[0, 2, 3, 1], name="T"),
-                H("Flatten", ["nhwc"], ["flat"], name="F")], "flat"
-    rng = np.random.default_rng(5)
-    model = conv_sandwich(nhwc_flatten, size=3)
-    # replace L2 by a Gemm on 3*3*3 = 27 features
-    graph = model.graph
-    last = graph.node[-1]
-    last.CopyFrom(H("Gemm", ["flat", "WG", "BG"], ["y"], name="L2", transB=1))
-    for t in list(graph.initializer):
-        if t.name in ("W2", "B2"):
-            graph.initializer.remove(t)
-    graph.initializer.extend([onnx.numpy_helper.from_array(rand(rng, 4, 27), "WG"),
-                              onnx.numpy_helper.from_array(rand(rng, 4), "BG")])
-    onnx.checker.check_model(model, full_check=True)
+    def nhwc(inits):
+        return [H("Transpose", ["r"], ["nhwc"], perm=[0, 2, 3, 1], name="T"),
+                H("Flatten", ["nhwc"], ["flat"], name="F")]
+    model = flatten_gemm_model(reshape=nhwc)
     wider, _ = widen_exact(model, {"L1": 5})
     wg = node_weight(wider, "L2")
     assert wg.shape == (4, 45)
@@ -427,8 +416,8 @@ def test_transpose_nhwc_then_flatten_into_gemm():
     check_consumer_split(old, wg.reshape(4, 9, 5), g, axis=2)
 
 
-def flatten_gemm_model(middle_after_flatten=None, reshape=None, seed=6):
-    """Conv L1 (3 ch, 3x3 map) -> Relu -> Flatten/Reshape -> Gemm L2 (27 -> 4)."""
+def flatten_gemm_model(reshape=None, seed=6, batch="N"):
+    """Conv L1 (3 ch, 3x3 map) -> Relu -> Flatten (or `reshape(inits)` nodes) -> Gemm L2 (27 -> 4)."""
     rng = np.random.default_rng(seed)
     inits = {"W1": rand(rng, 3, 2, 3, 3), "B1": rand(rng, 3), "WG": rand(rng, 4, 27), "BG": rand(rng, 4)}
     nodes = [H("Conv", ["x", "W1", "B1"], ["t"], name="L1", pads=[1] * 4), H("Relu", ["t"], ["r"])]
@@ -437,7 +426,7 @@ def flatten_gemm_model(middle_after_flatten=None, reshape=None, seed=6):
     else:
         nodes += reshape(inits)
     nodes.append(H("Gemm", ["flat", "WG", "BG"], ["y"], name="L2", transB=1))
-    return make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+    return make_model(nodes, [("x", [batch, 2, 3, 3])], ["y"], inits)
 
 
 def check_nchw_flatten(model, wider):
@@ -474,15 +463,23 @@ def test_reshape_with_constant_node_shape():
     check_nchw_flatten(model, wider)
 
 
-def test_reshape_with_runtime_shape():
-    """Shape -> Gather(0) -> Unsqueeze -> Concat(-1) -> Reshape, as exporters write flatten."""
-    def reshape(inits):
-        inits.update(zero=np.array(0, np.int64), axes0=np.array([0], np.int64), minus1=np.array([-1], np.int64))
-        return [H("Shape", ["r"], ["shp"], name="Shape"), H("Gather", ["shp", "zero"], ["batch"], name="Gather"),
-                H("Unsqueeze", ["batch", "axes0"], ["batch1"], name="Unsq"),
-                H("Concat", ["batch1", "minus1"], ["shape"], axis=0, name="ShapeCat"),
-                H("Reshape", ["r", "shape"], ["flat"], name="R")]
-    model = flatten_gemm_model(reshape=reshape)
+def runtime_flatten(inits):
+    """Shape -> Gather(0) -> Unsqueeze -> Concat(-1) -> Reshape: torch's x.view(x.size(0), -1)."""
+    inits.update(zero=np.array(0, np.int64), axes0=np.array([0], np.int64), minus1=np.array([-1], np.int64))
+    return [H("Shape", ["r"], ["shp"], name="Shape"), H("Gather", ["shp", "zero"], ["batch"], name="Gather"),
+            H("Unsqueeze", ["batch", "axes0"], ["batch1"], name="Unsq"),
+            H("Concat", ["batch1", "minus1"], ["shape"], axis=0, name="ShapeCat"),
+            H("Reshape", ["r", "shape"], ["flat"], name="R")]
+
+
+def test_reshape_with_runtime_shape_static_batch():
+    model = flatten_gemm_model(reshape=runtime_flatten, batch=3)
+    wider, _ = widen_exact(model, {"L1": 5})
+    check_nchw_flatten(model, wider)
+
+
+def test_reshape_with_runtime_shape_dynamic_batch():
+    model = flatten_gemm_model(reshape=runtime_flatten)
     wider, _ = widen_exact(model, {"L1": 5})
     check_nchw_flatten(model, wider)
 

@@ -12,8 +12,8 @@ The constructions, each exact for the case it is chosen for:
 * residual:  y = a + W2 act(W1 a + b1) + b2 with W1 = I, b1 = 0, W2 = 0, b2 = 0:
   exact for any act (in fp32 too: a + 0 = a).
 
-L is a Conv with an odd kernel k (zero except W[i, i, k//2, ...] = 1; pads
-k//2, stride 1, dilation 1; depthwise when the layer is depthwise) for
+L is a Conv with an odd kernel k (zero except W[i, i mod C/G, k//2, ...] = 1;
+pads k//2, stride 1, dilation 1; depthwise or grouped like the layer) for
 convolutional layers, and Gemm or MatMul + Add with I and a zero bias for
 dense layers. An identity BatchNormalization (scale 1, B 0, mean 0,
 var = 1 - eps, picked so that var + eps == 1 in fp32) can follow the conv.
@@ -87,8 +87,6 @@ def plan(ir: GraphIR, layer: int, options: DeepenOptions) -> Insertion:
     kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}.get(node.op_type)
     if kind is None:
         raise GrowthRefused(f"{node.op_type} layers cannot be deepened yet")
-    if kind == "conv" and int(node_attr(node, "group", 1)) not in (1, _conv_in_channels(ir, layer)):
-        raise GrowthRefused("grouped convolutions cannot be deepened yet")
     pre, after, activation, name = _follow_activation(ir, node.output[0])
     mode = _choose_mode(options.mode, activation, name)
     tensor = pre if mode == "before-activation" else after
@@ -152,9 +150,11 @@ def _choose_mode(requested: str, activation: list[int], name: str) -> str:
     return requested
 
 
-def _conv_in_channels(ir: GraphIR, layer: int) -> int:
-    weight_shape = ir.shape(ir.nodes[layer].input[1])
-    return int(weight_shape[1]) * int(node_attr(ir.nodes[layer], "group", 1))
+def _identity_groups(layer: onnx.NodeProto, width: int) -> int:
+    """The new conv mirrors the layer: depthwise after depthwise (group = C),
+    grouped after grouped (same group count), dense otherwise."""
+    groups = int(node_attr(layer, "group", 1))
+    return groups if groups > 1 and width % groups == 0 else 1
 
 
 # ----------------------------------------------------------------------------
@@ -243,13 +243,14 @@ class _Builder:
             kernel = [self.options.kernel] * len(layer_kernel)
         else:
             kernel = [k if k % 2 else k + 1 for k in layer_kernel]
-        depthwise = int(node_attr(layer, "group", 1)) > 1
-        weight = np.zeros([width, 1 if depthwise else width] + kernel)
+        groups = _identity_groups(layer, width)
+        per_group = width // groups
+        weight = np.zeros([width, per_group] + kernel)
         centre = tuple(k // 2 for k in kernel)
         for channel in range(width):
-            weight[(channel, 0 if depthwise else channel) + centre] = 1.0
+            weight[(channel, channel % per_group) + centre] = 1.0
         attrs = dict(kernel_shape=kernel, pads=[k // 2 for k in kernel] * 2,
-                     strides=[1] * len(kernel), dilations=[1] * len(kernel), group=width if depthwise else 1)
+                     strides=[1] * len(kernel), dilations=[1] * len(kernel), group=groups)
         return weight, attrs
 
     def activation(self, x: str, suffix: str, fallback: str | None = None) -> str:

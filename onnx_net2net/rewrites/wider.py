@@ -24,7 +24,7 @@ replicated entries; `init="random-pad"` is the paper's non-preserving baseline
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -83,23 +83,59 @@ class GrownGroup:
     weights: list[str] = field(default_factory=list)
 
 
-def unit_mapping(n: int, q: int, rng: np.random.Generator) -> np.ndarray:
-    """g: new unit -> old unit; the first n units keep their place."""
-    return np.concatenate([np.arange(n), rng.integers(0, n, size=q - n)]).astype(np.int64)
+@dataclass
+class UnitMapping:
+    """g: new unit j -> old unit g(j), which new units are added, and c(u).
+
+    With `blocks` > 1 (grouped convolutions) the units form equal blocks; each
+    block keeps its old units in order, followed by its new units, which copy
+    units of the same block. With one block, the first n units keep their place.
+    """
+
+    g: np.ndarray
+    is_new: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def old(self) -> int:
+        return len(self.counts)
+
+    @property
+    def new(self) -> int:
+        return len(self.g)
+
+    @classmethod
+    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> "UnitMapping":
+        per_old, per_added = n // blocks, (q - n) // blocks
+        g, is_new = [], []
+        for block in range(blocks):
+            start = block * per_old
+            g += [start + np.arange(per_old), start + rng.integers(0, per_old, size=per_added)]
+            is_new += [np.zeros(per_old, bool), np.ones(per_added, bool)]
+        g = np.concatenate(g).astype(np.int64)
+        return cls(g, np.concatenate(is_new), np.bincount(g, minlength=n))
+
+    def block(self, index: int, blocks: int) -> "UnitMapping":
+        """The mapping restricted to one block, in the block's local numbering."""
+        per_new, per_old = self.new // blocks, self.old // blocks
+        window = slice(index * per_new, (index + 1) * per_new)
+        local = self.g[window] - index * per_old
+        return UnitMapping(local, self.is_new[window], self.counts[index * per_old:(index + 1) * per_old])
 
 
-def source_index(placement: Placement, n: int, g: np.ndarray) -> np.ndarray:
+def source_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
     """For each position of the widened axis, the old position it copies."""
     block = placement.block
     base = np.arange(block)
-    units = (placement.offset + g[:, None] * placement.inner + np.arange(placement.inner)).ravel()
-    end = placement.offset + n * placement.inner
+    units = (placement.offset + mapping.g[:, None] * placement.inner + np.arange(placement.inner)).ravel()
+    end = placement.offset + mapping.old * placement.inner
     new_block = np.concatenate([base[: placement.offset], units, base[end:]])
     return (new_block[None, :] + block * np.arange(placement.outer)[:, None]).ravel()
 
 
-def unit_slots(placement: Placement, n: int, q: int) -> np.ndarray:
+def unit_slots(placement: Placement, mapping: UnitMapping) -> np.ndarray:
     """For each position of the widened axis, its unit j (or -1 outside the space)."""
+    n, q = mapping.old, mapping.new
     new_block = placement.block + (q - n) * placement.inner
     slots = np.full(new_block, -1, dtype=np.int64)
     span = np.repeat(np.arange(q), placement.inner)
@@ -112,8 +148,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     """Apply the widening of `group` to `new_width` units on the model of `ir`."""
     n, q = group.size, new_width
     rng = np.random.default_rng(options.seed)
-    g = unit_mapping(n, q, rng)
-    counts = np.bincount(g, minlength=n)
+    mapping = UnitMapping.draw(n, q, rng, group.step)
     record = GrownGroup(layers=layer_names, old_width=n, new_width=q, tensors=sorted(group.placements))
 
     by_input = defaultdict(list)
@@ -123,13 +158,11 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     new_values = {}
     for (node, port), edits in by_input.items():
         value = ir.const_value(ir.nodes[node].input[port])
-        reference_std = float(np.std(value)) if value.size else 0.0
-        is_layer_weight = port == 1 and ir.nodes[node].op_type in WEIGHTED_LAYERS
+        edit_context = _EditContext(options, rng, float(np.std(value)) if value.size else 0.0,
+                                    is_layer_weight=port == 1 and ir.nodes[node].op_type in WEIGHTED_LAYERS,
+                                    zero_incoming=zero_incoming)
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
-            if options.init == "zero":
-                value = _zero_fill(value, edit, n, q, g, zero_incoming and is_layer_weight)
-                continue
-            value = _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_layer_weight)
+            value = _apply_edit(value, edit, mapping, edit_context)
         new_values[(node, port)] = value
     record.weights = _store_constants(ir, new_values)
     _apply_value_edits(ir, group, q - n)
@@ -139,44 +172,62 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     return record
 
 
-def _apply_edit(value, edit, n, q, g, counts, options, rng, reference_std, is_layer_weight):
-    placement = edit.placement
-    axis = edit.axis
-    value = np.take(value, source_index(placement, n, g), axis=axis)
-    slots = unit_slots(placement, n, q)
+@dataclass
+class _EditContext:
+    options: WidenOptions
+    rng: np.random.Generator
+    reference_std: float
+    is_layer_weight: bool
+    zero_incoming: bool
+
+
+def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditContext) -> np.ndarray:
+    if edit.groups > 1:
+        return _apply_grouped_edit(value, edit, mapping, context)
+    placement, axis = edit.placement, edit.axis
+    value = np.take(value, source_index(placement, mapping), axis=axis)
+    slots = unit_slots(placement, mapping)
     shape = [1] * value.ndim
     shape[axis] = -1
-    new = (slots >= n).reshape(shape)
+    in_space = slots >= 0
+    new = (in_space & mapping.is_new[np.maximum(slots, 0)]).reshape(shape)
+    options = context.options
+    if options.init == "zero":
+        if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
+            value = np.where(new, np.zeros((), value.dtype), value)
+        return value
     if options.init == "random-pad":
-        noise = rng.normal(0.0, reference_std or 1.0, size=value.shape).astype(value.dtype)
-        if edit.role == "split" or is_layer_weight:
+        if edit.role == "split" or context.is_layer_weight:
+            noise = context.rng.normal(0.0, context.reference_std or 1.0, size=value.shape).astype(value.dtype)
             value = np.where(new, noise, value)
         return value
     if edit.role == "split":
-        value = value * _split_factors(value.shape, axis, slots, g, counts, options.split, rng).astype(value.dtype)
+        factors = _split_factors(value.shape, axis, slots, mapping, options.split, context.rng)
+        value = value * factors.astype(value.dtype)
     if options.noise > 0:
-        replicated = (slots >= 0) & (counts[g[np.maximum(slots, 0)]] > 1) if edit.role == "split" else slots >= n
-        noise = rng.normal(0.0, options.noise * reference_std, size=value.shape).astype(value.dtype)
-        value = value + noise * replicated.reshape(shape)
+        copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
+        replicated = in_space & (copies > 1) if edit.role == "split" else new.reshape(-1)
+        noise = context.rng.normal(0.0, options.noise * context.reference_std, size=value.shape)
+        value = value + (noise * replicated.reshape(shape)).astype(value.dtype)
     return value
 
 
-def _zero_fill(value, edit, n, q, g, zero_incoming: bool):
-    """New units: copies on the producer side (zero incoming weights when safe),
-    zero outgoing weights; the original entries are untouched."""
-    placement = edit.placement
-    value = np.take(value, source_index(placement, n, g), axis=edit.axis)
-    if edit.role == "split" or zero_incoming:
-        shape = [1] * value.ndim
-        shape[edit.axis] = -1
-        value = np.where((unit_slots(placement, n, q) >= n).reshape(shape), np.zeros((), value.dtype), value)
-    return value
+def _apply_grouped_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditContext) -> np.ndarray:
+    """A grouped conv's input channels: its weight holds each group's channels
+    in local numbering on axis 1, for that group's block of output rows."""
+    groups = edit.groups
+    rows = value.shape[0] // groups
+    local = replace(edit, groups=1, placement=Placement(axis=1, rank=value.ndim, length=value.shape[1]))
+    pieces = [_apply_edit(value[k * rows:(k + 1) * rows], local, mapping.block(k, groups), context)
+              for k in range(groups)]
+    return np.concatenate(pieces, axis=0)
 
 
-def _split_factors(shape, axis, slots, g, counts, split, rng) -> np.ndarray:
+def _split_factors(shape, axis, slots, mapping: UnitMapping, split, rng) -> np.ndarray:
     """Per-element fractions a_j that sum to one over the copies of each unit."""
     positions_shape = [1] * len(shape)
     positions_shape[axis] = -1
+    g, counts = mapping.g, mapping.counts
     copies = np.where(slots >= 0, counts[g[np.maximum(slots, 0)]], 1).astype(np.float64)
     if split == "equal":
         return (1.0 / copies).reshape(positions_shape)
