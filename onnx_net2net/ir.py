@@ -175,16 +175,45 @@ class GraphIR:
                 raise ModelLoadError(f"shapes are inconsistent: {message[:300]}") from None
         except Exception as exc:  # noqa: BLE001 - onnx raises bare RuntimeErrors too
             raise ModelLoadError(f"shape inference failed: {str(exc).strip()[:300]}") from None
-        graph = inferred.graph
+        self._read_shapes(inferred.graph)
+        if self._has_unknown_shapes():
+            self._refine_with_symbolic_inference(light)
+
+    def _read_shapes(self, graph: onnx.GraphProto, only_unknown: bool = False) -> None:
         for value in list(graph.value_info) + list(graph.input) + list(graph.output):
             type_proto = value.type
             if not type_proto.HasField("tensor_type"):
                 continue
             tensor_type = type_proto.tensor_type
-            self.dtypes[value.name] = tensor_type.elem_type
-            if tensor_type.HasField("shape"):
-                self.shapes[value.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            self.dtypes.setdefault(value.name, tensor_type.elem_type)
+            if not tensor_type.HasField("shape"):
+                continue
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            known = self.shapes.get(value.name)
+            if only_unknown and known is not None:
+                if len(known) != len(shape):
+                    continue
+                shape = tuple(k if k is not None else s for k, s in zip(known, shape))
+            self.shapes[value.name] = shape
+
+    def _has_unknown_shapes(self) -> bool:
+        for node in self.nodes:
+            for name in node.output:
+                if name and (self.shapes.get(name) is None or None in self.shapes[name][1:]):
+                    return True
+        return False
+
+    def _refine_with_symbolic_inference(self, light: onnx.ModelProto) -> None:
+        """onnxruntime's symbolic shape inference follows shapes computed at run
+        time (Shape -> Gather -> Concat -> Reshape) where ONNX's gives up."""
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+        except Exception:  # noqa: BLE001 - best effort: unknown shapes stay unknown
+            return
+        if inferred is not None:
+            self._read_shapes(inferred.graph, only_unknown=True)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

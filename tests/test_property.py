@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import graphgen  # noqa: E402
 
 import onnx_net2net as n2n  # noqa: E402
-from onnx_net2net.errors import GrowthRefused, VerificationFailed  # noqa: E402
+from onnx_net2net.errors import GrowthRefused, UserError, VerificationFailed  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -82,7 +82,7 @@ def _fail(generated, what: str, error: BaseException) -> None:
 def _grow(generated, what: str, call):
     try:
         return call()
-    except (VerificationFailed, GrowthRefused) as error:
+    except (VerificationFailed, UserError) as error:  # refused after a promise, or a broken result
         _fail(generated, what, error)
 
 
@@ -133,7 +133,7 @@ def check_growth(generated, draw) -> None:
                 _fail(generated, what, refused)  # inspect promised exactly this
             assert str(refused).strip()
             continue
-        except VerificationFailed as error:
+        except (VerificationFailed, UserError) as error:
             _fail(generated, what, error)
         try:
             n2n.inspect(deeper, trial=False)

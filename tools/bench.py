@@ -280,6 +280,24 @@ def repo_cnn() -> BenchModel | None:
 
 
 def make_model(spec: str, workdir: Path) -> BenchModel | None:
+    """Build (or reuse) the model in a child process, so this process stays small.
+
+    Linux gives a child the parent's peak RSS as its starting ru_maxrss (fork/vfork
+    copy the parent's memory map), so a parent that once held a model in memory
+    would inflate every measurement after it.
+    """
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_generate", spec,
+                             "--workdir", str(workdir)], capture_output=True, text=True, env=_child_env())
+    if result.returncode != 0:
+        raise SystemExit(f"{spec}: model generation failed:\n{result.stderr[-2000:]}")
+    data = json.loads(result.stdout)
+    if data is None:
+        return None
+    data["path"] = Path(data["path"])
+    return BenchModel(**data)
+
+
+def _generate(spec: str, workdir: Path) -> BenchModel | None:
     kind, _, size = spec.partition(":")
     if kind in ("mlp", "mlp-ext"):
         if not size:
@@ -626,7 +644,13 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also cProfile widen --no-verify on each MLP")
     parser.add_argument("--no-importtime", action="store_true", help="skip the -X importtime run")
     parser.add_argument("--clean", action="store_true", help="delete the generated models at the end")
+    parser.add_argument("--_generate", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args._generate:  # child process: build one model, print its description
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        model = _generate(args._generate, args.workdir.resolve())
+        print(json.dumps(None if model is None else dict(asdict(model), path=str(model.path))))
+        return 0
 
     specs = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     repeat = args.repeat or 1
@@ -653,6 +677,9 @@ def main(argv=None) -> int:
     if small and not args.no_importtime:
         imports = import_time(small)
 
+    import resource
+
+    parent_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # a lower bound of every child's peak
     rows, targets = summarise(models, results, args.quick)
     print(format_table(rows))
     print()
@@ -660,7 +687,7 @@ def main(argv=None) -> int:
     print(format_targets(targets))
     if imports:
         print()
-        print("Heaviest top-level imports of `widen` on the small model (cumulative s): "
+        print("Heaviest imports (two top levels) of `widen` on the small model, cumulative s: "
               + ", ".join(f"{name} {seconds:.2f}" for name, seconds in imports[:6]))
     for name, text in profiles.items():
         print(f"\ncProfile of widen --no-verify on {name}:\n{text}")
@@ -668,7 +695,7 @@ def main(argv=None) -> int:
         report = dict(machine=machine(), started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                       duration_s=round(time.time() - started, 1), quick=args.quick, repeat=repeat,
                       models=[dict(asdict(m), path=str(m.path)) for m in models], results=rows, targets=targets,
-                      imports=imports, profiles=profiles)
+                      imports=imports, profiles=profiles, bench_process_peak_rss_mib=round(parent_rss / MB, 1))
         args.json.write_text(json.dumps(report, indent=2, default=str))
         log(f"written {args.json}")
     shutil.rmtree(workdir / "out", ignore_errors=True)
