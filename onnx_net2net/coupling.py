@@ -119,6 +119,7 @@ class Refusal:
 
     node: str | None
     reason: str
+    unit_width: int | None = None   # retry with units of this many features (heads)
 
     def __str__(self) -> str:
         return f"{self.node}: {self.reason}" if self.node else self.reason
@@ -146,6 +147,10 @@ class UnitGroup:
         refusal: set when the group cannot grow exactly.
         dynamic_shapes: the space's size is also read at run time (Shape ops).
         ops: the op types the walk went through.
+        unit_width: features per unit: 1, or the head size when the units are
+            attention heads (the space is split into [heads, head size]).
+        tile: every unit must be copied equally often (a normalisation over
+            the unit axis): new sizes are multiples of the size.
     """
 
     seed: int
@@ -160,6 +165,17 @@ class UnitGroup:
     refusal: Refusal | None = None
     dynamic_shapes: bool = False
     ops: set[str] = field(default_factory=set)
+    unit_width: int = 1
+    tile: bool = False
+
+    @property
+    def width(self) -> int:
+        """The layer width in features (units times features per unit)."""
+        return self.size * self.unit_width
+
+    @property
+    def feature_step(self) -> int:
+        return self.step * self.unit_width
 
     @property
     def ok(self) -> bool:
@@ -226,17 +242,26 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 # The walk
 
 
-def find_group(ir: GraphIR, layer: int) -> UnitGroup:
-    """The unit space produced by `layer`, with every coupled tensor and edit."""
-    group = UnitGroup(seed=layer, size=layer_width(ir, layer))
+def find_group(ir: GraphIR, layer: int, unit_width: int = 1) -> UnitGroup:
+    """The unit space produced by `layer`, with every coupled tensor and edit.
+
+    When the walk meets a reshape that splits the features into [heads, head
+    size], it starts again with whole heads as the units.
+    """
+    width = layer_width(ir, layer)
+    group = UnitGroup(seed=layer, size=width // unit_width, unit_width=unit_width)
     try:
-        _Walk(ir, group).run(ir.nodes[layer].output[0], layer_output_placement(ir, layer))
+        start = replace(layer_output_placement(ir, layer), inner=unit_width)
+        _Walk(ir, group).run(ir.nodes[layer].output[0], start)
         _deduplicate(group)
         if layer not in group.producers and layer not in group.passthrough:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
         if not group.producers:
             raise _Refused(Refusal(ir.label(layer), "no layer produces these units"))
     except _Refused as refused:
+        hint = refused.refusal.unit_width
+        if unit_width == 1 and hint and hint > 1 and width % hint == 0:
+            return find_group(ir, layer, hint)
         group.refusal = refused.refusal
     return group
 
@@ -279,8 +304,11 @@ class _Walk:
         if tensor in self.inputs:
             raise _Refused(Refusal(None, f"the units reach graph input '{tensor}' (its shape would change)"))
         if self.ir.is_const(tensor):
-            raise _Refused(Refusal(None, f"constant '{tensor}' carries the units"))
-        producer = self.ir.producer.get(tensor)
+            # A constant carrying the units (a class token, a learned table):
+            # its entries are copied like a producer's.
+            for use in self.ir.uses(tensor):
+                self.group.weight_edits.append(WeightEdit(use.node, use.port, placement.axis, placement, "copy"))
+        producer = None if self.ir.is_const(tensor) else self.ir.producer.get(tensor)
         if producer is not None:
             self.dispatch(producer[0], "out", producer[1], placement)
         for use in self.ir.uses(tensor):
@@ -545,7 +573,8 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
     moved, reason = map_through_reshape(placement, src, dst, walk.group.size)
     if moved is None:
-        walk.refuse(index, reason)
+        node_label = f"{node.op_type} {ir.label(index)}"
+        raise _Refused(Refusal(node_label, reason, _head_size_hint(placement, src, dst)))
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
@@ -580,6 +609,18 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple, size: int)
             return _unflatten(placement, dst, j0, j1, size)
         return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
     return None, "the unit axis is not in the reshape"
+
+
+def _head_size_hint(placement: Placement, src: tuple, dst: tuple) -> int | None:
+    """For [.., D, ..] -> [.., H, d, ..] with plain units: d (units could be heads)."""
+    if placement.inner != 1 or placement.outer != 1 or placement.offset:
+        return None
+    segments = _reshape_segments(src, dst) or []
+    for (i0, i1), (j0, j1) in segments:
+        if i1 - i0 == 1 and i0 == placement.axis and j1 - j0 > 1:
+            size = int(np.prod(dst[j0 + 1:j1], dtype=np.int64))
+            return size if size > 1 else None
+    return None
 
 
 def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int, size: int):
@@ -761,6 +802,9 @@ def _gemm(walk: _Walk, index: int, side: str, port: int, placement: Placement) -
 def _matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
     ir = walk.ir
     node = ir.nodes[index]
+    if not ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
+        _batched_matmul(walk, index, side, port, placement)
+        return
     if not ir.is_const(node.input[1]) or ir.is_const(node.input[0]):
         walk.refuse(index, "a product of two computed tensors mixes units (attention-style MatMul)")
     if side == "in" and port != 0:
@@ -782,6 +826,23 @@ def _matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement)
             walk.add(node.output[0], placement.on_axis(placement.axis + out_rank - in_rank, out_rank))
         else:
             walk.add(node.input[0], placement.on_axis(placement.axis - out_rank + in_rank, in_rank))
+
+
+def _batched_matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """A product of two computed tensors (attention) is per unit only on its
+    batch axes (e.g. the head axis of Q K^T and of softmax(..) V)."""
+    node = walk.ir.nodes[index]
+    from_end = placement.rank - placement.axis
+    if from_end <= 2:
+        walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis")
+    for name in list(node.input) + list(node.output):
+        shape = walk.shape(index, name)
+        axis = len(shape) - from_end
+        if axis < 0 or shape[axis] == 1:
+            continue
+        if shape[axis] != placement.length:
+            walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")
+        walk.add(name, placement.on_axis(axis, len(shape)))
 
 
 def _softmax(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -811,7 +872,11 @@ def _reduce(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     keep = int(node_attr(node, "keepdims", 1))
     if side == "in":
         if placement.axis in axes:
-            walk.refuse(index, "it reduces over the unit axis")
+            if node.op_type not in ("ReduceMean", "ReduceMax", "ReduceMin"):
+                walk.refuse(index, "it reduces over the unit axis")
+            # A mean / max / min over equally copied units is unchanged.
+            _require_tiling(walk, index, placement)
+            return
         axis = placement.axis if keep else placement.axis - sum(a < placement.axis for a in axes)
         walk.add(node.output[0], placement.on_axis(axis, in_rank if keep else in_rank - len(axes)))
     else:
@@ -823,15 +888,33 @@ def _reduce(walk: _Walk, index: int, side: str, port: int, placement: Placement)
 
 
 def _layernorm(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Normalising over the unit axis is exact when every unit is copied equally
+    often (mean and variance unchanged): the group must tile."""
     node = walk.ir.nodes[index]
     axis = int(node_attr(node, "axis", -1)) % placement.rank
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its scale or bias")
-    if placement.axis >= axis:
-        walk.refuse(index, "it normalises over the unit axis (tiling/LEMON expansion not supported yet)")
     if any(o and walk.ir.uses(o) for o in node.output[1:]):
         walk.refuse(index, "its mean / inverse-std outputs are used")
+    if placement.axis >= axis:
+        if axis != placement.rank - 1:
+            walk.refuse(index, "it normalises over the unit axis together with other axes")
+        _require_tiling(walk, index, placement)
+        for param in (1, 2):
+            walk.weight(index, param, 0, _axis_only(placement), "copy")
     walk.same_on_ports(index, placement)
+
+
+def _require_tiling(walk: _Walk, index: int, placement: Placement) -> None:
+    """Statistics over the unit axis survive only if every unit is copied
+    equally often (widths that are multiples of the current width)."""
+    group = walk.group
+    if placement.offset or placement.outer != 1 or placement.length != group.size * placement.inner:
+        walk.refuse(index, "it takes statistics over the units and other data together")
+    if group.step not in (1, group.size):
+        walk.refuse(index, "it takes statistics over grouped-convolution units")
+    group.tile = True
+    group.step = group.size
 
 
 def _pad(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -870,7 +953,34 @@ def _gather(walk: _Walk, index: int, side: str, port: int, placement: Placement)
         if axis <= placement.axis < axis + index_rank:
             walk.refuse(index, "the units are on the gathered axis")
         moved = placement.axis if placement.axis < axis else placement.axis + 1 - index_rank
-        walk.add(node.input[0], placement.on_axis(moved, in_rank))
+        if ir.is_const(node.input[0]):
+            # An embedding table: its columns are the units (a producer).
+            walk.weight(index, 0, moved, _axis_only(placement), "copy")
+            walk.group.producers.append(index)
+        else:
+            walk.add(node.input[0], placement.on_axis(moved, in_rank))
+
+
+def _expand(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its shape input")
+    from_end = placement.rank - placement.axis
+    in_shape = walk.shape(index, node.input[0])
+    out_shape = walk.shape(index, node.output[0])
+    in_axis = len(in_shape) - from_end
+    if in_axis < 0 or in_shape[in_axis] != placement.length and side == "out":
+        walk.refuse(index, "it broadcasts along the unit axis")
+    walk.add(node.input[0], placement.on_axis(in_axis, len(in_shape)))
+    walk.add(node.output[0], placement.on_axis(len(out_shape) - from_end, len(out_shape)))
+    target = ir.const_value(node.input[1])
+    if target is None:
+        walk.group.dynamic_shapes = True
+        return
+    position = len(target) - from_end
+    if position >= 0 and int(target[position]) > 1:
+        walk.group.value_edits.append(ValueEdit(index, 1, position, placement.growth()))
 
 
 def _resize(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -915,6 +1025,7 @@ _RULES = {
     "Pad": _pad,
     "Gather": _gather,
     "Resize": _resize,
+    "Expand": _expand,
 }
 _FAMILY_RULES = [
     (ELEMENTWISE_UNARY, _unary),

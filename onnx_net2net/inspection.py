@@ -41,7 +41,7 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     for group in analyse_groups(ir):
         if group.ok and reference is not None:
             _trial(group, reference, lambda g=group: WidenPass(
-                {coupling.layer_name(ir, g.seed): g.size + g.step})(handle.proto).model)
+                {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.proto).model)
         members = group.producers + group.passthrough if group.ok else [group.seed]
         for member in members:
             group_of.setdefault(member, group)
@@ -55,7 +55,8 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:
     node = ir.nodes[index]
     names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
-    widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.step, "group": names}
+    widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.feature_step,
+             "group": names}
     return {
         "name": coupling.layer_name(ir, index),
         "op": node.op_type,

@@ -85,6 +85,7 @@ class WidenPass(_Pass):
         for number, (name, width) in enumerate(requests):
             ir = GraphIR(handle)
             group = _group_of(ir, name)
+            width //= group.unit_width
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
@@ -99,8 +100,9 @@ class WidenPass(_Pass):
             requests = []
             for group in analyse_groups(ir):
                 if group.ok:
-                    wanted = math.ceil(group.size * self.factor)
-                    width = group.size + group.step * math.ceil((wanted - group.size) / group.step)
+                    wanted = math.ceil(group.width * self.factor)
+                    step = group.feature_step
+                    width = group.width + step * math.ceil((wanted - group.width) / step)
                     requests.append((coupling.layer_name(ir, group.seed), width))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
@@ -108,10 +110,12 @@ class WidenPass(_Pass):
         by_group: dict[frozenset, tuple[str, int]] = {}
         for name, width in self.widths.items():
             group = _group_of(ir, name)
-            if width <= group.size:
-                raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.size}")
-            if (width - group.size) % group.step:
-                raise UserError(f"layer '{name}': width must be {group.size} + a multiple of {group.step}")
+            if width <= group.width:
+                raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
+            if (width - group.width) % group.feature_step:
+                why = " (attention heads)" if group.unit_width > 1 else ""
+                raise UserError(f"layer '{name}': width must be {group.width} + a multiple of "
+                                f"{group.feature_step}{why}")
             key = frozenset(group.producers)
             if key in by_group and by_group[key][1] != width:
                 other = by_group[key][0]
@@ -223,8 +227,8 @@ class AlignPass(_Pass):
         for group in analyse_groups(ir):
             if not group.ok:
                 continue
-            target = _next_aligned(group.size, group.step, self.multiple)
-            if target is not None and target != group.size:
+            target = _next_aligned(group.width, group.feature_step, self.multiple)
+            if target is not None and target != group.width:
                 widths[coupling.layer_name(ir, group.seed)] = target
         if not widths:
             return {"pass": self.name, "options": self._options(), "changes": [],

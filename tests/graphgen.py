@@ -52,7 +52,8 @@ class Chooser:
                 value = int(self._replay[self._position])
             else:
                 value = low  # a shorter list replays with the simplest choices
-            value = min(max(value, low), high)
+            if not low <= value <= high:  # (recorded values always are; random lists wrap)
+                value = low + (value - low) % (high - low + 1)
             self._position += 1
         else:
             value = self._draw(st.integers(low, high))

@@ -105,6 +105,12 @@ class UnitMapping:
         return len(self.g)
 
     @classmethod
+    def tile(cls, n: int, q: int) -> "UnitMapping":
+        """Every unit copied q/n times: g(j) = j mod n."""
+        g = np.arange(q, dtype=np.int64) % n
+        return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
+
+    @classmethod
     def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> "UnitMapping":
         per_old, per_added = n // blocks, (q - n) // blocks
         g, is_new = [], []
@@ -145,11 +151,13 @@ def unit_slots(placement: Placement, mapping: UnitMapping) -> np.ndarray:
 
 def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOptions,
                 layer_names: list[str]) -> GrownGroup:
-    """Apply the widening of `group` to `new_width` units on the model of `ir`."""
+    """Apply the widening of `group` to `new_width` units (heads when the units
+    are attention heads) on the model of `ir`."""
     n, q = group.size, new_width
     rng = np.random.default_rng(options.seed)
-    mapping = UnitMapping.draw(n, q, rng, group.step)
-    record = GrownGroup(layers=layer_names, old_width=n, new_width=q, tensors=sorted(group.placements))
+    mapping = UnitMapping.tile(n, q) if group.tile else UnitMapping.draw(n, q, rng, group.step)
+    record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.unit_width,
+                        tensors=sorted(group.placements))
 
     by_input = defaultdict(list)
     for edit in group.weight_edits:
