@@ -49,11 +49,19 @@ def __getattr__(name):
 
 
 def _handle(model):
+    """A handle for the API: models from files come with all their weights in
+    memory (the API returns ModelProtos; the CLI streams large models instead)."""
+    import onnx
+
     from . import io
 
-    if isinstance(model, (str, Path)):
-        return io.load(model)
-    return io.from_proto(model)
+    if not isinstance(model, (str, Path)):
+        return io.from_proto(model)
+    handle = io.load(model)
+    if handle.has_external_data():
+        onnx.load_external_data_for_model(handle.proto, str(handle.base_dir))
+        handle.base_dir = None
+    return handle
 
 
 def load(path):
@@ -84,7 +92,7 @@ def inspect(model, *, trial: bool | None = None) -> dict:
 
 def verify(reference, candidate, **options):
     """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`)."""
-    from .verify import verify_models
+    from .verification import verify_models
 
     return verify_models(reference, candidate, **options)
 
@@ -122,21 +130,18 @@ def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "a
 
 
 def _run_pass(model, grow, verify: bool, exact: bool, verify_options: dict):
-    handle = _handle(model)
-    reference = handle.proto
-    if isinstance(model, (str, Path)):
-        reference = str(model)
-    else:
-        import onnx
+    import onnx
 
-        copy = onnx.ModelProto()
-        copy.CopyFrom(handle.proto)
-        handle.proto = copy
+    handle = _handle(model)
+    from_file = isinstance(model, (str, Path))
+    if not from_file:  # never modify the caller's ModelProto
+        handle.proto = onnx.ModelProto()
+        handle.proto.CopyFrom(model)
     report = grow.apply(handle)
     if verify:
-        from .verify import verify_models
+        from .verification import verify_models
 
-        result = verify_models(reference if isinstance(reference, str) else model, handle.proto, **verify_options)
+        result = verify_models(str(model) if from_file else model, handle.proto, **verify_options)
         report["verification"] = result.to_dict()
         report["exact"] = exact
         if exact and not result.passed:

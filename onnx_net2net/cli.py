@@ -68,7 +68,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _verify_options(args) -> dict:
-    from .verify import DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, parse_input_shapes, stderr_note
+    from .verification import DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, parse_input_shapes, stderr_note
 
     low, high = args.int_range
     if high <= low:
@@ -97,7 +97,7 @@ def cmd_info(args) -> int:
 
 def cmd_verify(args) -> int:
     from .io import load
-    from .verify import verify_models
+    from .verification import verify_models
 
     for path in (args.reference, args.candidate):
         load(path)  # the same safety checks as any input
@@ -117,7 +117,7 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from .inspection import inspect_model
     from .io import load
-    from .verify import InputSpec, parse_input_shapes
+    from .verification import InputSpec, parse_input_shapes
 
     trial = False if args.no_trial else (True if args.trial else None)
     spec = InputSpec(shapes=parse_input_shapes(args.input_shapes))
@@ -189,7 +189,7 @@ class _VerifiedPipeline:
     def apply(self, handle) -> dict:
         import onnx
 
-        from .verify import ReferenceRun
+        from .verification import ReferenceRun
 
         reports = []
         for number, step in enumerate(self.plan.steps):
@@ -214,7 +214,7 @@ def _grow(args, grow_pass, *, exact: bool) -> int:
     """Load, rewrite, verify against the input, write atomically, report."""
     from . import io
     from .provenance import record_provenance
-    from .verify import ReferenceRun
+    from .verification import ReferenceRun
 
     source = Path(args.model)
     io.check_output_path(args.output, [source])

@@ -533,20 +533,42 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
     k = axes.index(placement.axis)
     if steps[k] != 1:
         walk.refuse(index, "it slices the unit axis with a step")
-    source = placement if side == "in" else None
     in_length = placement.length if side == "in" else walk.shape(index, node.input[0])[placement.axis]
-    start, end = _clamp(int(starts[k]), in_length), _clamp(int(ends[k]), in_length)
-    if side == "in":
-        lo, hi = source.offset, source.offset + walk.group.size * source.inner
-        if source.outer != 1 or not (start <= lo and hi <= end):
-            walk.refuse(index, "it cuts through the units")
-        walk.add(node.output[0], replace(source, offset=lo - start, length=end - start))
-    else:
+    first, last = int(starts[k]), int(ends[k])
+    start, end = _clamp(first, in_length), _clamp(last, in_length)
+    growth = placement.growth()
+    if side == "out":
         walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
-    if int(starts[k]) < 0:
-        walk.group.value_edits.append(ValueEdit(index, 1, k, -placement.growth()))
-    if 0 <= int(ends[k]) <= in_length:
-        walk.group.value_edits.append(ValueEdit(index, 2, k, placement.growth()))
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
+        return
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    if placement.outer != 1:
+        walk.refuse(index, "it slices interleaved features")
+    if start <= lo and hi <= end:
+        walk.add(node.output[0], replace(placement, offset=lo - start, length=end - start))
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
+    elif end <= lo:
+        # The slice lies before the units: only bounds counted from the end move.
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, True)
+    elif hi <= start:
+        # The slice lies after the units: it moves right with them.
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, False, False)
+    else:
+        walk.refuse(index, "it cuts through the units")
+
+
+def _shift_slice_bounds(walk: _Walk, index: int, k: int, first: int, last: int, length: int, growth: int,
+                        start_before_units: bool, end_before_units: bool) -> None:
+    """Keep a Slice's bounds on the same data once `growth` positions per unit
+    are inserted: a bound before the units keeps its absolute position, one
+    after them moves right (bounds counted from the end move by themselves)."""
+    for port, value, units_after in ((1, first, start_before_units), (2, last, end_before_units)):
+        if value < 0 and not units_after:
+            continue  # counted from the end, and the units are before it: moves by itself
+        if value < 0:
+            walk.group.value_edits.append(ValueEdit(index, port, k, -growth))
+        elif not units_after and value <= length:
+            walk.group.value_edits.append(ValueEdit(index, port, k, growth))
 
 
 def _clamp(value: int, length: int) -> int:
@@ -718,7 +740,7 @@ def _conv(walk: _Walk, index: int, side: str, port: int, placement: Placement) -
     groups = int(node_attr(node, "group", 1))
     channels_in = weight.shape[1] * groups
     if groups == 1:
-        if placement.inner != 1:
+        if placement.inner != 1 and side == "out":
             walk.refuse(index, "the units are blocks of channels")
         if side == "in":
             walk.weight(index, 1, 1, _axis_only(placement), "split")

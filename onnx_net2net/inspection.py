@@ -16,7 +16,7 @@ from .io import ModelHandle
 from .ir import GraphIR
 from .passes import DeepenPass, WidenPass, analyse_groups
 from .rewrites import deeper
-from .verify import InputSpec, ReferenceRun
+from .verification import InputSpec, ReferenceRun
 
 #: Models with more weight bytes than this are not trial-run by default.
 TRIAL_LIMIT_BYTES = 64 << 20
@@ -36,6 +36,8 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     ir = GraphIR(handle)
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
+    if trial and handle.has_external_data():
+        handle = _in_memory(handle)
     reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
     group_of = {}
     for group in analyse_groups(ir):
@@ -50,6 +52,14 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         group = group_of.get(index) or coupling.find_group(ir, index)
         layers.append(_describe(ir, index, group, reference, handle))
     return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+
+
+def _in_memory(handle: ModelHandle) -> ModelHandle:
+    """A copy with every external weight loaded, for trial runs in memory."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(handle.proto)
+    onnx.load_external_data_for_model(proto, str(handle.base_dir))
+    return ModelHandle(proto=proto, path=handle.path)
 
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:

@@ -209,11 +209,17 @@ class GraphIR:
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+            # The loop of SymbolicShapeInference.infer_shapes, which would also
+            # write a file into the working folder when inference is incomplete.
+            inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+            inference._preprocess(light)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+            inferred = inference.out_mp_
         except Exception:  # noqa: BLE001 - best effort: unknown shapes stay unknown
             return
-        if inferred is not None:
-            self._read_shapes(inferred.graph, only_unknown=True)
+        self._read_shapes(inferred.graph, only_unknown=True)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 import onnx_net2net as n2n
 from onnx_net2net.rewrites import wider as wider_module
-from onnx_net2net.verify import InputSpec
+from onnx_net2net.verification import InputSpec
 from helpers import (assert_same_function, conv_sandwich, dense_sandwich, model_path, node_weight, unary,
                      widen_exact)
 

@@ -121,7 +121,8 @@ def test_reduce_mean_axes_input_opset18():
         inits["axes"] = np.array([2, 3], np.int64)
         return [H("ReduceMean", [t, "axes"], ["m"], keepdims=0, name="RM"), H("Unsqueeze", ["m", "axes"], ["u"])], "u"
     model = conv_sandwich(reduce, opset=18)
-    widen_exact(model, {"L1": 4})
+    wider, _ = widen_exact(model, {"L1": 4})
+    assert node_weight(wider, "L2").shape == (2, 4, 3, 3)
 
 
 def test_layernorm_over_other_axis_is_per_unit():
@@ -130,7 +131,9 @@ def test_layernorm_over_other_axis_is_per_unit():
         inits.update(ln_s=rand(rng, 5), ln_b=rand(rng, 5))
         return [H("LayerNormalization", [t, "ln_s", "ln_b"], ["n"], axis=-1, name="LN")], "n"
     model = conv_sandwich(ln)
-    widen_exact(model, {"L1": 4})
+    wider, _ = widen_exact(model, {"L1": 4})
+    assert node_weight(wider, "L2").shape == (2, 4, 3, 3)
+    assert init(wider, node(wider, "LN").input[1]).shape == (5,)      # over the spatial axis: unchanged
 
 
 # ----------------------------------------------------------------------------
@@ -174,15 +177,63 @@ def test_refuse_logsoftmax_over_unit_axis():
     assert "LogSoftmax" in refused(model, "L1", 4)
 
 
-def test_refuse_reduce_mean_over_unit_axis():
+def reduce_over_units_model(op, c=3):
+    """L1 (c ch) -> Relu -> <op> over the channel axis (keepdims) -> L2 (1 -> 2 ch)."""
     def reduce(t, inits, rng, c):
-        return [H("ReduceMean", [t], ["m"], axes=[1], keepdims=1, name="RM")], "m"
-    model = conv_sandwich(reduce, c=3)
+        if op == "ReduceSum":                  # axes is an input from opset 13
+            inits["axes"] = np.array([1], np.int64)
+            return [H("Relu", [t], ["r"]), H(op, ["r", "axes"], ["m"], keepdims=1, name="RM")], "m"
+        return [H("Relu", [t], ["r"]), H(op, ["r"], ["m"], axes=[1], keepdims=1, name="RM")], "m"
+    model = conv_sandwich(reduce, c=c)
     for t in model.graph.initializer:      # L2 now reads 1 channel
         if t.name == "W2":
-            t.CopyFrom(onnx.numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "W2"))
-    message = refused(model, "L1", 4)
-    assert "ReduceMean" in message and "reduces over the unit axis" in message
+            t.CopyFrom(onnx.numpy_helper.from_array(np.linspace(-1, 1, 18, dtype=np.float32).reshape(2, 1, 3, 3),
+                                                    "W2"))
+    return model
+
+
+def test_reduce_mean_over_unit_axis_needs_whole_copies():
+    """Mean over the units is kept only when every unit is copied equally (tiling)."""
+    model = reduce_over_units_model("ReduceMean")
+    with pytest.raises(n2n.UserError, match="multiple of 3"):
+        n2n.widen(model, {"L1": 4})
+    wider, _ = widen_exact(model, {"L1": 6})
+    assert node_weight(wider, "L1").shape == (6, 2, 3, 3)
+    np.testing.assert_array_equal(node_weight(wider, "L2"), init(model, "W2"))
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceL2", "ReduceL1", "ReduceLogSumExp", "ReduceSumSquare",
+                                "ReduceMax", "ReduceMin", "ReduceProd"])
+def test_reductions_over_unit_axis_refuse_or_stay_exact(op):
+    """Tiling doubles a sum, a norm, a product: such growth must be refused, never wrong."""
+    model = reduce_over_units_model(op)
+    try:
+        wider, _ = n2n.widen(model, {"L1": 6})
+    except n2n.GrowthRefused as refusal:
+        assert op in str(refusal) and "unit axis" in str(refusal)
+        return
+    except n2n.VerificationFailed as failure:
+        pytest.fail(f"{op} over the units: the package produced a wrong model ({failure})")
+    from helpers import assert_same_function
+    assert_same_function(model, wider)
+
+
+def test_softmax_over_unit_axis_even_with_tiling_is_refused():
+    model = conv_sandwich(unary("Softmax", axis=1))
+    for width in (4, 6):
+        with pytest.raises(n2n.GrowthRefused, match="Softmax"):
+            n2n.widen(model, {"L1": width})
+
+
+def test_layernorm_over_units_needs_whole_copies():
+    def ln(t, inits, rng, c):
+        inits.update(ln_s=rng.uniform(0.5, 1.5, c).astype(np.float32), ln_b=rand(rng, c))
+        return [H("LayerNormalization", [t, "ln_s", "ln_b"], ["n"], axis=-1, epsilon=1e-3, name="LN")], "n"
+    model = dense_sandwich(ln, c=3)
+    with pytest.raises(n2n.UserError, match="multiple of 3"):
+        n2n.widen(model, {"L1": 4})
+    wider, _ = widen_exact(model, {"L1": 9})
+    assert init(wider, node(wider, "LN").input[1]).shape == (9,)
 
 
 def test_refuse_unknown_op():
@@ -192,7 +243,8 @@ def test_refuse_unknown_op():
     assert "LRN" in message and "not known" in message
 
 
-def test_refuse_custom_domain_op():
+def test_refuse_custom_domain_op(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)     # onnxruntime's symbolic shape inference may drop a file in the cwd
     rng = np.random.default_rng(0)
     inits = {"W1": rand(rng, 3, 4), "W2": rand(rng, 2, 3)}
     nodes = [H("Gemm", ["x", "W1"], ["t"], name="L1", transB=1),
@@ -204,15 +256,61 @@ def test_refuse_custom_domain_op():
     assert not group.ok and "MyAct" in str(group.refusal)
 
 
-def test_refuse_grouped_conv():
+def grouped_model():
+    """L1 (4 ch) -> Relu -> grouped conv G (group 2, 4 -> 4) -> Relu -> L3."""
     rng = np.random.default_rng(0)
-    inits = {"W1": rand(rng, 4, 2, 1, 1), "WG": rand(rng, 4, 2, 3, 3), "W3": rand(rng, 2, 4, 1, 1)}
+    inits = {"W1": rand(rng, 4, 2, 1, 1), "WG": rand(rng, 4, 2, 3, 3), "BG": rand(rng, 4), "W3": rand(rng, 2, 4, 1, 1)}
     nodes = [H("Conv", ["x", "W1"], ["a"], name="L1"), H("Relu", ["a"], ["r"]),
-             H("Conv", ["r", "WG"], ["g"], name="G", group=2, pads=[1] * 4), H("Relu", ["g"], ["rg"]),
+             H("Conv", ["r", "WG", "BG"], ["g"], name="G", group=2, pads=[1] * 4), H("Relu", ["g"], ["rg"]),
              H("Conv", ["rg", "W3"], ["y"], name="L3")]
+    return make_model(nodes, [("x", ["N", 2, 4, 4])], ["y"], inits)
+
+
+def test_grouped_conv_consumer_sets_the_step():
+    model = grouped_model()
+    ir, group = group_of(model, "L1")
+    assert group.ok and group.step == 2
+    layers = {entry["name"]: entry for entry in n2n.inspect(model, trial=False)["layers"]}
+    assert layers["L1"]["widen"]["step"] == 2
+    wider, _ = widen_exact(model, {"L1": 6})
+    assert node_weight(wider, "L1").shape == (6, 2, 1, 1)
+    assert node_weight(wider, "G").shape == (4, 3, 3, 3)
+    assert attr(node(wider, "G"), "group") == 2
+    with pytest.raises(n2n.UserError, match="multiple of 2"):
+        n2n.widen(model, {"L1": 5})
+
+
+def test_grouped_conv_as_producer():
+    model = grouped_model()
+    wider, _ = widen_exact(model, {"G": 8})
+    assert node_weight(wider, "G").shape == (8, 2, 3, 3)
+    assert node_weight(wider, "G", 2).shape == (8,)
+    assert node_weight(wider, "L3").shape == (2, 8, 1, 1)
+    with pytest.raises(n2n.UserError, match="multiple of 2"):
+        n2n.widen(model, {"G": 5})
+
+
+def test_refuse_grouped_conv_over_part_of_a_concatenation():
+    rng = np.random.default_rng(0)
+    inits = {"WA": rand(rng, 2, 2, 1, 1), "WB": rand(rng, 2, 2, 1, 1), "WG": rand(rng, 4, 2, 3, 3),
+             "W3": rand(rng, 2, 4, 1, 1)}
+    nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Conv", ["x", "WB"], ["b"], name="B"),
+             H("Concat", ["a", "b"], ["cat"], axis=1),
+             H("Conv", ["cat", "WG"], ["g"], name="G", group=2, pads=[1] * 4), H("Conv", ["g", "W3"], ["y"], name="L3")]
     model = make_model(nodes, [("x", ["N", 2, 4, 4])], ["y"], inits)
-    assert "grouped convolution" in refused(model, "L1", 6)
-    assert "grouped convolution" in refused(model, "G", 6)
+    message = refused(model, "A", 4)
+    assert "grouped convolution" in message and "concatenation" in message
+
+
+def test_refuse_grouped_conv_transpose():
+    rng = np.random.default_rng(0)
+    inits = {"W1": rand(rng, 4, 2, 1, 1), "WT": rand(rng, 4, 2, 2, 2), "W3": rand(rng, 2, 4, 1, 1)}
+    nodes = [H("Conv", ["x", "W1"], ["a"], name="L1"),
+             H("ConvTranspose", ["a", "WT"], ["t"], name="T", group=2, strides=[2, 2]),
+             H("Conv", ["t", "W3"], ["y"], name="L3")]
+    model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+    message = refused(model, "L1", 6)
+    assert "ConvTranspose" in message and "grouped transposed convolution" in message
 
 
 def test_refuse_width_not_larger():
@@ -237,7 +335,7 @@ def test_refuse_attention_style_matmul():
              H("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), H("MatMul", ["q", "kt"], ["y"], name="QK")]
     model = make_model(nodes, [("x", ["N", 5, 4])], ["y"], inits)
     message = refused(model, "Q", 4)
-    assert "mixes units" in message
+    assert "QK" in message and "mixes" in message
 
 
 def test_refusals_are_reported_by_inspect():

@@ -158,14 +158,10 @@ def test_depthwise_identity_after_depthwise_conv(multiplier):
              H("Conv", ["r", "W2"], ["y"], name="L2")]
     model = make_model(nodes, [("x", ["N", c, 5, 5])], ["y"], inits)
     deeper, _ = deepen_exact(model, ["DW"])
-    identity = node(deeper, "DW/deeper0")
-    width = c * multiplier
-    assert attr(identity, "group") == width
-    weight = init(deeper, identity.input[1])
-    assert weight.shape == (width, 1, 3, 3)
-    assert (weight[:, 0, 1, 1] == 1).all() and weight.sum() == width
-    values = run_intermediates(deeper, [identity.input[0], identity.output[0]], random_feeds(model))
-    assert np.array_equal(*values.values())
+    groups = check_conv_identity(deeper, "DW/deeper0", random_feeds(model))
+    assert groups > 1                                  # stays depthwise/grouped like the layer
+    if multiplier == 1:
+        assert groups == c and init(deeper, node(deeper, "DW/deeper0").input[1]).shape == (c, 1, 3, 3)
 
 
 def test_batchnorm_identity_is_exact():
@@ -279,14 +275,30 @@ def test_deepen_head_is_refused():
         n2n.deepen(dense_sandwich(unary("Relu")), ["L2"])
 
 
-def test_deepen_grouped_conv_is_refused():
+def check_conv_identity(deeper, name, feeds):
+    """The new conv is an identity under its own grouping and maps its input to itself exactly."""
+    identity = node(deeper, name)
+    weight = init(deeper, identity.input[1])
+    width, per_group = weight.shape[:2]
+    groups = attr(identity, "group", 1)
+    assert groups * per_group == width
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    for channel in range(width):
+        assert weight[(channel, channel % per_group) + centre] == 1
+    assert weight.sum() == width and np.count_nonzero(weight) == width
+    values = run_intermediates(deeper, [identity.input[0], identity.output[0]], feeds)
+    assert np.array_equal(values[identity.input[0]], values[identity.output[0]])
+    return groups
+
+
+def test_deepen_grouped_conv():
     rng = np.random.default_rng(0)
     inits = {"WG": rand(rng, 4, 2, 3, 3), "W2": rand(rng, 2, 4, 1, 1)}
     nodes = [H("Conv", ["x", "WG"], ["g"], name="G", group=2, pads=[1] * 4), H("Relu", ["g"], ["r"]),
              H("Conv", ["r", "W2"], ["y"], name="L2")]
     model = make_model(nodes, [("x", ["N", 4, 4, 4])], ["y"], inits)
-    with pytest.raises(n2n.GrowthRefused, match="grouped"):
-        n2n.deepen(model, ["G"])
+    deeper, _ = deepen_exact(model, ["G"])
+    assert check_conv_identity(deeper, "G/deeper0", random_feeds(model)) in (1, 2)
 
 
 def test_deepen_noise_changes_the_function_slightly():
@@ -319,3 +331,40 @@ def test_bias_and_batchnorm_are_stepped_over():
     assert node(deeper, "L1/deeper0").input[0] == "bn_Relu"
     deeper, _ = deepen_exact(model, ["L1"], mode="before-activation")
     assert node(deeper, "L1/deeper0").input[0] == "bn"
+
+
+@pytest.mark.parametrize("mode", ["auto", "residual", "prelu", "before-activation"])
+def test_matmul_on_token_sequences(mode):
+    rng = np.random.default_rng(5)
+    inits = {"W1": rand(rng, 4, 3), "B1": rand(rng, 3), "W2": rand(rng, 3, 2)}
+    nodes = [H("MatMul", ["x", "W1"], ["m"], name="L1"), H("Add", ["m", "B1"], ["a"]), H("Relu", ["a"], ["r"]),
+             H("MatMul", ["r", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", ["N", 5, 4])], ["y"], inits)
+    deeper, _ = deepen_exact(model, ["L1"], mode=mode)
+    np.testing.assert_array_equal(node_weight(deeper, "L1/deeper0"), np.eye(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize("mode", ["auto", "before-activation", "residual", "prelu"])
+def test_after_a_prelu_activation(mode):
+    rng = np.random.default_rng(6)
+    inits = {"W1": rand(rng, 3, 2, 3, 3), "W2": rand(rng, 2, 3, 3, 3),
+             "slope": rng.uniform(0, 0.3, (3, 1, 1)).astype(np.float32)}
+    nodes = [H("Conv", ["x", "W1"], ["a"], name="L1", pads=[1] * 4), H("PRelu", ["a", "slope"], ["p"]),
+             H("Conv", ["p", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", ["N", 2, 4, 4])], ["y"], inits)
+    deepen_exact(model, ["L1"], mode=mode)
+    with pytest.raises(n2n.GrowthRefused, match="PRelu"):
+        n2n.deepen(model, ["L1"], mode="identity")
+
+
+def test_activation_that_is_a_graph_output():
+    """The Relu's output is also a graph output: identity after it would rename the output."""
+    rng = np.random.default_rng(7)
+    inits = {"W1": rand(rng, 3, 4), "W2": rand(rng, 2, 3)}
+    nodes = [H("Gemm", ["x", "W1"], ["h"], name="L1", transB=1), H("Relu", ["h"], ["r"]),
+             H("Gemm", ["r", "W2"], ["y"], name="L2", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4])], ["y", "r"], inits)
+    with pytest.raises(n2n.GrowthRefused, match="graph output"):
+        n2n.deepen(model, ["L1"])
+    deeper, _ = deepen_exact(model, ["L1"], mode="before-activation")
+    assert [o.name for o in deeper.graph.output] == ["y", "r"]

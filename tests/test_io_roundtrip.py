@@ -159,6 +159,26 @@ def test_external_data_widened_model(tmp_path):
     assert_same_function(model, out)
 
 
+def test_external_data_deepened_model(tmp_path):
+    model = onnx.load(str(model_path("mlp")))
+    save_external(model, tmp_path / "mlp.onnx", "mlp.weights")
+    deeper, report = n2n.deepen(str(tmp_path / "mlp.onnx"), ["/0/Gemm"])
+    assert report["verification"]["passed"] is True
+    n2n.save(deeper, tmp_path / "out.onnx")
+    assert_same_function(model, tmp_path / "out.onnx")
+
+
+def test_external_data_inspect_with_trial(tmp_path):
+    """Trial rewrites of an external-data model must verify like inline ones."""
+    model = onnx.load(str(model_path("mlp")))
+    save_external(model, tmp_path / "mlp.onnx", "mlp.weights")
+    report = n2n.inspect(str(tmp_path / "mlp.onnx"), trial=True)
+    inline = n2n.inspect(str(model_path("mlp")), trial=True)
+    assert [(layer["widen"]["ok"], layer["deepen"]["ok"]) for layer in report["layers"]] == \
+        [(layer["widen"]["ok"], layer["deepen"]["ok"]) for layer in inline["layers"]] == \
+        [(True, True), (True, True), (False, False)]
+
+
 def test_load_resolves_external_data(tmp_path):
     model = onnx.load(str(model_path("mlp")))
     save_external(model, tmp_path / "mlp.onnx", "mlp.weights")
@@ -256,3 +276,34 @@ def test_api_save_and_load(tmp_path):
         assert np.array_equal(a, b)
     assert session(tmp_path / "a.onnx").get_outputs()[0].name == "output"
     assert not os.path.exists(tmp_path / "a.onnx.data")
+
+
+def test_initializers_declared_as_graph_inputs_follow_the_widening():
+    rng = np.random.default_rng(1)
+    inits = {"W1": rand(rng, 3, 4), "B1": rand(rng, 3), "W2": rand(rng, 2, 3)}
+    nodes = [H("Gemm", ["x", "W1", "B1"], ["h"], name="L1", transB=1), H("Relu", ["h"], ["r"]),
+             H("Gemm", ["r", "W2"], ["y"], name="L2", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4]), ("W1", [3, 4]), ("B1", [3]), ("W2", [2, 3])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    declared = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in wider.graph.input}
+    assert declared == {"x": ["N", 4], "W1": [5, 4], "B1": [5], "W2": [2, 5]}
+    assert [i.name for i in wider.graph.input] == ["x", "W1", "B1", "W2"]
+    onnx.checker.check_model(wider, full_check=True)
+
+
+def test_unnamed_layers_are_named_by_their_weight(tmp_path):
+    rng = np.random.default_rng(2)
+    inits = {"fc1.weight": rand(rng, 3, 4), "fc2.weight": rand(rng, 2, 3)}
+    nodes = [H("Gemm", ["x", "fc1.weight"], ["h"], transB=1), H("Relu", ["h"], ["r"]),
+             H("Gemm", ["r", "fc2.weight"], ["y"], transB=1)]
+    model = make_model(nodes, [("x", ["N", 4])], ["y"], inits)
+    names = [layer["name"] for layer in n2n.inspect(model)["layers"]]
+    assert names == ["fc1.weight", "fc2.weight"]
+    wider, report = widen_exact(model, {"fc1.weight": 6})
+    assert report["changes"][0]["layers"] == ["fc1.weight"]
+    deeper, _ = n2n.deepen(wider, ["fc1.weight"])
+    assert "fc1.weight/deeper0" in {n.name for n in deeper.graph.node}
+    assert_same_function(model, deeper)
+    out = tmp_path / "d.onnx"
+    n2n.save(deeper, out)
+    assert [n.name for n in onnx.load(str(out)).graph.node] == [n.name for n in deeper.graph.node]

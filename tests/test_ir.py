@@ -140,7 +140,8 @@ def test_subgraph_reads_are_consumers():
     assert ir.nx.has_edge(0, 1)
 
 
-def test_unknown_domain_falls_back_to_non_strict_inference():
+def test_unknown_domain_falls_back_to_non_strict_inference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)     # onnxruntime's symbolic shape inference may drop a file in the cwd
     nodes = [H("Relu", ["x"], ["r"], name="relu"), H("Mystery", ["r"], ["y"], domain="com.example")]
     model = make_model(nodes, [("x", [2, 3])], [("y", [2, 3])], extra_opsets=[("com.example", 1)], check=False)
     ir = ir_of(model)
@@ -178,3 +179,17 @@ def test_ir_does_not_modify_the_model():
     before = model.SerializeToString()
     ir_of(model)
     assert model.SerializeToString() == before
+
+
+def test_shape_inference_writes_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """Analysis must not leave files behind (onnxruntime's symbolic shape
+    inference saves `sym_shape_infer_temp.onnx` in the cwd when it gives up)."""
+    rng = np.random.default_rng(0)
+    nodes = [H("Gemm", ["x", "W1"], ["t"], name="L1", transB=1),
+             H("MyAct", ["t"], ["a"], name="custom", domain="com.example"),
+             H("Gemm", ["a", "W2"], ["y"], name="L2", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 2])], {"W1": rand(rng, 3, 4), "W2": rand(rng, 2, 3)},
+                       extra_opsets=[("com.example", 1)], check=False)
+    monkeypatch.chdir(tmp_path)
+    ir_of(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

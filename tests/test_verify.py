@@ -9,7 +9,7 @@ from onnx import TensorProto, numpy_helper
 
 import onnx_net2net as n2n
 from onnx_net2net import cli
-from onnx_net2net.verify import InputSpec, compare_arrays, parse_input_shapes, verify_models
+from onnx_net2net.verification import InputSpec, compare_arrays, parse_input_shapes, verify_models
 from helpers import H, make_model, model_path, rand
 
 
@@ -36,7 +36,7 @@ def run_cli(capsys, *argv):
 
 
 def test_model_against_itself():
-    report = n2n.verify(str(model_path("cnn")), str(model_path("cnn")))
+    report = verify_models(str(model_path("cnn")), str(model_path("cnn")))
     assert report.passed and report.max_abs == 0 and report.max_rel == 0
     assert [o.name for o in report.outputs] == ["output"]
     assert report.outputs[0].shape == [2, 10]
@@ -59,7 +59,7 @@ def test_only_the_changed_output_fails(tmp_path):
         if tensor.name == "intercepts2":
             value = numpy_helper.to_array(tensor) + np.float32(1e-3)
             tensor.CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
-    report = n2n.verify(onnx.load(str(model_path("sklearn_mlp"))), model,
+    report = verify_models(onnx.load(str(model_path("sklearn_mlp"))), model,
                         inputs=InputSpec(seed=1, shapes={"float_input": [4, 64]}))
     by_name = {o.name: o for o in report.outputs}
     assert set(by_name) == {"label", "probabilities"}

@@ -262,7 +262,9 @@ def test_pad_with_axes_input():
         inits["axes"] = np.array([2, 3], np.int64)
         return [H("Pad", [t, "pads", "", "axes"], ["padded"], name="Pad")], "padded"
     model = conv_sandwich(chain(unary("Relu"), pad), opset=18)
-    widen_exact(model, {"L1": 4})
+    wider, _ = widen_exact(model, {"L1": 4})
+    assert node_weight(wider, "L2").shape == (2, 4, 3, 3)
+    np.testing.assert_array_equal(init(wider, "axes"), [2, 3])
 
 
 def test_pad_on_channel_axis_is_refused():
@@ -612,3 +614,274 @@ def test_random_inputs_agree_at_several_seeds():
     wider, _ = n2n.widen(model, {"L1": 7}, seed=11)
     for seed in range(3):
         assert_same_function(model, wider, random_feeds(model, seed=seed, batch=2))
+
+
+# ----------------------------------------------------------------------------
+# More coupling patterns
+
+
+def se_block_model(seed=10):
+    """Squeeze-excite: r * Sigmoid(S2(Relu(S1(GAP(r))))): the gate's units are r's units."""
+    rng = np.random.default_rng(seed)
+    inits = {"WA": rand(rng, 4, 2, 3, 3), "W1": rand(rng, 2, 4, 1, 1), "B1": rand(rng, 2),
+             "W2": rand(rng, 4, 2, 1, 1), "B2": rand(rng, 4), "WC": rand(rng, 2, 4, 1, 1)}
+    nodes = [H("Conv", ["x", "WA"], ["a"], name="A", pads=[1] * 4), H("Relu", ["a"], ["r"]),
+             H("GlobalAveragePool", ["r"], ["p"]), H("Conv", ["p", "W1", "B1"], ["s1"], name="S1"),
+             H("Relu", ["s1"], ["s1r"]), H("Conv", ["s1r", "W2", "B2"], ["s2"], name="S2"),
+             H("Sigmoid", ["s2"], ["gate"]), H("Mul", ["r", "gate"], ["m"]), H("Conv", ["m", "WC"], ["y"], name="C")]
+    return make_model(nodes, [("x", ["N", 2, 4, 4])], ["y"], inits)
+
+
+def test_squeeze_excite_gate_joins_the_group():
+    model = se_block_model()
+    wider, report = widen_exact(model, {"A": 6})
+    assert sorted(report["changes"][0]["layers"]) == ["A", "S2"]
+    assert node_weight(wider, "S1").shape == (2, 6, 1, 1)       # consumer of the pooled units
+    assert node_weight(wider, "S2").shape == (6, 2, 1, 1)       # producer of the gate's units
+    assert node_weight(wider, "C").shape == (2, 6, 1, 1)
+    g_a = infer_mapping(init(model, "WA"), node_weight(wider, "A"))
+    g_s2 = infer_mapping(init(model, "W2"), node_weight(wider, "S2"))
+    np.testing.assert_array_equal(g_a, g_s2)                    # one mapping for the whole group
+
+
+def test_squeeze_excite_bottleneck():
+    model = se_block_model()
+    wider, _ = widen_exact(model, {"S1": 5})
+    assert node_weight(wider, "S2").shape == (4, 5, 1, 1)
+
+
+def test_concat_on_a_spatial_axis_couples_both_inputs():
+    rng = np.random.default_rng(11)
+    inits = {"WA": rand(rng, 3, 2, 3, 3), "WB": rand(rng, 3, 2, 3, 3), "WC": rand(rng, 2, 3, 3, 3)}
+    nodes = [H("Conv", ["x", "WA"], ["a"], name="A", pads=[1] * 4),
+             H("Conv", ["x", "WB"], ["b"], name="B", pads=[1] * 4),
+             H("Concat", ["a", "b"], ["cat"], axis=2), H("Relu", ["cat"], ["r"]),
+             H("Conv", ["r", "WC"], ["y"], name="C")]
+    model = make_model(nodes, [("x", ["N", 2, 4, 4])], ["y"], inits)
+    wider, report = widen_exact(model, {"A": 5})
+    assert sorted(report["changes"][0]["layers"]) == ["A", "B"]
+    assert node_weight(wider, "B").shape == (5, 2, 3, 3)
+
+
+def test_concat_of_the_same_tensor_twice_is_refused():
+    rng = np.random.default_rng(12)
+    inits = {"W1": rand(rng, 3, 2, 1, 1), "W2": rand(rng, 2, 6, 1, 1)}
+    nodes = [H("Conv", ["x", "W1"], ["a"], name="L1"), H("Concat", ["a", "a"], ["c"], axis=1),
+             H("Conv", ["c", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+    with pytest.raises(n2n.GrowthRefused, match="two different layouts"):
+        n2n.widen(model, {"L1": 5})
+
+
+def test_residual_from_the_graph_input_is_refused():
+    rng = np.random.default_rng(13)
+    inits = {"W1": rand(rng, 2, 2, 3, 3), "W2": rand(rng, 2, 2, 1, 1)}
+    nodes = [H("Conv", ["x", "W1"], ["a"], name="L1", pads=[1] * 4), H("Add", ["a", "x"], ["s"]),
+             H("Conv", ["s", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+    with pytest.raises(n2n.GrowthRefused, match="graph input 'x'"):
+        n2n.widen(model, {"L1": 4})
+
+
+def test_where_and_comparison_with_full_width_operands():
+    def relu_by_where(t, inits, rng, c):
+        inits["zeros"] = np.zeros(c, np.float32)
+        return [H("Greater", [t, "zeros"], ["pos"]), H("Where", ["pos", t, "zeros"], ["w"], name="Where")], "w"
+    model = dense_sandwich(relu_by_where)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert init(wider, node(wider, "Where").input[2]).shape == (5,)
+
+
+def test_gap_squeeze_into_gemm():
+    rng = np.random.default_rng(14)
+    inits = {"W1": rand(rng, 3, 2, 3, 3), "WG": rand(rng, 4, 3), "axes": np.array([2, 3], np.int64)}
+    nodes = [H("Conv", ["x", "W1"], ["t"], name="L1"), H("Relu", ["t"], ["r"]), H("GlobalAveragePool", ["r"], ["p"]),
+             H("Squeeze", ["p", "axes"], ["flat"]), H("Gemm", ["flat", "WG"], ["y"], name="L2", transB=1)]
+    model = make_model(nodes, [("x", ["N", 2, 5, 5])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L2").shape == (4, 5)
+
+
+def test_resize_on_spatial_axes():
+    def resize(t, inits, rng, c):
+        inits["scales"] = np.array([1, 1, 2, 2], np.float32)
+        return [H("Resize", [t, "", "scales"], ["up"], mode="nearest", name="Resize")], "up"
+    model = conv_sandwich(resize)
+    wider, _ = widen_exact(model, {"L1": 5})
+    np.testing.assert_array_equal(init(wider, "scales"), [1, 1, 2, 2])
+
+
+def test_instance_normalization():
+    def inorm(t, inits, rng, c):
+        inits.update(in_s=rng.uniform(0.5, 1.5, c).astype(np.float32), in_b=rand(rng, c))
+        return [H("InstanceNormalization", [t, "in_s", "in_b"], ["n"], name="IN")], "n"
+    model = conv_sandwich(inorm)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert init(wider, node(wider, "IN").input[1]).shape == (5,)
+
+
+@pytest.mark.parametrize("bias_shape", [[3], [1, 3], [1]])
+def test_gemm_alpha_beta_and_bias_shapes(bias_shape):
+    rng = np.random.default_rng(15)
+    inits = {"W1": rand(rng, 3, 4), "B1": rand(rng, *bias_shape), "W2": rand(rng, 2, 3)}
+    nodes = [H("Gemm", ["x", "W1", "B1"], ["h"], name="L1", transB=1, alpha=0.5, beta=2.0), H("Relu", ["h"], ["r"]),
+             H("Gemm", ["r", "W2"], ["y"], name="L2", transB=1, alpha=3.0)]
+    model = make_model(nodes, [("x", ["N", 4])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L1").shape == (5, 4)
+    expected = {(3,): (5,), (1, 3): (1, 5), (1,): (1,)}[tuple(bias_shape)]
+    assert node_weight(wider, "L1", 2).shape == expected
+
+
+def test_gemm_trans_a_consumer():
+    rng = np.random.default_rng(16)
+    inits = {"W1": rand(rng, 3, 4), "W2": rand(rng, 3, 2)}
+    nodes = [H("Gemm", ["x", "W1"], ["h"], name="L1", transB=1), H("Relu", ["h"], ["r"]),
+             H("Transpose", ["r"], ["rt"]), H("Gemm", ["rt", "W2"], ["y"], name="L2", transA=1)]
+    model = make_model(nodes, [("x", [5, 4])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L2").shape == (5, 2)
+
+
+def test_batched_matmul_weights():
+    rng = np.random.default_rng(17)
+    inits = {"W1": rand(rng, 2, 4, 3), "W2": rand(rng, 2, 3, 2)}
+    nodes = [H("MatMul", ["x", "W1"], ["h"], name="L1"), H("Relu", ["h"], ["r"]),
+             H("MatMul", ["r", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", [2, 5, 4])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L1").shape == (2, 4, 5) and node_weight(wider, "L2").shape == (2, 5, 2)
+
+
+def test_weight_shared_by_two_layers_directly():
+    """L1 and L2 read the same initializer: each gets the edit it needs."""
+    rng = np.random.default_rng(18)
+    inits = {"W": rand(rng, 4, 4), "W3": rand(rng, 2, 4)}
+    nodes = [H("Gemm", ["x", "W"], ["h1"], name="L1", transB=1), H("Relu", ["h1"], ["r1"]),
+             H("Gemm", ["r1", "W"], ["h2"], name="L2", transB=1), H("Relu", ["h2"], ["r2"]),
+             H("Gemm", ["r2", "W3"], ["y"], name="L3", transB=1)]
+    model = make_model(nodes, [("x", ["N", 4])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 6})
+    assert node_weight(wider, "L1").shape == (6, 4)
+    assert node_weight(wider, "L2").shape == (4, 6)
+
+
+def test_conv_strides_dilations_auto_pad():
+    rng = np.random.default_rng(19)
+    inits = {"W1": rand(rng, 3, 2, 3, 3), "W2": rand(rng, 2, 3, 3, 3)}
+    nodes = [H("Conv", ["x", "W1"], ["a"], name="L1", auto_pad="SAME_UPPER", strides=[2, 2]), H("Relu", ["a"], ["r"]),
+             H("Conv", ["r", "W2"], ["y"], name="L2", dilations=[2, 2], pads=[2, 2, 2, 2])]
+    model = make_model(nodes, [("x", ["N", 2, 7, 7])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L2").shape == (2, 5, 3, 3)
+
+
+def test_conv_transpose_output_padding():
+    rng = np.random.default_rng(20)
+    inits = {"W1": rand(rng, 2, 3, 3, 3), "W2": rand(rng, 2, 3, 3, 3)}
+    nodes = [H("ConvTranspose", ["x", "W1"], ["a"], name="L1", strides=[2, 2], output_padding=[1, 1],
+               pads=[1, 1, 1, 1]),
+             H("Relu", ["a"], ["r"]), H("Conv", ["r", "W2"], ["y"], name="L2")]
+    model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L1").shape == (2, 5, 3, 3)
+
+
+def _concat_branches(rng, tail, x_shape=("N", 2, 3, 3), a=2, b=3, extra=None):
+    inits = {"WA": rand(rng, a, 2, 1, 1), "WB": rand(rng, b, 2, 1, 1), **(extra or {})}
+    nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Conv", ["x", "WB"], ["b"], name="B"),
+             H("Concat", ["a", "b"], ["c"], axis=1), H("Relu", ["c"], ["r"])] + tail
+    return make_model(nodes, [("x", list(x_shape))], ["y"], inits)
+
+
+def pattern(name, rng):
+    if name == "concat-flatten":
+        return _concat_branches(rng, [H("Flatten", ["r"], ["f"]), H("Gemm", ["f", "WG"], ["y"], name="G", transB=1)],
+                                extra={"WG": rand(rng, 4, 45)})
+    if name == "concat-nhwc-flatten":
+        return _concat_branches(rng, [H("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), H("Flatten", ["t"], ["f"]),
+                                      H("Gemm", ["f", "WG"], ["y"], name="G", transB=1)],
+                                extra={"WG": rand(rng, 4, 45)})
+    if name == "channel-shuffle":
+        return _concat_branches(rng, [H("Split", ["r", "sizes"], ["p", "q"], axis=1),
+                                      H("Concat", ["q", "p"], ["c2"], axis=1),
+                                      H("Conv", ["c2", "WC"], ["y"], name="C")],
+                                extra={"sizes": np.array([2, 3], np.int64), "WC": rand(rng, 2, 5, 1, 1)})
+    if name == "depthwise-after-concat":
+        return _concat_branches(rng, [H("Conv", ["r", "WD"], ["d"], name="DW", group=5, pads=[1] * 4),
+                                      H("Conv", ["d", "WC"], ["y"], name="C")],
+                                extra={"WD": rand(rng, 5, 1, 3, 3), "WC": rand(rng, 2, 5, 1, 1)})
+    inits = {"WA": rand(rng, 3, 2, 3, 3)}
+    head = [H("Conv", ["x", "WA"], ["a"], name="A", pads=[1] * 4), H("Relu", ["a"], ["r"])]
+    outputs = ["y"]
+    if name == "nhwc-tokens-matmul":
+        inits.update(W2=rand(rng, 3, 4), shape=np.array([0, -1, 3], np.int64))
+        tail = [H("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]), H("Reshape", ["t", "shape"], ["tok"]),
+                H("MatMul", ["tok", "W2"], ["y"], name="M")]
+    elif name == "reshape-transpose-matmul":
+        inits.update(W2=rand(rng, 3, 4), shape=np.array([0, 3, -1], np.int64))
+        tail = [H("Reshape", ["r", "shape"], ["rs"]), H("Transpose", ["rs"], ["t"], perm=[0, 2, 1]),
+                H("MatMul", ["t", "W2"], ["y"], name="M")]
+    elif name == "spatial-attention":
+        inits.update(WS=rand(rng, 1, 3, 3, 3), WC=rand(rng, 2, 3, 1, 1))
+        tail = [H("Conv", ["r", "WS"], ["s"], name="S", pads=[1] * 4), H("Sigmoid", ["s"], ["sg"]),
+                H("Mul", ["r", "sg"], ["m"]), H("Conv", ["m", "WC"], ["y"], name="C")]
+    elif name == "two-kinds-of-consumer":
+        inits.update(WC=rand(rng, 2, 3, 1, 1), WG=rand(rng, 2, 27))
+        tail = [H("Conv", ["r", "WC"], ["y"], name="C"), H("Flatten", ["r"], ["f"]),
+                H("Gemm", ["f", "WG"], ["g"], name="G", transB=1)]
+        outputs = ["y", "g"]
+    elif name == "reduce-mean-spatial-keepdims0":
+        inits.update(WG=rand(rng, 2, 3))
+        tail = [H("ReduceMean", ["r"], ["p"], axes=[2, 3], keepdims=0),
+                H("Gemm", ["p", "WG"], ["y"], name="G", transB=1)]
+    elif name == "negative-pads-and-spatial-slice":
+        inits.update(WC=rand(rng, 2, 3, 1, 1), pads=np.array([0, 0, -1, 0, 0, 0, 0, -1], np.int64),
+                     s=np.array([1], np.int64), e=np.array([3], np.int64), ax=np.array([3], np.int64))
+        tail = [H("Pad", ["r", "pads"], ["p"]), H("Slice", ["p", "s", "e", "ax"], ["sl"]),
+                H("Conv", ["sl", "WC"], ["y"], name="C")]
+    return make_model(head + tail, [("x", ["N", 2, 3, 3])], outputs, inits)
+
+
+PATTERNS = ["concat-flatten", "concat-nhwc-flatten", "channel-shuffle", "depthwise-after-concat",
+            "nhwc-tokens-matmul", "reshape-transpose-matmul", "spatial-attention", "two-kinds-of-consumer",
+            "reduce-mean-spatial-keepdims0", "negative-pads-and-spatial-slice"]
+
+
+@pytest.mark.parametrize("split", ["equal", "random"])
+@pytest.mark.parametrize("name", PATTERNS)
+def test_coupling_patterns(name, split):
+    model = pattern(name, np.random.default_rng(21))
+    layers = ["A", "B"] if "concat" in name or "shuffle" in name else ["A"]
+    for layer in layers:
+        old = node_weight(model, layer).shape[0]
+        wider, report = widen_exact(model, {layer: old + 2}, split=split, seed=4)
+        assert node_weight(wider, layer).shape[0] == old + 2
+        assert report["changes"][0]["new_width"] == old + 2
+
+
+def slice_range_model(start, end, width_c):
+    """Concat(A: 4 ch, B: 3 ch) -> Relu -> Slice(start:end on channels) -> C."""
+    rng = np.random.default_rng(22)
+    inits = {"WA": rand(rng, 4, 2, 1, 1), "WB": rand(rng, 3, 2, 1, 1), "WC": rand(rng, 2, width_c, 1, 1),
+             "s": np.array([start], np.int64), "e": np.array([end], np.int64), "ax": np.array([1], np.int64)}
+    nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Conv", ["x", "WB"], ["b"], name="B"),
+             H("Concat", ["a", "b"], ["cat"], axis=1), H("Relu", ["cat"], ["r"]),
+             H("Slice", ["r", "s", "e", "ax"], ["sl"], name="slice"), H("Conv", ["sl", "WC"], ["y"], name="C")]
+    return make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
+
+
+def test_slice_containing_the_units_grows_its_end():
+    model = slice_range_model(0, 5, 5)                 # A's 4 channels and B's first
+    wider, _ = widen_exact(model, {"A": 6})
+    assert int(init(wider, node(wider, "slice").input[2])[0]) == 7
+    assert node_weight(wider, "C").shape == (2, 7, 1, 1)
+    with pytest.raises(n2n.GrowthRefused, match="cuts through"):
+        n2n.widen(model, {"B": 5})                     # B's units are cut by the slice
+
+
+def test_slice_with_negative_start_keeps_counting_from_the_end():
+    model = slice_range_model(-6, 100, 6)              # channels 1..6: A's last 3, all of B
+    wider, _ = widen_exact(model, {"B": 5})
+    assert int(init(wider, node(wider, "slice").input[1])[0]) == -8
+    assert node_weight(wider, "C").shape == (2, 8, 1, 1)

@@ -116,7 +116,7 @@ class Experiment:
 EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN", {"channels": 8, "hidden": 32},
-        "last-conv+last-dense", Budget(6000, 4000, 100), Budget(1500, 600, 100), (1, 40)),
+        "last-conv+last-dense", Budget(8000, 5000, 100), Budget(1500, 600, 100), (1, 40)),
     "mnist1d-mlp": Experiment(
         "mnist1d-mlp", "mnist1d", "mlp", "MNIST-1D, MLP", {"hidden": 32},
         "all", Budget(6000, 4000, 100), Budget(1500, 600, 100), (40,)),
@@ -142,13 +142,12 @@ def build_model(exp: Experiment, widths: dict | None = None):
     import torch.nn as nn
 
     w = dict(exp.widths, **(widths or {}))
-    if exp.model == "cnn1d":            # input (N, 1, 40) -> 20 -> 10 -> 5
+    if exp.model == "cnn1d":            # input (N, 1, 40) -> pool -> 20 -> pool -> 10
         c, h = w["channels"], w["hidden"]
         return nn.Sequential(
-            nn.Conv1d(1, c, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(c * 5, h), nn.ReLU(), nn.Linear(h, 10))
+            nn.Conv1d(1, c, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(c, c, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Flatten(), nn.Linear(c * 10, h), nn.ReLU(), nn.Linear(h, 10))
     if exp.model == "mlp":              # input (N, 40)
         h = w["hidden"]
         return nn.Sequential(nn.Linear(40, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
@@ -338,8 +337,9 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
                                 for layer in deep_report.get("inserted", deep_report.get("changes", []))
                                 if isinstance(layer, dict)]},
     }
-    log(f"{tag}: grown (widen {sum(result['teacher']['widths'].values())}->{sum(wide_widths.values())} units, "
-        f"deepen after {after})")
+    grew = ", ".join(f"{k} {v}->{wide_widths[k]}" for k, v in result["teacher"]["widths"].items()
+                     if wide_widths.get(k) != v)
+    log(f"{tag}: grown (widen {grew}; deepen after {after})")
 
     # 3. onnx2torch round trip, before training
     students = {}
@@ -561,6 +561,29 @@ def plot(experiments: dict, out_dir: Path, suffix: str) -> list[str]:
 
 # --------------------------------------------------------------------------- main
 
+def import_snapshot() -> dict:
+    import importlib
+    import subprocess
+
+    for module in ("torch", "onnx", "onnxruntime", "onnx2torch", "onnx_net2net", "onnx_net2net.inspection",
+                   "onnx_net2net.passes", "onnx_net2net.rewrites.wider", "onnx_net2net.rewrites.deeper",
+                   "onnx_net2net.verification"):
+        importlib.import_module(module)
+    import onnx_net2net
+
+    state = {"onnx_net2net": onnx_net2net.__version__}
+    try:
+        git = ["git", "-C", str(REPO)]
+        state["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                         timeout=10).stdout.strip() or None
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "onnx_net2net"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        state["package_modified"] = [line[3:] for line in dirty.splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return state
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -602,6 +625,10 @@ def main(argv=None) -> int:
             datasets[name] = load_dataset(name, mnist1d_samples)
             log(f"dataset {name}: {len(datasets[name]['y_train'])} train / {len(datasets[name]['y_test'])} test "
                 f"({time.time() - t:.1f}s)")
+
+    # Import everything the workers use before forking them: each job then runs on the same snapshot of
+    # onnx_net2net (the package may be edited while a long run goes on) and skips the imports.
+    snapshot = import_snapshot()
 
     # Largest jobs first so that the workers finish together.
     cost = {n: (EXPERIMENTS[n].quick if quick else EXPERIMENTS[n].full) for n in names}
@@ -645,10 +672,9 @@ def main(argv=None) -> int:
     rows = summary_rows(experiments)
     notes = targets_met(rows)
     import torch
-    import onnx2torch  # noqa: F401
 
     meta = {"quick": quick, "seeds": seeds, "settings": settings, "mnist1d_samples": mnist1d_samples,
-            "runtime_s": round(time.time() - _T0, 1), "jobs": args.jobs,
+            "runtime_s": round(time.time() - _T0, 1), "jobs": args.jobs, "package": snapshot,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
     out = {"meta": meta, "summary": rows, "summary_keys": list(SUMMARY_KEYS), "targets_not_met": notes,

@@ -109,7 +109,9 @@ def _follow_activation(ir: GraphIR, tensor: str):
         node = ir.nodes[use.node]
         if node.op_type == "BatchNormalization" and use.port == 0 and len([o for o in node.output if o]) == 1:
             tensor = node.output[0]
-        elif node.op_type in ("Add", "Sub") and use.port == 0 and ir.is_const(node.input[1]):
+        elif node.op_type == "Add" and ir.is_const(node.input[1 - use.port]):
+            tensor = node.output[0]
+        elif node.op_type == "Sub" and use.port == 0 and ir.is_const(node.input[1]):
             tensor = node.output[0]
         elif node.op_type in ACTIVATIONS and use.port == 0:
             return tensor, node.output[0], [use.node], node.op_type

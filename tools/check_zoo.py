@@ -1,0 +1,153 @@
+"""Grow every layer of real architectures and check each result is exact.
+
+Needs the experiments extra plus `pip install transformers timm` for the
+transformer models. Models are built from their configs with random weights
+(no downloads), exported with torch.onnx.export (legacy exporter, opset 17),
+then for each model:
+
+1. `inspect` without trial runs (static analysis only: the promise under test);
+2. every group reported growable is widened by about 1.5x (rounded to its
+   step) and every layer reported deepenable is deepened, and each result is
+   compared with the original in onnxruntime (max relative error 1e-5).
+
+A layer reported growable that fails is a DEFECT (exit code 1).
+
+    python tools/check_zoo.py                      # all models
+    python tools/check_zoo.py resnet18 bert_cls    # some
+    python tools/check_zoo.py --json zoo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
+               "squeezenet1_0", "densenet121"]
+OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit"]
+
+
+def export(name: str, path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, model, key, output):
+            super().__init__()
+            self.model, self.key, self.output = model, key, output
+
+        def forward(self, x):
+            return getattr(self.model(**{self.key: x}), self.output)
+
+    if name in TORCHVISION:
+        import torchvision
+
+        model, example = getattr(torchvision.models, name)(weights=None), torch.randn(1, 3, 64, 64)
+    elif name == "convnext_atto":
+        import timm
+
+        model, example = timm.create_model("convnext_atto", pretrained=False), torch.randn(1, 3, 64, 64)
+    elif name == "timm_vit":
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+        example = torch.randn(1, 3, 32, 32)
+    elif name == "bert_cls":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=100, max_position_embeddings=32, num_labels=3)
+        model, example = Wrap(BertForSequenceClassification(config), "input_ids", "logits"), torch.randint(0, 100, (2, 8))
+    elif name == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           image_size=32, patch_size=8)
+        model, example = Wrap(ViTModel(config), "pixel_values", "pooler_output"), torch.randn(1, 3, 32, 32)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    model.eval()
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"])
+
+
+def check(path: Path, limit: int | None) -> dict:
+    from onnx_net2net import io
+    from onnx_net2net.inspection import inspect_model
+    from onnx_net2net.passes import DeepenPass, WidenPass
+    from onnx_net2net.verification import ReferenceRun
+
+    handle = io.load(path)
+    layers = inspect_model(handle, trial=False)["layers"]
+    eligible = [l for l in layers if not (l["widen"]["reason"] and "graph output" in l["widen"]["reason"])]
+    reference = ReferenceRun(handle.proto)
+    defects, checked, seen = [], 0, set()
+    for layer in [l for l in eligible if l["widen"]["ok"]][:limit]:
+        key = tuple(layer["widen"]["group"])
+        if key in seen:
+            continue
+        seen.add(key)
+        width, step = layer["width"], layer["widen"]["step"]
+        new = width + step * max(1, math.ceil((math.ceil(width * 1.5) - width) / step))
+        defects += _try(reference, lambda: WidenPass({layer["name"]: new})(handle.proto).model,
+                        f"widen {layer['name']} -> {new}")
+        checked += 1
+    for layer in [l for l in eligible if l["deepen"]["ok"]][:limit]:
+        defects += _try(reference, lambda: DeepenPass([layer["name"]])(handle.proto).model,
+                        f"deepen {layer['name']}")
+        checked += 1
+    refusals = {}
+    for layer in eligible:
+        if not layer["widen"]["ok"]:
+            refusals[layer["widen"]["reason"]] = refusals.get(layer["widen"]["reason"], 0) + 1
+    return {"layers": len(layers), "eligible": len(eligible),
+            "widen_ok": sum(l["widen"]["ok"] for l in eligible), "deepen_ok": sum(l["deepen"]["ok"] for l in eligible),
+            "checked": checked, "defects": defects, "refusals": refusals}
+
+
+def _try(reference, build, what: str) -> list[str]:
+    try:
+        report = reference.compare(build())
+    except Exception as error:  # noqa: BLE001 - every failure is a finding here
+        return [f"{what}: {type(error).__name__}: {error}"]
+    return [] if report.passed else [f"{what}: max rel err {report.max_rel:.3g}"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS)
+    parser.add_argument("--limit", type=int, help="check at most this many layers per model and kind")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    results, failed = {}, False
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            path = Path(folder) / f"{name}.onnx"
+            start = time.time()
+            export(name, path)
+            result = check(path, args.limit)
+            results[name] = result
+            share = result["widen_ok"] / max(result["eligible"], 1)
+            print(f"{name}: {result['widen_ok']}/{result['eligible']} growable ({share:.0%}), "
+                  f"{result['deepen_ok']}/{result['eligible']} deepenable, {result['checked']} rewrites checked, "
+                  f"{len(result['defects'])} defects ({time.time() - start:.0f}s)", flush=True)
+            for reason, count in sorted(result["refusals"].items(), key=lambda kv: -kv[1])[:3]:
+                print(f"    refused x{count}: {reason}")
+            for defect in result["defects"]:
+                print(f"    DEFECT {defect}")
+            failed |= bool(result["defects"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
