@@ -370,11 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     deepen.add_argument("--after", action="append", required=True, metavar="NAME",
                         help="insert after this layer (and its activation); repeatable")
     deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
-    deepen.add_argument("--mode", choices=("auto", "identity", "before-activation", "residual", "prelu"),
+    deepen.add_argument("--mode", choices=("auto", "identity", "before-activation", "residual", "prelu", "block"),
                         default="auto",
                         help="auto: identity after Relu/Clip or no activation, else prelu; identity: identity "
                              "layer + the same activation; before-activation: identity before the activation; "
-                             "residual: x + 0*act(I x); prelu: identity + PRelu(slope 1)")
+                             "residual: x + 0*act(I x); prelu: identity + PRelu(slope 1); block: a copy of the "
+                             "pre-norm residual block the layer writes into, its output projections zeroed "
+                             "(LLaMA Pro)")
     deepen.add_argument("--batchnorm", action="store_true", help="add an exact identity BatchNormalization")
     deepen.add_argument("--noise", type=float, default=0.0, metavar="STD",
                         help="noise on the identity weights, relative to the layer's weight std")

@@ -89,8 +89,37 @@ def tensor_nbytes(tensor: TensorProto) -> int:
             return int(length)
     if tensor.data_type == TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    bits = _element_bits(tensor.data_type)
+    if bits is None:
+        raise ModelLoadError(f"tensor '{tensor.name}' has unknown data type {tensor.data_type}")
+    return (_element_count(tensor) * bits + 7) // 8
+
+
+#: Types stored several elements to a byte (raw_data and external data are packed).
+_PACKED_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4, TensorProto.FLOAT4E2M1: 4,
+                TensorProto.UINT2: 2, TensorProto.INT2: 2}
+_KNOWN_TYPES = frozenset(value for name, value in TensorProto.DataType.items() if name != "UNDEFINED")
+
+
+def _element_bits(data_type: int) -> int | None:
+    """Bits per element in raw/external storage, or None for an unknown or variable-size type."""
+    if data_type in _PACKED_BITS:
+        return _PACKED_BITS[data_type]
+    if data_type not in _KNOWN_TYPES or data_type == TensorProto.STRING:
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    except Exception:  # noqa: BLE001 - a type this numpy/onnx cannot map
+        return None
+    return dtype.itemsize * 8
+
+
+def _element_count(tensor: TensorProto) -> int:
+    """The number of elements (a Python int: no int64 overflow)."""
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return count
 
 
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
@@ -119,10 +148,13 @@ def load(path: str | os.PathLike) -> ModelHandle:
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
+        kind = _sniff_text(path)
+        if kind:
+            raise ModelLoadError(f"{path}: not an ONNX model ({kind}, not a binary ONNX protobuf)") from None
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
     _check_model_header(proto, path)
     handle = ModelHandle(proto=proto, base_dir=path.resolve().parent, path=path)
-    _check_external_data(handle)
+    _check_tensors(handle)
     return handle
 
 
@@ -130,11 +162,26 @@ def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None
     """Wrap an in-memory ModelProto (external references resolve in `base_dir`)."""
     _check_model_header(proto, "model")
     handle = ModelHandle(proto=proto, base_dir=Path(base_dir).resolve() if base_dir else None)
-    if handle.has_external_data():
-        if handle.base_dir is None:
-            raise ModelLoadError("model has external data references but no base folder was given")
-        _check_external_data(handle)
+    if handle.has_external_data() and handle.base_dir is None:
+        raise ModelLoadError("model has external data references but no base folder was given")
+    _check_tensors(handle)
     return handle
+
+
+def _sniff_text(path: Path) -> str | None:
+    """'a JSON file' / 'a text file' when the start of the file is text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.strip() or any(ch < " " and ch not in "\t\r\n" for ch in text):
+        return None
+    return "a JSON file" if text.lstrip()[:1] in ("{", "[") else "a text file"
 
 
 def _check_input_file(path: Path) -> None:
@@ -153,6 +200,8 @@ def _check_input_file(path: Path) -> None:
 def _check_model_header(proto: onnx.ModelProto, where) -> None:
     if not proto.HasField("graph") or not proto.ir_version:
         raise ModelLoadError(f"{where}: not an ONNX model (no graph or IR version)")
+    if proto.ir_version < 3:
+        raise ModelLoadError(f"{where}: unsupported IR version {proto.ir_version} (3 or newer is needed)")
     if proto.ir_version > onnx.IR_VERSION:
         raise ModelLoadError(
             f"{where}: unsupported IR version {proto.ir_version} (this onnx supports up to {onnx.IR_VERSION})")
@@ -167,46 +216,132 @@ def _check_model_header(proto: onnx.ModelProto, where) -> None:
                 f"{where}: unsupported opset {opset.version} for the ONNX domain (supported: 1..{newest})")
 
 
-def _check_external_data(handle: ModelHandle) -> None:
-    base = handle.base_dir.resolve()
+def _check_tensors(handle: ModelHandle) -> None:
+    """Every tensor of the model: a known type, sane dims, data that matches
+    them; external references are checked before any byte of them is read."""
+    base = handle.base_dir.resolve() if handle.base_dir is not None else None
     for tensor in _all_tensors(handle.proto):
+        _check_tensor_header(tensor)
         if _is_external(tensor):
             _check_external_tensor(tensor, base, handle._data_sizes)
+        else:
+            _check_inline_tensor(tensor)
 
 
-def _check_external_tensor(tensor: TensorProto, base: Path, sizes: dict) -> None:
+def _tensor_label(tensor: TensorProto) -> str:
+    return f"tensor '{_printable(tensor.name) or '<unnamed>'}'"
+
+
+def _check_tensor_header(tensor: TensorProto) -> None:
+    if tensor.data_type not in _KNOWN_TYPES:
+        raise ModelLoadError(f"{_tensor_label(tensor)} has unknown data type {tensor.data_type}")
+    if any(dim < 0 for dim in tensor.dims):
+        raise ModelLoadError(f"{_tensor_label(tensor)} has a negative dimension {list(tensor.dims)}")
+
+
+# Where the values of each type live when they are not in raw_data (and how many fields per element).
+_TYPED_FIELDS = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+    TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1),
+    **{t: ("int32_data", 1) for t in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
+                                      TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16,
+                                      TensorProto.BFLOAT16)},
+}
+
+
+def _check_inline_tensor(tensor: TensorProto) -> None:
+    """The data held in the model matches the tensor's shape (numpy would fail later otherwise)."""
+    if tensor.external_data:
+        raise ModelLoadError(f"{_tensor_label(tensor)} has external data entries but is not marked external")
+    count = _element_count(tensor)
+    bits = _element_bits(tensor.data_type)
+    if _has_raw(tensor):
+        if bits is None:
+            return
+        expected = (count * bits + 7) // 8
+        got = len(tensor.raw_data)
+        if got != expected:
+            raise ModelLoadError(f"{_tensor_label(tensor)}: shape {list(tensor.dims)} needs {expected} bytes of "
+                                 f"data, the model holds {got}")
+        return
+    field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, (None, 1))
+    if field_name is None:
+        return
+    got = len(getattr(tensor, field_name))
+    expected = count * per_element
+    if got != expected and not (got == 0 and count == 0):
+        raise ModelLoadError(f"{_tensor_label(tensor)}: shape {list(tensor.dims)} has {count} element(s), "
+                             f"the model holds {got // per_element if got >= expected else got} value(s)")
+
+
+def _has_raw(tensor: TensorProto) -> bool:
+    try:
+        return tensor.HasField("raw_data")
+    except ValueError:  # proto3-style field without presence
+        return bool(tensor.raw_data)
+
+
+def _check_external_tensor(tensor: TensorProto, base: Path | None, sizes: dict) -> None:
     info = _external_info(tensor)
+    name = _tensor_label(tensor)
     location = info.get("location", "")
-    name = tensor.name or "<unnamed>"
+    shown = _printable(location)
     if not location:
-        raise UnsafePathError(f"tensor '{name}': external data has no location")
+        raise UnsafePathError(f"{name}: external data has no location")
+    if "\0" in location:
+        raise UnsafePathError(f"{name}: external data location '{shown}' contains a NUL byte")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-        raise UnsafePathError(f"tensor '{name}': external data location '{location}' is absolute")
+        raise UnsafePathError(f"{name}: external data location '{shown}' is absolute")
     normal = os.path.normpath(location)
     if normal == ".." or normal.startswith(".." + os.sep):
-        raise UnsafePathError(f"tensor '{name}': external data location '{location}' escapes the model's folder")
-    target = (base / normal)
+        raise UnsafePathError(f"{name}: external data location '{shown}' escapes the model's folder")
+    if base is None:
+        raise ModelLoadError(f"{name} has external data but the model has no folder")
+    if tensor.data_type == TensorProto.STRING:
+        raise ModelLoadError(f"{name}: string tensors cannot be stored as external data")
+    target = base / normal
     real = Path(os.path.realpath(target))
     if real != base and base not in real.parents:
-        raise UnsafePathError(
-            f"tensor '{name}': external data location '{location}' resolves outside the model's folder")
+        raise UnsafePathError(f"{name}: external data location '{shown}' resolves outside the model's folder")
+    if not real.exists():
+        raise ModelLoadError(f"{name}: external data file '{shown}' is missing")
     if not real.is_file():
-        raise ModelLoadError(f"tensor '{name}': external data file '{location}' is missing")
+        raise ModelLoadError(f"{name}: external data '{shown}' is not a regular file")
     size = sizes.get(real)
     if size is None:
         size = sizes[real] = real.stat().st_size
-    offset = int(info.get("offset", 0))
-    length = info.get("length")
-    expected = int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(
-        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    length = int(length) if length is not None else expected
-    if offset < 0 or length < 0 or offset + length > size:
+    offset = _external_int(info, "offset", 0, name)
+    bits = _element_bits(tensor.data_type)
+    expected = None if bits is None else (_element_count(tensor) * bits + 7) // 8
+    length = _external_int(info, "length", expected, name)
+    if length is None:
+        raise ModelLoadError(f"{name}: external data has no length and its type has no fixed size")
+    if offset + length > size:
         raise ModelLoadError(
-            f"tensor '{name}': external data [{offset}, {offset + length}) runs past the end of "
-            f"'{location}' ({size} bytes)")
-    if length != expected:
-        raise ModelLoadError(
-            f"tensor '{name}': external data holds {length} bytes but its shape needs {expected}")
+            f"{name}: external data [{offset}, {offset + length}) runs past the end of '{shown}' ({size} bytes)")
+    if expected is not None and length != expected:
+        raise ModelLoadError(f"{name}: external data holds {length} bytes but its shape needs {expected}")
+
+
+def _external_int(info: dict, key: str, default, name: str):
+    text = info.get(key)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ModelLoadError(f"{name}: external data {key} '{_printable(text)}' is not an integer") from None
+    if value < 0:
+        raise ModelLoadError(f"{name}: external data {key} {value} is negative")
+    return value
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """Text safe for a one-line message (control characters escaped, length capped)."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 # ----------------------------------------------------------------------------

@@ -161,6 +161,9 @@ class DeepenPass(_Pass):
         for number, name in enumerate(names):
             ir = GraphIR(handle)
             layer = _layer(ir, name)
+            if self.options.mode == "block":
+                changes.append(_insert_block(ir, layer, name))
+                continue
             try:
                 insertion = deeper.plan(ir, layer, self.options)
             except GrowthRefused as refused:
@@ -189,6 +192,16 @@ class DeepenPass(_Pass):
         if not possible:
             raise GrowthRefused(f"no layer matches after = '{self.selector}' (see `inspect`)")
         return [coupling.layer_name(ir, layer) for layer in possible]
+
+
+def _insert_block(ir: GraphIR, layer: int, name: str) -> dict:
+    from .rewrites import blocks
+
+    try:
+        block = blocks.plan_block(ir, layer)
+    except GrowthRefused as refused:
+        raise GrowthRefused(f"layer '{name}' cannot be deepened by a block: {refused}") from None
+    return blocks.insert_block(ir, block, name)
 
 
 def _stage_ends(ir: GraphIR, layers: list[int], possible: set[int]) -> list[int]:
