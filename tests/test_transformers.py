@@ -1,0 +1,113 @@
+"""Transformers shipped in models/ (tools/export_transformers.py): attention
+heads, the MLP, the residual stream with LayerNorm tiling, and block deepening."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_net2net as n2n
+from onnx_net2net.verification import verify_models
+
+from helpers import MODELS
+
+BERT = MODELS / "bert_tiny.onnx"
+VIT = MODELS / "vit_tiny.onnx"
+Q0 = "/model/bert/encoder/layer.0/attention/self/query/MatMul"
+K0 = "/model/bert/encoder/layer.0/attention/self/key/MatMul"
+V0 = "/model/bert/encoder/layer.0/attention/self/value/MatMul"
+FFN0 = "/model/bert/encoder/layer.0/intermediate/dense/MatMul"
+OUT0 = "/model/bert/encoder/layer.0/output/dense/MatMul"
+
+
+@pytest.fixture(scope="module")
+def bert_layers():
+    return {layer["name"]: layer for layer in n2n.inspect(BERT, trial=False)["layers"]}
+
+
+def _weight(model: onnx.ModelProto, node_name: str) -> np.ndarray:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    inits = {t.name: t for t in model.graph.initializer}
+    return onnx.numpy_helper.to_array(inits[node.input[1]])
+
+
+def test_attention_heads_are_the_units(bert_layers):
+    layer = bert_layers[Q0]
+    assert layer["widen"]["ok"], layer["widen"]["reason"]
+    assert layer["widen"]["step"] == 16  # head size: widths grow by whole heads
+    assert set(layer["widen"]["group"]) == {Q0, K0, V0}
+
+
+def test_widen_attention_by_two_heads_is_exact():
+    grown, report = n2n.widen(BERT, {Q0: 96})
+    assert report["verification"]["passed"] and report["verification"]["max_rel"] < 1e-5
+    for name in (Q0, K0, V0):
+        assert _weight(grown, name).shape == (64, 96)
+    # The head count constants of the reshapes follow: 4 heads -> 6.
+    result = verify_models(str(BERT), grown, rtol=1e-5)
+    assert result.passed
+
+
+def test_widen_attention_refuses_partial_heads():
+    with pytest.raises(n2n.UserError, match="multiple of 16"):
+        n2n.widen(BERT, {Q0: 72})
+
+
+def test_widen_mlp_hidden_layer_through_erf_gelu():
+    grown, report = n2n.widen(BERT, {FFN0: 200}, split="random", seed=3)
+    assert report["verification"]["passed"]
+    assert _weight(grown, FFN0).shape == (64, 200)
+    assert _weight(grown, OUT0).shape == (200, 64)
+
+
+def test_residual_stream_tiles_through_layernorm(bert_layers):
+    layer = bert_layers[OUT0]
+    assert layer["widen"]["ok"], layer["widen"]["reason"]
+    assert layer["widen"]["step"] == 64  # LayerNorm over the stream: multiples only
+    assert len(layer["widen"]["group"]) >= 5  # embeddings and every writer of the stream
+    grown, report = n2n.widen(BERT, {OUT0: 128})
+    assert report["verification"]["passed"]
+    tables = [t for t in grown.graph.initializer if t.name.endswith("word_embeddings.weight")]
+    assert tables and tuple(tables[0].dims) == (100, 128)
+
+
+def test_residual_stream_refuses_uneven_width():
+    with pytest.raises(n2n.UserError, match="multiple of 64"):
+        n2n.widen(BERT, {OUT0: 96})
+
+
+def test_every_bert_layer_not_at_the_output_grows_and_deepens(bert_layers):
+    eligible = [l for l in bert_layers.values() if "graph output" not in (l["widen"]["reason"] or "")]
+    assert eligible and all(l["widen"]["ok"] and l["deepen"]["ok"] for l in eligible)
+
+
+def test_factor_two_on_vit_is_exact():
+    grown, report = n2n.widen(VIT, factor=2)
+    assert report["verification"]["passed"]
+    assert report["parameters"]["after"] > 3 * report["parameters"]["before"]
+
+
+@pytest.mark.parametrize("model, layer", [
+    (VIT, "/model/layers.0/attention/o_proj/MatMul"),
+    (VIT, "/model/layers.1/mlp/fc2/MatMul"),
+    (BERT, OUT0),
+])
+def test_block_deepening_is_exact(model, layer):
+    before = onnx.load(str(model))
+    grown, report = n2n.deepen(model, [layer], mode="block")
+    change = report["changes"][0]
+    assert change["mode"] == "block" and change["zeroed"]
+    assert len(grown.graph.node) >= len(before.graph.node) + 8
+    assert report["verification"]["passed"] and report["verification"]["max_abs"] == 0
+
+
+def test_block_deepening_copies_attention_and_mlp_together():
+    _, report = n2n.deepen(VIT, ["/model/layers.0/attention/o_proj/MatMul"], mode="block")
+    zeroed = report["changes"][0]["zeroed"]
+    assert zeroed == ["/model/layers.0/attention/o_proj/MatMul", "/model/layers.0/mlp/fc2/MatMul"]
+
+
+def test_block_deepening_refuses_a_plain_layer():
+    with pytest.raises(n2n.GrowthRefused, match="residual stream"):
+        n2n.deepen(MODELS / "mlp.onnx", ["/0/Gemm"], mode="block")
