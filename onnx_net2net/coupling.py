@@ -266,6 +266,19 @@ def find_group(ir: GraphIR, layer: int, unit_width: int = 1) -> UnitGroup:
     return group
 
 
+def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
+    """Whether the group seeded from `layer` would be this same group: the
+    layer's whole output carries the units (not a slice of a wider tensor)."""
+    if layer not in group.producers and layer not in group.passthrough:
+        return False
+    placement = group.placements.get(ir.nodes[layer].output[0])
+    try:
+        own = replace(layer_output_placement(ir, layer), inner=group.unit_width)
+    except _Refused:
+        return False
+    return placement == own and layer_width(ir, layer) == group.width
+
+
 def _deduplicate(group: UnitGroup) -> None:
     """A node reached from several of its ports records its edits once."""
     for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits"):
@@ -443,7 +456,9 @@ def _elementwise(walk: _Walk, index: int, side: str, port: int, placement: Place
             continue
         shape = walk.shape(index, name)
         axis = len(shape) - from_end
-        if axis < 0 or shape[axis] == 1:
+        # A full-width operand joins the space (checked first: with one unit,
+        # a size-1 operand is full width, and both must grow together).
+        if axis < 0 or (shape[axis] == 1 and placement.length != 1):
             continue
         if shape[axis] != placement.length:
             walk.refuse(index, f"operand '{name}' has {shape[axis]} positions on the unit axis, "
@@ -860,7 +875,7 @@ def _batched_matmul(walk: _Walk, index: int, side: str, port: int, placement: Pl
     for name in list(node.input) + list(node.output):
         shape = walk.shape(index, name)
         axis = len(shape) - from_end
-        if axis < 0 or shape[axis] == 1:
+        if axis < 0 or (shape[axis] == 1 and placement.length != 1):
             continue
         if shape[axis] != placement.length:
             walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")

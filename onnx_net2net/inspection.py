@@ -44,9 +44,10 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         if group.ok and reference is not None:
             _trial(group, reference, lambda g=group: WidenPass(
                 {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.proto).model)
-        members = group.producers + group.passthrough if group.ok else [group.seed]
-        for member in members:
-            group_of.setdefault(member, group)
+        group_of.setdefault(group.seed, group)
+        for member in group.producers + group.passthrough if group.ok else []:
+            if coupling.shares_space(ir, group, member):
+                group_of.setdefault(member, group)
     layers = []
     for index in coupling.weighted_layers(ir):
         group = group_of.get(index) or coupling.find_group(ir, index)

@@ -293,7 +293,8 @@ def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
         seen[layer] = group
         if group.ok:
             for member in group.producers + group.passthrough:
-                seen.setdefault(member, group)
+                if coupling.shares_space(ir, group, member):
+                    seen.setdefault(member, group)
     return groups
 
 

@@ -97,6 +97,9 @@ def plan(ir: GraphIR, layer: int, options: DeepenOptions) -> Insertion:
             raise GrowthRefused(f"'{tensor}' is read inside a subgraph")
     if kind == "gemm" and ir.rank(tensor) not in (None, 2):
         raise GrowthRefused(f"'{tensor}' is not a matrix")
+    if options.batchnorm and kind == "matmul" and ir.rank(tensor) != 2:
+        raise GrowthRefused(f"--batchnorm needs the units on axis 1, and '{tensor}' has them on its last axis "
+                            f"(rank {ir.rank(tensor)})")
     return Insertion(layer, kind, mode, tensor, activation, name, layer_width(ir, layer))
 
 
