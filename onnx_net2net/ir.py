@@ -13,9 +13,10 @@ view never goes stale.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from functools import cached_property
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -48,10 +49,10 @@ class GraphIR:
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[Use]] = {}
         self._index_nodes()
-        self.nx = self._build_digraph()
-        self._check_acyclic()
+        self._order = self._topological_sort()
         self.shapes: dict[str, tuple | None] = {}
         self.dtypes: dict[str, int] = {}
+        self._symbolic_pending: onnx.ModelProto | None = None
         if infer_shapes:
             self._infer_shapes()
 
@@ -82,7 +83,11 @@ class GraphIR:
             if name not in known:
                 raise ModelLoadError(f"graph output '{name}' is not produced by any node")
 
-    def _build_digraph(self) -> nx.DiGraph:
+    @cached_property
+    def nx(self):
+        """The graph as a networkx.DiGraph (built, and networkx imported, on first use)."""
+        import networkx as nx
+
         digraph = nx.DiGraph()
         for index, node in enumerate(self.nodes):
             digraph.add_node(index, op=node.op_type, name=node.name)
@@ -96,13 +101,49 @@ class GraphIR:
                         digraph.add_edge(source, use.node, tensors=[tensor])
         return digraph
 
-    def _check_acyclic(self) -> None:
-        if not nx.is_directed_acyclic_graph(self.nx):
-            cycle = nx.find_cycle(self.nx)
-            raise ModelLoadError(f"graph has a cycle through node {self.label(cycle[0][0])}")
+    def _topological_sort(self) -> list[int]:
+        """Kahn's algorithm, smallest node index first (the order of networkx's
+        lexicographical_topological_sort); raises ModelLoadError on a cycle."""
+        successors: list[set[int]] = [set() for _ in self.nodes]
+        for tensor, uses in self.consumers.items():
+            if tensor in self.producer:
+                successors[self.producer[tensor][0]].update(use.node for use in uses)
+        indegree = [0] * len(self.nodes)
+        for targets in successors:
+            for target in targets:
+                indegree[target] += 1
+        ready = [index for index, degree in enumerate(indegree) if degree == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            index = heapq.heappop(ready)
+            order.append(index)
+            for target in successors[index]:
+                indegree[target] -= 1
+                if indegree[target] == 0:
+                    heapq.heappush(ready, target)
+        if len(order) != len(self.nodes):
+            raise ModelLoadError(f"graph has a cycle through node {self.label(self._node_on_cycle(indegree))}")
+        return order
+
+    def _node_on_cycle(self, indegree: list[int]) -> int:
+        """A node on a cycle: walk back through unsorted predecessors until a node repeats."""
+        left = {index for index, degree in enumerate(indegree) if degree > 0}
+        predecessor = {}
+        for tensor, uses in self.consumers.items():
+            source = self.producer.get(tensor, (None,))[0]
+            if source in left:
+                for use in uses:
+                    if use.node in left:
+                        predecessor.setdefault(use.node, source)
+        index, seen = min(left), set()
+        while index not in seen:
+            seen.add(index)
+            index = predecessor[index]
+        return index
 
     def topological_order(self) -> list[int]:
-        return list(nx.lexicographical_topological_sort(self.nx))
+        return list(self._order)
 
     def label(self, index: int) -> str:
         """A readable name for node `index` (its name, or op and position)."""
@@ -157,7 +198,14 @@ class GraphIR:
         """Shape as a tuple of ints (None for an unknown dim), or None if unknown."""
         if tensor in self.initializers:
             return tuple(int(d) for d in self.initializers[tensor].dims)
-        return self.shapes.get(tensor)
+        shape = self.shapes.get(tensor)
+        if (shape is None or None in shape[1:]) and self._symbolic_pending is not None:
+            # Only when an unknown shape is asked for: onnxruntime's symbolic
+            # inference costs seconds (onnxruntime.tools imports torch, sympy).
+            light, self._symbolic_pending = self._symbolic_pending, None
+            self._refine_with_symbolic_inference(light)
+            shape = self.shapes.get(tensor)
+        return shape
 
     def rank(self, tensor: str) -> int | None:
         shape = self.shape(tensor)
@@ -177,7 +225,7 @@ class GraphIR:
             raise ModelLoadError(f"shape inference failed: {str(exc).strip()[:300]}") from None
         self._read_shapes(inferred.graph)
         if self._has_unknown_shapes():
-            self._refine_with_symbolic_inference(light)
+            self._symbolic_pending = light  # refined on the first question about an unknown shape
 
     def _read_shapes(self, graph: onnx.GraphProto, only_unknown: bool = False) -> None:
         for value in list(graph.value_info) + list(graph.input) + list(graph.output):
