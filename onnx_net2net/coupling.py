@@ -258,6 +258,10 @@ def find_group(ir: GraphIR, layer: int, unit_width: int = 1) -> UnitGroup:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
         if not group.producers:
             raise _Refused(Refusal(ir.label(layer), "no layer produces these units"))
+    except (IndexError, KeyError, TypeError, ValueError) as error:
+        # A node that breaks its op's schema: never promise anything about it.
+        group.refusal = Refusal(ir.label(layer), f"malformed graph near this layer ({type(error).__name__}: {error})")
+        return group
     except _Refused as refused:
         hint = refused.refusal.unit_width
         if unit_width == 1 and hint and hint > 1 and width % hint == 0:

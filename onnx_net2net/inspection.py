@@ -14,7 +14,7 @@ from . import coupling
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle
 from .ir import GraphIR
-from .passes import DeepenPass, WidenPass, analyse_groups
+from .passes import DeepenPass, WidenPass
 from .rewrites import deeper
 from .verification import InputSpec, ReferenceRun
 
@@ -39,19 +39,20 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     if trial and handle.has_external_data():
         handle = _in_memory(handle)
     reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
-    group_of = {}
-    for group in analyse_groups(ir):
-        if group.ok and reference is not None:
-            _trial(group, reference, lambda g=group: WidenPass(
-                {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.proto).model)
-        group_of.setdefault(group.seed, group)
-        for member in group.producers + group.passthrough if group.ok else []:
-            if coupling.shares_space(ir, group, member):
-                group_of.setdefault(member, group)
-    layers = []
-    for index in coupling.weighted_layers(ir):
-        group = group_of.get(index) or coupling.find_group(ir, index)
-        layers.append(_describe(ir, index, group, reference, handle))
+    # Each layer's own walk decides its promise (a layer can be a partial
+    # producer in another layer's group and still be refused on its own).
+    groups = {index: coupling.find_group(ir, index) for index in coupling.weighted_layers(ir)}
+    if reference is not None:
+        tried = {}
+        for group in groups.values():
+            if group.ok:
+                key = frozenset(group.producers + group.passthrough)
+                if key not in tried:
+                    tried[key] = _trial(group, reference, lambda g=group: WidenPass(
+                        {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.proto).model)
+                elif tried[key]:
+                    group.refusal = coupling.Refusal(None, tried[key])
+    layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
     return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
 
 
@@ -92,10 +93,11 @@ def _deepen_status(ir: GraphIR, index: int, reference, handle) -> dict:
     return status
 
 
-def _trial(group: coupling.UnitGroup, reference: ReferenceRun, build) -> None:
+def _trial(group: coupling.UnitGroup, reference: ReferenceRun, build) -> str | None:
     failure = _try(reference, build)
     if failure:
         group.refusal = coupling.Refusal(None, failure)
+    return failure
 
 
 def _try(reference: ReferenceRun, build) -> str | None:

@@ -64,18 +64,44 @@ class ModelHandle:
     def array(self, tensor: TensorProto) -> np.ndarray:
         """The values of `tensor`, read from its external file if needed."""
         if not _is_external(tensor):
-            return numpy_helper.to_array(tensor)
+            try:
+                return numpy_helper.to_array(tensor)
+            except Exception as exc:  # noqa: BLE001 - onnx/numpy raise ValueError, TypeError, KeyError...
+                raise ModelLoadError(f"{_tensor_label(tensor)}: its data cannot be read ({_first_line(exc)})") from None
         if self.base_dir is None:
             raise ModelLoadError(f"tensor '{tensor.name}' has external data but the model has no folder")
         info = _external_info(tensor)
+        if tensor.data_type in _PACKED_BITS:
+            inline = TensorProto()
+            _copy_metadata(tensor, inline)
+            inline.raw_data = self.external_bytes(tensor)
+            return numpy_helper.to_array(inline)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        with open(self.base_dir / info["location"], "rb") as f:
+        count = _element_count(tensor)
+        # The checked, resolved path: never the raw location (see _resolve_external).
+        with open(self.external_path(tensor), "rb") as f:
             f.seek(int(info.get("offset", 0)))
             data = np.fromfile(f, dtype=dtype, count=count)
         if data.size != count:
             raise ModelLoadError(f"external data of tensor '{tensor.name}' is shorter than its shape")
         return data.reshape(tuple(tensor.dims))
+
+    def external_path(self, tensor: TensorProto) -> Path:
+        """The checked real path of an external tensor's data file."""
+        if self.base_dir is None:
+            raise ModelLoadError(f"{_tensor_label(tensor)} has external data but the model has no folder")
+        return _resolve_external(self.base_dir, _external_info(tensor).get("location", ""), _tensor_label(tensor))
+
+    def external_bytes(self, tensor: TensorProto) -> bytes:
+        """The stored bytes of an external tensor (for small tensors: they are held in memory)."""
+        info = _external_info(tensor)
+        length = tensor_nbytes(tensor)
+        with open(self.external_path(tensor), "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(length)
+        if len(data) != length:
+            raise ModelLoadError(f"external data of tensor '{tensor.name}' is shorter than its shape")
+        return data
 
     def weight_bytes(self) -> int:
         return sum(tensor_nbytes(t) for t in self.graph.initializer)
@@ -146,20 +172,107 @@ def load(path: str | os.PathLike) -> ModelHandle:
     path = Path(path)
     _check_input_file(path)
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        proto = _parse_model_file(path)
     except Exception as exc:  # protobuf raises several unrelated types
         kind = _sniff_text(path)
         if kind:
             raise ModelLoadError(f"{path}: not an ONNX model ({kind}, not a binary ONNX protobuf)") from None
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    _check_text(proto, path)
     _check_model_header(proto, path)
     handle = ModelHandle(proto=proto, base_dir=path.resolve().parent, path=path)
     _check_tensors(handle)
     return handle
 
 
+_MODEL_GRAPH_KEY = 7 << 3 | 2        # ModelProto.graph, length-delimited
+_GRAPH_INITIALIZER_KEY = 5 << 3 | 2  # GraphProto.initializer, length-delimited
+_MERGE_BATCH = 16 << 20
+
+
+def _parse_model_file(path: Path) -> onnx.ModelProto:
+    """`onnx.load_model(path, load_external_data=False)` without holding the
+    file's bytes and the parsed model at the same time.
+
+    ModelProto.graph is read field by field and every initializer is parsed on
+    its own; the other fields are merged as they come (protobuf merges repeated
+    fields by appending and singular ones in file order), so the result equals
+    a whole-file parse while the peak is the model plus one tensor instead of
+    twice the model.
+    """
+    model = onnx.ModelProto()
+    with open(path, "rb", buffering=1 << 20) as f:
+        size = os.fstat(f.fileno()).st_size
+        while f.tell() < size:
+            key, key_raw = _read_varint(f)
+            if key == _MODEL_GRAPH_KEY:
+                length, _ = _read_varint(f)
+                _parse_graph(f, f.tell() + length, model.graph)
+            else:
+                model.MergeFromString(_read_field(f, key, key_raw))
+    return model
+
+
+def _parse_graph(f: BinaryIO, end: int, graph: onnx.GraphProto) -> None:
+    pending = bytearray()  # small fields (nodes, inputs...), merged in batches
+    while f.tell() < end:
+        key, key_raw = _read_varint(f)
+        if key == _GRAPH_INITIALIZER_KEY:
+            if pending:
+                graph.MergeFromString(bytes(pending))
+                pending.clear()
+            length, _ = _read_varint(f)
+            graph.initializer.add().ParseFromString(_read_exactly(f, length))
+        else:
+            pending += _read_field(f, key, key_raw)
+            if len(pending) > _MERGE_BATCH:
+                graph.MergeFromString(bytes(pending))
+                pending.clear()
+    if f.tell() != end:
+        raise ModelLoadError("the graph runs past its declared length")
+    if pending:
+        graph.MergeFromString(bytes(pending))
+
+
+def _read_varint(f: BinaryIO) -> tuple[int, bytes]:
+    raw = bytearray()
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte or shift > 63:
+            raise ModelLoadError("truncated or malformed protobuf")
+        raw += byte
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value, bytes(raw)
+        shift += 7
+
+
+def _read_exactly(f: BinaryIO, length: int) -> bytes:
+    data = f.read(length)
+    if len(data) != length:
+        raise ModelLoadError("truncated protobuf")
+    return data
+
+
+def _read_field(f: BinaryIO, key: int, key_raw: bytes) -> bytes:
+    """The encoded bytes of the field whose key was just read."""
+    wire = key & 7
+    if wire == 0:
+        return key_raw + _read_varint(f)[1]
+    if wire == 1:
+        return key_raw + _read_exactly(f, 8)
+    if wire == 5:
+        return key_raw + _read_exactly(f, 4)
+    if wire == 2:
+        length, length_raw = _read_varint(f)
+        return key_raw + length_raw + _read_exactly(f, length)
+    raise ModelLoadError(f"unsupported protobuf wire type {wire}")
+
+
 def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ModelHandle:
     """Wrap an in-memory ModelProto (external references resolve in `base_dir`)."""
+    _check_text(proto, "model")
     _check_model_header(proto, "model")
     handle = ModelHandle(proto=proto, base_dir=Path(base_dir).resolve() if base_dir else None)
     if handle.has_external_data() and handle.base_dir is None:
@@ -195,6 +308,49 @@ def _check_input_file(path: Path) -> None:
         raise ModelLoadError(f"{path}: empty file")
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: not readable")
+
+
+def _check_text(proto: onnx.ModelProto, where) -> None:
+    """Every text field is valid UTF-8. Protobuf parses invalid text without a
+    complaint, then hands it to Python as bytes or fails when it is read."""
+    try:
+        _check_text_fields(proto)
+    except _BadText as bad:
+        raise ModelLoadError(f"{where}: not a valid ONNX model (field '{bad}' is not valid UTF-8 text)") from None
+
+
+class _BadText(Exception):
+    pass
+
+
+_STRING = 9  # FieldDescriptor.TYPE_STRING
+_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
+def _check_text_fields(message) -> None:
+    for field in message.DESCRIPTOR.fields:
+        if field.type not in (_STRING, _MESSAGE):
+            continue
+        repeated = _is_repeated(field)
+        if not repeated and not message.HasField(field.name):
+            continue
+        try:
+            value = getattr(message, field.name)
+            values = list(value) if repeated else [value]
+        except UnicodeDecodeError:
+            raise _BadText(field.full_name) from None
+        for item in values:
+            if field.type == _MESSAGE:
+                _check_text_fields(item)
+            elif not isinstance(item, str):
+                raise _BadText(field.full_name)
+
+
+def _is_repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return field.label == field.LABEL_REPEATED
 
 
 def _check_model_header(proto: onnx.ModelProto, where) -> None:
@@ -253,8 +409,6 @@ _TYPED_FIELDS = {
 
 def _check_inline_tensor(tensor: TensorProto) -> None:
     """The data held in the model matches the tensor's shape (numpy would fail later otherwise)."""
-    if tensor.external_data:
-        raise ModelLoadError(f"{_tensor_label(tensor)} has external data entries but is not marked external")
     count = _element_count(tensor)
     bits = _element_bits(tensor.data_type)
     if _has_raw(tensor):
@@ -268,6 +422,13 @@ def _check_inline_tensor(tensor: TensorProto) -> None:
         return
     field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, (None, 1))
     if field_name is None:
+        # Packed and exotic types: decode small ones once, to fail here rather than later.
+        if count <= 1 << 16:
+            try:
+                numpy_helper.to_array(tensor)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelLoadError(f"{_tensor_label(tensor)}: its data does not match its type and shape "
+                                     f"({_first_line(exc)})") from None
         return
     got = len(getattr(tensor, field_name))
     expected = count * per_element
@@ -288,27 +449,11 @@ def _check_external_tensor(tensor: TensorProto, base: Path | None, sizes: dict) 
     name = _tensor_label(tensor)
     location = info.get("location", "")
     shown = _printable(location)
-    if not location:
-        raise UnsafePathError(f"{name}: external data has no location")
-    if "\0" in location:
-        raise UnsafePathError(f"{name}: external data location '{shown}' contains a NUL byte")
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-        raise UnsafePathError(f"{name}: external data location '{shown}' is absolute")
-    normal = os.path.normpath(location)
-    if normal == ".." or normal.startswith(".." + os.sep):
-        raise UnsafePathError(f"{name}: external data location '{shown}' escapes the model's folder")
     if base is None:
         raise ModelLoadError(f"{name} has external data but the model has no folder")
     if tensor.data_type == TensorProto.STRING:
         raise ModelLoadError(f"{name}: string tensors cannot be stored as external data")
-    target = base / normal
-    real = Path(os.path.realpath(target))
-    if real != base and base not in real.parents:
-        raise UnsafePathError(f"{name}: external data location '{shown}' resolves outside the model's folder")
-    if not real.exists():
-        raise ModelLoadError(f"{name}: external data file '{shown}' is missing")
-    if not real.is_file():
-        raise ModelLoadError(f"{name}: external data '{shown}' is not a regular file")
+    real = _resolve_external(base, location, name)
     size = sizes.get(real)
     if size is None:
         size = sizes[real] = real.stat().st_size
@@ -323,6 +468,36 @@ def _check_external_tensor(tensor: TensorProto, base: Path | None, sizes: dict) 
             f"{name}: external data [{offset}, {offset + length}) runs past the end of '{shown}' ({size} bytes)")
     if expected is not None and length != expected:
         raise ModelLoadError(f"{name}: external data holds {length} bytes but its shape needs {expected}")
+
+
+def _resolve_external(base: Path, location: str, name: str) -> Path:
+    """The real path of an external data file, checked to be a regular file
+    inside `base`; raises otherwise. Readers open this path, never the raw
+    location: the kernel resolves `d/../x` through a symlinked `d`, which a
+    purely lexical check would miss."""
+    shown = _printable(location)
+    if not location:
+        raise UnsafePathError(f"{name}: external data has no location")
+    if "\0" in location:
+        raise UnsafePathError(f"{name}: external data location '{shown}' contains a NUL byte")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise UnsafePathError(f"{name}: external data location '{shown}' is absolute")
+    normal = os.path.normpath(location)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise UnsafePathError(f"{name}: external data location '{shown}' escapes the model's folder")
+    base = Path(os.path.realpath(base))
+    try:
+        real = Path(os.path.realpath(base / location))  # symlinks first, then '..', as the kernel does
+        if real != base and base not in real.parents:
+            raise UnsafePathError(f"{name}: external data location '{shown}' resolves outside the model's folder")
+        if not real.exists():
+            raise ModelLoadError(f"{name}: external data file '{shown}' is missing")
+        if not real.is_file():
+            raise ModelLoadError(f"{name}: external data '{shown}' is not a regular file")
+    except OSError as exc:  # a name too long, a loop of links...
+        raise ModelLoadError(f"{name}: external data location '{shown}' cannot be used "
+                             f"({exc.strerror or exc})") from None
+    return real
 
 
 def _external_int(info: dict, key: str, default, name: str):
@@ -397,6 +572,10 @@ def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None =
         raise UserError(f"{data_path}: output data file would overwrite the input's data")
     remove_stale_temporaries(out.parent)
     staging = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}.tmp"
+    if staging.is_dir() and not staging.is_symlink():  # a leftover of this same process (a pid reused)
+        shutil.rmtree(staging, ignore_errors=True)
+    elif staging.exists() or staging.is_symlink():
+        staging.unlink()
     staging.mkdir()
     try:
         staged_model = staging / out.name
@@ -411,8 +590,14 @@ def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None =
         if before_commit is not None:
             before_commit(staged_model)
         if external:
+            # Two renames cannot be one atomic step. Remove an older model at
+            # `out` first, so that a run killed between the renames leaves no
+            # model (never an old model reading the new data file).
+            if out.exists() or out.is_symlink():
+                out.unlink()
             os.replace(staging / data_name, data_path)
         os.replace(staged_model, out)
+        _sync_folder(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -439,7 +624,8 @@ def _write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO 
                 entry = out_tensor.external_data.add()
                 entry.key, entry.value = key, value
         elif _is_external(tensor):
-            out_tensor.CopyFrom(numpy_helper.from_array(handle.array(tensor), tensor.name))
+            _copy_metadata(tensor, out_tensor)
+            out_tensor.raw_data = handle.external_bytes(tensor)
         else:
             out_tensor.CopyFrom(tensor)
         model_file.write(piece.SerializeToString())
@@ -477,8 +663,11 @@ def _write_tensor_bytes(handle: ModelHandle, tensor: TensorProto, data_file: Bin
     if _is_external(tensor):
         info = _external_info(tensor)
         length = tensor_nbytes(tensor)
-        with open(handle.base_dir / info["location"], "rb") as src:
-            src.seek(int(info.get("offset", 0)))
+        with open(handle.external_path(tensor), "rb") as src:
+            offset = int(info.get("offset", 0))
+            if _copy_in_kernel(src, offset, data_file, length):
+                return length
+            src.seek(offset)
             remaining = length
             while remaining:
                 chunk = src.read(min(_COPY_CHUNK, remaining))
@@ -495,6 +684,30 @@ def _write_tensor_bytes(handle: ModelHandle, tensor: TensorProto, data_file: Bin
     return len(data)
 
 
+def _copy_in_kernel(src: BinaryIO, offset: int, data_file: BinaryIO, length: int) -> bool:
+    """Copy `length` bytes at `offset` of `src` to the end of `data_file` with
+    os.copy_file_range (no trip through Python buffers); False where the
+    platform or file system cannot, before anything was written."""
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None or length == 0:
+        return False
+    data_file.flush()
+    start = data_file.tell()
+    done = 0
+    try:
+        while done < length:
+            copied = copy(src.fileno(), data_file.fileno(), length - done, offset + done, start + done)
+            if copied == 0:
+                raise ModelLoadError("external data ended early")
+            done += copied
+    except OSError:
+        if done:
+            raise
+        return False
+    data_file.seek(start + length)
+    return True
+
+
 def _align(data_file: BinaryIO, alignment: int = 4096) -> int:
     position = data_file.tell()
     padding = (-position) % alignment if position else 0
@@ -508,6 +721,20 @@ def _sync(f: BinaryIO) -> None:
     os.fsync(f.fileno())
 
 
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 _TMP_TAG = ".onnx_net2net-"
 
 
@@ -515,13 +742,17 @@ def remove_stale_temporaries(folder: Path) -> None:
     """Delete the staging folders of runs that were killed (their process is gone)."""
     for entry in folder.glob(f".*{_TMP_TAG}*.tmp"):
         pid = entry.name.rsplit(_TMP_TAG, 1)[1][: -len(".tmp")]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)  # (rmtree never follows links inside)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False
+        return True  # another save of this process may be writing (save clears its own leftover)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -546,8 +777,7 @@ def _external_info(tensor: TensorProto) -> dict:
 def _data_files(handle: ModelHandle) -> list[Path]:
     if handle.base_dir is None:
         return []
-    return sorted({handle.base_dir / _external_info(t)["location"]
-                   for t in _all_tensors(handle.proto) if _is_external(t)})
+    return sorted({handle.external_path(t) for t in _all_tensors(handle.proto) if _is_external(t)})
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:

@@ -214,6 +214,11 @@ class GraphIR:
     def _infer_shapes(self) -> None:
         light = _shape_inference_model(self.handle)
         try:
+            onnx.checker.check_model(light)
+        except onnx.checker.ValidationError as exc:
+            message = " ".join(str(exc).split())
+            raise ModelLoadError(f"invalid model: {message[:300]}") from None
+        try:
             inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
         except onnx.shape_inference.InferenceError as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else "shape inference failed"

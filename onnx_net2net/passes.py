@@ -314,20 +314,36 @@ def _group_of(ir: GraphIR, name: str) -> coupling.UnitGroup:
     return group
 
 
+MAX_UNITS = 1 << 31
+
+
 def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
     """Refuse, before allocating, a widening that cannot fit in memory."""
-    needed = 0
+    needed = 0.0
     for edit in group.weight_edits:
-        tensor = ir.nodes[edit.node].input[edit.port]
-        root = ir.const_root(tensor)
-        if root and root[0] == "init":
-            nbytes = tensor_nbytes(ir.initializers[root[1]])
-            length = edit.placement.length
-            needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
+        nbytes = _constant_nbytes(ir, ir.nodes[edit.node].input[edit.port])
+        length = edit.placement.length
+        needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
     available = _available_memory()
+    if width * group.unit_width >= MAX_UNITS:
+        raise UserError(f"width {width * group.unit_width} would need about {needed / 2**30:.3g} GiB for the new "
+                        f"weights; widths are limited to {MAX_UNITS - 1}")
     if available and needed * 3 > available:
-        raise UserError(f"widening to {width} needs about {needed / 2**30:.1f} GiB for the new weights, "
+        raise UserError(f"widening to {width * group.unit_width} needs about {needed / 2**30:.3g} GiB for the new weights, "
                         f"more than this machine can hold ({available / 2**30:.1f} GiB available)")
+
+
+def _constant_nbytes(ir: GraphIR, tensor: str) -> int:
+    root = ir.const_root(tensor)
+    if root is None:
+        return 0
+    kind, key = root
+    if kind == "init":
+        return tensor_nbytes(ir.initializers[key])
+    for attr in ir.nodes[key].attribute:
+        if attr.name == "value":
+            return tensor_nbytes(attr.t)
+    return 0
 
 
 def _available_memory() -> int | None:

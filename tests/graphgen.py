@@ -15,7 +15,8 @@ running tensor):
 * residual Adds, Concats (with identity or layer branches), squeeze-excite
   gates (Mul with a broadcast Sigmoid);
 * Flatten, Reshape ([0, -1], [-1, F], [B, F]), Transpose + Flatten into dense
-  layers;
+  layers, or tokens (Reshape to [N, C, T], Transpose, MatMul, ReduceMean over T);
+* Identity and Dropout;
 * extra graph outputs on intermediate tensors.
 
 Every random decision goes through a `Chooser`, which records it. A drawn
@@ -27,10 +28,27 @@ decisions: pasting it into a regression test rebuilds exactly the same graph
 from __future__ import annotations
 
 import math
+import os
+
 import numpy as np
 import onnx
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+
+# Hypothesis profiles for the property and fuzz tests: HYPOTHESIS_PROFILE=ci
+# (default: derandomized, each test's CI example count) or =long.
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, suppress_health_check=_SUPPRESS)
+settings.register_profile("long", deadline=None, max_examples=5000, print_blob=True, suppress_health_check=_SUPPRESS)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+
+
+def examples(ci: int) -> settings:
+    """Settings of the active profile; `ci` examples under the "ci" profile."""
+    profile = settings.get_profile(PROFILE)
+    return settings(profile, max_examples=ci) if PROFILE == "ci" else profile
+
 
 OPSETS = (17, 14, 18, 20, 21)
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", "ErfGelu", "SiLU", "Elu",
@@ -80,11 +98,26 @@ class GeneratedModel:
         printer.text(repr(self))
 
     def text(self) -> str:
-        """The graph in ONNX text form (for failure messages)."""
-        try:
-            return onnx.printer.to_text(self.model.graph)
-        except Exception:  # noqa: BLE001 - only for messages
-            return str(self.model.graph)
+        """The graph, one node a line, weights by shape only (for failure messages)."""
+        return describe(self.model)
+
+
+def describe(model: onnx.ModelProto) -> str:
+    graph = model.graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    lines = [f"opset {model.opset_import[0].version}; inputs "
+             + ", ".join(f"{v.name}{dims(v)}" for v in graph.input)]
+    for node in graph.node:
+        args = ", ".join(f"{name}{shapes[name]}" if name in shapes else name for name in node.input)
+        attrs = ", ".join(f"{a.name}={helper.get_attribute_value(a)!r}" for a in node.attribute)
+        lines.append(f"  {', '.join(node.output)} = {node.op_type}({args}){' {' + attrs + '}' if attrs else ''}"
+                     f"  # {node.name}")
+    lines.append("outputs " + ", ".join(f"{v.name}{dims(v)}" for v in graph.output))
+    return "\n".join(lines)
 
 
 class _Graph:
@@ -339,7 +372,10 @@ def flatten(c: Chooser, g: _Graph, x: str) -> str:
     kinds = ["Flatten", "Reshape0", "ReshapeMinus", "GlobalPoolFlatten", "TransposeFlatten"]
     if isinstance(g.batch, int):
         kinds.append("ReshapeStatic")
+    kinds.append("Tokens")  # (new options go last: kept regression cases replay the same graphs)
     kind = c.choice(kinds)
+    if kind == "Tokens":
+        return tokens(c, g, x)
     if kind == "GlobalPoolFlatten":
         x = g.node("GlobalAveragePool", [x], shape[:2] + (1,) * (len(shape) - 2))
         shape = g.shapes[x]
@@ -355,6 +391,28 @@ def flatten(c: Chooser, g: _Graph, x: str) -> str:
         return g.node("Flatten", [x], flat, axis=1)
     target = {"Reshape0": [0, -1], "ReshapeMinus": [-1, features], "ReshapeStatic": [g.B, features]}[kind]
     return g.node("Reshape", [x, g.const("shape", np.array(target, np.int64))], flat)
+
+
+def tokens(c: Chooser, g: _Graph, x: str) -> str:
+    """[N, C, *S] -> [N, C, T] -> [N, T, C] -> MatMul (+ bias) (+ activation) -> mean over tokens -> [N, F]."""
+    shape = g.shapes[x]
+    count = int(np.prod(shape[2:]))
+    seq = g.node("Reshape", [x, g.const("shape", np.array([0, shape[1], -1], np.int64))], (shape[0], shape[1], count))
+    seq = g.node("Transpose", [seq], (shape[0], count, shape[1]), perm=[0, 2, 1])
+    width = c.int(1, 6)
+    y = g.node("MatMul", [seq, g.weights("W", [shape[1], width], shape[1])], (shape[0], count, width),
+               prefix="matmul")
+    if c.flag():
+        y = g.node("Add", [y, g.const("b", (0.1 * g.rng.standard_normal(width)).astype(np.float32))], g.shapes[y])
+    y = maybe_activation(c, g, y)
+    if g.opset >= 18:
+        return g.node("ReduceMean", [y, g.const("axes", np.array([1], np.int64))], (shape[0], width), keepdims=0)
+    return g.node("ReduceMean", [y], (shape[0], width), axes=[1], keepdims=0)
+
+
+def passthrough(c: Chooser, g: _Graph, x: str) -> str:
+    kind = c.choice(["Identity", "Dropout"])
+    return g.node(kind, [x], g.shapes[x])
 
 
 def side_output(g: _Graph, x: str) -> None:
@@ -381,9 +439,10 @@ def build(c: Chooser) -> GeneratedModel:
     for _ in range(c.int(1, 6)):
         if spatial:
             block = c.choice(["conv", "activation", "pool", "residual", "concat", "flatten", "side_output",
-                              "batchnorm", "depthwise", "squeeze_excite", "channels_last_matmul"])
+                              "batchnorm", "depthwise", "squeeze_excite", "channels_last_matmul", "passthrough"])
         else:
-            block = c.choice(["dense", "activation", "residual", "concat", "side_output", "batchnorm"])
+            block = c.choice(["dense", "activation", "residual", "concat", "side_output", "batchnorm",
+                              "passthrough"])
         if block == "conv":
             x = conv(c, g, x)
         elif block == "dense":
@@ -402,6 +461,8 @@ def build(c: Chooser) -> GeneratedModel:
             x = depthwise(c, g, x)
         elif block == "squeeze_excite":
             x = squeeze_excite(c, g, x)
+        elif block == "passthrough":
+            x = passthrough(c, g, x)
         elif block == "channels_last_matmul":
             x = channels_last_matmul(c, g, x)
         elif block == "flatten":

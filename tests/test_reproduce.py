@@ -95,6 +95,7 @@ def test_quick_net2net_students_start_at_teacher_accuracy(quick):
             if check["exact"]:
                 assert check["prediction_agreement"] >= 0.999, check
                 assert check["max_abs_logit_diff"] < 1e-4, check
+                assert check["flipped_off_tie"] == 0, check
 
 
 def test_quick_runtime(quick):

@@ -48,7 +48,7 @@ Usage::
 
     python tools/bench.py                       # mlp:0.5 mlp-ext:3 cnn repo-cnn repo-sklearn
                                                 # (~10-15 min, ~9 GB free disk in the workdir)
-    python tools/bench.py --quick               # tiny models: a smoke test (~25 s, 1 s per CLI process)
+    python tools/bench.py --quick               # tiny models: a smoke test (~30-40 s, ~1 s per CLI process)
     python tools/bench.py --models mlp:0.5 cnn --repeat 3 --json /tmp/bench.json
     python tools/bench.py --quick --profile     # also cProfile widen --no-verify, top functions
 
@@ -589,7 +589,8 @@ def summarise(models: list[BenchModel], results: list[Measurement], quick: bool)
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["model", "MiB", "case", "wall s", "CPU s", "x floor:io", "x verify budget", "peak RSS MiB", "RSS/model", "ok"]
+    header = ["model", "MiB", "case", "wall s", "CPU s", "x floor:io", "x verify budget", "peak RSS MiB",
+              "RSS/model", "ok"]
     lines = [header]
     for r in rows:
         ok = "yes" if r["returncode"] == 0 else f"rc {r['returncode']}"
@@ -663,7 +664,8 @@ def main(argv=None) -> int:
                         help="where models and outputs go (default /tmp/onnx_net2net_bench)")
     parser.add_argument("--models", "--sizes", nargs="+", metavar="SPEC", dest="models",
                         help=f"models to run (default: {' '.join(DEFAULT_MODELS)}; --quick: {' '.join(QUICK_MODELS)})")
-    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test (~25 s: each of ~25 processes costs ~1 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny models: a smoke test (~30-40 s: each of ~25 processes costs ~1 s)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per measurement, the best (least disturbed) reported (default: 5 for models "
                              "under 64 MB, 1 above)")
@@ -701,7 +703,8 @@ def main(argv=None) -> int:
             log(f"{spec}: not available, skipped")
             continue
         log(f"{spec}: {model.path.name} ({model.size_bytes / MB:.1f} MiB{', external data' if model.external else ''}"
-            f", layer {model.layer} {model.old_width} -> {model.width}) ready in {time.perf_counter() - t0:.1f} s")
+            f", layer {model.layer} {model.old_width or '?'} -> {model.width})"
+            f" ready in {time.perf_counter() - t0:.1f} s")
         models.append(model)
         runs = args.repeat or (5 if model.size_bytes < SMALL_MODEL_BYTES else 1)
         results += measure_model(model, workdir, runs, args.timeout, log)

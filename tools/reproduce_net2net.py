@@ -116,10 +116,10 @@ class Experiment:
 EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN", {"channels": 8, "hidden": 32},
-        "last-conv+last-dense", Budget(8000, 5000, 100), Budget(1500, 600, 100), (1, 40)),
+        "last-conv+last-dense", Budget(16000, 6000, 100), Budget(1500, 600, 100), (1, 40)),
     "mnist1d-mlp": Experiment(
         "mnist1d-mlp", "mnist1d", "mlp", "MNIST-1D, MLP", {"hidden": 32},
-        "all", Budget(6000, 4000, 100), Budget(1500, 600, 100), (40,)),
+        "all", Budget(10000, 4000, 100), Budget(1500, 600, 100), (40,)),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN", {"c1": 4, "c2": 8, "hidden": 16},
         "last-conv+last-dense", Budget(2000, 1500, 50), Budget(500, 300, 50), (1, 8, 8)),
@@ -289,6 +289,36 @@ def widths_of(info: dict) -> dict:
 
 # --------------------------------------------------------------------------- one (experiment, seed) job
 
+#: Used only when onnx_net2net's own check (atol 1e-6, rtol 1e-5) rejects an exact rewrite of a trained model
+#: for float32 rounding (the split fractions 1/c and random a_j are not exact in float32); the onnx2torch
+#: round trip on the real test set below stays the assertion that matters.
+RELAXED_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def grow(fn, proto, relaxed: list, tag: str, *args, **kwargs):
+    """n2n.widen / n2n.deepen; on VerificationFailed retry once with RELAXED_TOLERANCE and record it."""
+    import onnx_net2net as n2n
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return fn(proto, *args, **kwargs)
+        except n2n.VerificationFailed as exc:
+            call = f"n2n.{fn.__name__}({', '.join([repr(a) for a in args] + [f'{k}={v!r}' for k, v in kwargs.items()])})"
+            log(f"{tag}: WARNING {call} raised VerificationFailed ({str(exc).splitlines()[0]}); "
+                f"retrying with {RELAXED_TOLERANCE}")
+            model, report = fn(proto, *args, **kwargs, **RELAXED_TOLERANCE)
+            relaxed.append({"call": call, "error": str(exc).splitlines()[0], "tolerance": RELAXED_TOLERANCE,
+                            "max_abs": report["verification"]["max_abs"], "max_rel": report["verification"]["max_rel"]})
+            return model, report
+
+
+def budget_of(exp: Experiment, settings: dict) -> Budget:
+    budget = exp.quick if settings["quick"] else exp.full
+    return Budget(settings.get("teacher_steps") or budget.teacher_steps,
+                  settings.get("student_steps") or budget.student_steps, budget.eval_every)
+
+
 def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
     import torch
 
@@ -296,7 +326,7 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
 
     torch.set_num_threads(settings["threads"])
     exp = EXPERIMENTS[exp_name]
-    budget = exp.quick if settings["quick"] else exp.full
+    budget = budget_of(exp, settings)
     tag = f"{exp_name} seed {seed}"
     data = tensors(data_np, exp.input_shape)
     x_test, y_test = data[2], data[3]
@@ -318,15 +348,16 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
     result["teacher"]["widths"] = widths_of(info)
 
     # 2. growth
-    grown = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        grown[("widen", "net2net")] = n2n.widen(proto, factor=2.0, split="random", seed=seed)
-        grown[("widen", "net2net-noise")] = n2n.widen(proto, factor=2.0, split="equal", noise=settings["noise"],
-                                                     seed=seed)
-        grown[("widen", "random-pad")] = n2n.widen(proto, factor=2.0, init="random-pad", seed=seed)
-        after = deepen_layers(info, exp.deepen)
-        grown[("deepen", "net2net")] = n2n.deepen(proto, after, mode="auto", seed=seed)
+    after = deepen_layers(info, exp.deepen)
+    relaxed = []
+    grown = {
+        ("widen", "net2net"): grow(n2n.widen, proto, relaxed, tag, factor=2.0, split="random", seed=seed),
+        ("widen", "net2net-noise"): grow(n2n.widen, proto, relaxed, tag, factor=2.0, split="equal",
+                                         noise=settings["noise"], seed=seed),
+        ("widen", "random-pad"): grow(n2n.widen, proto, relaxed, tag, factor=2.0, init="random-pad", seed=seed),
+        ("deepen", "net2net"): grow(n2n.deepen, proto, relaxed, tag, after, mode="auto", seed=seed),
+    }
+    result["verification_relaxed"] = relaxed
     wide_widths = widths_of(n2n.inspect(grown[("widen", "net2net")][0], trial=False))
     deep_report = grown[("deepen", "net2net")][1]
     result["growth"] = {
@@ -352,8 +383,12 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
                  "prediction_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).float().mean()),
                  "max_abs_logit_diff": float((logits - teacher_logits).abs().max()),
                  "onnxruntime_max_abs": (report.get("verification") or {}).get("max_abs")}
+        # predictions that differ from the teacher's are only allowed on float ties (top-2 logit gap < 1e-4)
+        top2 = teacher_logits.topk(2, dim=1).values
+        flipped = logits.argmax(1) != teacher_logits.argmax(1)
+        check["flipped_off_tie"] = int((flipped & ((top2[:, 0] - top2[:, 1]) >= 1e-4)).sum())
         result["checks"].append(check)
-        if exact and abs(correct - teacher_correct) > tolerance:
+        if exact and (abs(correct - teacher_correct) > tolerance or check["flipped_off_tie"]):
             raise AssertionError(
                 f"{tag}: {kind}/{name}: the grown model loaded with onnx2torch does not reproduce the teacher's test "
                 f"accuracy ({acc:.4f} vs {teacher_acc:.4f}; max |logit diff| {check['max_abs_logit_diff']:.3g})")
@@ -377,8 +412,14 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
 
 def _job(args):
     exp_name, seed, settings, data_np = args
-    with no_network():
-        return exp_name, seed, run_job(exp_name, seed, settings, data_np)
+    try:
+        with no_network():
+            return exp_name, seed, run_job(exp_name, seed, settings, data_np)
+    except Exception as exc:  # noqa: BLE001 - report now, keep the other jobs going
+        import traceback
+
+        log(f"{exp_name} seed {seed}: FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return exp_name, seed, {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
 # --------------------------------------------------------------------------- summary
@@ -388,6 +429,12 @@ def first_reach(steps, accs, target, eps=1e-9):
         if a >= target - eps:
             return s
     return None
+
+
+def last_quarter_gain(curve: dict) -> float:
+    steps, accs = curve["steps"], curve["acc"]
+    start = next(i for i, s in enumerate(steps) if s >= 0.75 * steps[-1])
+    return float(accs[-1] - accs[start])
 
 
 def summarise(exp_name: str, kind: str, runs: list[dict]) -> dict:
@@ -413,6 +460,15 @@ def summarise(exp_name: str, kind: str, runs: list[dict]) -> dict:
                              "step0_acc": r["students"][kind][n]["acc"][0],
                              "teacher_acc": r["teacher"]["final_acc"],
                              "final_acc": r["students"][kind][n]["acc"][-1]})
+        # the same measure against shorter budgets: random-init's mean accuracy after 1/4, 1/2, 3/4 of the steps
+        by_budget = []
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            i = max(k for k, s in enumerate(steps) if s <= frac * steps[-1])
+            goal = float(mean["random-init"][i])
+            base = first_reach(steps[:i + 1], mean["random-init"][:i + 1], goal)
+            hit = first_reach(steps, mean[n], goal)
+            by_budget.append({"budget_steps": steps[i], "target_acc": goal, "steps_to_target": hit,
+                              "random_init_steps": base, "ratio": (hit / base) if (hit is not None and base) else None})
         finals = [p["final_acc"] for p in per_seed]
         out["students"][n] = {
             "label": STUDENT_LABELS[(kind, n)],
@@ -427,6 +483,7 @@ def summarise(exp_name: str, kind: str, runs: list[dict]) -> dict:
             "final_acc_std": float(np.std(finals)),
             "final_minus_random_init": float(mean[n][-1]) - target,
             "per_seed": per_seed,
+            "by_budget": by_budget,
         }
     return out
 
@@ -563,13 +620,19 @@ def plot(experiments: dict, out_dir: Path, suffix: str) -> list[str]:
 
 def import_snapshot() -> dict:
     import importlib
+    import pkgutil
     import subprocess
 
-    for module in ("torch", "onnx", "onnxruntime", "onnx2torch", "onnx_net2net", "onnx_net2net.inspection",
-                   "onnx_net2net.passes", "onnx_net2net.rewrites.wider", "onnx_net2net.rewrites.deeper",
-                   "onnx_net2net.verification"):
+    for module in ("torch", "onnx", "onnxruntime", "onnx2torch", "onnx_net2net"):
         importlib.import_module(module)
     import onnx_net2net
+
+    for info in pkgutil.walk_packages(onnx_net2net.__path__, "onnx_net2net."):
+        if not info.name.endswith("__main__"):
+            try:
+                importlib.import_module(info.name)
+            except Exception:  # noqa: BLE001 - an optional part; the workers import what they use
+                pass
 
     state = {"onnx_net2net": onnx_net2net.__version__}
     try:
@@ -577,8 +640,8 @@ def import_snapshot() -> dict:
         state["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
                                          timeout=10).stdout.strip() or None
         dirty = subprocess.run(git + ["status", "--porcelain", "--", "onnx_net2net"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        state["package_modified"] = [line[3:] for line in dirty.splitlines()]
+                               timeout=10).stdout
+        state["package_modified"] = [line[3:] for line in dirty.splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         pass
     return state
@@ -592,8 +655,12 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None,
                    help="results JSON (default docs/experiments/results.json, results_quick.json with --quick)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the PNG plots (default %(default)s)")
+    p.add_argument("--tag", default=None,
+                   help="suffix for the output file names (default: none; 'quick' with --quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None, help="run only these experiments")
+    p.add_argument("--teacher-steps", type=int, default=None, help="override every selected experiment's teacher budget")
+    p.add_argument("--student-steps", type=int, default=None, help="override every selected experiment's student budget")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate: teachers and random-init students")
     p.add_argument("--student-lr", type=float, default=None,
                    help="Adam learning rate for the grown students (Net2Net, random pad); default --lr")
@@ -611,11 +678,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quick = args.quick
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    suffix = "_quick" if quick else ""
+    tag = args.tag if args.tag is not None else ("quick" if quick else "")
+    suffix = f"_{tag}" if tag else ""
     json_path = args.json or (DEFAULT_OUT / f"results{suffix}.json")
     names = args.only or list(EXPERIMENTS)
     settings = {"quick": quick, "lr": args.lr, "student_lr": args.student_lr if args.student_lr else args.lr,
-                "noise": args.noise, "batch": args.batch, "threads": args.threads}
+                "noise": args.noise, "batch": args.batch, "threads": args.threads,
+                "teacher_steps": args.teacher_steps, "student_steps": args.student_steps}
     mnist1d_samples = args.mnist1d_samples or (5000 if quick else 10000)
 
     with no_network():
@@ -631,7 +700,7 @@ def main(argv=None) -> int:
     snapshot = import_snapshot()
 
     # Largest jobs first so that the workers finish together.
-    cost = {n: (EXPERIMENTS[n].quick if quick else EXPERIMENTS[n].full) for n in names}
+    cost = {n: budget_of(EXPERIMENTS[n], settings) for n in names}
     weight = {"cnn1d": 5.0, "cnn2d": 8.0, "mlp": 1.4}
     jobs = [(n, seed, settings, datasets[EXPERIMENTS[n].dataset]) for seed in range(seeds) for n in names]
     jobs.sort(key=lambda j: -weight[EXPERIMENTS[j[0]].model] * (cost[j[0]].teacher_steps + 6 * cost[j[0]].student_steps))
@@ -646,19 +715,27 @@ def main(argv=None) -> int:
     else:
         done = [_job(j) for j in jobs]
 
+    errors = [{"experiment": e, "seed": seed, "error": r["error"], "traceback": r["traceback"]}
+              for (e, seed, r) in done if "error" in r]
     experiments = {}
     for n in names:
         exp = EXPERIMENTS[n]
-        runs = sorted([r for (e, _, r) in done if e == n], key=lambda r: r["seed"])
-        budget = exp.quick if quick else exp.full
+        runs = sorted([r for (e, _, r) in done if e == n and "error" not in r], key=lambda r: r["seed"])
+        if not runs:
+            continue
+        budget = budget_of(exp, settings)
         entry = {"title": exp.title, "dataset": exp.dataset, "dataset_source": datasets[exp.dataset]["source"],
                  "model": exp.model, "budget": asdict(budget),
                  "teacher": {"widths": runs[0]["teacher"]["widths"], "constructor": exp.widths,
                              "steps": budget.teacher_steps,
                              "acc_mean": float(np.mean([r["teacher"]["final_acc"] for r in runs])),
+                             "acc_per_seed": [r["teacher"]["final_acc"] for r in runs],
+                             # convergence check: test-accuracy gain over the last quarter of the teacher's steps
+                             "gain_last_quarter": float(np.mean([last_quarter_gain(r["teacher"]) for r in runs])),
                              "curves": [{"seed": r["seed"], "steps": r["teacher"]["steps"], "acc": r["teacher"]["acc"]}
                                         for r in runs]},
                  "roundtrip_checks": [dict(c, seed=r["seed"]) for r in runs for c in r["checks"]],
+                 "verification_relaxed": [dict(v, seed=r["seed"]) for r in runs for v in r["verification_relaxed"]],
                  "growth": {}}
         for kind in ("widen", "deepen"):
             growth = dict(runs[0]["growth"][kind])
@@ -678,9 +755,9 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
     out = {"meta": meta, "summary": rows, "summary_keys": list(SUMMARY_KEYS), "targets_not_met": notes,
-           "experiments": experiments}
+           "errors": errors, "experiments": experiments}
     plots = []
-    if not args.no_plots:
+    if not args.no_plots and experiments:
         args.out.mkdir(parents=True, exist_ok=True)
         plots = plot(experiments, args.out, suffix)
         for pth in plots:
@@ -693,8 +770,15 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if notes:
         print("\nTargets not met:\n" + "\n".join(f"- {n}" for n in notes))
+    relaxed = [(n, v) for n, e in experiments.items() for v in e["verification_relaxed"]]
+    if relaxed:
+        print("\nonnx_net2net's verification rejected exact rewrites (float32 rounding; passed with "
+              f"{RELAXED_TOLERANCE}):\n" + "\n".join(f"- {n} seed {v['seed']}: {v['call']}: {v['error']}"
+                                                      for n, v in relaxed))
+    for err in errors:
+        print(f"\nFAILED: {err['experiment']} seed {err['seed']}: {err['error']}")
     log(f"done in {time.time() - _T0:.1f}s")
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
