@@ -337,13 +337,33 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
 
     # 1. teacher
     t = time.time()
-    torch.manual_seed(seed)
-    teacher = build_model(exp)
-    steps, accs = train(teacher, data, budget.teacher_steps, lr, batch, budget.eval_every, seed)
+    cache = None
+    if settings.get("teacher_cache"):
+        key = (f"{exp_name}_seed{seed}_steps{budget.teacher_steps}_lr{lr:g}_batch{batch}"
+               f"_n{len(data[1]) + n_test}_{'_'.join(f'{k}{v}' for k, v in exp.widths.items())}")
+        cache = Path(settings["teacher_cache"]) / key
+    if cache is not None and cache.with_suffix(".onnx").is_file() and cache.with_suffix(".json").is_file():
+        import onnx
+
+        proto = onnx.load(str(cache.with_suffix(".onnx")))
+        teacher = to_torch(proto)
+        steps, accs = (json.loads(cache.with_suffix(".json").read_text())[k] for k in ("steps", "acc"))
+        how = f"loaded from {cache.with_suffix('.onnx')}"
+    else:
+        torch.manual_seed(seed)
+        teacher = build_model(exp)
+        steps, accs = train(teacher, data, budget.teacher_steps, lr, batch, budget.eval_every, seed)
+        proto = export_onnx(teacher, exp.input_shape)
+        how = f"trained {budget.teacher_steps} steps"
+        if cache is not None:
+            import onnx
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(proto, str(cache.with_suffix(".onnx")))
+            cache.with_suffix(".json").write_text(json.dumps({"steps": steps, "acc": accs}))
     teacher_acc, teacher_correct, teacher_logits = evaluate(teacher, x_test, y_test)
     result["teacher"] = {"steps": steps, "acc": accs, "final_acc": teacher_acc}
-    log(f"{tag}: teacher trained {budget.teacher_steps} steps, test acc {teacher_acc:.4f} ({time.time() - t:.1f}s)")
-    proto = export_onnx(teacher, exp.input_shape)
+    log(f"{tag}: teacher {how}, test acc {teacher_acc:.4f} ({time.time() - t:.1f}s)")
     info = n2n.inspect(proto)
     result["teacher"]["widths"] = widths_of(info)
 
@@ -661,7 +681,11 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None, help="run only these experiments")
     p.add_argument("--teacher-steps", type=int, default=None, help="override every selected experiment's teacher budget")
     p.add_argument("--student-steps", type=int, default=None, help="override every selected experiment's student budget")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate: teachers and random-init students")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="directory to keep trained teachers (ONNX + curve) and reuse them on reruns with the same "
+                        "experiment, seed, steps, lr, batch and data size")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate of the teachers and of the random-init students (default %(default)s)")
     p.add_argument("--student-lr", type=float, default=None,
                    help="Adam learning rate for the grown students (Net2Net, random pad); default --lr")
     p.add_argument("--noise", type=float, default=0.01,
@@ -684,7 +708,8 @@ def main(argv=None) -> int:
     names = args.only or list(EXPERIMENTS)
     settings = {"quick": quick, "lr": args.lr, "student_lr": args.student_lr if args.student_lr else args.lr,
                 "noise": args.noise, "batch": args.batch, "threads": args.threads,
-                "teacher_steps": args.teacher_steps, "student_steps": args.student_steps}
+                "teacher_steps": args.teacher_steps, "student_steps": args.student_steps,
+                "teacher_cache": str(args.teacher_cache) if args.teacher_cache else None}
     mnist1d_samples = args.mnist1d_samples or (5000 if quick else 10000)
 
     with no_network():
