@@ -67,6 +67,20 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
                        help="write what grew, widths, parameter counts, verification figures and options")
 
 
+def _add_growth_command(commands, name: str, run, help: str, description: str):
+    """A subcommand that changes a model: MODEL, then its own flags, then the
+    shared output and verification groups (added by `_finish_growth_command`)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.add_argument("model", help="the ONNX model (never modified)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _finish_growth_command(parser) -> None:
+    _add_output_args(parser)
+    _add_verify_args(parser, for_growth=True)
+
+
 def _verify_options(args) -> dict:
     from .verification import DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, parse_input_shapes, stderr_note
 
@@ -344,10 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="shapes for dynamic inputs in trial runs")
     inspect.set_defaults(run=cmd_inspect)
 
-    widen = commands.add_parser("widen", help="Net2WiderNet: more units, same function",
-                                description="Widen layers by replicating units and dividing their outgoing "
-                                            "weights; every tensor coupled with the layer grows with it.")
-    widen.add_argument("model", help="the ONNX model (never modified)")
+    widen = _add_growth_command(commands, "widen", cmd_widen, "Net2WiderNet: more units, same function",
+                                "Widen layers by replicating units and dividing their outgoing weights; every "
+                                "tensor coupled with the layer grows with it.")
     widen.add_argument("--layer", action="append", metavar="NAME=WIDTH",
                        help="new width of a layer (node name or weight name, as `inspect` lists); repeatable")
     widen.add_argument("--factor", type=float, help="widen every growable group by this factor instead")
@@ -360,13 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     widen.add_argument("--init", choices=("net2net", "random-pad"), default="net2net",
                        help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
     widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
-    _add_output_args(widen)
-    _add_verify_args(widen, for_growth=True)
-    widen.set_defaults(run=cmd_widen)
+    _finish_growth_command(widen)
 
-    deepen = commands.add_parser("deepen", help="Net2DeeperNet: more layers, same function",
-                                 description="Insert layers initialised to the identity after named layers.")
-    deepen.add_argument("model", help="the ONNX model (never modified)")
+    deepen = _add_growth_command(commands, "deepen", cmd_deepen, "Net2DeeperNet: more layers, same function",
+                                 "Insert layers initialised to the identity after named layers.")
     deepen.add_argument("--after", action="append", required=True, metavar="NAME",
                         help="insert after this layer (and its activation); repeatable")
     deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
@@ -381,34 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     deepen.add_argument("--noise", type=float, default=0.0, metavar="STD",
                         help="noise on the identity weights, relative to the layer's weight std")
     deepen.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    _add_output_args(deepen)
-    _add_verify_args(deepen, for_growth=True)
-    deepen.set_defaults(run=cmd_deepen)
+    _finish_growth_command(deepen)
 
-    grow = commands.add_parser("grow", help="run a growth plan (TOML) as one pipeline",
-                               description="Run the steps of a growth plan (widen / deepen / align, see passes/"
-                                           "README.md) as one pipeline, verified once at the end (or after each "
-                                           "step).")
-    grow.add_argument("model", help="the ONNX model (never modified)")
+    grow = _add_growth_command(commands, "grow", cmd_grow, "run a growth plan (TOML) as one pipeline",
+                               "Run the steps of a growth plan (widen / deepen / align, see passes/README.md) as "
+                               "one pipeline, verified once at the end (or after each step).")
     grow.add_argument("--plan", required=True, metavar="PLAN.toml", help="the growth plan")
     grow.add_argument("--verify-each", action="store_true", help="also verify after every step")
-    _add_output_args(grow)
-    _add_verify_args(grow, for_growth=True)
-    grow.set_defaults(run=cmd_grow)
+    _finish_growth_command(grow)
 
-    align = commands.add_parser("align", help="widen every growable group to a multiple of N, exactly",
-                                description="Deployment pass: widen every growable group to the next multiple of "
-                                            "N (tensor cores and SIMD units like such widths), preserving the "
-                                            "function.")
-    align.add_argument("model", help="the ONNX model (never modified)")
+    align = _add_growth_command(commands, "align", cmd_align, "widen every growable group to a multiple of N, "
+                                "exactly", "Deployment pass: widen every growable group to the next multiple of N "
+                                "(tensor cores and SIMD units like such widths), preserving the function.")
     align.add_argument("--multiple", type=int, default=8, metavar="N", help="the multiple (default 8)")
     align.add_argument("--fill", choices=("zero", "replicate"), default="zero",
                        help="zero: new units with zero outgoing weights, original weights untouched (default); "
                             "replicate: Net2Net replicate-and-divide")
     align.add_argument("--seed", type=int, default=0, help="seed of the unit mapping")
-    _add_output_args(align)
-    _add_verify_args(align, for_growth=True)
-    align.set_defaults(run=cmd_align)
+    _finish_growth_command(align)
     return parser
 
 
