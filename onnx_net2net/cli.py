@@ -101,10 +101,13 @@ def _verify_options(args) -> dict:
 
 
 def cmd_info(args) -> int:
-    from .info import model_info, format_info
+    from .info import format_info, model_info
     from .io import load
+    from .ir import GraphIR
 
-    info = model_info(load(args.model))
+    handle = load(args.model)
+    GraphIR(handle)  # the same checks as every command: no cycle, nothing dangling, consistent shapes
+    info = model_info(handle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return EXIT_OK
 
@@ -227,13 +230,17 @@ def _is_inexact(step) -> bool:
 def _grow(args, grow_pass, *, exact: bool) -> int:
     """Load, rewrite, verify against the input, write atomically, report."""
     from . import io
+    from .progress import Progress
     from .provenance import record_provenance
     from .verification import ReferenceRun
 
     source = Path(args.model)
     io.check_output_path(args.output, [source])
     verify_options = _verify_options(args) if not args.no_verify else None
-    handle = io.load(source)
+    progress = Progress.for_model(source.stat().st_size if source.is_file() else 0)
+    with progress.stage(f"loading {source}"):
+        handle = io.load(source)
+    progress = Progress.for_model(handle.weight_bytes())
     plan = getattr(args, "plan_object", None)
     if plan is not None:
         from .coupling import layer_name, weighted_layers
@@ -241,13 +248,15 @@ def _grow(args, grow_pass, *, exact: bool) -> int:
 
         ir = GraphIR(handle)
         plan.check_layers({layer_name(ir, i) for i in weighted_layers(ir)} | {n.name for n in ir.nodes})
-    report = grow_pass.apply(handle)
+    with progress.stage("rewriting"):
+        report = grow_pass.apply(handle)
     report["command"] = sys.argv[1:] if args.argv is None else args.argv
     record_provenance(handle.proto, report)
     outcome = {}
 
     def check(staged: Path) -> None:
-        result = ReferenceRun(str(source), **verify_options).compare(str(staged))
+        with progress.stage("verifying with onnxruntime"):
+            result = ReferenceRun(str(source), **verify_options).compare(str(staged))
         outcome["result"] = result
         report["verification"] = result.to_dict()
         report["exact"] = exact
@@ -256,8 +265,9 @@ def _grow(args, grow_pass, *, exact: bool) -> int:
 
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     try:
-        io.save(handle, args.output, external=external, protected=[source],
-                before_commit=None if args.no_verify else check)
+        with progress.bytes_bar("writing", handle.weight_bytes()) as advance:
+            io.save(handle, args.output, external=external, protected=[source],
+                    before_commit=None if args.no_verify else check, progress=advance)
     finally:
         if args.report:
             _write_json(args.report, report)

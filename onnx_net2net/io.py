@@ -541,7 +541,8 @@ def check_output_path(out: str | os.PathLike, inputs: list[Path] = ()) -> Path:
 
 
 def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None = None,
-         protected: list[Path] = (), before_commit: Callable[[Path], None] | None = None) -> Path:
+         protected: list[Path] = (), before_commit: Callable[[Path], None] | None = None,
+         progress: Callable[[int], None] | None = None) -> Path:
     """Write the model atomically to `out`.
 
     Everything is first written into a private temporary folder beside `out`;
@@ -556,6 +557,7 @@ def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None =
             when the input had external data or the weights exceed about 1.8 GB.
         protected: files that must not be overwritten (the input and its data).
         before_commit: called with the temporary model path before renaming.
+        progress: called with the bytes of each weight written.
 
     Returns:
         The output path.
@@ -582,10 +584,10 @@ def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None =
         with open(staged_model, "wb") as model_file:
             if external:
                 with open(staging / data_name, "wb") as data_file:
-                    _write_model(handle, model_file, data_file, data_name)
+                    _write_model(handle, model_file, data_file, data_name, progress)
                     _sync(data_file)
             else:
-                _write_model(handle, model_file, None, None)
+                _write_model(handle, model_file, None, None, progress)
             _sync(model_file)
         if before_commit is not None:
             before_commit(staged_model)
@@ -604,7 +606,7 @@ def save(handle: ModelHandle, out: str | os.PathLike, *, external: bool | None =
 
 
 def _write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO | None,
-                 data_name: str | None) -> None:
+                 data_name: str | None, progress: Callable[[int], None] | None = None) -> None:
     """Stream the model: skeleton first, then one initializer at a time.
 
     Protobuf merges concatenated messages (repeated fields append), so a model
@@ -629,6 +631,8 @@ def _write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO 
         else:
             out_tensor.CopyFrom(tensor)
         model_file.write(piece.SerializeToString())
+        if progress is not None:
+            progress(tensor_nbytes(tensor))
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
