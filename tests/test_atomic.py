@@ -49,12 +49,12 @@ KILLER = textwrap.dedent('''
             return getattr(self.f, name)
 
     original_write = io._write_model
-    def write_model(handle, model_file, data_file, data_name):
+    def write_model(handle, model_file, data_file, data_name, *rest):
         if moment == "model-bytes":
             model_file = Dying(model_file, 200)
         elif moment == "data-bytes":
             data_file = Dying(data_file, 20000)
-        return original_write(handle, model_file, data_file, data_name)
+        return original_write(handle, model_file, data_file, data_name, *rest)
     io._write_model = write_model
 
     if moment == "mismatch":
