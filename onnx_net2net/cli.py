@@ -50,8 +50,8 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
     group.add_argument("--input-seed", type=int, default=0, help="seed of the random inputs (default 0)")
     group.add_argument("--rtol", type=float, default=None,
                        help="relative tolerance: an element passes when |a-b| <= atol + rtol*max(1,|a|) "
-                            "(default 1e-5)")
-    group.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-6)")
+                            "(default 1e-4)")
+    group.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5)")
     group.add_argument("--providers", nargs="+", metavar="PROVIDER",
                        help="onnxruntime providers (default: CUDAExecutionProvider when a GPU is usable, "
                             "else CPUExecutionProvider)")

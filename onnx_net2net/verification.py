@@ -25,8 +25,11 @@ import onnx
 
 from .errors import UserError
 
-DEFAULT_RTOL = 1e-5
-DEFAULT_ATOL = 1e-6
+#: Exact rewrites of trained models measure up to ~1e-5 here (fp32 sums in a
+#: different order, fractions like 1/3); a wrong rewrite moves outputs by
+#: orders of magnitude more. The measured errors are always reported.
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
 DEFAULT_BATCH = 2
 
 

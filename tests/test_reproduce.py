@@ -120,8 +120,9 @@ def test_widened_model_loads_in_onnx2torch_and_trains(kind):
     torch.manual_seed(0)
     if kind == "cnn1d":
         shape = (1, 40)
-        model = nn.Sequential(nn.Conv1d(1, 4, 5, stride=2, padding=2), nn.ReLU(), nn.Conv1d(4, 4, 3, stride=2, padding=1),
-                              nn.ReLU(), nn.Flatten(), nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 10))
+        model = nn.Sequential(nn.Conv1d(1, 4, 5, stride=2, padding=2), nn.ReLU(),
+                              nn.Conv1d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 10))
     else:
         shape = (40,)
         model = nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10))

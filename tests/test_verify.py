@@ -9,7 +9,8 @@ from onnx import TensorProto, numpy_helper
 
 import onnx_net2net as n2n
 from onnx_net2net import cli
-from onnx_net2net.verification import InputSpec, compare_arrays, parse_input_shapes, verify_models
+from onnx_net2net.verification import (DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, compare_arrays, parse_input_shapes,
+                                       verify_models)
 from helpers import H, make_model, model_path, rand
 
 
@@ -129,7 +130,7 @@ def test_cli_json(tmp_path, capsys):
     assert report["passed"] is False
     assert {"passed", "provider", "atol", "rtol", "outputs", "notes", "max_abs", "max_rel"} <= set(report)
     assert report["outputs"][0]["name"] == "output" and report["outputs"][0]["passed"] is False
-    assert report["rtol"] == 1e-5 and report["atol"] == 1e-6
+    assert report["rtol"] == DEFAULT_RTOL and report["atol"] == DEFAULT_ATOL
 
 
 def test_cli_inputs_npz_are_used(tmp_path, capsys):

@@ -76,7 +76,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -322,7 +322,8 @@ def grow(fn, proto, relaxed: list, tag: str, *args, **kwargs):
         try:
             return fn(proto, *args, **kwargs)
         except n2n.VerificationFailed as exc:
-            call = f"n2n.{fn.__name__}({', '.join([repr(a) for a in args] + [f'{k}={v!r}' for k, v in kwargs.items()])})"
+            shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+            call = f"n2n.{fn.__name__}({', '.join(shown)})"
             log(f"{tag}: WARNING {call} raised VerificationFailed ({str(exc).splitlines()[0]}); "
                 f"retrying with {RELAXED_TOLERANCE}")
             model, report = fn(proto, *args, **kwargs, **RELAXED_TOLERANCE)
@@ -715,8 +716,10 @@ def parse_args(argv=None):
                    help="only redraw the plots of an earlier results JSON (into --out), then exit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None, help="run only these experiments")
-    p.add_argument("--teacher-steps", type=int, default=None, help="override every selected experiment's teacher budget")
-    p.add_argument("--student-steps", type=int, default=None, help="override every selected experiment's student budget")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="override every selected experiment's teacher budget")
+    p.add_argument("--student-steps", type=int, default=None,
+                   help="override every selected experiment's student budget")
     p.add_argument("--teacher-cache", type=Path, default=None,
                    help="directory to keep trained teachers (ONNX + curve) and reuse them on reruns with the same "
                         "experiment, seed, steps, lr, batch and data size")
@@ -775,7 +778,8 @@ def main(argv=None) -> int:
     cost = {n: budget_of(EXPERIMENTS[n], settings) for n in names}
     weight = {"cnn1d": 5.0, "cnn2d": 8.0, "mlp": 1.4}
     jobs = [(n, seed, settings, datasets[EXPERIMENTS[n].dataset]) for seed in range(seeds) for n in names]
-    jobs.sort(key=lambda j: -weight[EXPERIMENTS[j[0]].model] * (cost[j[0]].teacher_steps + 6 * cost[j[0]].student_steps))
+    jobs.sort(key=lambda j: -weight[EXPERIMENTS[j[0]].model]
+              * (cost[j[0]].teacher_steps + 6 * cost[j[0]].student_steps))
     log(f"{len(jobs)} jobs ({', '.join(names)} x {seeds} seed(s)) on {args.jobs} worker(s), "
         f"{settings['threads']} torch thread(s) each")
     if args.jobs > 1 and len(jobs) > 1:

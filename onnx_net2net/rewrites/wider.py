@@ -211,7 +211,7 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
         return value
     if edit.role == "split":
         factors = _split_factors(value.shape, axis, slots, mapping, options.split, context.rng)
-        value = value * factors.astype(value.dtype)
+        value = (value.astype(np.float64) * factors).astype(value.dtype)  # one rounding, not two
     if options.noise > 0:
         copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
         replicated = in_space & (copies > 1) if edit.role == "split" else new.reshape(-1)
