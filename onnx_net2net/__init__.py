@@ -115,7 +115,7 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
     from .rewrites.wider import WidenOptions
 
     options = WidenOptions(split=split, noise=noise, init=init, seed=seed)
-    return _run_pass(model, WidenPass(widths, factor, options), verify, options.exact, verify_options)
+    return _run_pass(model, WidenPass(widths, factor, options), verify, verify_options)
 
 
 def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
@@ -126,24 +126,21 @@ def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "a
     from .rewrites.deeper import DeepenOptions
 
     options = DeepenOptions(kernel=kernel, mode=mode, batchnorm=batchnorm, noise=noise, seed=seed)
-    return _run_pass(model, DeepenPass(list(after), options), verify, noise == 0, verify_options)
+    return _run_pass(model, DeepenPass(list(after), options), verify, verify_options)
 
 
-def _run_pass(model, grow, verify: bool, exact: bool, verify_options: dict):
-    import onnx
-
-    handle = _handle(model)
+def _run_pass(model, grow, verify: bool, verify_options: dict):
+    """Apply a pass (it works on a copy of a ModelProto; a file is loaded into
+    memory) and verify the result against the input."""
     from_file = isinstance(model, (str, Path))
-    if not from_file:  # never modify the caller's ModelProto
-        handle.proto = onnx.ModelProto()
-        handle.proto.CopyFrom(model)
-    report = grow.apply(handle)
+    result = grow(_handle(model) if from_file else model)
+    report = result.report
     if verify:
         from .verification import verify_models
 
-        result = verify_models(str(model) if from_file else model, handle.proto, **verify_options)
-        report["verification"] = result.to_dict()
-        report["exact"] = exact
-        if exact and not result.passed:
-            raise VerificationFailed(result.summary(), report)
-    return handle.proto, report
+        outcome = verify_models(str(model) if from_file else model, result.model, **verify_options)
+        report["verification"] = outcome.to_dict()
+        report["exact"] = grow.exact
+        if grow.exact and not outcome.passed:
+            raise VerificationFailed(outcome.summary(), report)
+    return result.model, report

@@ -165,7 +165,7 @@ def cmd_widen(args) -> int:
     if options.init == "random-pad":
         print("WARNING: --init random-pad is the paper's baseline: new units are random and the grown model "
               "does NOT compute the same function (for experiments only)", file=sys.stderr)
-    return _grow(args, WidenPass(widths or None, args.factor, options), exact=options.exact)
+    return _grow(args, WidenPass(widths or None, args.factor, options))
 
 
 def cmd_deepen(args) -> int:
@@ -174,60 +174,39 @@ def cmd_deepen(args) -> int:
 
     options = DeepenOptions(kernel=args.kernel, mode=args.mode, batchnorm=args.batchnorm, noise=args.noise,
                             seed=args.seed)
-    return _grow(args, DeepenPass(args.after, options), exact=args.noise == 0)
+    return _grow(args, DeepenPass(args.after, options))
 
 
 def cmd_align(args) -> int:
     from .passes import AlignPass
 
-    return _grow(args, AlignPass(args.multiple, args.fill, args.seed), exact=True)
+    return _grow(args, AlignPass(args.multiple, args.fill, args.seed))
 
 
 def cmd_grow(args) -> int:
     from .plans import load_plan
 
     plan = load_plan(args.plan)
-    if plan.verify_each or args.verify_each:
-        plan_pass = _VerifiedPipeline(plan, args)
-    else:
-        plan_pass = plan.pipeline()
-    exact = all(getattr(getattr(step, "options", None), "noise", 0) == 0 and
-                getattr(getattr(step, "options", None), "init", "net2net") != "random-pad" for step in plan.steps)
     args.plan_object = plan
-    return _grow(args, plan_pass, exact=exact)
+    after_step = _verify_step(args) if plan.verify_each or args.verify_each else None
+    return _grow(args, plan.pipeline(), after_step=after_step)
 
 
-class _VerifiedPipeline:
-    """A plan run step by step, each step verified against the model before it."""
+def _verify_step(args):
+    """A Pipeline hook: verify each step against the model before it."""
+    from .verification import ReferenceRun
 
-    def __init__(self, plan, args):
-        self.plan, self.args = plan, args
+    def check(number, step, report, before, after) -> None:
+        result = ReferenceRun(before, **_verify_options(args)).compare(after)
+        report["verification"] = result.to_dict()
+        print(f"step {number + 1} ({step.name}): {result.summary()}")
+        if not result.passed and step.exact:
+            raise VerificationFailed(f"step {number + 1}: {result.summary()}", report)
 
-    def apply(self, handle) -> dict:
-        import onnx
-
-        from .verification import ReferenceRun
-
-        reports = []
-        for number, step in enumerate(self.plan.steps):
-            before = onnx.ModelProto()
-            before.CopyFrom(handle.proto)
-            report = step.apply(handle)
-            result = ReferenceRun(before, **_verify_options(self.args)).compare(handle.proto)
-            report["verification"] = result.to_dict()
-            print(f"step {number + 1} ({step.name}): {result.summary()}")
-            reports.append(report)
-            if not result.passed and not _is_inexact(step):
-                raise VerificationFailed(f"step {number + 1}: {result.summary()}", {"steps": reports})
-        return {"pass": "pipeline", "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
+    return check
 
 
-def _is_inexact(step) -> bool:
-    options = getattr(step, "options", None)
-    return getattr(options, "noise", 0) > 0 or getattr(options, "init", "net2net") == "random-pad"
-
-
-def _grow(args, grow_pass, *, exact: bool) -> int:
+def _grow(args, grow_pass, *, after_step=None) -> int:
     """Load, rewrite, verify against the input, write atomically, report."""
     from . import io
     from .progress import Progress
@@ -248,8 +227,9 @@ def _grow(args, grow_pass, *, exact: bool) -> int:
 
         ir = GraphIR(handle)
         plan.check_layers({layer_name(ir, i) for i in weighted_layers(ir)} | {n.name for n in ir.nodes})
+    exact = grow_pass.exact
     with progress.stage("rewriting"):
-        report = grow_pass.apply(handle)
+        report = grow_pass.apply(handle, after_step) if after_step else grow_pass.apply(handle)
     report["command"] = sys.argv[1:] if args.argv is None else args.argv
     record_provenance(handle.proto, report)
     outcome = {}

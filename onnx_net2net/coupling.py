@@ -612,7 +612,7 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
         walk.refuse(index, "the units reach its shape input")
     src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
     src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
-    moved, reason = map_through_reshape(placement, src, dst, walk.group.size)
+    moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
         node_label = f"{node.op_type} {ir.label(index)}"
         raise _Refused(Refusal(node_label, reason, _head_size_hint(placement, src, dst)))
@@ -622,7 +622,7 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
         _update_shape_input(walk, index, out_placement)
 
 
-def map_through_reshape(placement: Placement, src: tuple, dst: tuple, size: int):
+def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
     """Where the units land when a tensor of shape `src` is viewed as `dst`.
 
     Returns (placement, None) or (None, reason). Handles axes that keep their
@@ -647,7 +647,7 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple, size: int)
             return Placement(axis=j0, rank=len(dst), length=length * before, offset=placement.offset * after,
                              inner=placement.inner * after, outer=before), None
         if i1 - i0 == 1:
-            return _unflatten(placement, dst, j0, j1, size)
+            return _unflatten(placement, dst, j0, j1)
         return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
     return None, "the unit axis is not in the reshape"
 
@@ -664,7 +664,7 @@ def _head_size_hint(placement: Placement, src: tuple, dst: tuple) -> int | None:
     return None
 
 
-def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int, size: int):
+def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int):
     """The inverse of flattening: [.., F, ..] -> [.., d_j0, ..., d_j1-1, ..]."""
     for j in range(j0, j1):
         after = int(np.prod(dst[j + 1:j1], dtype=np.int64))

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import onnx
 
-from .io import ModelHandle, tensor_nbytes
+from .io import ModelHandle, parameter_count, tensor_nbytes
 
 
 def model_info(handle: ModelHandle) -> dict:
     graph = handle.graph
     initializers = {t.name for t in graph.initializer}
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     return {
         "model": str(handle.path) if handle.path else graph.name,
         "ir_version": handle.proto.ir_version,
@@ -23,7 +21,7 @@ def model_info(handle: ModelHandle) -> dict:
         "outputs": [_value(v) for v in graph.output],
         "nodes": len(graph.node),
         "ops": dict(sorted(Counter(n.op_type for n in graph.node).items(), key=lambda kv: (-kv[1], kv[0]))),
-        "parameters": int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer if t.data_type in floats)),
+        "parameters": parameter_count(graph),
         "weight_bytes": int(sum(tensor_nbytes(t) for t in graph.initializer)),
         "external_data": handle.has_external_data(),
     }

@@ -148,6 +148,14 @@ def _element_count(tensor: TensorProto) -> int:
     return count
 
 
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+
+
+def parameter_count(graph: onnx.GraphProto) -> int:
+    """Number of floating-point weight elements (initializers)."""
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer if t.data_type in _FLOAT_TYPES))
+
+
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace the data (and dims) of `tensor` in place, keeping its name and type."""
     name, data_type = tensor.name, tensor.data_type

@@ -19,6 +19,7 @@ import onnx
 from . import coupling
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle, from_proto, tensor_nbytes
+from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
 from .rewrites import deeper, wider
 from .rewrites.deeper import DeepenOptions
@@ -36,6 +37,8 @@ class PassResult:
 
 class _Pass:
     name = "pass"
+    #: Whether the pass preserves the function (verification must then pass).
+    exact = True
 
     def __call__(self, model: onnx.ModelProto | ModelHandle) -> PassResult:
         if isinstance(model, ModelHandle):
@@ -73,6 +76,7 @@ class WidenPass(_Pass):
         self.widths = dict(widths or {})
         self.factor = factor
         self.options = options or WidenOptions()
+        self.exact = self.options.exact
         _check_choice("split", self.options.split, wider.SPLITS)
         _check_choice("init", self.options.init, wider.INITS)
         if self.options.noise < 0:
@@ -147,6 +151,7 @@ class DeepenPass(_Pass):
             raise UserError(f"after = '{after}': give layer names or one of {', '.join(SELECTORS)}")
         self.after = [] if self.selector else list(after)
         self.options = options or DeepenOptions()
+        self.exact = self.options.noise == 0
         _check_choice("mode", self.options.mode, deeper.MODES)
         kernel = self.options.kernel
         if kernel is not None and (kernel < 1 or kernel % 2 == 0):
@@ -272,9 +277,20 @@ class Pipeline(_Pass):
 
     def __init__(self, passes: list[_Pass]):
         self.passes = list(passes)
+        self.exact = all(p.exact for p in self.passes)
 
-    def apply(self, handle: ModelHandle) -> dict:
-        reports = [p.apply(handle) for p in self.passes]
+    def apply(self, handle: ModelHandle, after_step=None) -> dict:
+        """Run the passes; `after_step(number, step, report, before, after)`
+        (optional) is called after each with the model before and after it."""
+        reports = []
+        for number, step in enumerate(self.passes):
+            before = None
+            if after_step is not None:
+                before = onnx.ModelProto()
+                before.CopyFrom(handle.proto)
+            reports.append(step.apply(handle))
+            if after_step is not None:
+                after_step(number, step, reports[-1], before, handle.proto)
         return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
 
 
@@ -358,9 +374,7 @@ def _available_memory() -> int | None:
 
 
 def parameter_count(handle: ModelHandle) -> int:
-    """Number of floating-point weight elements."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in handle.graph.initializer if t.data_type in floats))
+    return io_parameter_count(handle.graph)
 
 
 def _check_choice(what: str, value: str, choices) -> None:
