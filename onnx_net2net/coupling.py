@@ -307,6 +307,11 @@ class _Walk:
             self.visit(tensor, placement)
 
     def add(self, tensor: str, placement: Placement) -> None:
+        shape = self.ir.shapes.get(tensor)  # as inferred; no extra inference here
+        if shape is not None and (len(shape) != placement.rank or
+                                  shape[placement.axis] not in (None, placement.length)):
+            raise _Refused(Refusal(None, f"tensor '{tensor}' does not have the layout the walk expects "
+                                         f"({placement.length} positions on axis {placement.axis} of {shape})"))
         known = self.group.placements.get(tensor)
         if known is not None:
             if known != placement:
