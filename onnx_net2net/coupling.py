@@ -119,7 +119,10 @@ class Refusal:
 
     node: str | None
     reason: str
-    unit_width: int | None = None   # retry with units of this many features (heads)
+    #: Other unit layouts worth a walk, as factors (features per unit, repeats)
+    #: of the current one: a reshape into [heads, head size] suggests whole
+    #: heads; an even Split of the whole space suggests one space repeated.
+    retry: tuple[tuple[int, int], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.node}: {self.reason}" if self.node else self.reason
@@ -149,8 +152,15 @@ class UnitGroup:
         ops: the op types the walk went through.
         unit_width: features per unit: 1, or the head size when the units are
             attention heads (the space is split into [heads, head size]).
-        tile: every unit must be copied equally often (a normalisation over
-            the unit axis): new sizes are multiples of the size.
+        repeats: how often the space repeats along the seed layer's output
+            (3 for a fused Q/K/V projection: [q heads | k heads | v heads]).
+        tile: statistics are taken over the units (a normalisation): every
+            unit must be copied equally often, new sizes are multiples of the
+            size, unless `average_expansion` allows any size.
+        norms: the LayerNormalization nodes normalising over the units.
+        average_expansion: LEMON's average expansion keeps the function at
+            any width (extra units carry the mean of the units up to every
+            LayerNormalization); `average_blocker` says why not otherwise.
     """
 
     seed: int
@@ -166,16 +176,25 @@ class UnitGroup:
     dynamic_shapes: bool = False
     ops: set[str] = field(default_factory=set)
     unit_width: int = 1
+    repeats: int = 1
     tile: bool = False
+    norms: list[int] = field(default_factory=list)
+    average_expansion: bool = False
+    average_blocker: str | None = None
+
+    @property
+    def features_per_unit(self) -> int:
+        """Output features of the seed layer per unit."""
+        return self.unit_width * self.repeats
 
     @property
     def width(self) -> int:
-        """The layer width in features (units times features per unit)."""
-        return self.size * self.unit_width
+        """The seed layer's width in features (units times features per unit)."""
+        return self.size * self.features_per_unit
 
     @property
     def feature_step(self) -> int:
-        return self.step * self.unit_width
+        return self.step * self.features_per_unit
 
     @property
     def ok(self) -> bool:
@@ -242,32 +261,65 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 # The walk
 
 
-def find_group(ir: GraphIR, layer: int, unit_width: int = 1) -> UnitGroup:
+MAX_LAYOUT_TRIES = 6
+
+
+def find_group(ir: GraphIR, layer: int) -> UnitGroup:
     """The unit space produced by `layer`, with every coupled tensor and edit.
 
-    When the walk meets a reshape that splits the features into [heads, head
-    size], it starts again with whole heads as the units.
+    The first walk takes each output feature as a unit. When a reshape or a
+    split shows that the features are structured (whole attention heads, a
+    fused Q/K/V projection), the walk starts again with that layout; every
+    candidate is checked by a full walk, so a wrong guess is only a refusal.
     """
+    tried, queue, failures = set(), [(1, 1)], []
     width = layer_width(ir, layer)
-    group = UnitGroup(seed=layer, size=width // unit_width, unit_width=unit_width)
+    while queue and len(tried) < MAX_LAYOUT_TRIES:
+        unit_width, repeats = queue.pop(0)
+        if (unit_width, repeats) in tried or width % (unit_width * repeats):
+            continue
+        tried.add((unit_width, repeats))
+        group = _walk_layout(ir, layer, unit_width, repeats)
+        if group.ok:
+            return group
+        failures.append(group)
+        queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
+    group = failures[0]
+    structured = [f for f in failures[1:] if f.size > 1]
+    if structured:
+        later = structured[0]
+        layout = f"{later.size} units of {later.unit_width} features" + (
+            f", repeated {later.repeats}x" if later.repeats > 1 else "")
+        group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as {layout}: {later.refusal}",
+                                retry=())
+    return group
+
+
+def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> UnitGroup:
+    width = layer_width(ir, layer)
+    group = UnitGroup(seed=layer, size=width // (unit_width * repeats), unit_width=unit_width, repeats=repeats)
     try:
-        start = replace(layer_output_placement(ir, layer), inner=unit_width)
-        _Walk(ir, group).run(ir.nodes[layer].output[0], start)
+        _Walk(ir, group).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
         _deduplicate(group)
         if layer not in group.producers and layer not in group.passthrough:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
         if not group.producers:
             raise _Refused(Refusal(ir.label(layer), "no layer produces these units"))
+        if group.tile:
+            group.average_blocker = average_expansion_blocker(ir, group)
+            group.average_expansion = group.average_blocker is None
+            if group.average_expansion:
+                group.step = 1
     except (IndexError, KeyError, TypeError, ValueError) as error:
         # A node that breaks its op's schema: never promise anything about it.
         group.refusal = Refusal(ir.label(layer), f"malformed graph near this layer ({type(error).__name__}: {error})")
-        return group
     except _Refused as refused:
-        hint = refused.refusal.unit_width
-        if unit_width == 1 and hint and hint > 1 and width % hint == 0:
-            return find_group(ir, layer, hint)
         group.refusal = refused.refusal
     return group
+
+
+def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 1) -> Placement:
+    return replace(layer_output_placement(ir, layer), inner=unit_width, outer=repeats)
 
 
 def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
@@ -277,7 +329,7 @@ def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
         return False
     placement = group.placements.get(ir.nodes[layer].output[0])
     try:
-        own = replace(layer_output_placement(ir, layer), inner=group.unit_width)
+        own = seed_placement(ir, layer, group.unit_width, group.repeats)
     except _Refused:
         return False
     return placement == own and layer_width(ir, layer) == group.width
@@ -285,7 +337,7 @@ def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
 
 def _deduplicate(group: UnitGroup) -> None:
     """A node reached from several of its ports records its edits once."""
-    for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits"):
+    for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits", "norms"):
         setattr(group, name, list(dict.fromkeys(getattr(group, name))))
 
 
@@ -519,23 +571,53 @@ def _split(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
     sizes = [walk.shape(index, name)[axis] for name in node.output]
     if any(size is None for size in sizes):
         walk.refuse(index, "an output's size on the split axis is unknown")
-    has_sizes_input = len(node.input) > 1 and node.input[1]
-    if not has_sizes_input:
-        walk.refuse(index, "it splits evenly (no explicit sizes to update)")
-    walk.const(index, node.input[1], "split sizes")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    source = ir.nodes[index].input[0]
+    known = walk.group.placements.get(source)
+    if side == "out" and known is not None and _split_pieces(walk, index, known, sizes, starts).get(port) == placement:
+        return  # reached again from a piece of a repeated space already mapped from the input
     if side == "out":
-        piece = port
-        walk.add(node.input[0], replace(placement, offset=placement.offset + int(starts[piece]),
-                                         length=int(starts[-1])))
-    else:
-        lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
-        pieces = [k for k in range(len(sizes)) if starts[k] <= lo and hi <= starts[k + 1]]
-        if not pieces or placement.outer != 1:
-            walk.refuse(index, "the units span several split outputs")
-        piece = pieces[0]
-        walk.add(node.output[piece], replace(placement, offset=lo - int(starts[piece]), length=sizes[piece]))
-    walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
+        walk.add(source, replace(placement, offset=placement.offset + int(starts[port]), length=int(starts[-1])))
+        _split_size_edits(walk, index, {port: placement})
+        return
+    pieces = _split_pieces(walk, index, placement, sizes, starts)
+    for piece, piece_placement in pieces.items():
+        walk.add(node.output[piece], piece_placement)
+    _split_size_edits(walk, index, pieces)
+
+
+def _split_pieces(walk: _Walk, index: int, placement: Placement, sizes: list, starts) -> dict[int, Placement]:
+    """The outputs of a Split that carry the units, with their placements:
+    the one output holding all of them, or, for a space repeated once per
+    output (q | k | v of a fused projection), every output."""
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    if placement.outer == 1:
+        for piece in range(len(sizes)):
+            if starts[piece] <= lo and hi <= starts[piece + 1]:
+                return {piece: replace(placement, offset=lo - int(starts[piece]), length=sizes[piece])}
+    per_piece, uneven = divmod(placement.outer, len(sizes))
+    if not uneven and all(size == placement.block * per_piece for size in sizes):
+        return {piece: replace(placement, outer=per_piece, length=size) for piece, size in enumerate(sizes)}
+    fills_blocks = placement.offset == 0 and hi == placement.block
+    equal = len(set(sizes)) == 1 and placement.block % len(sizes) == 0
+    retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
+    node = walk.ir.nodes[index]
+    raise _Refused(Refusal(f"{node.op_type} {walk.ir.label(index)}", "the units span several split outputs", retry))
+
+
+def _split_size_edits(walk: _Walk, index: int, pieces: dict[int, Placement]) -> None:
+    """Grow the sizes of the outputs that gain units (an even split of a space
+    repeated in every output stays even by itself)."""
+    node = walk.ir.nodes[index]
+    if len(node.input) > 1 and node.input[1]:
+        walk.const(index, node.input[1], "split sizes")
+        for piece, placement in pieces.items():
+            walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
+        return
+    if node_attr(node, "split") is not None:
+        walk.refuse(index, "its split sizes are an attribute (opset < 13); re-export at opset 13 or later")
+    if len(pieces) != len(node.output):
+        walk.refuse(index, "it splits evenly and the units are in one output only (the split would become uneven)")
 
 
 def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -620,7 +702,7 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
         node_label = f"{node.op_type} {ir.label(index)}"
-        raise _Refused(Refusal(node_label, reason, _head_size_hint(placement, src, dst)))
+        raise _Refused(Refusal(node_label, reason, _unit_layout_hints(placement, src, dst)))
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
@@ -657,16 +739,18 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
     return None, "the unit axis is not in the reshape"
 
 
-def _head_size_hint(placement: Placement, src: tuple, dst: tuple) -> int | None:
-    """For [.., D, ..] -> [.., H, d, ..] with plain units: d (units could be heads)."""
+def _unit_layout_hints(placement: Placement, src: tuple, dst: tuple) -> tuple[tuple[int, int], ...]:
+    """For plain units split as [.., F, ..] -> [.., d_0, ..., d_k, ..]: each
+    axis d_j could hold the units, with d_j+1*..*d_k features per unit (the
+    head size) repeated d_0*..*d_j-1 times (q, k, v of a fused projection)."""
     if placement.inner != 1 or placement.outer != 1 or placement.offset:
-        return None
+        return ()
     segments = _reshape_segments(src, dst) or []
     for (i0, i1), (j0, j1) in segments:
         if i1 - i0 == 1 and i0 == placement.axis and j1 - j0 > 1:
-            size = int(np.prod(dst[j0 + 1:j1], dtype=np.int64))
-            return size if size > 1 else None
-    return None
+            return tuple((int(np.prod(dst[j + 1:j1], dtype=np.int64)), int(np.prod(dst[j0:j], dtype=np.int64)))
+                         for j in range(j0, j1) if dst[j] > 1)
+    return ()
 
 
 def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int):
@@ -946,8 +1030,9 @@ def _layernorm(walk: _Walk, index: int, side: str, port: int, placement: Placeme
         if axis != placement.rank - 1:
             walk.refuse(index, "it normalises over the unit axis together with other axes")
         _require_tiling(walk, index, placement)
-        for param in (1, 2):
-            walk.weight(index, param, 0, _axis_only(placement), "copy")
+        walk.group.norms.append(index)
+        walk.weight(index, 1, 0, _axis_only(placement), "norm-scale")
+        walk.weight(index, 2, 0, _axis_only(placement), "norm-bias")
     walk.same_on_ports(index, placement)
 
 
@@ -990,14 +1075,13 @@ def _gather(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     in_rank = len(walk.shape(index, node.input[0]))
     axis = int(node_attr(node, "axis", 0)) % in_rank
     index_rank = len(walk.shape(index, node.input[1]))
+    if side == "in" and placement.axis == axis or side == "out" and axis <= placement.axis < axis + index_rank:
+        _gather_as_reshape(walk, index, side, placement, axis, in_rank, index_rank)
+        return
     if side == "in":
-        if placement.axis == axis:
-            walk.refuse(index, "it gathers along the unit axis")
         moved = placement.axis if placement.axis < axis else placement.axis - 1 + index_rank
         walk.add(node.output[0], placement.on_axis(moved, in_rank - 1 + index_rank))
     else:
-        if axis <= placement.axis < axis + index_rank:
-            walk.refuse(index, "the units are on the gathered axis")
         moved = placement.axis if placement.axis < axis else placement.axis + 1 - index_rank
         if ir.is_const(node.input[0]):
             # An embedding table: its columns are the units (a producer).
@@ -1005,6 +1089,26 @@ def _gather(walk: _Walk, index: int, side: str, port: int, placement: Placement)
             walk.group.producers.append(index)
         else:
             walk.add(node.input[0], placement.on_axis(moved, in_rank))
+
+
+def _gather_as_reshape(walk: _Walk, index: int, side: str, placement: Placement, axis: int, in_rank: int,
+                       index_rank: int) -> None:
+    """A Gather of every position in order (indices arange(L) in a shape with
+    one non-1 axis, as exporters write `as_strided`) only moves the axis: the
+    units move with it and the indices are copied like a producer's entries
+    (a copied index reads the copied unit)."""
+    node = walk.ir.nodes[index]
+    indices = walk.ir.const_value(node.input[1])
+    length = placement.length
+    if (indices is None or indices.size != length or not np.array_equal(indices.reshape(-1), np.arange(length))
+            or sum(d != 1 for d in indices.shape) != 1):
+        walk.refuse(index, "it gathers along the unit axis")
+    if placement.offset or placement.outer != 1 or walk.group.size * placement.inner != length:
+        walk.refuse(index, "it gathers part of an axis that holds other data besides the units")
+    k = next(i for i, d in enumerate(indices.shape) if d != 1)
+    walk.weight(index, 1, k, replace(placement, axis=k, rank=index_rank), "copy")
+    walk.add(node.input[0], placement.on_axis(axis, in_rank))
+    walk.add(node.output[0], placement.on_axis(axis + k, in_rank - 1 + index_rank))
 
 
 def _expand(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -1080,3 +1184,81 @@ _FAMILY_RULES = [
     (REDUCTIONS, _reduce),
     (RESHAPES, _reshape),
 ]
+
+
+# ----------------------------------------------------------------------------
+# LEMON's average expansion (Wang et al., 2023)
+#
+# Widen n units to q = k*n + r: units j < k*n copy unit j mod n, and the r
+# extra units carry the mean of the n units. Then a LayerNormalization input
+# x' = [x, .., x, mean(x), ..] has the same mean mu and the variance s*var(x)
+# with s = k*n/q, so with epsilon * s and Scale * sqrt(s) every copy normalises
+# exactly as before; the extras normalise to 0 (B = 0 there) and their
+# consumers read them with weight 0. The extras carry the mean only if every
+# op from the producers up to each LayerNormalization commutes with averaging
+# over the units: sums, shared (broadcast) scales, layout ops, and producers
+# whose extra rows are the mean of their rows.
+
+_AVERAGE_SAFE = frozenset("""
+    Add Sub Identity Dropout Reshape Flatten Squeeze Unsqueeze Transpose Concat Slice Split Gather Expand Pad
+    AveragePool GlobalAveragePool Mul Div
+""".split())
+
+
+def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
+    """Why LEMON's average expansion cannot be used for this group (None: it can)."""
+    if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
+        return "the units are structured (heads or grouped convolutions)"
+    if not group.norms:
+        return "statistics over the units are taken by separate Reduce ops, not a LayerNormalization"
+    other = sorted(op for op in group.ops & REDUCTIONS)
+    if other:
+        return f"{other[0]} takes statistics over the units (only LayerNormalization is expanded)"
+    writers = set(group.producers)
+    frontier = [ir.nodes[norm].input[0] for norm in group.norms]
+    seen = set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        found = ir.producer.get(tensor)
+        if found is None or ir.is_const(tensor):
+            continue  # a constant carrying the units: its extras get the mean
+        index = found[0]
+        node = ir.nodes[index]
+        if index in writers:
+            continue
+        if index in group.norms:
+            return (f"the output of LayerNormalization {ir.label(index)} feeds another normalisation "
+                    "(post-norm): its extra units would not carry the mean")
+        if node.op_type not in _AVERAGE_SAFE and not _float_cast(node):
+            return f"{node.op_type} {ir.label(index)} acts on the units before a normalisation and does not " \
+                   "commute with averaging them"
+        if not all(_fills_axis(group, group.placements[name]) for name in list(node.input) + list(node.output)
+                   if name in group.placements):
+            return f"{node.op_type} {ir.label(index)} mixes the units with other data before a normalisation"
+        spaced = [port for port, name in enumerate(node.input) if name and name in group.placements]
+        if node.op_type in ("Mul", "Div") and (len(spaced) > 1 or spaced != [0] and node.op_type == "Div"):
+            return f"{node.op_type} {ir.label(index)} is not linear in the units"
+        for port, name in enumerate(node.input):
+            if node.op_type in ("Mul", "Div") and port not in spaced and _edits_port(group, index, port):
+                return f"{node.op_type} {ir.label(index)} scales each unit by its own factor before a normalisation"
+            if port in spaced:
+                frontier.append(name)
+    return None
+
+
+def _float_cast(node) -> bool:
+    return node.op_type == "Cast" and node_attr(node, "to") in _FLOAT_TYPES
+
+
+_FLOAT_TYPES = frozenset((1, 10, 11, 16))  # float, float16, double, bfloat16
+
+
+def _fills_axis(group: UnitGroup, placement: Placement) -> bool:
+    return placement.offset == 0 and placement.outer == 1 and group.size * placement.inner == placement.length
+
+
+def _edits_port(group: UnitGroup, node: int, port: int) -> bool:
+    return any(edit.node == node and edit.port == port for edit in group.weight_edits)

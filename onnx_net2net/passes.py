@@ -89,7 +89,7 @@ class WidenPass(_Pass):
         for number, (name, width) in enumerate(requests):
             ir = GraphIR(handle)
             group = _group_of(ir, name)
-            width //= group.unit_width
+            width //= group.features_per_unit
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
@@ -117,7 +117,13 @@ class WidenPass(_Pass):
             if width <= group.width:
                 raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
             if (width - group.width) % group.feature_step:
-                why = " (attention heads)" if group.unit_width > 1 else ""
+                why = " (whole attention heads" if group.unit_width > 1 else ""
+                if group.repeats > 1:
+                    why += f"{' in' if why else ' (the same units in'} each of its {group.repeats} parts"
+                why += ")" if why else ""
+                if group.tile and not group.average_expansion:
+                    why += (f" (statistics are taken over the units, so every unit must be copied equally often; "
+                            f"LEMON's average expansion does not apply: {group.average_blocker})")
                 raise UserError(f"layer '{name}': width must be {group.width} + a multiple of "
                                 f"{group.feature_step}{why}")
             key = frozenset(group.producers)
@@ -341,11 +347,11 @@ def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
         length = edit.placement.length
         needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
     available = _available_memory()
-    if width * group.unit_width >= MAX_UNITS:
-        raise UserError(f"width {width * group.unit_width} would need about {needed / 2**30:.3g} GiB for the new "
+    if width * group.features_per_unit >= MAX_UNITS:
+        raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "
                         f"weights; widths are limited to {MAX_UNITS - 1}")
     if available and needed * 3 > available:
-        raise UserError(f"widening to {width * group.unit_width} needs about {needed / 2**30:.3g} GiB for the new weights, "
+        raise UserError(f"widening to {width * group.features_per_unit} needs about {needed / 2**30:.3g} GiB for the new weights, "
                         f"more than this machine can hold ({available / 2**30:.1f} GiB available)")
 
 

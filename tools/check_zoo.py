@@ -2,7 +2,8 @@
 
 Needs the experiments extra plus `pip install transformers timm` for the
 transformer models. Models are built from their configs with random weights
-(no downloads), exported with torch.onnx.export (legacy exporter, opset 17),
+(no downloads), exported with torch.onnx.export (legacy exporter at opset 17, or
+the dynamo exporter at opset 18 with `--exporter dynamo`),
 then for each model:
 
 1. `inspect` without trial runs (static analysis only: the promise under test);
@@ -32,10 +33,10 @@ warnings.filterwarnings("ignore")
 
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
                "squeezenet1_0", "densenet121"]
-OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit"]
+OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2"]
 
 
-def export(name: str, path: Path) -> None:
+def export(name: str, path: Path, exporter: str = "legacy") -> None:
     import torch
 
     torch.manual_seed(0)
@@ -46,7 +47,8 @@ def export(name: str, path: Path) -> None:
             self.model, self.key, self.output = model, key, output
 
         def forward(self, x):
-            return getattr(self.model(**{self.key: x}), self.output)
+            extra = {"attention_mask": torch.ones_like(x), "use_cache": False} if self.key == "input_ids" else {}
+            return getattr(self.model(**{self.key: x}, **extra), self.output)
 
     if name in TORCHVISION:
         import torchvision
@@ -73,10 +75,18 @@ def export(name: str, path: Path) -> None:
         config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            image_size=32, patch_size=8)
         model, example = Wrap(ViTModel(config), "pixel_values", "pooler_output"), torch.randn(1, 3, 32, 32)
+    elif name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+        model, example = Wrap(GPT2LMHeadModel(config), "input_ids", "logits"), torch.randint(0, 100, (2, 8))
     else:
         raise SystemExit(f"unknown model {name}")
     model.eval()
-    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"])
+    if exporter == "dynamo":
+        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"])
+    else:
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"])
 
 
 def check(path: Path, limit: int | None) -> dict:
@@ -126,13 +136,15 @@ def main() -> int:
     parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS)
     parser.add_argument("--limit", type=int, help="check at most this many layers per model and kind")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
+                        help="torch.onnx.export's TorchScript exporter (opset 17) or dynamo exporter (opset 18)")
     args = parser.parse_args()
     results, failed = {}, False
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             path = Path(folder) / f"{name}.onnx"
             start = time.time()
-            export(name, path)
+            export(name, path, args.exporter)
             result = check(path, args.limit)
             results[name] = result
             share = result["widen_ok"] / max(result["eligible"], 1)

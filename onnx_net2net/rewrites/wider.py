@@ -95,6 +95,9 @@ class UnitMapping:
     g: np.ndarray
     is_new: np.ndarray
     counts: np.ndarray
+    #: Units that carry the mean of the old units (LEMON's average expansion)
+    #: instead of copying one; their g is 0 and they are not in `counts`.
+    is_average: np.ndarray | None = None
 
     @property
     def old(self) -> int:
@@ -109,6 +112,19 @@ class UnitMapping:
         """Every unit copied q/n times: g(j) = j mod n."""
         g = np.arange(q, dtype=np.int64) % n
         return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
+
+    @classmethod
+    def average(cls, n: int, q: int) -> "UnitMapping":
+        """LEMON: each unit copied q // n times, then q % n units of the mean."""
+        tiled = q // n * n
+        g = np.concatenate([np.arange(tiled) % n, np.zeros(q - tiled)]).astype(np.int64)
+        is_average = np.arange(q) >= tiled
+        return cls(g, np.arange(q) >= n, np.bincount(g[:tiled], minlength=n), is_average)
+
+    @property
+    def variance_ratio(self) -> float:
+        """s = k*n / q: the variance of the widened units over that of the old."""
+        return 1.0 if self.is_average is None else float((~self.is_average).sum()) / self.new
 
     @classmethod
     def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> "UnitMapping":
@@ -155,8 +171,11 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     are attention heads) on the model of `ir`."""
     n, q = group.size, new_width
     rng = np.random.default_rng(options.seed)
-    mapping = UnitMapping.tile(n, q) if group.tile else UnitMapping.draw(n, q, rng, group.step)
-    record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.unit_width,
+    if group.tile:
+        mapping = UnitMapping.tile(n, q) if q % n == 0 else UnitMapping.average(n, q)
+    else:
+        mapping = UnitMapping.draw(n, q, rng, group.step)
+    record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.features_per_unit,
                         tensors=sorted(group.placements))
 
     by_input = defaultdict(list)
@@ -176,8 +195,22 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     _apply_value_edits(ir, group, q - n)
     for edit in group.attribute_edits:
         _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
+    _scale_norm_epsilons(ir, group, mapping.variance_ratio)
     _update_declared_shapes(ir, group, q - n)
     return record
+
+
+def _scale_norm_epsilons(ir: GraphIR, group: UnitGroup, ratio: float) -> None:
+    """epsilon * s keeps (var + eps) in proportion when the variance became s * var."""
+    if ratio == 1.0:
+        return
+    for index in group.norms:
+        for attr in ir.nodes[index].attribute:
+            if attr.name == "epsilon":
+                attr.f = float(np.float32(attr.f * ratio))
+                break
+        else:
+            ir.nodes[index].attribute.append(onnx.helper.make_attribute("epsilon", float(np.float32(1e-5 * ratio))))
 
 
 @dataclass
@@ -193,8 +226,11 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     if edit.groups > 1:
         return _apply_grouped_edit(value, edit, mapping, context)
     placement, axis = edit.placement, edit.axis
+    original = value
     value = np.take(value, source_index(placement, mapping), axis=axis)
     slots = unit_slots(placement, mapping)
+    if mapping.is_average is not None:
+        value = _average_units(value, original, edit, mapping, slots)
     shape = [1] * value.ndim
     shape[axis] = -1
     in_space = slots >= 0
@@ -212,12 +248,40 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     if edit.role == "split":
         factors = _split_factors(value.shape, axis, slots, mapping, options.split, context.rng)
         value = (value.astype(np.float64) * factors).astype(value.dtype)  # one rounding, not two
-    if options.noise > 0:
+    if options.noise > 0 and np.issubdtype(value.dtype, np.floating):
         copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
         replicated = in_space & (copies > 1) if edit.role == "split" else new.reshape(-1)
         noise = context.rng.normal(0.0, options.noise * context.reference_std, size=value.shape)
         value = value + (noise * replicated.reshape(shape)).astype(value.dtype)
     return value
+
+
+def _average_units(value: np.ndarray, original: np.ndarray, edit, mapping: UnitMapping,
+                   slots: np.ndarray) -> np.ndarray:
+    """LEMON's entries for the average units and the normalisation's scale:
+    producers give the extra units the mean of the units' entries, consumers
+    read them with weight 0, a LayerNorm's B is 0 there and its Scale is
+    multiplied by sqrt(s) everywhere (the copies' variance shrank by s)."""
+    placement, axis = edit.placement, edit.axis
+    extra = (slots >= 0) & mapping.is_average[np.maximum(slots, 0)]
+    moved = np.moveaxis(value, axis, 0).copy()
+    if edit.role in ("copy", "norm-scale"):
+        old = np.moveaxis(original, axis, 0).astype(np.float64)
+        per_block = old.reshape((placement.outer, placement.block) + old.shape[1:])
+        units = per_block[:, placement.offset: placement.offset + mapping.old * placement.inner]
+        units = units.reshape((placement.outer, mapping.old, placement.inner) + old.shape[1:])
+        mean = units.mean(axis=1)  # [outer, inner, ...]
+        positions = np.nonzero(extra)[0]
+        new_block = len(slots) // placement.outer
+        for position in positions:
+            block, within = divmod(position, new_block)
+            feature = (within - placement.offset) % placement.inner
+            moved[position] = mean[block, feature].astype(value.dtype)
+    elif edit.role in ("split", "norm-bias"):
+        moved[extra] = 0
+    if edit.role == "norm-scale":
+        moved = (moved.astype(np.float64) * np.sqrt(mapping.variance_ratio)).astype(value.dtype)
+    return np.moveaxis(moved, 0, axis)
 
 
 def _apply_grouped_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditContext) -> np.ndarray:
@@ -241,8 +305,9 @@ def _split_factors(shape, axis, slots, mapping: UnitMapping, split, rng) -> np.n
         return (1.0 / copies).reshape(positions_shape)
     factors = np.ones(shape, dtype=np.float64)
     moved = np.moveaxis(factors, axis, 0)
+    copies_of = g if mapping.is_average is None else np.where(mapping.is_average, -1, g)
     for unit in np.nonzero(counts > 1)[0]:
-        positions = np.stack([np.nonzero(slots == j)[0] for j in np.nonzero(g == unit)[0]])
+        positions = np.stack([np.nonzero(slots == j)[0] for j in np.nonzero(copies_of == unit)[0]])
         draws = rng.uniform(0.25, 1.75, size=positions.shape + moved.shape[1:])
         moved[positions] = draws / draws.sum(axis=0, keepdims=True)
     return factors
