@@ -17,6 +17,9 @@ from pathlib import Path
 
 from .errors import UserError, VerificationFailed
 
+#: rewrites.deeper.MODES, repeated so that parsing arguments imports no numpy / onnx.
+DEEPEN_MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block", "fresh-block")
+
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 PROG = "onnx_net2net"
 
@@ -147,6 +150,8 @@ def cmd_inspect(args) -> int:
         widen, deepen = layer["widen"], layer["deepen"]
         w = f"widen ok (step {widen['step']}, group {', '.join(widen['group'])})" if widen["ok"] \
             else f"widen no: {widen['reason']}"
+        if widen.get("note"):
+            w += f"\n        {widen['note']}"
         d = "deepen ok" if deepen["ok"] else f"deepen no: {deepen['reason']}"
         print(f"  {layer['name']} [{layer['op']}, width {layer['width']}]\n      {w}\n      {d}")
     return EXIT_OK
@@ -370,13 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     deepen.add_argument("--after", action="append", required=True, metavar="NAME",
                         help="insert after this layer (and its activation); repeatable")
     deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
-    deepen.add_argument("--mode", choices=("auto", "identity", "before-activation", "residual", "prelu", "block"),
+    deepen.add_argument("--mode", choices=DEEPEN_MODES,
                         default="auto",
                         help="auto: identity after Relu/Clip or no activation, else prelu; identity: identity "
                              "layer + the same activation; before-activation: identity before the activation; "
                              "residual: x + 0*act(I x); prelu: identity + PRelu(slope 1); block: a copy of the "
-                             "pre-norm residual block the layer writes into, its output projections zeroed "
-                             "(LLaMA Pro)")
+                             "residual block the layer writes into, its output projections zeroed "
+                             "(LLaMA Pro); fresh-block: the same block structure with new random weights "
+                             "(LayerNorms reset, biases zero), its output projections zeroed")
     deepen.add_argument("--batchnorm", action="store_true", help="add an exact identity BatchNormalization")
     deepen.add_argument("--noise", type=float, default=0.0, metavar="STD",
                         help="noise on the identity weights, relative to the layer's weight std")

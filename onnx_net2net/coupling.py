@@ -702,11 +702,31 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
         node_label = f"{node.op_type} {ir.label(index)}"
+        if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
+            reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
+                      "channels (the other concatenated branch); every later split would pass different channels "
+                      "on, so widening shuffled branches is not supported")
         raise _Refused(Refusal(node_label, reason, _unit_layout_hints(placement, src, dst)))
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
+
+
+def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:
+    """Reshape [.., C, ..] -> [.., g, C/g, ..], then a Transpose swapping those two axes."""
+    if index is None or ir.nodes[index].op_type != "Reshape":
+        return False
+    src, dst = ir.shape(ir.nodes[index].input[0]), ir.shape(ir.nodes[index].output[0])
+    uses = ir.uses(ir.nodes[index].output[0])
+    if src is None or dst is None or len(dst) != len(src) + 1 or len(uses) != 1:
+        return False
+    transpose = ir.nodes[uses[0].node]
+    perm = node_attr(transpose, "perm")
+    if transpose.op_type != "Transpose" or perm is None:
+        return False
+    swapped = [axis for axis, source in enumerate(perm) if axis != source]
+    return len(swapped) == 2 and swapped[1] == swapped[0] + 1
 
 
 def map_through_reshape(placement: Placement, src: tuple, dst: tuple):

@@ -68,7 +68,7 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
     node = ir.nodes[index]
     names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
     widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.feature_step,
-             "group": names}
+             "group": names, "note": _widen_note(group) if group.ok else None}
     return {
         "name": coupling.layer_name(ir, index),
         "op": node.op_type,
@@ -77,6 +77,20 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
         "widen": widen,
         "deepen": _deepen_status(ir, index, reference, handle),
     }
+
+
+def _widen_note(group: coupling.UnitGroup) -> str | None:
+    """Why the step is what it is, when that is not obvious."""
+    notes = []
+    if group.unit_width > 1:
+        notes.append(f"whole attention heads of {group.unit_width}")
+    if group.repeats > 1:
+        notes.append(f"the units repeat {group.repeats}x along the output (fused projections)")
+    if group.tile and group.average_expansion:
+        notes.append("normalised units: widths that are not multiples use LEMON's average expansion")
+    elif group.tile:
+        notes.append(f"normalised units: multiples only ({group.average_blocker})")
+    return "; ".join(notes) or None
 
 
 def _deepen_status(ir: GraphIR, index: int, reference, handle) -> dict:

@@ -172,8 +172,9 @@ class DeepenPass(_Pass):
         for number, name in enumerate(names):
             ir = GraphIR(handle)
             layer = _layer(ir, name)
-            if self.options.mode == "block":
-                changes.append(_insert_block(ir, layer, name))
+            if self.options.mode in deeper.BLOCK_MODES:
+                fresh_seed = self.options.seed + number if self.options.mode == "fresh-block" else None
+                changes.append(_insert_block(ir, layer, name, fresh_seed))
                 continue
             try:
                 insertion = deeper.plan(ir, layer, self.options)
@@ -205,14 +206,14 @@ class DeepenPass(_Pass):
         return [coupling.layer_name(ir, layer) for layer in possible]
 
 
-def _insert_block(ir: GraphIR, layer: int, name: str) -> dict:
+def _insert_block(ir: GraphIR, layer: int, name: str, fresh_seed: int | None) -> dict:
     from .rewrites import blocks
 
     try:
         block = blocks.plan_block(ir, layer)
     except GrowthRefused as refused:
         raise GrowthRefused(f"layer '{name}' cannot be deepened by a block: {refused}") from None
-    return blocks.insert_block(ir, block, name)
+    return blocks.insert_block(ir, block, name, fresh_seed)
 
 
 def _stage_ends(ir: GraphIR, layers: list[int], possible: set[int]) -> list[int]:

@@ -15,7 +15,7 @@ from helpers import (assert_same_function, conv_sandwich, dense_sandwich, model_
                      widen_exact)
 
 LAYER_KEYS = {"name", "op", "weight", "width", "widen", "deepen"}
-WIDEN_KEYS = {"ok", "reason", "step", "group"}
+WIDEN_KEYS = {"ok", "reason", "step", "group", "note"}
 DEEPEN_KEYS = {"ok", "reason"}
 
 
@@ -46,7 +46,8 @@ def test_inspect_schema(trial):
     assert first == {
         "name": "/stem/stem.0/Conv", "op": "Conv", "weight": "stem.0.weight", "width": 16,
         "widen": {"ok": True, "reason": None, "step": 1,
-                  "group": ["/layer1/layer1.0/conv2/Conv", "/layer1/layer1.1/conv2/Conv", "/stem/stem.0/Conv"]},
+                  "group": ["/layer1/layer1.0/conv2/Conv", "/layer1/layer1.1/conv2/Conv", "/stem/stem.0/Conv"],
+                  "note": None},
         "deepen": {"ok": True, "reason": None},
     }
 

@@ -162,3 +162,8 @@ def test_noise_never_touches_integer_indices():
     gather = next(n for n in grown.graph.node if n.op_type == "Gather")
     indices = init(grown, gather.input[1])
     assert indices.dtype == np.int64 and set(indices.ravel()) <= set(range(7))
+
+
+def test_inspect_explains_the_step_of_a_fused_projection():
+    layer = {l["name"]: l for l in n2n.inspect(fused_attention("split-sizes"), trial=False)["layers"]}[QKV]
+    assert "whole attention heads of 4" in layer["widen"]["note"] and "repeat 3x" in layer["widen"]["note"]

@@ -225,15 +225,16 @@ def test_softmax_over_unit_axis_even_with_tiling_is_refused():
             n2n.widen(model, {"L1": width})
 
 
-def test_layernorm_over_units_needs_whole_copies():
+def test_layernorm_over_units_tiles_multiples_and_averages_the_rest():
     def ln(t, inits, rng, c):
         inits.update(ln_s=rng.uniform(0.5, 1.5, c).astype(np.float32), ln_b=rand(rng, c))
         return [H("LayerNormalization", [t, "ln_s", "ln_b"], ["n"], axis=-1, epsilon=1e-3, name="LN")], "n"
     model = dense_sandwich(ln, c=3)
-    with pytest.raises(n2n.UserError, match="multiple of 3"):
-        n2n.widen(model, {"L1": 4})
     wider, _ = widen_exact(model, {"L1": 9})
-    assert init(wider, node(wider, "LN").input[1]).shape == (9,)
+    np.testing.assert_array_equal(init(wider, node(wider, "LN").input[1]), np.tile(init(model, "ln_s"), 3))
+    wider, _ = widen_exact(model, {"L1": 4}, split="random")  # LEMON: one extra unit carrying the mean
+    assert init(wider, node(wider, "LN").input[1]).shape == (4,)
+    assert attr(node(wider, "LN"), "epsilon") == pytest.approx(1e-3 * 3 / 4)
 
 
 def test_refuse_unknown_op():

@@ -135,3 +135,9 @@ def test_shipped_prenorm_vit_grows_its_residual_stream_to_any_width():
 def test_shipped_postnorm_bert_says_why_it_needs_multiples():
     with pytest.raises(n2n.UserError, match="post-norm"):
         n2n.widen(MODELS / "bert_tiny.onnx", {"/model/bert/encoder/layer.0/output/dense/MatMul": 96})
+
+
+def test_inspect_says_which_widths_a_normalised_group_takes():
+    prenorm, postnorm = _layer(residual_model()), _layer(residual_model(post_norm=True))
+    assert "LEMON's average expansion" in prenorm["widen"]["note"]
+    assert "multiples only" in postnorm["widen"]["note"] and "post-norm" in postnorm["widen"]["note"]

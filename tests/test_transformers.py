@@ -111,3 +111,31 @@ def test_block_deepening_copies_attention_and_mlp_together():
 def test_block_deepening_refuses_a_plain_layer():
     with pytest.raises(n2n.GrowthRefused, match="residual stream"):
         n2n.deepen(MODELS / "mlp.onnx", ["/0/Gemm"], mode="block")
+
+
+def test_fresh_block_is_exact_and_not_a_copy():
+    layer = "/model/layers.0/attention/o_proj/MatMul"
+    grown, report = n2n.deepen(VIT, [layer], mode="fresh-block", seed=4)
+    change = report["changes"][0]
+    assert change["mode"] == "fresh-block" and report["verification"]["max_abs"] == 0
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in grown.graph.initializer}
+    new = {name: value for name, value in inits.items() if name in change["initializers"]}
+    weights = [name for name in new if "onnx::MatMul" in name]
+    assert len(weights) == 6  # q, k, v, o, fc1, fc2
+    for name in weights:
+        original = inits[name.split("/block0/", 1)[1]]
+        zeroed = not new[name].any()
+        assert zeroed or not np.allclose(new[name], original), name
+    assert sum(not new[name].any() for name in weights) == 2  # o and fc2 hold the block at zero
+    layer_norms = [name for name in new if "layernorm" in name]
+    assert len(layer_norms) == 4  # both norms' scale and shift: reset to 1 and 0
+    assert all(np.all(new[name] == (1 if name.endswith("weight") else 0)) for name in layer_norms)
+    biases = [name for name in new if name.endswith(".bias") and "layernorm" not in name]
+    assert len(biases) == 6 and not any(new[name].any() for name in biases)  # q, k, v, o, fc1, fc2
+
+
+def test_cli_modes_are_the_rewrite_modes():
+    from onnx_net2net.cli import DEEPEN_MODES
+    from onnx_net2net.rewrites.deeper import MODES
+
+    assert DEEPEN_MODES == MODES

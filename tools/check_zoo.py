@@ -84,7 +84,8 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         raise SystemExit(f"unknown model {name}")
     model.eval()
     if exporter == "dynamo":
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"])
+        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"],
+                          external_data=False, verbose=False)
     else:
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"])
 

@@ -149,8 +149,14 @@ def _branch_layer(ir: GraphIR, tensor: str) -> int:
     raise GrowthRefused(f"the branch ending in '{tensor}' does not end with a weighted layer")
 
 
-def insert_block(ir: GraphIR, block: Block, prefix_base: str) -> dict:
-    """Insert the zero-output copy of `block` after it."""
+def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | None = None) -> dict:
+    """Insert the zero-output copy of `block` after it.
+
+    With `fresh_seed`, the copy is a fresh block instead: the same structure,
+    layer weights drawn anew (normal, with the std of the weight they
+    replace), biases zero, LayerNorm scales one and shifts zero. Constants
+    that are not parameters (shapes, masks, scales) are copied as they are.
+    """
     taken = {n.name for n in ir.nodes} | set(ir.initializers) | set(ir.producer)
     k = 0
     while any(name.startswith(f"{prefix_base}/block{k}") for name in taken):
@@ -164,6 +170,7 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str) -> dict:
         bias = _bias_after(ir, layer)
         if bias:
             zero_inputs.add(bias)
+    fresh = _fresh_values(ir, block, np.random.default_rng(fresh_seed)) if fresh_seed is not None else {}
     copies, initializers = [], []
     for index in block.nodes:
         node = ir.nodes[index]
@@ -174,10 +181,10 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str) -> dict:
         for port, name in enumerate(copy.input):
             if name in renamed:
                 copy.input[port] = renamed[name]
-            elif name in ir.initializers:
+            elif name in ir.initializers or _is_parameter(ir, name):
                 new_name = prefix + ("" if name.startswith("/") else "/") + name
                 if new_name not in {t.name for t in initializers}:
-                    value = ir.const_value(name)
+                    value = fresh.get(name, ir.const_value(name))
                     if name in zero_inputs:
                         value = np.zeros_like(value)
                     initializers.append(numpy_helper.from_array(value, new_name))
@@ -194,9 +201,49 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str) -> dict:
     del ir.graph.node[:]
     ir.graph.node.extend(nodes[:block.end_node + 1] + copies + nodes[block.end_node + 1:])
     ir.graph.initializer.extend(initializers)
-    return {"after": block.end, "mode": "block", "activation": "block copy",
+    return {"after": block.end, "mode": "fresh-block" if fresh else "block",
+            "activation": "fresh block" if fresh else "block copy",
             "nodes": [c.name for c in copies], "initializers": [t.name for t in initializers],
             "zeroed": [layer_name(ir, layer) for layer in block.zeroed]}
+
+
+def _fresh_values(ir: GraphIR, block: Block, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """New values for the parameters the block's nodes read (see insert_block)."""
+    values = {}
+    for index in block.nodes:
+        node = ir.nodes[index]
+        for port, name in enumerate(node.input):
+            if not (name in ir.initializers or _is_parameter(ir, name)) or name in values:
+                continue
+            value = ir.const_value(name)
+            if not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
+                continue
+            if node.op_type in WEIGHTED_LAYERS and port == 1:
+                std = float(value.std()) or 0.02
+                values[name] = rng.normal(0.0, std, size=value.shape).astype(value.dtype)
+            elif node.op_type == "LayerNormalization" and port in (1, 2):
+                values[name] = (np.ones_like if port == 1 else np.zeros_like)(value)
+            elif node.op_type == "Gemm" and port == 2 or _is_bias_add(ir, index, port):
+                values[name] = np.zeros_like(value)
+    return values
+
+
+def _is_parameter(ir: GraphIR, name: str) -> bool:
+    """A float constant reached through Identity (exporters share equal
+    initializers that way): the copy gets its own, like any other weight."""
+    if not name or not ir.is_const(name):
+        return False
+    value = ir.const_value(name)
+    return value is not None and np.issubdtype(value.dtype, np.floating) and value.ndim > 0
+
+
+def _is_bias_add(ir: GraphIR, index: int, port: int) -> bool:
+    """A constant added to a weighted layer's output."""
+    node = ir.nodes[index]
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    producer = ir.producer_node(node.input[1 - port])
+    return producer is not None and ir.nodes[producer].op_type in WEIGHTED_LAYERS
 
 
 def _bias_after(ir: GraphIR, layer: int) -> str | None:

@@ -31,7 +31,8 @@ from ..coupling import ELEMENTWISE_UNARY, layer_name, layer_width
 from ..errors import GrowthRefused
 from ..ir import GraphIR, node_attr
 
-MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block")
+MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block", "fresh-block")
+BLOCK_MODES = ("block", "fresh-block")
 #: Activations f with f(f(x)) = f(x): the identity layer can repeat them.
 IDEMPOTENT = frozenset({"Relu", "Clip"})
 _NOT_ACTIVATIONS = frozenset({"Identity", "Cast", "CastLike", "Dropout", "Bernoulli"})
