@@ -157,10 +157,13 @@ class UnitGroup:
         tile: statistics are taken over the units (a normalisation): every
             unit must be copied equally often, new sizes are multiples of the
             size, unless `average_expansion` allows any size.
-        norms: the LayerNormalization nodes normalising over the units.
+        norms: the LayerNormalization / RMSNormalization nodes normalising
+            over the units.
         average_expansion: LEMON's average expansion keeps the function at
             any width (extra units carry the mean of the units up to every
-            LayerNormalization); `average_blocker` says why not otherwise.
+            LayerNormalization, or zero up to every RMSNormalization);
+            `average_blocker` says why not otherwise.
+        extras: what the extra units carry, "mean" or "zero".
     """
 
     seed: int
@@ -181,6 +184,7 @@ class UnitGroup:
     norms: list[int] = field(default_factory=list)
     average_expansion: bool = False
     average_blocker: str | None = None
+    extras: str = "mean"
 
     @property
     def features_per_unit(self) -> int:
@@ -1052,7 +1056,8 @@ def _layernorm(walk: _Walk, index: int, side: str, port: int, placement: Placeme
         _require_tiling(walk, index, placement)
         walk.group.norms.append(index)
         walk.weight(index, 1, 0, _axis_only(placement), "norm-scale")
-        walk.weight(index, 2, 0, _axis_only(placement), "norm-bias")
+        if node.op_type == "LayerNormalization":
+            walk.weight(index, 2, 0, _axis_only(placement), "norm-bias")
     walk.same_on_ports(index, placement)
 
 
@@ -1192,6 +1197,7 @@ _RULES = {
     "Softmax": _softmax,
     "LogSoftmax": _softmax,
     "LayerNormalization": _layernorm,
+    "RMSNormalization": _layernorm,
     "Pad": _pad,
     "Gather": _gather,
     "Resize": _resize,
@@ -1225,15 +1231,28 @@ _AVERAGE_SAFE = frozenset("""
 """.split())
 
 
+#: Per-unit ops with f(0) = 0: zero extras stay zero through them.
+_ZERO_AT_ZERO = frozenset("""
+    Relu LeakyRelu Tanh Gelu Erf Neg Abs Elu Selu Celu Mish HardSwish Softsign Sin Sinh Asinh Atan Atanh
+    ThresholdedRelu
+""".split())
+
+
 def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
-    """Why LEMON's average expansion cannot be used for this group (None: it can)."""
+    """Why LEMON's average expansion cannot be used for this group (None: it
+    can; `group.extras` then says what the extra units carry)."""
     if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
         return "the units are structured (heads or grouped convolutions)"
     if not group.norms:
-        return "statistics over the units are taken by separate Reduce ops, not a LayerNormalization"
+        return "statistics over the units are taken by separate Reduce ops, not a normalisation op"
     other = sorted(op for op in group.ops & REDUCTIONS)
     if other:
-        return f"{other[0]} takes statistics over the units (only LayerNormalization is expanded)"
+        return f"{other[0]} takes statistics over the units (only LayerNormalization / RMSNormalization are expanded)"
+    kinds = {ir.nodes[norm].op_type for norm in group.norms}
+    if len(kinds) > 1:
+        return "both LayerNormalization (extra units must carry the mean) and RMSNormalization (extra units " \
+               "must be zero) normalise these units"
+    group.extras = "zero" if kinds == {"RMSNormalization"} else "mean"
     writers = set(group.producers)
     frontier = [ir.nodes[norm].input[0] for norm in group.norms]
     seen = set()
@@ -1244,28 +1263,44 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
         seen.add(tensor)
         found = ir.producer.get(tensor)
         if found is None or ir.is_const(tensor):
-            continue  # a constant carrying the units: its extras get the mean
+            continue  # a constant carrying the units: its extras get the mean (or zero)
         index = found[0]
-        node = ir.nodes[index]
         if index in writers:
             continue
-        if index in group.norms:
-            return (f"the output of LayerNormalization {ir.label(index)} feeds another normalisation "
-                    "(post-norm): its extra units would not carry the mean")
-        if node.op_type not in _AVERAGE_SAFE and not _float_cast(node):
-            return f"{node.op_type} {ir.label(index)} acts on the units before a normalisation and does not " \
-                   "commute with averaging them"
-        if not all(_fills_axis(group, group.placements[name]) for name in list(node.input) + list(node.output)
-                   if name in group.placements):
-            return f"{node.op_type} {ir.label(index)} mixes the units with other data before a normalisation"
-        spaced = [port for port, name in enumerate(node.input) if name and name in group.placements]
-        if node.op_type in ("Mul", "Div") and (len(spaced) > 1 or spaced != [0] and node.op_type == "Div"):
-            return f"{node.op_type} {ir.label(index)} is not linear in the units"
-        for port, name in enumerate(node.input):
-            if node.op_type in ("Mul", "Div") and port not in spaced and _edits_port(group, index, port):
-                return f"{node.op_type} {ir.label(index)} scales each unit by its own factor before a normalisation"
-            if port in spaced:
-                frontier.append(name)
+        reason = _blocks_extras(ir, group, index)
+        if reason:
+            return reason
+        if index not in group.norms:  # an RMS norm's extras are zero again: the walk stops there
+            frontier += [name for name in ir.nodes[index].input if name in group.placements]
+    return None
+
+
+def _blocks_extras(ir: GraphIR, group: UnitGroup, index: int) -> str | None:
+    """Why the op at `index` (before a normalisation) would not keep the extra
+    units at the mean (LayerNorm) or at zero (RMSNorm)."""
+    node, label = ir.nodes[index], f"{ir.nodes[index].op_type} {ir.label(index)}"
+    zero = group.extras == "zero"
+    if index in group.norms:
+        return None if zero else (f"the output of LayerNormalization {ir.label(index)} feeds another "
+                                  "normalisation (post-norm): its extra units would not carry the mean")
+    if zero and node.op_type in _ZERO_AT_ZERO:
+        return None
+    if node.op_type not in _AVERAGE_SAFE and not _float_cast(node):
+        return f"{label} acts on the units before a normalisation and does not commute with averaging them"
+    if not all(_fills_axis(group, group.placements[name]) for name in list(node.input) + list(node.output)
+               if name in group.placements):
+        return f"{label} mixes the units with other data before a normalisation"
+    spaced = [port for port, name in enumerate(node.input) if name and name in group.placements]
+    per_unit = [port for port in range(len(node.input)) if port not in spaced and _edits_port(group, index, port)]
+    shared = [port for port, name in enumerate(node.input) if name and port not in spaced + per_unit]
+    if node.op_type == "Div" and spaced != [0]:
+        return f"{label} divides by the units"
+    if node.op_type == "Div" and per_unit and zero:
+        return f"{label} divides each unit by its own factor (the zero extras would become 0/0)"
+    if node.op_type in ("Mul", "Div") and not zero and (len(spaced) > 1 or per_unit):
+        return f"{label} scales each unit by its own factor before a normalisation"
+    if node.op_type in ("Add", "Sub") and zero and shared:
+        return f"{label} adds the same value to every unit, so the extra units would not stay zero"
     return None
 
 

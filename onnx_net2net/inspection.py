@@ -87,7 +87,9 @@ def _widen_note(group: coupling.UnitGroup) -> str | None:
     if group.repeats > 1:
         notes.append(f"the units repeat {group.repeats}x along the output (fused projections)")
     if group.tile and group.average_expansion:
-        notes.append("normalised units: widths that are not multiples use LEMON's average expansion")
+        carry = "the mean" if group.extras == "mean" else "zero (RMS norms)"
+        notes.append(f"normalised units: widths that are not multiples use LEMON's average expansion "
+                     f"(extra units carry {carry})")
     elif group.tile:
         notes.append(f"normalised units: multiples only ({group.average_blocker})")
     return "; ".join(notes) or None

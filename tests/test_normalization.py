@@ -18,9 +18,11 @@ EPS = 1e-5
 
 
 def residual_model(*, post_norm: bool = False, stream_op: str | None = None, decomposed: bool = False,
-                   seed: int = 0):
+                   rms: bool = False, seed: int = 0):
     """x -> embed -> [block] -> final norm -> head. Pre-norm block:
-    s1 = s0 + fc2(relu(fc1(norm1(s0)))); post-norm: s1 = norm1(s0 + fc2(relu(fc1(s0))))."""
+    s1 = s0 + fc2(relu(fc1(norm1(s0)))); post-norm: s1 = norm1(s0 + fc2(relu(fc1(s0)))).
+    Norms are LayerNormalization, RMSNormalization (`rms`, opset 23) or a
+    decomposed LayerNorm / RMSNorm (`decomposed`)."""
     rng = np.random.default_rng(seed)
     inits = {"w_embed": rand(rng, D_IN, D), "b_embed": rand(rng, D), "w_fc1": rand(rng, D, F), "w_fc2": rand(rng, F, D),
              "b_fc2": rand(rng, D), "w_head": rand(rng, D, 2)}
@@ -40,6 +42,17 @@ def residual_model(*, post_norm: bool = False, stream_op: str | None = None, dec
         nodes.append(H("Identity", ["s0"], ["s0r"]))
 
     def norm(source, name, out):
+        if rms and not decomposed:
+            nodes.append(H("RMSNormalization", [source, f"{name}_scale"], [out], axis=-1, epsilon=EPS, name=name))
+            return
+        if rms:
+            inits.setdefault("two", np.array(2.0, np.float32))
+            inits.setdefault("eps", np.array(EPS, np.float32))
+            nodes.extend([
+                H("Pow", [source, "two"], [f"{name}_sq"]), H("ReduceMean", [f"{name}_sq"], [f"{name}_ms"], axes=[-1]),
+                H("Add", [f"{name}_ms", "eps"], [f"{name}_me"]), H("Sqrt", [f"{name}_me"], [f"{name}_rms"]),
+                H("Div", [source, f"{name}_rms"], [f"{name}_n"]), H("Mul", [f"{name}_n", f"{name}_scale"], [out])])
+            return
         if not decomposed:
             nodes.append(H("LayerNormalization", [source, f"{name}_scale", f"{name}_bias"], [out], axis=-1,
                            epsilon=EPS, name=name))
@@ -65,7 +78,12 @@ def residual_model(*, post_norm: bool = False, stream_op: str | None = None, dec
                   H("Add", ["s0r", "ob"], ["s1"])]
     norm("s1", "norm_f", "nf")
     nodes.append(H("MatMul", ["nf", "w_head"], ["y"], name="head"))
-    return make_model(nodes, [("x", [B, T, D_IN])], [("y", [B, T, 2])], inits)
+    if rms:
+        for name in ("norm1", "norm_f"):
+            del inits[f"{name}_bias"]
+    opset = 23 if rms and not decomposed else 17
+    return make_model(nodes, [("x", [B, T, D_IN])], [("y", [B, T, 2])], inits, opset=opset,
+                      ir_version=11 if opset >= 23 else 10)
 
 
 def _layer(model, name="embed"):
@@ -141,3 +159,23 @@ def test_inspect_says_which_widths_a_normalised_group_takes():
     prenorm, postnorm = _layer(residual_model()), _layer(residual_model(post_norm=True))
     assert "LEMON's average expansion" in prenorm["widen"]["note"]
     assert "multiples only" in postnorm["widen"]["note"] and "post-norm" in postnorm["widen"]["note"]
+
+
+@pytest.mark.parametrize("kind", [{}, {"post_norm": True}, {"stream_op": "layer-scale"}, {"stream_op": "relu"}])
+@pytest.mark.parametrize("width", [7, 11, 12])
+def test_rms_norm_grows_to_any_width_with_zero_extras(kind, width):
+    model = residual_model(rms=True, **kind)
+    assert _layer(model)["widen"]["step"] == 1
+    grown, _ = widen_exact(model, {"embed": width}, split="random", seed=1)
+    k = width // D
+    # The extra units are zero before every RMS norm: zero producer columns.
+    assert not init(grown, "w_embed")[:, k * D:].any() and not init(grown, "b_embed")[k * D:].any()
+    assert attr(node(grown, "norm1"), "epsilon") == pytest.approx(EPS * k * D / width, rel=1e-6)
+
+
+def test_decomposed_rms_norm_tiles_and_says_why_it_needs_multiples():
+    model = residual_model(rms=True, decomposed=True)
+    assert _layer(model)["widen"]["step"] == D
+    with pytest.raises(n2n.UserError, match="separate Reduce ops"):
+        n2n.widen(model, {"embed": D + 2})
+    widen_exact(model, {"embed": 3 * D}, split="random")

@@ -166,3 +166,30 @@ def test_deepened_model_loads_in_onnx2torch():
     with torch.no_grad():
         torch.testing.assert_close(student(x), model(x), atol=1e-5, rtol=1e-5)
     assert len(list(student.parameters())) == len(list(model.parameters())) + 2 * len(after)
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_net2net", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schedules_and_teacher_recipe():
+    r = _script_module()
+    assert r.lr_at(1, 100, 0.01, "constant") == r.lr_at(100, 100, 0.01, "constant") == 0.01
+    assert r.lr_at(1, 100, 0.01, "cosine") == pytest.approx(0.01)
+    assert r.lr_at(51, 100, 0.01, "cosine") == pytest.approx(0.005)
+    assert 0 < r.lr_at(100, 100, 0.01, "cosine") < 1e-5
+    with pytest.raises(ValueError):
+        r.lr_at(1, 10, 0.01, "linear")
+    settings = {"lr": 1e-3, "teacher_lr": None, "teacher_schedule": None}
+    # MNIST-1D teachers have their own recipe (trained to convergence); digits uses --lr, constant
+    assert r.teacher_recipe(r.EXPERIMENTS["mnist1d-cnn"], settings) == (3e-2, "cosine")
+    assert r.teacher_recipe(r.EXPERIMENTS["digits-cnn"], settings) == (1e-3, "constant")
+    forced = dict(settings, teacher_lr=5e-3, teacher_schedule="constant")
+    assert r.teacher_recipe(r.EXPERIMENTS["mnist1d-cnn"], forced) == (5e-3, "constant")
+    args = r.parse_args(["--schedule", "cosine", "--lr", "3e-2"])
+    assert args.schedule == "cosine" and args.lr == 3e-2

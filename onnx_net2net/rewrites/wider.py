@@ -98,6 +98,8 @@ class UnitMapping:
     #: Units that carry the mean of the old units (LEMON's average expansion)
     #: instead of copying one; their g is 0 and they are not in `counts`.
     is_average: np.ndarray | None = None
+    #: What the average units carry: "mean" (LayerNorm) or "zero" (RMSNorm).
+    extras: str = "mean"
 
     @property
     def old(self) -> int:
@@ -114,12 +116,13 @@ class UnitMapping:
         return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
 
     @classmethod
-    def average(cls, n: int, q: int) -> "UnitMapping":
-        """LEMON: each unit copied q // n times, then q % n units of the mean."""
+    def average(cls, n: int, q: int, extras: str = "mean") -> "UnitMapping":
+        """LEMON: each unit copied q // n times, then q % n units that carry
+        the mean of the units (or zero, for an RMS norm)."""
         tiled = q // n * n
         g = np.concatenate([np.arange(tiled) % n, np.zeros(q - tiled)]).astype(np.int64)
         is_average = np.arange(q) >= tiled
-        return cls(g, np.arange(q) >= n, np.bincount(g[:tiled], minlength=n), is_average)
+        return cls(g, np.arange(q) >= n, np.bincount(g[:tiled], minlength=n), is_average, extras)
 
     @property
     def variance_ratio(self) -> float:
@@ -172,7 +175,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     n, q = group.size, new_width
     rng = np.random.default_rng(options.seed)
     if group.tile:
-        mapping = UnitMapping.tile(n, q) if q % n == 0 else UnitMapping.average(n, q)
+        mapping = UnitMapping.tile(n, q) if q % n == 0 else UnitMapping.average(n, q, group.extras)
     else:
         mapping = UnitMapping.draw(n, q, rng, group.step)
     record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.features_per_unit,
@@ -259,13 +262,16 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
 def _average_units(value: np.ndarray, original: np.ndarray, edit, mapping: UnitMapping,
                    slots: np.ndarray) -> np.ndarray:
     """LEMON's entries for the average units and the normalisation's scale:
-    producers give the extra units the mean of the units' entries, consumers
-    read them with weight 0, a LayerNorm's B is 0 there and its Scale is
-    multiplied by sqrt(s) everywhere (the copies' variance shrank by s)."""
+    producers give the extra units the mean of the units' entries (zero
+    before an RMS norm), consumers read them with weight 0, a LayerNorm's B
+    is 0 there and its Scale is multiplied by sqrt(s) everywhere (the copies'
+    variance, or mean square, shrank by s)."""
     placement, axis = edit.placement, edit.axis
     extra = (slots >= 0) & mapping.is_average[np.maximum(slots, 0)]
     moved = np.moveaxis(value, axis, 0).copy()
-    if edit.role in ("copy", "norm-scale"):
+    if edit.role == "copy" and mapping.extras == "zero":
+        moved[extra] = 0
+    elif edit.role in ("copy", "norm-scale"):
         old = np.moveaxis(original, axis, 0).astype(np.float64)
         per_block = old.reshape((placement.outer, placement.block) + old.shape[1:])
         units = per_block[:, placement.offset: placement.offset + mapping.old * placement.inner]
