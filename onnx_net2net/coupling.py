@@ -647,13 +647,18 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
     first, last = int(starts[k]), int(ends[k])
     start, end = _clamp(first, in_length), _clamp(last, in_length)
     growth = placement.growth()
+    known = walk.group.placements.get(node.input[0])
+    if side == "out" and known is not None and known.outer > 1:
+        if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
+            return  # reached again from one part of a repeated space already mapped from the input
     if side == "out":
         walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
         return
     lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
     if placement.outer != 1:
-        walk.refuse(index, "it slices interleaved features")
+        walk.add(node.output[0], _slice_of_repeats(walk, index, k, first, last, placement))
+        return
     if start <= lo and hi <= end:
         walk.add(node.output[0], replace(placement, offset=lo - start, length=end - start))
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
@@ -664,7 +669,30 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
         # The slice lies after the units: it moves right with them.
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, False, False)
     else:
-        walk.refuse(index, "it cuts through the units")
+        span = end - start
+        fills = lo == 0 and hi == placement.length
+        retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
+            and start % span == 0 else ()
+        raise _Refused(Refusal(f"{node.op_type} {ir.label(index)}", "it cuts through the units", retry))
+
+
+def _slice_of_repeats(walk: _Walk, index: int, k: int, first: int, last: int, placement: Placement,
+                      record: bool = True) -> Placement:
+    """A Slice taking whole repeats of a repeated space (q, k or v of a fused
+    projection): the output holds those repeats; bounds move by the growth of
+    the repeats before them."""
+    block, length, per_repeat = placement.block, placement.length, placement.inner
+    if first < 0 or last < 0:
+        walk.refuse(index, "it slices a repeated space with bounds counted from the end")
+    start, end = min(first, length), min(last, length)
+    if start % block or end % block or end <= start:
+        walk.refuse(index, "it cuts through the repeats of the units")
+    if record:
+        if start:
+            walk.group.value_edits.append(ValueEdit(index, 1, k, start // block * per_repeat))
+        if last <= length:  # a larger end is clamped to the new length as well
+            walk.group.value_edits.append(ValueEdit(index, 2, k, end // block * per_repeat))
+    return replace(placement, outer=(end - start) // block, length=end - start)
 
 
 def _shift_slice_bounds(walk: _Walk, index: int, k: int, first: int, last: int, length: int, growth: int,

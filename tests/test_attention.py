@@ -51,7 +51,13 @@ def fused_attention(style: str, seed: int = 0):
     inits = {"w_qkv": rand(rng, D, 3 * D), "b_qkv": rand(rng, 3 * D), "w_out": rand(rng, D, D), "b_out": rand(rng, D)}
     nodes = [H("MatMul", ["x", "w_qkv"], ["qkv_mm"], name=QKV), H("Add", ["qkv_mm", "b_qkv"], ["qkv_out"])]
     opset = 17
-    if style in ("split-sizes", "split-even"):
+    if style == "slices":
+        big = np.iinfo(np.int64).max
+        inits.update(axis2=_i64(2), **{f"start_{p}": _i64(i * D) for i, p in enumerate("qkv")},
+                     end_q=_i64(D), end_k=_i64(2 * D), end_v=_i64(big))
+        nodes += [H("Slice", ["qkv_out", f"start_{p}", f"end_{p}", "axis2"], [p]) for p in "qkv"]
+        q, k, v = (_heads(p, nodes, inits) for p in ("q", "k", "v"))
+    elif style in ("split-sizes", "split-even"):
         if style == "split-sizes":
             inits["sizes"] = _i64(D, D, D)
             nodes.append(H("Split", ["qkv_out", "sizes"], ["q", "k", "v"], axis=2))
@@ -76,7 +82,7 @@ def fused_attention(style: str, seed: int = 0):
     return make_model(nodes, [("x", [B, T, D])], [("y", [B, T, D])], inits, opset=opset)
 
 
-STYLES = ["split-sizes", "split-even", "timm-split", "timm-gather"]
+STYLES = ["split-sizes", "split-even", "slices", "timm-split", "timm-gather"]
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -103,6 +109,9 @@ def test_widen_fused_qkv_by_whole_heads_is_exact(style, split):
         np.testing.assert_array_equal(w[:, third * heads * HEAD:][:, :D], w_qkv[:, third * D:(third + 1) * D])
     if style == "split-sizes":
         np.testing.assert_array_equal(init(grown, "sizes"), [heads * HEAD] * 3)
+    if style == "slices":
+        starts = [init(grown, node.input[1])[0] for node in grown.graph.node if node.op_type == "Slice"]
+        assert starts == [0, heads * HEAD, 2 * heads * HEAD]
     if style.startswith("timm"):
         np.testing.assert_array_equal(init(grown, "qkv_shape"), [0, 0, 3, heads, HEAD])
     else:
