@@ -129,15 +129,19 @@ class Experiment:
     full: Budget
     quick: Budget
     input_shape: tuple = ()
+    teacher_lr: float | None = None       # default: --lr
+    teacher_schedule: str = "constant"    # "constant" or "cosine" (decay to 0 over the teacher's budget)
 
 
 EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN", {"channels": 8, "hidden": 32},
-        "last-conv+last-dense", Budget(16000, 6000, 100), Budget(1500, 600, 100), (1, 40)),
+        "last-conv+last-dense", Budget(16000, 3000, 100), Budget(1500, 600, 100), (1, 40),
+        teacher_lr=3e-2, teacher_schedule="cosine"),
     "mnist1d-mlp": Experiment(
         "mnist1d-mlp", "mnist1d", "mlp", "MNIST-1D, MLP", {"hidden": 32},
-        "all", Budget(10000, 4000, 100), Budget(1500, 600, 100), (40,)),
+        "all", Budget(10000, 3000, 100), Budget(1500, 600, 100), (40,),
+        teacher_lr=3e-2, teacher_schedule="cosine"),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN", {"c1": 4, "c2": 8, "hidden": 16},
         "last-conv+last-dense", Budget(2000, 1500, 50), Budget(500, 300, 50), (1, 8, 8)),
@@ -225,9 +229,22 @@ def evaluate(model, x, y):
     return correct / len(y), correct, logits
 
 
-def train(model, data, steps: int, lr: float, batch: int, eval_every: int, seed: int):
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate of update `step` (1-based) of `steps`: constant, or cosine decay from lr to 0."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+    raise ValueError(schedule)
+
+
+def train(model, data, steps: int, lr: float, batch: int, eval_every: int, seed: int, schedule: str = "constant"):
     """Adam, cross-entropy, shuffled epochs (the order depends on `seed` only, so every
-    student of a seed sees the same batches). Returns (steps, test accuracies)."""
+    student of a seed sees the same batches), learning rate `schedule` over the `steps`.
+    Returns (steps, test accuracies)."""
     import torch
     import torch.nn.functional as F
 
@@ -242,6 +259,9 @@ def train(model, data, steps: int, lr: float, batch: int, eval_every: int, seed:
             perm, pos = torch.randperm(n, generator=order), 0
         idx = perm[pos:pos + batch]
         pos += batch
+        if schedule != "constant":
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, schedule)
         model.train()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
@@ -338,6 +358,13 @@ def budget_of(exp: Experiment, settings: dict) -> Budget:
                   settings.get("student_steps") or budget.student_steps, budget.eval_every)
 
 
+def teacher_recipe(exp: Experiment, settings: dict) -> tuple[float, str]:
+    """(learning rate, schedule) of the teacher: --teacher-lr / --teacher-schedule, else the experiment's own,
+    else --lr and a constant rate."""
+    return (settings.get("teacher_lr") or exp.teacher_lr or settings["lr"],
+            settings.get("teacher_schedule") or exp.teacher_schedule)
+
+
 def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
     import torch
 
@@ -352,13 +379,16 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
     n_test = len(y_test)
     tolerance = int(math.floor(0.001 * n_test))          # "to 0.1%", in test samples
     lr, student_lr, batch = settings["lr"], settings["student_lr"], settings["batch"]
+    teacher_lr, teacher_schedule = teacher_recipe(exp, settings)
+    schedule = settings.get("schedule", "constant")
     result = {"seed": seed, "students": {"widen": {}, "deepen": {}}, "checks": []}
 
     # 1. teacher
     t = time.time()
     cache = None
     if settings.get("teacher_cache"):
-        key = (f"{exp_name}_seed{seed}_steps{budget.teacher_steps}_lr{lr:g}_batch{batch}"
+        key = (f"{exp_name}_seed{seed}_steps{budget.teacher_steps}_lr{teacher_lr:g}"
+               f"{'' if teacher_schedule == 'constant' else '_' + teacher_schedule}_batch{batch}"
                f"_n{len(data[1]) + n_test}_{'_'.join(f'{k}{v}' for k, v in exp.widths.items())}")
         cache = Path(settings["teacher_cache"]) / key
     onnx_path = Path(f"{cache}.onnx") if cache else None
@@ -373,9 +403,10 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
     else:
         torch.manual_seed(seed)
         teacher = build_model(exp)
-        steps, accs = train(teacher, data, budget.teacher_steps, lr, batch, budget.eval_every, seed)
+        steps, accs = train(teacher, data, budget.teacher_steps, teacher_lr, batch, budget.eval_every, seed,
+                            teacher_schedule)
         proto = export_onnx(teacher, exp.input_shape)
-        how = f"trained {budget.teacher_steps} steps"
+        how = f"trained {budget.teacher_steps} steps (lr {teacher_lr:g}, {teacher_schedule})"
         if cache is not None:
             import onnx
 
@@ -383,7 +414,8 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
             onnx.save(proto, str(onnx_path))
             json_path.write_text(json.dumps({"steps": steps, "acc": accs}))
     teacher_acc, teacher_correct, teacher_logits = evaluate(teacher, x_test, y_test)
-    result["teacher"] = {"steps": steps, "acc": accs, "final_acc": teacher_acc}
+    result["teacher"] = {"steps": steps, "acc": accs, "final_acc": teacher_acc, "lr": teacher_lr,
+                         "schedule": teacher_schedule}
     log(f"{tag}: teacher {how}, test acc {teacher_acc:.4f} ({time.time() - t:.1f}s)")
     info = n2n.inspect(proto)
     result["teacher"]["widths"] = widths_of(info)
@@ -444,8 +476,8 @@ def run_job(exp_name: str, seed: int, settings: dict, data_np: dict) -> dict:
             t = time.time()
             rate = settings.get("random_init_lr", lr) if name == "random-init" else student_lr
             steps, accs = train(students[(kind, name)], data, budget.student_steps, rate, batch, budget.eval_every,
-                                seed)
-            result["students"][kind][name] = {"steps": steps, "acc": accs, "lr": rate}
+                                seed, schedule)
+            result["students"][kind][name] = {"steps": steps, "acc": accs, "lr": rate, "schedule": schedule}
             log(f"{tag}: {kind}/{name}: step0 {accs[0]:.4f} -> final {accs[-1]:.4f} "
                 f"({budget.student_steps} steps, {time.time() - t:.1f}s)")
     return result
@@ -724,11 +756,18 @@ def parse_args(argv=None):
                    help="directory to keep trained teachers (ONNX + curve) and reuse them on reruns with the same "
                         "experiment, seed, steps, lr, batch and data size")
     p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam learning rate of the teachers and of the random-init students (default %(default)s)")
+                   help="Adam learning rate of every student (and of the teachers of experiments without their own "
+                        "teacher recipe) (default %(default)s)")
     p.add_argument("--student-lr", type=float, default=None,
                    help="Adam learning rate for the grown students (Net2Net, random pad); default --lr")
     p.add_argument("--random-init-lr", type=float, default=None,
                    help="Adam learning rate for the random-init students; default --lr")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning-rate schedule of every student, over the student budget (default %(default)s)")
+    p.add_argument("--teacher-lr", type=float, default=None,
+                   help="Adam learning rate of the teachers (default: each experiment's own, see EXPERIMENTS)")
+    p.add_argument("--teacher-schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule of the teachers (default: each experiment's own)")
     p.add_argument("--noise", type=float, default=0.01,
                    help="relative noise for the 'net2net-noise' student (equal split + noise; default %(default)s)")
     p.add_argument("--batch", type=int, default=100, help="batch size (default %(default)s)")
@@ -749,6 +788,7 @@ def main(argv=None) -> int:
     names = args.only or list(EXPERIMENTS)
     settings = {"quick": quick, "lr": args.lr, "student_lr": args.student_lr if args.student_lr else args.lr,
                 "random_init_lr": args.random_init_lr if args.random_init_lr else args.lr,
+                "schedule": args.schedule, "teacher_lr": args.teacher_lr, "teacher_schedule": args.teacher_schedule,
                 "noise": args.noise, "batch": args.batch, "threads": args.threads,
                 "teacher_steps": args.teacher_steps, "student_steps": args.student_steps,
                 "teacher_cache": str(args.teacher_cache) if args.teacher_cache else None}
