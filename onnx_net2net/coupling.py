@@ -770,6 +770,11 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
     """
     segments = _reshape_segments(src, dst)
     if segments is None:
+        # Unknown leading dims (a dynamic batch merged with the sequence, as
+        # GPT-2's Conv1D does): axes in a common known suffix keep their place.
+        from_end = placement.rank - placement.axis
+        if from_end <= _common_known_suffix(src, dst):
+            return placement.on_axis(len(dst) - from_end, len(dst)), None
         return None, f"cannot match shape {_fmt(src)} to {_fmt(dst)} (unknown dims)"
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
@@ -789,6 +794,15 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
             return _unflatten(placement, dst, j0, j1)
         return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
     return None, "the unit axis is not in the reshape"
+
+
+def _common_known_suffix(src: tuple, dst: tuple) -> int:
+    count = 0
+    for a, b in zip(reversed(src), reversed(dst)):
+        if a is None or a != b:
+            break
+        count += 1
+    return count
 
 
 def _unit_layout_hints(placement: Placement, src: tuple, dst: tuple) -> tuple[tuple[int, int], ...]:

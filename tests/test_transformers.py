@@ -139,3 +139,34 @@ def test_cli_modes_are_the_rewrite_modes():
     from onnx_net2net.rewrites.deeper import MODES
 
     assert DEEPEN_MODES == MODES
+
+
+GPT2 = MODELS / "gpt2_tiny.onnx"
+GPT2_QKV = "/model/transformer/h.0/attn/c_attn/Gemm"
+GPT2_STREAM = "/model/transformer/h.0/attn/c_proj/Gemm"
+GPT2_FC = "/model/transformer/h.1/mlp/c_fc/Gemm"
+
+
+def test_gpt2_every_layer_not_at_the_output_grows_and_deepens():
+    layers = n2n.inspect(GPT2, trial=False)["layers"]
+    eligible = [l for l in layers if "graph output" not in (l["widen"]["reason"] or "")]
+    assert len(eligible) == 8 and all(l["widen"]["ok"] and l["deepen"]["ok"] for l in eligible)
+    steps = {l["name"]: l["widen"]["step"] for l in eligible}
+    assert steps[GPT2_QKV] == 3 * 16 and steps[GPT2_STREAM] == 1 and steps[GPT2_FC] == 1
+
+
+@pytest.mark.parametrize("layer, width", [(GPT2_QKV, 192 + 2 * 48), (GPT2_STREAM, 80), (GPT2_STREAM, 128),
+                                          (GPT2_FC, 300)])
+def test_gpt2_widening_is_exact(layer, width):
+    grown, report = n2n.widen(GPT2, {layer: width}, split="random", seed=5)
+    assert report["verification"]["passed"] and report["verification"]["max_rel"] < 1e-5
+    gemm = next(n for n in grown.graph.node if n.name == layer)
+    weight = next(t for t in grown.graph.initializer if t.name == gemm.input[1])
+    assert weight.dims[1] == width
+
+
+@pytest.mark.parametrize("mode", ["block", "fresh-block"])
+def test_gpt2_block_deepening_is_exact(mode):
+    grown, report = n2n.deepen(GPT2, [GPT2_STREAM], mode=mode)
+    assert report["verification"]["passed"] and report["verification"]["max_abs"] == 0
+    assert report["changes"][0]["zeroed"] == [GPT2_STREAM, "/model/transformer/h.0/mlp/c_proj/Gemm"]

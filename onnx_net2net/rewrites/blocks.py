@@ -31,8 +31,10 @@ from ..coupling import WEIGHTED_LAYERS, layer_name
 from ..errors import GrowthRefused
 from ..ir import GraphIR
 
-#: Ops a branch may end with after its last layer (bias, dropout, casts).
-_BRANCH_TAIL = frozenset({"Add", "Dropout", "Identity", "Cast", "Mul"})
+#: Ops a branch may end with after its last layer (bias, dropout, casts, and
+#: the reshapes around a Gemm on flattened tokens): zero in, zero out.
+_LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+_BRANCH_TAIL = frozenset({"Add", "Dropout", "Identity", "Cast", "Mul"}) | _LAYOUT
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _branch_layer(ir: GraphIR, tensor: str) -> int:
             return producer
         if node.op_type not in _BRANCH_TAIL:
             break
-        data = [name for name in node.input if name and not ir.is_const(name)]
+        data = node.input[:1] if node.op_type in _LAYOUT else [n for n in node.input if n and not ir.is_const(n)]
         if len(data) != 1:
             break
         tensor = data[0]
