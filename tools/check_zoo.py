@@ -2,8 +2,8 @@
 
 Needs the experiments extra plus `pip install transformers timm` for the
 transformer models. Models are built from their configs with random weights
-(no downloads), exported with torch.onnx.export (legacy exporter at opset 17, or
-the dynamo exporter at opset 18 with `--exporter dynamo`),
+(no downloads), exported with torch.onnx.export (legacy exporter at opset 17
+with a dynamic batch, or the dynamo exporter at opset 18 with `--exporter dynamo`),
 then for each model:
 
 1. `inspect` without trial runs (static analysis only: the promise under test);
@@ -87,7 +87,8 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"],
                           external_data=False, verbose=False)
     else:
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"])
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                          dynamic_axes={"input": {0: "batch"}})
 
 
 def check(path: Path, limit: int | None) -> dict:
