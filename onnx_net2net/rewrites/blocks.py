@@ -159,11 +159,7 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
     replace), biases zero, LayerNorm scales one and shifts zero. Constants
     that are not parameters (shapes, masks, scales) are copied as they are.
     """
-    taken = {n.name for n in ir.nodes} | set(ir.initializers) | set(ir.producer)
-    k = 0
-    while any(name.startswith(f"{prefix_base}/block{k}") for name in taken):
-        k += 1
-    prefix = f"{prefix_base}/block{k}"
+    prefix = ir.fresh_prefix(f"{prefix_base}/block")
     renamed = {block.start: block.end}
     zero_inputs = set()
     for layer in block.zeroed:

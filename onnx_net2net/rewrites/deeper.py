@@ -169,7 +169,7 @@ def _identity_groups(layer: onnx.NodeProto, width: int) -> int:
 
 def insert(ir: GraphIR, insertion: Insertion, options: DeepenOptions) -> InsertedLayer:
     """Insert the planned identity construction into the model of `ir`."""
-    base = _unique_prefix(ir, layer_name(ir, insertion.layer))
+    base = ir.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper")
     builder = _Builder(ir, base, options, insertion)
     out = builder.build()
     for use in ir.uses(insertion.tensor):
@@ -299,14 +299,6 @@ def _variance_for_unit_scale(eps: np.float32) -> np.float32:
             return var
         var = np.nextafter(var, np.float32(0.0) if total > 1 else np.float32(2.0), dtype=np.float32)
     return var
-
-
-def _unique_prefix(ir: GraphIR, base: str) -> str:
-    names = {n.name for n in ir.nodes} | set(ir.initializers) | set(ir.producer)
-    k = 0
-    while any(name.startswith(f"{base}/deeper{k}") for name in names):
-        k += 1
-    return f"{base}/deeper{k}"
 
 
 def _splice(ir: GraphIR, tensor: str, new_nodes: list[onnx.NodeProto]) -> None:

@@ -381,19 +381,11 @@ def _root_name(ir: GraphIR, root) -> str:
 def _add_clone(ir: GraphIR, node: int, port: int, value: np.ndarray) -> str:
     original = ir.nodes[node].input[port]
     dtype = ir.const_value(original).dtype
-    name = _unique_name(ir, f"{original}/widened")
+    name = ir.fresh_name(f"{original}/widened")
     tensor = numpy_helper.from_array(value.astype(dtype), name)
     ir.graph.initializer.append(tensor)
     ir.initializers[name] = ir.graph.initializer[-1]
     ir.nodes[node].input[port] = name
-    return name
-
-
-def _unique_name(ir: GraphIR, base: str) -> str:
-    taken = set(ir.initializers) | set(ir.producer) | {v.name for v in ir.graph.input}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}{k}", k + 1
     return name
 
 
