@@ -224,7 +224,7 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
     progress = Progress.for_model(source.stat().st_size if source.is_file() else 0)
     with progress.stage(f"loading {source}"):
         handle = io.load(source)
-    progress = Progress.for_model(handle.weight_bytes())
+    progress.include(handle.weight_bytes())
     plan = getattr(args, "plan_object", None)
     if plan is not None:
         from .coupling import layer_name, weighted_layers

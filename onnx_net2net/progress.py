@@ -22,6 +22,10 @@ class Progress:
     def for_model(cls, weight_bytes: int) -> "Progress":
         return cls(weight_bytes >= THRESHOLD_BYTES)
 
+    def include(self, weight_bytes: int) -> None:
+        """Switch on once more is known (a small file with large external data)."""
+        self.enabled = self.enabled or weight_bytes >= THRESHOLD_BYTES
+
     @contextmanager
     def stage(self, label: str):
         start = time.perf_counter()
