@@ -1295,6 +1295,9 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
         return "both LayerNormalization (extra units must carry the mean) and RMSNormalization (extra units " \
                "must be zero) normalise these units"
     group.extras = "zero" if kinds == {"RMSNormalization"} else "mean"
+    if group.extras == "mean" and any(group.placements[ir.nodes[norm].input[0]].inner != 1 for norm in group.norms):
+        return "a normalisation takes each unit's several features together with the others (the mean of the " \
+               "units would differ from the mean of the features)"
     writers = set(group.producers)
     frontier = [ir.nodes[norm].input[0] for norm in group.norms]
     seen = set()
@@ -1343,6 +1346,9 @@ def _blocks_extras(ir: GraphIR, group: UnitGroup, index: int) -> str | None:
         return f"{label} scales each unit by its own factor before a normalisation"
     if node.op_type in ("Add", "Sub") and zero and shared:
         return f"{label} adds the same value to every unit, so the extra units would not stay zero"
+    if node.op_type == "Pad" and zero and node_attr(node, "mode", b"constant") in (b"constant", "constant") \
+            and len(node.input) > 2 and node.input[2] and np.any(ir.const_value(node.input[2]) != 0):
+        return f"{label} pads with a value that is not zero, so the extra units would not stay zero"
     return None
 
 

@@ -179,3 +179,19 @@ def test_decomposed_rms_norm_tiles_and_says_why_it_needs_multiples():
     with pytest.raises(n2n.UserError, match="separate Reduce ops"):
         n2n.widen(model, {"embed": D + 2})
     widen_exact(model, {"embed": 3 * D}, split="random")
+
+
+def test_norm_over_flattened_channels_takes_multiples_only():
+    """Conv -> Flatten [N, C*H*W] -> LayerNorm: each unit is H*W features, so
+    the mean of the units is not the mean of the features (no LEMON)."""
+    rng = np.random.default_rng(0)
+    channels, side = 3, 2
+    features = channels * side * side
+    inits = {"w": rand(rng, channels, 2, 3, 3), "s": (1 + rand(rng, features, scale=0.2)), "b": rand(rng, features),
+             "fc": rand(rng, features, 2)}
+    nodes = [H("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), H("Flatten", ["c"], ["f"]),
+             H("LayerNormalization", ["f", "s", "b"], ["n"], axis=-1, name="ln"), H("MatMul", ["n", "fc"], ["y"])]
+    model = make_model(nodes, [("x", [1, 2, side, side])], [("y", [1, 2])], inits)
+    layer = _layer(model, "conv")
+    assert layer["widen"]["step"] == channels and "several features" in layer["widen"]["note"]
+    widen_exact(model, {"conv": 2 * channels}, split="random")
