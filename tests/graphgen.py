@@ -16,6 +16,8 @@ running tensor):
   gates (Mul with a broadcast Sigmoid);
 * Flatten, Reshape ([0, -1], [-1, F], [B, F]), Transpose + Flatten into dense
   layers, or tokens (Reshape to [N, C, T], Transpose, MatMul, ReduceMean over T);
+* LayerNormalization (fused at opset >= 17, else decomposed) and pre-norm
+  residual blocks (dense inputs);
 * Identity and Dropout;
 * extra graph outputs on intermediate tensors.
 
@@ -272,8 +274,8 @@ def depthwise(c: Chooser, g: _Graph, x: str) -> str:
     return maybe_activation(c, g, y)
 
 
-def dense(c: Chooser, g: _Graph, x: str, width: int | None = None) -> str:
-    """Gemm or MatMul (+ Add bias) on a [N, F] tensor, (+ BN) (+ activation)."""
+def dense(c: Chooser, g: _Graph, x: str, width: int | None = None, linear: bool = False) -> str:
+    """Gemm or MatMul (+ Add bias) on a [N, F] tensor, (+ BN) (+ activation) unless `linear`."""
     features = g.shapes[x][1]
     if width is None:
         width = c.int(1, 6)
@@ -294,6 +296,8 @@ def dense(c: Chooser, g: _Graph, x: str, width: int | None = None) -> str:
         if c.int(0, 3):
             bias = g.const("b", (0.1 * g.rng.standard_normal(width)).astype(np.float32))
             y = g.node("Add", [y, bias] if c.int(0, 3) else [bias, y], g.shapes[y])
+    if linear:
+        return y
     if c.int(0, 3) == 0:
         y = batchnorm(c, g, y)
     return maybe_activation(c, g, y)
@@ -325,6 +329,35 @@ def pool(c: Chooser, g: _Graph, x: str) -> str:
     if kind == "AveragePool":
         return g.node("AveragePool", [x], shape, kernel_shape=[3] * rank, pads=[1] * (2 * rank))
     return g.node("GlobalAveragePool", [x], shape[:2] + (1,) * rank)
+
+
+def layernorm(c: Chooser, g: _Graph, x: str) -> str:
+    """LayerNormalization over the features of [N, F] (opset >= 17), else the
+    decomposed ReduceMean / Sub / Pow / Sqrt / Div form."""
+    shape, width, rng = g.shapes[x], g.shapes[x][-1], g.rng
+    scale = g.const("ln_scale", (0.5 + rng.random(width)).astype(np.float32))
+    shift = g.const("ln_bias", (0.1 * rng.standard_normal(width)).astype(np.float32))
+    if g.opset >= 17 and c.flag():
+        return g.node("LayerNormalization", [x, scale, shift], shape, axis=-1, epsilon=1e-3)
+    mean = g.node("ReduceMean", [x], (shape[0], 1), axes=[-1], keepdims=1) if g.opset < 18 else \
+        g.node("ReduceMean", [x, g.const("axes", np.array([-1], np.int64))], (shape[0], 1), keepdims=1)
+    centred = g.node("Sub", [x, mean], shape)
+    square = g.node("Mul", [centred, centred], shape)
+    var = g.node("ReduceMean", [square], (shape[0], 1), axes=[-1], keepdims=1) if g.opset < 18 else \
+        g.node("ReduceMean", [square, g.const("axes", np.array([-1], np.int64))], (shape[0], 1), keepdims=1)
+    std = g.node("Sqrt", [g.node("Add", [var, g.const("eps", np.array(1e-3, np.float32))], (shape[0], 1))],
+                 (shape[0], 1))
+    normed = g.node("Div", [centred, std], shape)
+    return g.node("Add", [g.node("Mul", [normed, scale], shape), shift], shape)
+
+
+def prenorm_residual(c: Chooser, g: _Graph, x: str) -> str:
+    """s = linear(x); s + linear(act(dense(norm(s)))): a pre-norm transformer-style
+    block whose stream stays linear up to the norm (LEMON's average expansion)."""
+    stream = dense(c, g, x, linear=True)
+    hidden = dense(c, g, layernorm(c, g, stream))
+    update = dense(c, g, maybe_activation(c, g, hidden), g.shapes[stream][1], linear=True)
+    return g.node("Add", [stream, update] if c.flag() else [update, stream], g.shapes[stream])
 
 
 def residual(c: Chooser, g: _Graph, x: str, spatial: bool) -> str:
@@ -442,7 +475,7 @@ def build(c: Chooser) -> GeneratedModel:
                               "batchnorm", "depthwise", "squeeze_excite", "channels_last_matmul", "passthrough"])
         else:
             block = c.choice(["dense", "activation", "residual", "concat", "side_output", "batchnorm",
-                              "passthrough"])
+                              "passthrough", "layernorm", "prenorm_residual"])  # new kinds go last (replays)
         if block == "conv":
             x = conv(c, g, x)
         elif block == "dense":
@@ -463,6 +496,10 @@ def build(c: Chooser) -> GeneratedModel:
             x = squeeze_excite(c, g, x)
         elif block == "passthrough":
             x = passthrough(c, g, x)
+        elif block == "layernorm":
+            x = layernorm(c, g, x)
+        elif block == "prenorm_residual":
+            x = prenorm_residual(c, g, x)
         elif block == "channels_last_matmul":
             x = channels_last_matmul(c, g, x)
         elif block == "flatten":
