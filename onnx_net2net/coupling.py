@@ -25,6 +25,7 @@ names the op and the reason: a refusal is always preferred to a wrong answer.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -266,6 +267,9 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 
 
 MAX_LAYOUT_TRIES = 6
+#: Refusals at ops that only move channels: the layer may belong to a routing
+#: region (channel shuffles) that grows as a whole (see routing.py).
+_ROUTING_HINT = re.compile(r"(Reshape|Transpose|Concat|Split|Slice) ")
 
 
 def find_group(ir: GraphIR, layer: int) -> UnitGroup:
@@ -288,6 +292,12 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
             return group
         failures.append(group)
         queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
+    if any(_ROUTING_HINT.match(f.refusal.node or "") for f in failures):
+        from .routing import find_routed_group  # the stage grows as one routing region
+
+        routed = find_routed_group(ir, layer)
+        if routed is not None:
+            return routed
     group = failures[0]
     structured = [f for f in failures[1:] if f.size > 1]
     if structured:

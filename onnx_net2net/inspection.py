@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-from . import coupling
+from . import coupling, routing
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle
 from .ir import GraphIR
@@ -68,7 +68,7 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
     node = ir.nodes[index]
     names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
     widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.feature_step,
-             "group": names, "note": _widen_note(group) if group.ok else None}
+             "group": names, "note": _widen_note(group, ir) if group.ok else None}
     return {
         "name": coupling.layer_name(ir, index),
         "op": node.op_type,
@@ -79,9 +79,14 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
     }
 
 
-def _widen_note(group: coupling.UnitGroup) -> str | None:
+def _widen_note(group: coupling.UnitGroup, ir=None) -> str | None:
     """Why the step is what it is, when that is not obvious."""
     notes = []
+    if isinstance(group, routing.RoutedGroup):
+        notes.append(f"channel routing region: its {len(group.producers)} layers grow together (shuffles or "
+                     "slices route each channel to later layers, and every one must still reach the same layers)")
+        if group.step != 1:
+            notes.append(f"widths that route, up to 2x: {routing.width_ranges(routing.valid_widths(ir, group))}")
     if group.unit_width > 1:
         notes.append(f"whole attention heads of {group.unit_width}")
     if group.repeats > 1:

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import coupling
+from . import coupling, routing
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
-from .rewrites import deeper, wider
+from .rewrites import deeper, routed, wider
 from .rewrites.deeper import DeepenOptions
 from .rewrites.wider import WidenOptions
 
@@ -94,7 +94,12 @@ class WidenPass(_Pass):
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
             names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
-            changes.append(asdict(wider.widen_group(ir, group, width, options, names)))
+            if isinstance(group, routing.RoutedGroup):
+                if options.init == "random-pad" or options.noise:
+                    raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
+                changes.append(asdict(routed.widen_routed(ir, group, width, options, names)))
+            else:
+                changes.append(asdict(wider.widen_group(ir, group, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
@@ -107,6 +112,10 @@ class WidenPass(_Pass):
                     wanted = math.ceil(group.width * self.factor)
                     step = group.feature_step
                     width = group.width + step * math.ceil((wanted - group.width) / step)
+                    if isinstance(group, routing.RoutedGroup):
+                        width = _routable_width(ir, group, wanted)
+                        if width is None:
+                            continue
                     requests.append((coupling.layer_name(ir, group.seed), width))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
@@ -116,7 +125,12 @@ class WidenPass(_Pass):
             group = _group_of(ir, name)
             if width <= group.width:
                 raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
-            if (width - group.width) % group.feature_step:
+            if isinstance(group, routing.RoutedGroup) and (why := routing.check_width(ir, group, width)):
+                valid = routing.width_ranges(routing.valid_widths(ir, group))
+                raise UserError(f"layer '{name}': its channels are routed to later layers (shuffles, slices) and "
+                                f"width {width} would change where they go ({why}); widths that route, up to 2x: "
+                                f"{valid or 'none'}")
+            if not isinstance(group, routing.RoutedGroup) and (width - group.width) % group.feature_step:
                 why = " (whole attention heads" if group.unit_width > 1 else ""
                 if group.repeats > 1:
                     why += f"{' in' if why else ' (the same units in'} each of its {group.repeats} parts"
@@ -253,6 +267,10 @@ class AlignPass(_Pass):
             if not group.ok:
                 continue
             target = _next_aligned(group.width, group.feature_step, self.multiple)
+            if isinstance(group, routing.RoutedGroup):
+                target = next((w for w in range(-(-group.width // self.multiple) * self.multiple,
+                                                4 * group.width + 1, self.multiple)
+                               if w == group.width or routing.check_width(ir, group, w) is None), None)
             if target is not None and target != group.width:
                 widths[coupling.layer_name(ir, group.seed)] = target
         if not widths:
@@ -319,6 +337,14 @@ def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
                 if coupling.shares_space(ir, group, member):
                     seen.setdefault(member, group)
     return groups
+
+
+def _routable_width(ir: GraphIR, group, wanted: int) -> int | None:
+    """The first width from `wanted` up (then down) at which a routing region routes."""
+    for width in list(range(wanted, 4 * group.size + 1)) + list(range(wanted - 1, group.size, -1)):
+        if routing.check_width(ir, group, width) is None:
+            return width
+    return None
 
 
 def _layer(ir: GraphIR, name: str) -> int:

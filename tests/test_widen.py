@@ -393,15 +393,19 @@ def test_slice_on_channel_axis_last_piece():
 
 
 def test_slice_taking_a_channel_subrange_of_one_layer():
-    """Conv A (5 ch) -> Slice [1:5] -> C: the units are cut, so it must refuse, never be wrong."""
+    """Conv A (5 ch) -> Slice [1:5] -> C: the units are cut. As a routing region
+    (slice bounds scale with the width) only widths where every read channel
+    still reaches C are exact: 10 is, 7 is refused, never wrong."""
     rng = np.random.default_rng(4)
     inits = {"WA": rand(rng, 5, 2, 1, 1), "WC": rand(rng, 2, 4, 1, 1), "s": np.array([1], np.int64),
              "e": np.array([5], np.int64), "ax": np.array([1], np.int64)}
     nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Slice", ["a", "s", "e", "ax"], ["p"], name="slice"),
              H("Conv", ["p", "WC"], ["y"], name="C")]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
-    with pytest.raises(n2n.GrowthRefused, match="cuts through"):
+    with pytest.raises(n2n.UserError, match="width 7 would change where they go.*widths that route.*: 10"):
         n2n.widen(model, {"A": 7})
+    wider, _ = widen_exact(model, {"A": 10})
+    assert init(wider, "s").tolist() == [2] and init(wider, "e").tolist() == [10]
 
 
 def test_transpose_nhwc_then_flatten_into_gemm():

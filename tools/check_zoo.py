@@ -8,8 +8,10 @@ then for each model:
 
 1. `inspect` without trial runs (static analysis only: the promise under test);
 2. every group reported growable is widened by about 1.5x (rounded to its
-   step) and every layer reported deepenable is deepened, and each result is
-   compared with the original in onnxruntime (max relative error 1e-5).
+   step; for a channel-shuffle stage whose valid widths are irregular, the
+   valid width nearest 1.5x) and every layer reported deepenable is deepened,
+   and each result is compared with the original in onnxruntime (max relative
+   error 1e-5).
 
 A layer reported growable that fails is a DEFECT (exit code 1).
 
@@ -109,6 +111,7 @@ def check(path: Path, limit: int | None) -> dict:
         seen.add(key)
         width, step = layer["width"], layer["widen"]["step"]
         new = width + step * max(1, math.ceil((math.ceil(width * 1.5) - width) / step))
+        new = _routable(handle, layer["name"], new)
         defects += _try(reference, lambda: WidenPass({layer["name"]: new})(handle.proto).model,
                         f"widen {layer['name']} -> {new}")
         checked += 1
@@ -123,6 +126,19 @@ def check(path: Path, limit: int | None) -> dict:
     return {"layers": len(layers), "eligible": len(eligible),
             "widen_ok": sum(l["widen"]["ok"] for l in eligible), "deepen_ok": sum(l["deepen"]["ok"] for l in eligible),
             "checked": checked, "defects": defects, "refusals": refusals}
+
+
+def _routable(handle, name: str, width: int) -> int:
+    """For a channel-shuffle stage whose valid widths are irregular, the valid
+    width nearest to `width` (the note in `inspect` lists them)."""
+    from onnx_net2net import coupling, routing
+    from onnx_net2net.ir import GraphIR
+
+    ir = GraphIR(handle)
+    group = coupling.find_group(ir, coupling.find_layer(ir, name))
+    if not isinstance(group, routing.RoutedGroup) or routing.check_width(ir, group, width) is None:
+        return width
+    return min(routing.valid_widths(ir, group), key=lambda w: abs(w - width))
 
 
 def _try(reference, build, what: str) -> list[str]:
