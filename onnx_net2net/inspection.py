@@ -86,7 +86,7 @@ def _widen_note(group: coupling.UnitGroup, ir=None) -> str | None:
         notes.append(f"channel routing region: its {len(group.producers)} layers grow together (shuffles or "
                      "slices route each channel to later layers, and every one must still reach the same layers)")
         if group.step != 1:
-            notes.append(f"widths that route, up to 2x: {routing.width_ranges(routing.valid_widths(ir, group))}")
+            notes.append(routing.describe_valid_widths(ir, group))
     if group.unit_width > 1:
         notes.append(f"whole attention heads of {group.unit_width}")
     if group.repeats > 1:

@@ -126,10 +126,9 @@ class WidenPass(_Pass):
             if width <= group.width:
                 raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
             if isinstance(group, routing.RoutedGroup) and (why := routing.check_width(ir, group, width)):
-                valid = routing.width_ranges(routing.valid_widths(ir, group))
                 raise UserError(f"layer '{name}': its channels are routed to later layers (shuffles, slices) and "
-                                f"width {width} would change where they go ({why}); widths that route, up to 2x: "
-                                f"{valid or 'none'}")
+                                f"width {width} would change where they go ({why}); "
+                                f"{routing.describe_valid_widths(ir, group)}")
             if not isinstance(group, routing.RoutedGroup) and (width - group.width) % group.feature_step:
                 why = " (whole attention heads" if group.unit_width > 1 else ""
                 if group.repeats > 1:

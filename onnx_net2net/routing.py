@@ -135,9 +135,21 @@ def _step(ir: GraphIR, group: RoutedGroup) -> int | None:
     return valid[0] - h if valid else None
 
 
+#: Widths tried when listing the valid ones (each is a run of the routing).
+MAX_WIDTHS_LISTED = 128
+
+
 def valid_widths(ir: GraphIR, group: RoutedGroup, factor: int = 2) -> list[int]:
-    """Every width up to `factor` times the current one at which the region routes."""
-    return [w for w in range(group.size + 1, factor * group.size + 1) if check_width(ir, group, w) is None]
+    """The widths up to `factor` times the current one (at most
+    MAX_WIDTHS_LISTED of them) at which the region routes."""
+    last = min(factor * group.size, group.size + MAX_WIDTHS_LISTED)
+    return [w for w in range(group.size + 1, last + 1) if check_width(ir, group, w) is None]
+
+
+def describe_valid_widths(ir: GraphIR, group: RoutedGroup) -> str:
+    """'widths that route: 57-64 (checked up to 96)'."""
+    last = min(2 * group.size, group.size + MAX_WIDTHS_LISTED)
+    return f"widths that route: {width_ranges(valid_widths(ir, group)) or 'none'} (checked up to {last})"
 
 
 def width_ranges(widths: list[int]) -> str:

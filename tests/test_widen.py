@@ -402,7 +402,7 @@ def test_slice_taking_a_channel_subrange_of_one_layer():
     nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Slice", ["a", "s", "e", "ax"], ["p"], name="slice"),
              H("Conv", ["p", "WC"], ["y"], name="C")]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
-    with pytest.raises(n2n.UserError, match="width 7 would change where they go.*widths that route.*: 10"):
+    with pytest.raises(n2n.UserError, match="width 7 would change where they go.*widths that route: 10"):
         n2n.widen(model, {"A": 7})
     wider, _ = widen_exact(model, {"A": 10})
     assert init(wider, "s").tolist() == [2] and init(wider, "e").tolist() == [10]

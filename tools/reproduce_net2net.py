@@ -26,8 +26,27 @@ Students (all trained with Adam, batch 100, the same batches for a seed):
   breaking, not exact), ``random-pad``;
 * deepen: ``random-init``, ``net2net`` (identity layers, mode="auto").
 
-Teachers use ``--lr``; the grown students ``--student-lr`` and the
-random-init students ``--random-init-lr`` (both default to ``--lr``).
+Protocol (the default; every student of a comparison gets the same budget,
+learning rate, schedule and batches):
+
+* teachers trained to convergence. The MNIST-1D teachers use their own
+  recipe, Adam 1e-2 with cosine decay to 0 over the teacher budget (the best
+  mean over 3 seeds of 1e-2 and 3e-2 cosine, after 1e-3 constant or cosine
+  was still improving or stuck lower on seed 0); digits uses ``--lr`` constant (its teacher
+  gains nothing in the last quarter). ``--teacher-lr`` and
+  ``--teacher-schedule`` override both;
+* students: Adam ``--lr`` (1e-3, the issue's), ``--schedule`` (constant by
+  default; ``cosine`` decays to 0 over the student budget), the issue's
+  calibration budget of 3,000 student steps for MNIST-1D.
+  ``--student-lr`` / ``--random-init-lr`` set the grown and the random-init
+  students apart (both default to ``--lr``).
+
+The conclusion depends on the student learning rate: at Adam 1e-3 the
+Net2WiderNet students meet the issue's targets on MNIST-1D because the wide
+random-init student is still below the teacher after 3,000 steps; with every
+student at the random-init student's best rate (``--schedule cosine``, ``--lr
+3e-2`` for the CNN, ``1e-2`` for the MLP; see docs/experiments/results.md) it
+is not met.
 
 Datasets (both offline; the script blocks sockets while it runs):
 
@@ -50,10 +69,10 @@ least as high) are checked and listed, not asserted.
 
 Usage::
 
-    python tools/reproduce_net2net.py             # full run, 3 seeds: ~1,250 CPU-seconds, about 12 min
-                                                  # on 2 idle cores (27 min measured on a shared, loaded box)
+    python tools/reproduce_net2net.py             # full run, 3 seeds (CPU time: see docs/experiments/results.md)
+    python tools/reproduce_net2net.py --only mnist1d-cnn mnist1d-mlp --schedule cosine --lr 3e-2 \
+        --tag tuned-cosine-3e-2                   # every student at the random-init student's best rate
     python tools/reproduce_net2net.py --quick     # 1 seed, short budgets: ~65 CPU-seconds (< 2 min)
-    python tools/reproduce_net2net.py --only mnist1d-cnn --student-lr 3e-3 --tag student-lr-3e-3
     python tools/reproduce_net2net.py --teacher-cache ~/.cache/n2n-teachers   # reuse trained teachers
     python tools/reproduce_net2net.py --replot docs/experiments/results.json  # redraw the plots only
 
@@ -137,11 +156,11 @@ EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN", {"channels": 8, "hidden": 32},
         "last-conv+last-dense", Budget(16000, 3000, 100), Budget(1500, 600, 100), (1, 40),
-        teacher_lr=3e-2, teacher_schedule="cosine"),
+        teacher_lr=1e-2, teacher_schedule="cosine"),
     "mnist1d-mlp": Experiment(
         "mnist1d-mlp", "mnist1d", "mlp", "MNIST-1D, MLP", {"hidden": 32},
         "all", Budget(10000, 3000, 100), Budget(1500, 600, 100), (40,),
-        teacher_lr=3e-2, teacher_schedule="cosine"),
+        teacher_lr=1e-2, teacher_schedule="cosine"),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN", {"c1": 4, "c2": 8, "hidden": 16},
         "last-conv+last-dense", Budget(2000, 1500, 50), Budget(500, 300, 50), (1, 8, 8)),
@@ -693,9 +712,12 @@ def _plot_all(plt, panel, experiments: dict, names: list, out_dir: Path, suffix:
     for i, exp_name in enumerate(names):
         for j, kind in enumerate(("widen", "deepen")):
             panel(axes[i][j], experiments[exp_name], kind)
-    seeds = len(next(iter(experiments.values()))["teacher"]["curves"])
-    fig.suptitle(f"Net2Net with onnx_net2net: test accuracy vs student training steps "
-                 f"(mean over {seeds} seed{'s' if seeds > 1 else ''}, shaded: min..max)", fontsize=11)
+    first = next(iter(experiments.values()))
+    seeds = len(first["teacher"]["curves"])
+    curve = first["growth"]["widen"]["students"]["random-init"][0]
+    recipe = f"Adam {curve['lr']:g}, {curve.get('schedule', 'constant')}"
+    fig.suptitle(f"Net2Net with onnx_net2net: test accuracy vs student training steps ({recipe}; "
+                 f"mean over {seeds} seed{'s' if seeds > 1 else ''}, shaded: min..max)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     path = out_dir / f"net2net_all{suffix}.png"
     fig.savefig(path, dpi=110)
@@ -843,7 +865,8 @@ def main(argv=None) -> int:
         entry = {"title": exp.title, "dataset": exp.dataset, "dataset_source": datasets[exp.dataset]["source"],
                  "model": exp.model, "budget": asdict(budget),
                  "teacher": {"widths": runs[0]["teacher"]["widths"], "constructor": exp.widths,
-                             "steps": budget.teacher_steps,
+                             "steps": budget.teacher_steps, "lr": runs[0]["teacher"].get("lr"),
+                             "schedule": runs[0]["teacher"].get("schedule"),
                              "acc_mean": float(np.mean([r["teacher"]["final_acc"] for r in runs])),
                              "acc_per_seed": [r["teacher"]["final_acc"] for r in runs],
                              # convergence check: test-accuracy gain over the last quarter of the teacher's steps
@@ -856,7 +879,8 @@ def main(argv=None) -> int:
         for kind in ("widen", "deepen"):
             growth = dict(runs[0]["growth"][kind])
             growth["students"] = {s: [{"seed": r["seed"], "steps": r["students"][kind][s]["steps"],
-                                       "acc": r["students"][kind][s]["acc"], "lr": r["students"][kind][s]["lr"]}
+                                       "acc": r["students"][kind][s]["acc"], "lr": r["students"][kind][s]["lr"],
+                                       "schedule": r["students"][kind][s].get("schedule", "constant")}
                                       for r in runs] for s in runs[0]["students"][kind]}
             entry["growth"][kind] = growth
             growth["summary"] = summarise(n, kind, runs)
