@@ -15,13 +15,13 @@ from helpers import H, init, make_model, node, rand, widen_exact
 C_IN, SIDE, H_WIDTH = 3, 4, 4
 
 
-def shuffle_stage(blocks: int, split: str = "sizes", seed: int = 0):
+def shuffle_stage(blocks: int, split: str = "sizes", seed: int = 0, h: int = H_WIDTH):
     """block 1: concat(relu(conv a(x)), relu(conv b(x))); blocks 2..: split the
     shuffled tensor in halves, keep one, convolve the other; every block ends
     with Reshape [1, 2, h, S, S] -> Transpose -> Reshape. Then a depthwise conv
     and BatchNormalization on the stage output, read by a 1x1 conv."""
     rng = np.random.default_rng(seed)
-    h, inits, nodes = H_WIDTH, {}, []
+    inits, nodes = {}, []
     inits.update(to5=np.array([1, 2, h, SIDE, SIDE], np.int64), to4=np.array([1, 2 * h, SIDE, SIDE], np.int64))
 
     def conv(name, source, c_in, c_out):
@@ -123,3 +123,19 @@ def test_align_and_zero_init_keep_the_old_weights():
 def test_noise_is_refused_on_a_shuffle_stage():
     with pytest.raises(n2n.UserError, match="exactly only"):
         n2n.widen(shuffle_stage(2), {"a": 6}, noise=0.1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
+    rng = np.random.default_rng(seed)
+    blocks, h = int(rng.integers(2, 6)), int(rng.integers(2, 7))
+    split = str(rng.choice(["sizes", "num_outputs", "slices"]))
+    model = shuffle_stage(blocks, split, seed=seed, h=h)
+    ir, group = _group(model, "a")
+    valid = routing.valid_widths(ir, group)
+    for width in rng.choice(valid, size=min(3, len(valid)), replace=False):
+        widen_exact(model, {f"branch{blocks}" if blocks > 1 else "a": int(width)},
+                    split=str(rng.choice(["equal", "random"])), seed=seed)
+    for width in [w for w in range(h + 1, 2 * h + 1) if w not in valid][:2]:
+        with pytest.raises(n2n.UserError, match="would change where they go"):
+            n2n.widen(model, {"a": width})
