@@ -160,6 +160,9 @@ class UnitGroup:
             size, unless `average_expansion` allows any size.
         norms: the LayerNormalization / RMSNormalization nodes normalising
             over the units.
+        reductions: the Reduce nodes taking statistics over the units.
+        decomposed_norms: normalisations written with ReduceMean .. Sqrt
+            (normalisation.DecomposedNorm), found when deciding on LEMON.
         average_expansion: LEMON's average expansion keeps the function at
             any width (extra units carry the mean of the units up to every
             LayerNormalization, or zero up to every RMSNormalization);
@@ -183,6 +186,8 @@ class UnitGroup:
     repeats: int = 1
     tile: bool = False
     norms: list[int] = field(default_factory=list)
+    reductions: list[int] = field(default_factory=list)
+    decomposed_norms: list = field(default_factory=list)
     average_expansion: bool = False
     average_blocker: str | None = None
     extras: str = "mean"
@@ -320,6 +325,8 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> Unit
         if not group.producers:
             raise _Refused(Refusal(ir.label(layer), "no layer produces these units"))
         if group.tile:
+            from .normalisation import average_expansion_blocker
+
             group.average_blocker = average_expansion_blocker(ir, group)
             group.average_expansion = group.average_blocker is None
             if group.average_expansion:
@@ -351,7 +358,8 @@ def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
 
 def _deduplicate(group: UnitGroup) -> None:
     """A node reached from several of its ports records its edits once."""
-    for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits", "norms"):
+    for name in ("producers", "passthrough", "weight_edits", "value_edits", "attribute_edits", "norms",
+                 "reductions"):
         setattr(group, name, list(dict.fromkeys(getattr(group, name))))
 
 
@@ -1082,6 +1090,7 @@ def _reduce(walk: _Walk, index: int, side: str, port: int, placement: Placement)
                 walk.refuse(index, "it reduces over the unit axis")
             # A mean / max / min over equally copied units is unchanged.
             _require_tiling(walk, index, placement)
+            walk.group.reductions.append(index)
             return
         axis = placement.axis if keep else placement.axis - sum(a < placement.axis for a in axes)
         walk.add(node.output[0], placement.on_axis(axis, in_rank if keep else in_rank - len(axes)))
@@ -1262,116 +1271,3 @@ _FAMILY_RULES = [
     (REDUCTIONS, _reduce),
     (RESHAPES, _reshape),
 ]
-
-
-# ----------------------------------------------------------------------------
-# LEMON's average expansion (Wang et al., 2023)
-#
-# Widen n units to q = k*n + r: units j < k*n copy unit j mod n, and the r
-# extra units carry the mean of the n units. Then a LayerNormalization input
-# x' = [x, .., x, mean(x), ..] has the same mean mu and the variance s*var(x)
-# with s = k*n/q, so with epsilon * s and Scale * sqrt(s) every copy normalises
-# exactly as before; the extras normalise to 0 (B = 0 there) and their
-# consumers read them with weight 0. The extras carry the mean only if every
-# op from the producers up to each LayerNormalization commutes with averaging
-# over the units: sums, shared (broadcast) scales, layout ops, and producers
-# whose extra rows are the mean of their rows.
-
-_AVERAGE_SAFE = frozenset("""
-    Add Sub Identity Dropout Reshape Flatten Squeeze Unsqueeze Transpose Concat Slice Split Gather Expand Pad
-    AveragePool GlobalAveragePool Mul Div
-""".split())
-
-
-#: Per-unit ops with f(0) = 0: zero extras stay zero through them.
-_ZERO_AT_ZERO = frozenset("""
-    Relu LeakyRelu Tanh Gelu Erf Neg Abs Elu Selu Celu Mish HardSwish Softsign Sin Sinh Asinh Atan Atanh
-    ThresholdedRelu
-""".split())
-
-
-def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
-    """Why LEMON's average expansion cannot be used for this group (None: it
-    can; `group.extras` then says what the extra units carry)."""
-    if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
-        return "the units are structured (heads or grouped convolutions)"
-    if not group.norms:
-        return "statistics over the units are taken by separate Reduce ops, not a normalisation op"
-    other = sorted(op for op in group.ops & REDUCTIONS)
-    if other:
-        return f"{other[0]} takes statistics over the units (only LayerNormalization / RMSNormalization are expanded)"
-    kinds = {ir.nodes[norm].op_type for norm in group.norms}
-    if len(kinds) > 1:
-        return "both LayerNormalization (extra units must carry the mean) and RMSNormalization (extra units " \
-               "must be zero) normalise these units"
-    group.extras = "zero" if kinds == {"RMSNormalization"} else "mean"
-    if group.extras == "mean" and any(group.placements[ir.nodes[norm].input[0]].inner != 1 for norm in group.norms):
-        return "a normalisation takes each unit's several features together with the others (the mean of the " \
-               "units would differ from the mean of the features)"
-    writers = set(group.producers)
-    frontier = [ir.nodes[norm].input[0] for norm in group.norms]
-    seen = set()
-    while frontier:
-        tensor = frontier.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        found = ir.producer.get(tensor)
-        if found is None or ir.is_const(tensor):
-            continue  # a constant carrying the units: its extras get the mean (or zero)
-        index = found[0]
-        if index in writers:
-            continue
-        reason = _blocks_extras(ir, group, index)
-        if reason:
-            return reason
-        if index not in group.norms:  # an RMS norm's extras are zero again: the walk stops there
-            frontier += [name for name in ir.nodes[index].input if name in group.placements]
-    return None
-
-
-def _blocks_extras(ir: GraphIR, group: UnitGroup, index: int) -> str | None:
-    """Why the op at `index` (before a normalisation) would not keep the extra
-    units at the mean (LayerNorm) or at zero (RMSNorm)."""
-    node, label = ir.nodes[index], f"{ir.nodes[index].op_type} {ir.label(index)}"
-    zero = group.extras == "zero"
-    if index in group.norms:
-        return None if zero else (f"the output of LayerNormalization {ir.label(index)} feeds another "
-                                  "normalisation (post-norm): its extra units would not carry the mean")
-    if zero and node.op_type in _ZERO_AT_ZERO:
-        return None
-    if node.op_type not in _AVERAGE_SAFE and not _float_cast(node):
-        return f"{label} acts on the units before a normalisation and does not commute with averaging them"
-    if not all(_fills_axis(group, group.placements[name]) for name in list(node.input) + list(node.output)
-               if name in group.placements):
-        return f"{label} mixes the units with other data before a normalisation"
-    spaced = [port for port, name in enumerate(node.input) if name and name in group.placements]
-    per_unit = [port for port in range(len(node.input)) if port not in spaced and _edits_port(group, index, port)]
-    shared = [port for port, name in enumerate(node.input) if name and port not in spaced + per_unit]
-    if node.op_type == "Div" and spaced != [0]:
-        return f"{label} divides by the units"
-    if node.op_type == "Div" and per_unit and zero:
-        return f"{label} divides each unit by its own factor (the zero extras would become 0/0)"
-    if node.op_type in ("Mul", "Div") and not zero and (len(spaced) > 1 or per_unit):
-        return f"{label} scales each unit by its own factor before a normalisation"
-    if node.op_type in ("Add", "Sub") and zero and shared:
-        return f"{label} adds the same value to every unit, so the extra units would not stay zero"
-    if node.op_type == "Pad" and zero and node_attr(node, "mode", b"constant") in (b"constant", "constant") \
-            and len(node.input) > 2 and node.input[2] and np.any(ir.const_value(node.input[2]) != 0):
-        return f"{label} pads with a value that is not zero, so the extra units would not stay zero"
-    return None
-
-
-def _float_cast(node) -> bool:
-    return node.op_type == "Cast" and node_attr(node, "to") in _FLOAT_TYPES
-
-
-_FLOAT_TYPES = frozenset((1, 10, 11, 16))  # float, float16, double, bfloat16
-
-
-def _fills_axis(group: UnitGroup, placement: Placement) -> bool:
-    return placement.offset == 0 and placement.outer == 1 and group.size * placement.inner == placement.length
-
-
-def _edits_port(group: UnitGroup, node: int, port: int) -> bool:
-    return any(edit.node == node and edit.port == port for edit in group.weight_edits)

@@ -159,8 +159,8 @@ def parameter_count(graph: onnx.GraphProto) -> int:
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace the data (and dims) of `tensor` in place, keeping its name and type."""
     name, data_type = tensor.name, tensor.data_type
-    new = numpy_helper.from_array(np.ascontiguousarray(values).astype(
-        onnx.helper.tensor_dtype_to_np_dtype(data_type), copy=False), name)
+    array = np.ascontiguousarray(values).reshape(np.shape(values))  # (ascontiguousarray makes 0-d 1-d)
+    new = numpy_helper.from_array(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type), copy=False), name)
     tensor.Clear()
     tensor.CopyFrom(new)
     tensor.name = name

@@ -101,6 +101,10 @@ def test_prenorm_stream_grows_to_any_width():
 def test_average_expansion_is_exact_at_any_width(width, split):
     model = residual_model()
     grown, _ = widen_exact(model, {"embed": width}, split=split, seed=2)
+    _check_average_expansion(model, grown, width)
+
+
+def _check_average_expansion(model, grown, width):
     k, r = divmod(width, D)
     s = k * D / width
     assert init(grown, "w_embed").shape == (D_IN, width) and init(grown, "w_head").shape == (width, 2)
@@ -111,7 +115,21 @@ def test_average_expansion_is_exact_at_any_width(width, split):
     assert not init(grown, "w_head")[k * D:].any() and not init(grown, "w_fc1")[k * D:].any()
     np.testing.assert_allclose(init(grown, "norm1_scale")[:D], init(model, "norm1_scale") * np.sqrt(s), rtol=1e-6)
     assert not init(grown, "norm1_bias")[k * D:].any()
-    assert attr(node(grown, "norm1"), "epsilon") == pytest.approx(EPS * s, rel=1e-6)
+    fused = [n for n in grown.graph.node if n.name == "norm1"]
+    if fused:
+        assert attr(fused[0], "epsilon") == pytest.approx(EPS * s, rel=1e-6)
+    else:
+        add = next(n for n in grown.graph.node if n.op_type == "Add" and "norm1_ve" in n.output)
+        assert float(init(grown, add.input[1])) == pytest.approx(EPS * s, rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [7, 11, 16])
+def test_average_expansion_of_layernorm_written_as_ops(width):
+    model = residual_model(decomposed=True)
+    layer = _layer(model)
+    assert layer["widen"]["step"] == 1 and "LEMON" in layer["widen"]["note"]
+    grown, _ = widen_exact(model, {"embed": width}, split="random", seed=1)
+    _check_average_expansion(model, grown, width)
 
 
 def test_multiples_tile_and_leave_the_norm_alone():
@@ -129,7 +147,8 @@ def test_a_shared_scale_before_the_norm_commutes_with_averaging():
     ({"post_norm": True}, "post-norm"),
     ({"stream_op": "relu"}, "Relu"),
     ({"stream_op": "layer-scale"}, "scales each unit by its own factor"),
-    ({"decomposed": True}, "separate Reduce ops"),
+    ({"decomposed": True, "post_norm": True}, "post-norm"),
+    ({"decomposed": True, "stream_op": "relu"}, "Relu"),
 ])
 def test_uneven_widths_are_refused_where_averaging_is_not_exact(kind, reason):
     model = residual_model(**kind)
@@ -173,11 +192,11 @@ def test_rms_norm_grows_to_any_width_with_zero_extras(kind, width):
     assert attr(node(grown, "norm1"), "epsilon") == pytest.approx(EPS * k * D / width, rel=1e-6)
 
 
-def test_decomposed_rms_norm_tiles_and_says_why_it_needs_multiples():
-    model = residual_model(rms=True, decomposed=True)
-    assert _layer(model)["widen"]["step"] == D
-    with pytest.raises(n2n.UserError, match="separate Reduce ops"):
-        n2n.widen(model, {"embed": D + 2})
+@pytest.mark.parametrize("kind", [{}, {"post_norm": True}])
+def test_rms_norm_written_as_ops_grows_to_any_width(kind):
+    model = residual_model(rms=True, decomposed=True, **kind)
+    assert _layer(model)["widen"]["step"] == 1
+    widen_exact(model, {"embed": D + 2}, split="random")
     widen_exact(model, {"embed": 3 * D}, split="random")
 
 

@@ -194,6 +194,11 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
             value = _apply_edit(value, edit, mapping, edit_context)
         new_values[(node, port)] = value
+    ratio = mapping.variance_ratio
+    for norm in group.decomposed_norms if ratio != 1.0 else ():
+        node, port = norm.epsilon
+        epsilon = ir.const_value(ir.nodes[node].input[port])
+        new_values[(node, port)] = (epsilon.astype(np.float64) * ratio).astype(epsilon.dtype)
     record.weights = _store_constants(ir, new_values)
     _apply_value_edits(ir, group, q - n)
     for edit in group.attribute_edits:
