@@ -336,22 +336,22 @@ _MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
 
 
 def _check_text_fields(message) -> None:
-    for field in message.DESCRIPTOR.fields:
-        if field.type not in (_STRING, _MESSAGE):
+    for descriptor in message.DESCRIPTOR.fields:
+        if descriptor.type not in (_STRING, _MESSAGE):
             continue
-        repeated = _is_repeated(field)
-        if not repeated and not message.HasField(field.name):
+        repeated = _is_repeated(descriptor)
+        if not repeated and not message.HasField(descriptor.name):
             continue
         try:
-            value = getattr(message, field.name)
+            value = getattr(message, descriptor.name)
             values = list(value) if repeated else [value]
         except UnicodeDecodeError:
-            raise _BadText(field.full_name) from None
+            raise _BadText(descriptor.full_name) from None
         for item in values:
-            if field.type == _MESSAGE:
+            if descriptor.type == _MESSAGE:
                 _check_text_fields(item)
             elif not isinstance(item, str):
-                raise _BadText(field.full_name)
+                raise _BadText(descriptor.full_name)
 
 
 def _is_repeated(field) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +16,7 @@ from onnx_net2net.plans import load_plan
 from onnx_net2net.provenance import history
 from onnx_net2net.verification import verify_models
 
-from helpers import MODELS, ROOT, SHIPPED
+from helpers import MODELS, ROOT
 
 PLANS = sorted((ROOT / "passes").glob("*.toml"))
 
