@@ -44,7 +44,7 @@ _PER_CHANNEL = frozenset("BatchNormalization MaxPool AveragePool GlobalAveragePo
 
 
 class RoutingRefused(Exception):
-    pass
+    """Not a region this module can grow, or not at this width (the reason)."""
 
 
 @dataclass
@@ -56,8 +56,7 @@ class Region:
     routing: list[int]                      # routing and per-channel nodes, in topological order
     support: list[int]                      # nodes computing their shape inputs (Shape, Gather, ...)
     tensors: set[str]
-    width: int
-
+    width: int                              # the writers' width
     reader_tensors: set[str] = field(default_factory=set)
 
     def per_channel_tensors(self, ir: GraphIR) -> dict[int, str]:
@@ -65,7 +64,7 @@ class Region:
         found = {}
         for index in self.routing:
             node = ir.nodes[index]
-            if node.op_type in ("BatchNormalization", "Conv", "PRelu"):
+            if node.op_type in ("BatchNormalization", "Conv"):
                 found[index] = node.input[0]
         return found
 
