@@ -130,8 +130,9 @@ def _step(ir: GraphIR, group: RoutedGroup) -> int | None:
     tried = [h + 1, h + 2, h + 3, (3 * h + 1) // 2, 2 * h]
     if all(check_width(ir, group, w) is None for w in tried):
         return 1
-    valid = valid_widths(ir, group)
-    return valid[0] - h if valid else None
+    last = min(2 * h, h + MAX_WIDTHS_LISTED)
+    first = next((w for w in range(h + 1, last + 1) if check_width(ir, group, w) is None), None)
+    return None if first is None else first - h
 
 
 #: Widths tried when listing the valid ones (each is a run of the routing).
