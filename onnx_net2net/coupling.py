@@ -25,7 +25,6 @@ names the op and the reason: a refusal is always preferred to a wrong answer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -120,6 +119,7 @@ class Refusal:
 
     node: str | None
     reason: str
+    op: str | None = None           # the op type of the node that refused, when one did
     #: Other unit layouts worth a walk, as factors (features per unit, repeats)
     #: of the current one: a reshape into [heads, head size] suggests whole
     #: heads; an even Split of the whole space suggests one space repeated.
@@ -274,7 +274,7 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 MAX_LAYOUT_TRIES = 6
 #: Refusals at ops that only move channels: the layer may belong to a routing
 #: region (channel shuffles) that grows as a whole (see routing.py).
-_ROUTING_HINT = re.compile(r"(Reshape|Transpose|Concat|Split|Slice) ")
+_ROUTING_OPS = frozenset("Reshape Transpose Concat Split Slice".split())
 
 
 def find_group(ir: GraphIR, layer: int) -> UnitGroup:
@@ -297,10 +297,11 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
             return group
         failures.append(group)
         queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
-    if any(_ROUTING_HINT.match(f.refusal.node or "") for f in failures):
+    routing_refusal = None
+    if any(f.refusal.op in _ROUTING_OPS for f in failures):
         from .routing import find_routed_group  # the stage grows as one routing region
 
-        routed = find_routed_group(ir, layer)
+        routed, routing_refusal = find_routed_group(ir, layer)
         if routed is not None:
             return routed
     group = failures[0]
@@ -311,6 +312,8 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
             f", repeated {later.repeats}x" if later.repeats > 1 else "")
         group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as {layout}: {later.refusal}",
                                 retry=())
+    if routing_refusal and "channel shuffle" in group.refusal.reason:
+        group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as a routing region: {routing_refusal}")
     return group
 
 
@@ -432,9 +435,9 @@ class _Walk:
 
     # -- helpers for rules --------------------------------------------------
 
-    def refuse(self, index: int, reason: str):
+    def refuse(self, index: int, reason: str, retry: tuple[tuple[int, int], ...] = ()):
         node = self.ir.nodes[index]
-        raise _Refused(Refusal(f"{node.op_type} {self.ir.label(index)}", reason))
+        raise _Refused(Refusal(f"{node.op_type} {self.ir.label(index)}", reason, node.op_type, retry))
 
     def shape(self, index: int, tensor: str) -> tuple:
         shape = self.ir.shape(tensor)
@@ -623,8 +626,7 @@ def _split_pieces(walk: _Walk, index: int, placement: Placement, sizes: list, st
     fills_blocks = placement.offset == 0 and hi == placement.block
     equal = len(set(sizes)) == 1 and placement.block % len(sizes) == 0
     retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
-    node = walk.ir.nodes[index]
-    raise _Refused(Refusal(f"{node.op_type} {walk.ir.label(index)}", "the units span several split outputs", retry))
+    walk.refuse(index, "the units span several split outputs", retry)
 
 
 def _split_size_edits(walk: _Walk, index: int, pieces: dict[int, Placement]) -> None:
@@ -691,7 +693,7 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
         fills = lo == 0 and hi == placement.length
         retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
             and start % span == 0 else ()
-        raise _Refused(Refusal(f"{node.op_type} {ir.label(index)}", "it cuts through the units", retry))
+        walk.refuse(index, "it cuts through the units", retry)
 
 
 def _slice_of_repeats(walk: _Walk, index: int, k: int, first: int, last: int, placement: Placement,
@@ -751,12 +753,10 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
     moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
-        node_label = f"{node.op_type} {ir.label(index)}"
         if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
             reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
-                      "channels (the other concatenated branch); every later split would pass different channels "
-                      "on, so widening shuffled branches is not supported")
-        raise _Refused(Refusal(node_label, reason, _unit_layout_hints(placement, src, dst)))
+                      "channels (the other concatenated branch)")
+        walk.refuse(index, reason, _unit_layout_hints(placement, src, dst))
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement

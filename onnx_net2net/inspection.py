@@ -79,7 +79,7 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
     }
 
 
-def _widen_note(group: coupling.UnitGroup, ir=None) -> str | None:
+def _widen_note(group: coupling.UnitGroup, ir: GraphIR) -> str | None:
     """Why the step is what it is, when that is not obvious."""
     notes = []
     if isinstance(group, routing.RoutedGroup):

@@ -180,7 +180,7 @@ def _match_from_variance(ir: GraphIR, group: UnitGroup, reduction: int) -> Decom
     if node.op_type != "ReduceMean" or not int(node_attr(node, "keepdims", 1)):
         return None
     d = _squared(ir, node.input[0])
-    epsilon, sqrt = _only_use(ir, node.output[0], "Add"), None
+    epsilon = _only_use(ir, node.output[0], "Add")
     if d is None or epsilon is None:
         return None
     eps_port = _constant_port(ir, epsilon, node.output[0])
@@ -190,11 +190,12 @@ def _match_from_variance(ir: GraphIR, group: UnitGroup, reduction: int) -> Decom
     normalised = _divided(ir, d, ir.nodes[sqrt].output[0])
     if normalised is None:
         return None
-    mean = ir.producer_node(ir.nodes[_sub_of(ir, d)].input[1]) if _sub_of(ir, d) is not None else None
-    if mean is not None and mean in group.reductions and ir.nodes[mean].input[0] == ir.nodes[_sub_of(ir, d)].input[0]:
-        kind, source, reductions = "LayerNormalization", ir.nodes[mean].input[0], (mean, reduction)
-    else:
-        kind, source, reductions = "RMSNormalization", d, (reduction,)
+    kind, source, reductions = "RMSNormalization", d, (reduction,)
+    sub = ir.producer_node(d)
+    if sub is not None and ir.nodes[sub].op_type == "Sub":  # d = x - ReduceMean(x): a LayerNorm
+        x, mean = ir.nodes[sub].input[0], ir.producer_node(ir.nodes[sub].input[1])
+        if mean in group.reductions and ir.nodes[mean].input[0] == x:
+            kind, source, reductions = "LayerNormalization", x, (mean, reduction)
     output, scale, shift = normalised, None, None
     mul = _only_use(ir, ir.nodes[output].output[0], "Mul")
     if mul is not None and _edited_port(group, mul) is not None:
@@ -230,11 +231,6 @@ def _divided(ir: GraphIR, d: str, sigma: str) -> int | None:
                 if other.op_type == "Mul" and other.input[1 - inner.port] == d:
                     return inner.node
     return None
-
-
-def _sub_of(ir: GraphIR, d: str) -> int | None:
-    producer = ir.producer_node(d)
-    return producer if producer is not None and ir.nodes[producer].op_type == "Sub" else None
 
 
 def _only_use(ir: GraphIR, tensor: str, op_type: str) -> int | None:

@@ -83,22 +83,20 @@ class WidenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        requests = self._requests(GraphIR(handle))
+        ir = GraphIR(handle)
+        requests = self._requests(ir)
         changes = []
         for number, (name, width) in enumerate(requests):
-            ir = GraphIR(handle)
+            if number:
+                ir = GraphIR(handle)  # the previous request rewrote the model
             group = _group_of(ir, name)
             width //= group.features_per_unit
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
             names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
-            if isinstance(group, routing.RoutedGroup):
-                if options.init == "random-pad" or options.noise:
-                    raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
-                changes.append(asdict(routed.widen_routed(ir, group, width, options, names)))
-            else:
-                changes.append(asdict(wider.widen_group(ir, group, width, options, names)))
+            grow = routed.widen_routed if isinstance(group, routing.RoutedGroup) else wider.widen_group
+            changes.append(asdict(grow(ir, group, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
@@ -108,42 +106,61 @@ class WidenPass(_Pass):
             requests = []
             for group in analyse_groups(ir):
                 if group.ok:
-                    wanted = math.ceil(group.width * self.factor)
-                    step = group.feature_step
-                    width = group.width + step * math.ceil((wanted - group.width) / step)
-                    if isinstance(group, routing.RoutedGroup):
-                        width = _routable_width(ir, group, wanted)
-                        if width is None:
-                            continue
-                    requests.append((coupling.layer_name(ir, group.seed), width))
+                    width = self._factor_width(ir, group)
+                    if width is not None:
+                        self._check_options(group)
+                        requests.append((coupling.layer_name(ir, group.seed), width))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
             return requests
         by_group: dict[frozenset, tuple[str, int]] = {}
         for name, width in self.widths.items():
             group = _group_of(ir, name)
-            if width <= group.width:
-                raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
-            if isinstance(group, routing.RoutedGroup) and (why := routing.check_width(ir, group, width)):
-                raise UserError(f"layer '{name}': its channels are routed to later layers (shuffles, slices) and "
-                                f"width {width} would change where they go ({why}); "
-                                f"{routing.describe_valid_widths(ir, group)}")
-            if not isinstance(group, routing.RoutedGroup) and (width - group.width) % group.feature_step:
-                why = " (whole attention heads" if group.unit_width > 1 else ""
-                if group.repeats > 1:
-                    why += f"{' in' if why else ' (the same units in'} each of its {group.repeats} parts"
-                why += ")" if why else ""
-                if group.tile and not group.average_expansion:
-                    why += (f" (statistics are taken over the units, so every unit must be copied equally often; "
-                            f"LEMON's average expansion does not apply: {group.average_blocker})")
-                raise UserError(f"layer '{name}': width must be {group.width} + a multiple of "
-                                f"{group.feature_step}{why}")
+            _check_width(ir, name, group, width)
+            self._check_options(group)
             key = frozenset(group.producers)
             if key in by_group and by_group[key][1] != width:
                 other = by_group[key][0]
                 raise UserError(f"layers '{other}' and '{name}' grow together; give them the same width")
             by_group.setdefault(key, (name, width))
         return list(by_group.values())
+
+    def _factor_width(self, ir: GraphIR, group: coupling.UnitGroup) -> int | None:
+        wanted = math.ceil(group.width * self.factor)
+        if isinstance(group, routing.RoutedGroup):
+            return _routable_width(ir, group, wanted)
+        step = group.feature_step
+        return group.width + step * math.ceil((wanted - group.width) / step)
+
+    def _check_options(self, group: coupling.UnitGroup) -> None:
+        if isinstance(group, routing.RoutedGroup) and (self.options.init == "random-pad" or self.options.noise):
+            raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
+
+
+def _check_width(ir: GraphIR, name: str, group: coupling.UnitGroup, width: int) -> None:
+    """Refuse, naming the valid widths, a width the group cannot take."""
+    if width <= group.width:
+        raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
+    if isinstance(group, routing.RoutedGroup):
+        if why := routing.check_width(ir, group, width):
+            raise UserError(f"layer '{name}': its channels are routed to later layers (shuffles, slices) and "
+                            f"width {width} would change where they go ({why}); "
+                            f"{routing.describe_valid_widths(ir, group)}")
+        return
+    if (width - group.width) % group.feature_step:
+        raise UserError(f"layer '{name}': width must be {group.width} + a multiple of "
+                        f"{group.feature_step}{_why_step(group)}")
+
+
+def _why_step(group: coupling.UnitGroup) -> str:
+    why = " (whole attention heads" if group.unit_width > 1 else ""
+    if group.repeats > 1:
+        why += f"{' in' if why else ' (the same units in'} each of its {group.repeats} parts"
+    why += ")" if why else ""
+    if group.tile and not group.average_expansion:
+        why += (f" (statistics are taken over the units, so every unit must be copied equally often; "
+                f"LEMON's average expansion does not apply: {group.average_blocker})")
+    return why
 
 
 SELECTORS = ("all", "stages", "last")
@@ -371,6 +388,9 @@ def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
         nbytes = _constant_nbytes(ir, ir.nodes[edit.node].input[edit.port])
         length = edit.placement.length
         needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
+    if isinstance(group, routing.RoutedGroup):  # its writers and readers grow in proportion
+        layers = group.region.writers + [node for node, _ in group.region.readers]
+        needed = sum(_constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * width / group.size
     available = _available_memory()
     if width * group.features_per_unit >= MAX_UNITS:
         raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "

@@ -29,6 +29,7 @@ the caller like any other widening.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,20 +84,25 @@ class RoutedGroup(UnitGroup):
     region: Region | None = None
     old_routing: Routing | None = None
     old_fates: dict | None = None
-    feasible: dict[int, str | None] = field(default_factory=dict)
+    feasible: dict[int, str | None] = field(default_factory=dict)     # width -> why not (None: it routes)
+    routings: dict[int, Routing] = field(default_factory=dict)         # width -> its routing, once run
 
 
-def find_routed_group(ir: GraphIR, layer: int) -> UnitGroup | None:
-    """The routing region of `layer`, or None when it is not one we can grow."""
-    cache = ir.__dict__.setdefault("_routing_cache", {})
-    for group in cache.values():
+#: Regions found per IR view (a view never changes; a rewrite builds a new one).
+_REGIONS: "weakref.WeakKeyDictionary[GraphIR, list[RoutedGroup]]" = weakref.WeakKeyDictionary()
+
+
+def find_routed_group(ir: GraphIR, layer: int) -> tuple[UnitGroup | None, str | None]:
+    """The routing region of `layer`, or (None, why it cannot grow as one)."""
+    known = _REGIONS.setdefault(ir, [])
+    for group in known:
         if layer in group.producers or layer in group.passthrough:
-            return group
+            return group, None
     try:
         region = _discover(ir, layer)
         old = simulate(ir, region, region.width)
-    except RoutingRefused:
-        return None
+    except RoutingRefused as refused:
+        return None, str(refused)
     group = RoutedGroup(seed=layer, size=region.width, region=region, old_routing=old,
                         producers=list(region.writers),
                         passthrough=[i for i in region.per_channel_tensors(ir) if ir.nodes[i].op_type == "Conv"])
@@ -105,10 +111,10 @@ def find_routed_group(ir: GraphIR, layer: int) -> UnitGroup | None:
         group.placements[ir.nodes[writer].output[0]] = seed_placement(ir, writer)
     step = _step(ir, group)
     if step is None:
-        return None
+        return None, f"no width up to {min(2 * region.width, region.width + MAX_WIDTHS_LISTED)} routes"
     group.step = step
-    cache[layer] = group
-    return group
+    known.append(group)
+    return group, None
 
 
 def check_width(ir: GraphIR, group: RoutedGroup, width: int) -> str | None:
@@ -117,6 +123,7 @@ def check_width(ir: GraphIR, group: RoutedGroup, width: int) -> str | None:
         try:
             new = simulate(ir, group.region, width)
             assign(group, new, width, np.random.default_rng(0))
+            group.routings[width] = new
             group.feasible[width] = None
         except RoutingRefused as refused:
             group.feasible[width] = str(refused)

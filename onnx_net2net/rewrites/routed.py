@@ -33,7 +33,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
                  layer_names: list[str]) -> GrownGroup:
     region = group.region
     rng = np.random.default_rng(options.seed)
-    new = simulate(ir, region, width)
+    new = group.routings.get(width) or simulate(ir, region, width)
     source = assign(group, new, width, rng, replicate=options.init != "zero").source
     old_labels = group.old_routing.labels
     values = {}

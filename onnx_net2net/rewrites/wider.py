@@ -283,11 +283,8 @@ def _average_units(value: np.ndarray, original: np.ndarray, edit, mapping: UnitM
         units = units.reshape((placement.outer, mapping.old, placement.inner) + old.shape[1:])
         mean = units.mean(axis=1)  # [outer, inner, ...]
         positions = np.nonzero(extra)[0]
-        new_block = len(slots) // placement.outer
-        for position in positions:
-            block, within = divmod(position, new_block)
-            feature = (within - placement.offset) % placement.inner
-            moved[position] = mean[block, feature].astype(value.dtype)
+        block, within = np.divmod(positions, len(slots) // placement.outer)
+        moved[positions] = mean[block, (within - placement.offset) % placement.inner].astype(value.dtype)
     elif edit.role in ("split", "norm-bias"):
         moved[extra] = 0
     if edit.role == "norm-scale":
