@@ -48,32 +48,21 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-def _handle(model):
-    """A handle for the API: models from files come with all their weights in
-    memory (the API returns ModelProtos; the CLI streams large models instead)."""
-    import onnx
-
+def _handle(model, *, inline: bool = True):
+    """A handle for the API. With `inline`, a model from a file comes with all
+    its weights in memory (the API returns ModelProtos; the CLI streams large
+    models instead); without, external weights are read when needed."""
     from . import io
 
     if not isinstance(model, (str, Path)):
         return io.from_proto(model)
     handle = io.load(model)
-    if handle.has_external_data():
-        onnx.load_external_data_for_model(handle.proto, str(handle.base_dir))
-        handle.base_dir = None
-    return handle
+    return handle.inlined() if inline else handle
 
 
 def load(path):
     """Load a model file (external data included) as an `onnx.ModelProto`."""
-    import onnx
-
-    from . import io
-
-    handle = io.load(path)
-    if handle.has_external_data():
-        onnx.load_external_data_for_model(handle.proto, str(handle.base_dir))
-    return handle.proto
+    return _handle(path).proto
 
 
 def save(model, path, *, external: bool | None = None):
@@ -87,7 +76,7 @@ def inspect(model, *, trial: bool | None = None) -> dict:
     """Every weighted layer, its width, and whether widen/deepen are exact for it."""
     from .inspection import inspect_model
 
-    return inspect_model(_handle(model), trial=trial)
+    return inspect_model(_handle(model, inline=False), trial=trial)
 
 
 def verify(reference, candidate, **options):

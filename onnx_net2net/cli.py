@@ -202,7 +202,7 @@ def _verify_step(args):
     from .verification import ReferenceRun
 
     def check(number, step, report, before, after) -> None:
-        result = ReferenceRun(before, **_verify_options(args)).compare(after)
+        result = ReferenceRun(before.proto, base_dir=before.base_dir, **_verify_options(args)).compare(after.proto)
         report["verification"] = result.to_dict()
         print(f"step {number + 1} ({step.name}): {result.summary()}")
         if not result.passed and step.exact:

@@ -37,7 +37,7 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
     if trial and handle.has_external_data():
-        handle = _in_memory(handle)
+        handle = handle.inlined(copy=True)
     reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
     # Each layer's own walk decides its promise (a layer can be a partial
     # producer in another layer's group and still be refused on its own).
@@ -49,19 +49,11 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
                 key = frozenset(group.producers + group.passthrough)
                 if key not in tried:
                     tried[key] = _trial(group, reference, lambda g=group: WidenPass(
-                        {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.proto).model)
+                        {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.copy()).model)
                 elif tried[key]:
                     group.refusal = coupling.Refusal(None, tried[key])
     layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
     return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
-
-
-def _in_memory(handle: ModelHandle) -> ModelHandle:
-    """A copy with every external weight loaded, for trial runs in memory."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(handle.proto)
-    onnx.load_external_data_for_model(proto, str(handle.base_dir))
-    return ModelHandle(proto=proto, path=handle.path)
 
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:
@@ -108,7 +100,7 @@ def _deepen_status(ir: GraphIR, index: int, reference, handle) -> dict:
     status = {"ok": True, "reason": None}
     if reference is not None:
         name = coupling.layer_name(ir, index)
-        failure = _try(reference, lambda: DeepenPass([name])(handle.proto).model)
+        failure = _try(reference, lambda: DeepenPass([name])(handle.copy()).model)
         if failure:
             status.update(ok=False, reason=failure)
     return status

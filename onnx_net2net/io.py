@@ -106,6 +106,24 @@ class ModelHandle:
     def weight_bytes(self) -> int:
         return sum(tensor_nbytes(t) for t in self.graph.initializer)
 
+    def copy(self) -> "ModelHandle":
+        """An independent copy of the model (external references still resolve)."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        return ModelHandle(proto=proto, base_dir=self.base_dir, path=self.path)
+
+    def inlined(self, *, copy: bool = False) -> "ModelHandle":
+        """The model with every external weight read into its proto (into a
+        copy with `copy`), through the same checked reads as `array`."""
+        target = self.copy() if copy else self
+        for tensor in _all_tensors(target.proto):
+            if _is_external(tensor):
+                data = self.external_bytes(tensor)
+                del tensor.external_data[:]
+                tensor.data_location = TensorProto.DEFAULT
+                tensor.raw_data = data
+        return ModelHandle(proto=target.proto, path=self.path)
+
 
 def tensor_nbytes(tensor: TensorProto) -> int:
     """Size in bytes of a tensor's data, without loading it."""

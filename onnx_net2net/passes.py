@@ -321,16 +321,13 @@ class Pipeline(_Pass):
 
     def apply(self, handle: ModelHandle, after_step=None) -> dict:
         """Run the passes; `after_step(number, step, report, before, after)`
-        (optional) is called after each with the model before and after it."""
+        (optional) is called after each with the handles before and after it."""
         reports = []
         for number, step in enumerate(self.passes):
-            before = None
-            if after_step is not None:
-                before = onnx.ModelProto()
-                before.CopyFrom(handle.proto)
+            before = handle.copy() if after_step is not None else None
             reports.append(step.apply(handle))
             if after_step is not None:
-                after_step(number, step, reports[-1], before, handle.proto)
+                after_step(number, step, reports[-1], before, handle)
         return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
 
 

@@ -110,12 +110,16 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto | str | Path, providers: list[str]):
+def make_session(model: onnx.ModelProto | str | Path, providers: list[str], base_dir: Path | None = None):
+    """A session with graph optimisation off; `base_dir` is where the external
+    data of an in-memory model lives."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    if base_dir is not None and not isinstance(model, (str, Path)):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     try:
         return ort.InferenceSession(source, options, providers=providers)
@@ -225,20 +229,24 @@ class ReferenceRun:
         atol, rtol: the tolerance, see the module docstring.
         providers: onnxruntime providers; default CUDA when available, else CPU.
         announce: called with one-line notes (e.g. dynamic dims chosen).
+        base_dir: where external data of in-memory models (the reference and
+            the candidates) lives.
     """
 
     def __init__(self, reference, *, inputs: InputSpec | None = None, atol: float = DEFAULT_ATOL,
-                 rtol: float = DEFAULT_RTOL, providers: list[str] | None = None, announce=None):
+                 rtol: float = DEFAULT_RTOL, providers: list[str] | None = None, announce=None,
+                 base_dir: Path | None = None):
         self.atol, self.rtol = atol, rtol
         self.providers = choose_providers(providers)
-        session = make_session(reference, self.providers)
+        self.base_dir = base_dir
+        session = make_session(reference, self.providers, base_dir)
         self.feeds = make_inputs(session, inputs or InputSpec(), announce)
         self.names = [o.name for o in session.get_outputs()]
         self.outputs = _run(session, self.feeds)
         self.provider = session.get_providers()[0]
 
     def compare(self, candidate) -> VerificationReport:
-        session = make_session(candidate, self.providers)
+        session = make_session(candidate, self.providers, self.base_dir)
         names = [o.name for o in session.get_outputs()]
         if names != self.names:
             raise UserError(f"the models have different outputs: {self.names} vs {names}")

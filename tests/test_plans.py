@@ -49,6 +49,31 @@ def test_plan_verify_each_reports_every_step(tmp_path):
     assert "step 1 (widen): PASSED" in result.stdout and "step 2 (deepen): PASSED" in result.stdout
 
 
+def test_plan_verify_each_on_external_data_from_another_folder(tmp_path):
+    """Each step's models hold external references: they resolve in the model's
+    folder, not in the working directory."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(onnx.load(str(MODELS / "cnn.onnx")), str(folder / "cnn.onnx"), save_as_external_data=True,
+              location="cnn.onnx.data", size_threshold=0)
+    result = run_cli("grow", folder / "cnn.onnx", "-o", tmp_path / "g.onnx", "--plan",
+                     ROOT / "passes" / "wider-and-deeper.toml", "--verify-each", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "step 2 (deepen): PASSED" in result.stdout
+
+
+def test_api_inspect_reads_no_external_weights_and_skips_trials(tmp_path, monkeypatch):
+    onnx.save(onnx.load(str(MODELS / "cnn.onnx")), str(tmp_path / "cnn.onnx"), save_as_external_data=True,
+              location="cnn.onnx.data", size_threshold=0)
+    import onnx_net2net.inspection as inspection
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a trial ran on an external-data model")
+    monkeypatch.setattr(inspection, "ReferenceRun", no_reference)
+    report = n2n.inspect(tmp_path / "cnn.onnx")
+    assert all(layer["widen"]["ok"] for layer in report["layers"][:-1])
+
+
 @pytest.mark.parametrize("text, message", [
     ('[[steps]]\nop = "widen"\nfactr = 2\n', ":3: step 1: unknown key 'factr'"),
     ('[[steps]]\nop = "widen"\nfactor = "two"\n', ":3: step 1: 'factor' has the wrong type"),
