@@ -46,7 +46,8 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         tried = {}
         for group in groups.values():
             if group.ok:
-                key = frozenset(group.producers + group.passthrough)
+                # One trial per group and layout (the same layers in another layout promise other widths).
+                key = (frozenset(group.producers + group.passthrough), group.features_per_unit, group.feature_step)
                 if key not in tried:
                     tried[key] = _trial(group, reference, lambda g=group: WidenPass(
                         {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.copy()).model)

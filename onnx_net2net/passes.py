@@ -128,7 +128,7 @@ class WidenPass(_Pass):
     def _factor_width(self, ir: GraphIR, group: coupling.UnitGroup) -> int | None:
         wanted = math.ceil(group.width * self.factor)
         if isinstance(group, routing.RoutedGroup):
-            return _routable_width(ir, group, wanted)
+            return routing.nearest_width(ir, group, wanted)
         step = group.feature_step
         return group.width + step * math.ceil((wanted - group.width) / step)
 
@@ -193,6 +193,12 @@ class DeepenPass(_Pass):
             raise UserError(f"--kernel {kernel}: must be a positive odd number")
         if self.options.noise < 0:
             raise UserError("--noise must be >= 0")
+        if self.options.mode in deeper.BLOCK_MODES:
+            given = [name for name, value in (("--kernel", kernel), ("--batchnorm", self.options.batchnorm),
+                                              ("--noise", self.options.noise)) if value]
+            if given:
+                raise UserError(f"{', '.join(given)}: not used by --mode {self.options.mode} (a block copies "
+                                "its own layers)")
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
@@ -219,10 +225,18 @@ class DeepenPass(_Pass):
     def _select(self, ir: GraphIR) -> list[str]:
         order = {node: position for position, node in enumerate(ir.topological_order())}
         layers = sorted(coupling.weighted_layers(ir), key=order.__getitem__)
-        possible = []
+        possible, blocks_seen = [], set()
         for layer in layers:
             try:
-                deeper.plan(ir, layer, self.options)
+                if self.options.mode in deeper.BLOCK_MODES:
+                    from .rewrites import blocks
+
+                    end = blocks.plan_block(ir, layer).end
+                    if end in blocks_seen:
+                        continue  # one copy per block, whichever of its layers names it
+                    blocks_seen.add(end)
+                else:
+                    deeper.plan(ir, layer, self.options)
                 possible.append(layer)
             except GrowthRefused:
                 continue
@@ -281,11 +295,11 @@ class AlignPass(_Pass):
         for group in analyse_groups(ir):
             if not group.ok:
                 continue
-            target = _next_aligned(group.width, group.feature_step, self.multiple)
             if isinstance(group, routing.RoutedGroup):
-                target = next((w for w in range(-(-group.width // self.multiple) * self.multiple,
-                                                4 * group.width + 1, self.multiple)
-                               if w == group.width or routing.check_width(ir, group, w) is None), None)
+                aligned = -(-group.width // self.multiple) * self.multiple
+                target = aligned if aligned == group.width else routing.nearest_width(ir, group, aligned, self.multiple)
+            else:
+                target = _next_aligned(group.width, group.feature_step, self.multiple)
             if target is not None and target != group.width:
                 widths[coupling.layer_name(ir, group.seed)] = target
         if not widths:
@@ -349,14 +363,6 @@ def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
                 if coupling.shares_space(ir, group, member):
                     seen.setdefault(member, group)
     return groups
-
-
-def _routable_width(ir: GraphIR, group, wanted: int) -> int | None:
-    """The first width from `wanted` up (then down) at which a routing region routes."""
-    for width in list(range(wanted, 4 * group.size + 1)) + list(range(wanted - 1, group.size, -1)):
-        if routing.check_width(ir, group, width) is None:
-            return width
-    return None
 
 
 def _layer(ir: GraphIR, name: str) -> int:

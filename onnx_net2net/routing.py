@@ -153,6 +153,15 @@ def valid_widths(ir: GraphIR, group: RoutedGroup, factor: int = 2) -> list[int]:
     return [w for w in range(group.size + 1, last + 1) if check_width(ir, group, w) is None]
 
 
+def nearest_width(ir: GraphIR, group: RoutedGroup, wanted: int, multiple: int = 1) -> int | None:
+    """The first width that routes from `wanted` up, else down (multiples of
+    `multiple` only), trying at most MAX_WIDTHS_LISTED widths."""
+    up = range(wanted, 4 * group.size + 1)
+    down = range(wanted - 1, group.size, -1)
+    candidates = [w for w in list(up) + list(down) if w % multiple == 0][:MAX_WIDTHS_LISTED]
+    return next((w for w in candidates if check_width(ir, group, w) is None), None)
+
+
 def describe_valid_widths(ir: GraphIR, group: RoutedGroup) -> str:
     """'widths that route: 57-64 (checked up to 96)'."""
     last = min(2 * group.size, group.size + MAX_WIDTHS_LISTED)

@@ -170,3 +170,18 @@ def test_gpt2_block_deepening_is_exact(mode):
     grown, report = n2n.deepen(GPT2, [GPT2_STREAM], mode=mode)
     assert report["verification"]["passed"] and report["verification"]["max_abs"] == 0
     assert report["changes"][0]["zeroed"] == [GPT2_STREAM, "/model/transformer/h.0/mlp/c_proj/Gemm"]
+
+
+def test_block_selectors_pick_one_layer_per_block():
+    from onnx_net2net.passes import DeepenPass
+    from onnx_net2net.rewrites.deeper import DeepenOptions
+
+    model = onnx.load(str(VIT))
+    result = DeepenPass("all", DeepenOptions(mode="block"))(model)
+    assert len(result.report["changes"]) == 2  # two pre-norm blocks: each copied once, not once per writer
+    assert verify_models(model, result.model).passed
+
+
+def test_block_modes_refuse_options_they_do_not_use():
+    with pytest.raises(n2n.UserError, match="--noise: not used by --mode block"):
+        n2n.deepen(VIT, ["/model/layers.0/attention/o_proj/MatMul"], mode="block", noise=0.1)

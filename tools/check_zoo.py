@@ -9,7 +9,7 @@ then for each model:
 1. `inspect` without trial runs (static analysis only: the promise under test);
 2. every group reported growable is widened by about 1.5x (rounded to its
    step; for a channel-shuffle stage whose valid widths are irregular, the
-   valid width nearest 1.5x) and every layer reported deepenable is deepened,
+   first valid width from 1.5x up) and every layer reported deepenable is deepened,
    and each result is compared with the original in onnxruntime (max relative
    error 1e-5).
 
@@ -130,16 +130,16 @@ def check(path: Path, limit: int | None) -> dict:
 
 
 def _routable(handle, name: str, width: int) -> int:
-    """For a channel-shuffle stage whose valid widths are irregular, the valid
-    width nearest to `width` (the note in `inspect` lists them)."""
+    """For a channel-shuffle stage whose valid widths are irregular, the first
+    valid width from `width` up (else down; the note in `inspect` lists them)."""
     from onnx_net2net import coupling, routing
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(handle)
     group = coupling.find_group(ir, coupling.find_layer(ir, name))
-    if not isinstance(group, routing.RoutedGroup) or routing.check_width(ir, group, width) is None:
+    if not isinstance(group, routing.RoutedGroup):
         return width
-    return min(routing.valid_widths(ir, group), key=lambda w: abs(w - width))
+    return routing.nearest_width(ir, group, width) or width
 
 
 def _try(reference, build, what: str) -> list[str]:

@@ -66,6 +66,8 @@ def plan_block(ir: GraphIR, layer: int) -> Block:
     start, end = ir.nodes[first].input[first_port], ir.nodes[last].output[0]
     if end in ir.graph_outputs:
         raise GrowthRefused(f"the block's output '{end}' is a graph output")
+    if any(use.port < 0 for use in ir.uses(end)):
+        raise GrowthRefused(f"the block's output '{end}' is read inside a subgraph")
     zeroed = [_branch_layer(ir, ir.nodes[node].input[1 - port]) for node, port in adds]
     return Block(start, end, last, _between(ir, start, last), zeroed)
 
@@ -100,8 +102,7 @@ def _residual_add_after(ir: GraphIR, layer: int) -> tuple[int, int]:
         if node.op_type not in _BRANCH_TAIL:
             break
         tensor = node.output[0]
-    raise GrowthRefused("its output is not a branch added to a residual stream "
-                        "(post-norm blocks and plain layers cannot be deepened by a block)")
+    raise GrowthRefused("it is not the last layer of a branch added to a residual stream")
 
 
 def _stream_operand(ir: GraphIR, add: int) -> int | None:
@@ -169,7 +170,7 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
         if bias:
             zero_inputs.add(bias)
     fresh = _fresh_values(ir, block, np.random.default_rng(fresh_seed)) if fresh_seed is not None else {}
-    copies, initializers = [], []
+    copies, initializers = [], {}
     for index in block.nodes:
         node = ir.nodes[index]
         copy = onnx.NodeProto()
@@ -181,11 +182,11 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
                 copy.input[port] = renamed[name]
             elif name in ir.initializers or _is_parameter(ir, name):
                 new_name = prefix + ("" if name.startswith("/") else "/") + name
-                if new_name not in {t.name for t in initializers}:
+                if new_name not in initializers:
                     value = fresh.get(name, ir.const_value(name))
                     if name in zero_inputs:
                         value = np.zeros_like(value)
-                    initializers.append(numpy_helper.from_array(value, new_name))
+                    initializers[new_name] = numpy_helper.from_array(value, new_name)
                 copy.input[port] = new_name
         for port, name in enumerate(copy.output):
             if name:
@@ -198,10 +199,10 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
     nodes = list(ir.graph.node)
     del ir.graph.node[:]
     ir.graph.node.extend(nodes[:block.end_node + 1] + copies + nodes[block.end_node + 1:])
-    ir.graph.initializer.extend(initializers)
-    return {"after": block.end, "mode": "fresh-block" if fresh else "block",
-            "activation": "fresh block" if fresh else "block copy",
-            "nodes": [c.name for c in copies], "initializers": [t.name for t in initializers],
+    ir.graph.initializer.extend(initializers.values())
+    return {"after": block.end, "mode": "fresh-block" if fresh_seed is not None else "block",
+            "activation": "fresh block" if fresh_seed is not None else "block copy",
+            "nodes": [c.name for c in copies], "initializers": list(initializers),
             "zeroed": [layer_name(ir, layer) for layer in block.zeroed]}
 
 
