@@ -333,7 +333,7 @@ def pool(c: Chooser, g: _Graph, x: str) -> str:
 
 def layernorm(c: Chooser, g: _Graph, x: str) -> str:
     """LayerNormalization over the features of [N, F] (opset >= 17), else the
-    decomposed ReduceMean / Sub / Pow / Sqrt / Div form."""
+    decomposed ReduceMean / Sub / Mul / ReduceMean / Sqrt / Div form."""
     shape, width, rng = g.shapes[x], g.shapes[x][-1], g.rng
     scale = g.const("ln_scale", (0.5 + rng.random(width)).astype(np.float32))
     shift = g.const("ln_bias", (0.1 * rng.standard_normal(width)).astype(np.float32))
@@ -457,6 +457,12 @@ def side_output(g: _Graph, x: str) -> None:
 # The whole model
 
 
+_BLOCKS = {"conv": conv, "dense": dense, "activation": activation, "batchnorm": batchnorm, "pool": pool,
+           "depthwise": depthwise, "squeeze_excite": squeeze_excite, "passthrough": passthrough,
+           "layernorm": layernorm, "prenorm_residual": prenorm_residual,
+           "channels_last_matmul": channels_last_matmul}
+
+
 def build(c: Chooser) -> GeneratedModel:
     opset = c.choice(OPSETS)
     kind = c.choice(["conv2d", "dense", "conv1d"])
@@ -476,32 +482,10 @@ def build(c: Chooser) -> GeneratedModel:
         else:
             block = c.choice(["dense", "activation", "residual", "concat", "side_output", "batchnorm",
                               "passthrough", "layernorm", "prenorm_residual"])  # new kinds go last (replays)
-        if block == "conv":
-            x = conv(c, g, x)
-        elif block == "dense":
-            x = dense(c, g, x)
-        elif block == "activation":
-            x = activation(c, g, x)
-        elif block == "batchnorm":
-            x = batchnorm(c, g, x)
-        elif block == "pool":
-            x = pool(c, g, x)
-        elif block == "residual":
-            x = residual(c, g, x, spatial)
-        elif block == "concat":
-            x = concat(c, g, x, spatial)
-        elif block == "depthwise":
-            x = depthwise(c, g, x)
-        elif block == "squeeze_excite":
-            x = squeeze_excite(c, g, x)
-        elif block == "passthrough":
-            x = passthrough(c, g, x)
-        elif block == "layernorm":
-            x = layernorm(c, g, x)
-        elif block == "prenorm_residual":
-            x = prenorm_residual(c, g, x)
-        elif block == "channels_last_matmul":
-            x = channels_last_matmul(c, g, x)
+        if block in _BLOCKS:
+            x = _BLOCKS[block](c, g, x)
+        elif block in ("residual", "concat"):
+            x = (residual if block == "residual" else concat)(c, g, x, spatial)
         elif block == "flatten":
             x = flatten(c, g, x)
             spatial = False

@@ -251,7 +251,8 @@ def test_generator_covers_the_listed_ops():
         seen.update(node.op_type for node in graphgen.replay(choices).model.graph.node)
     wanted = {"Conv", "Gemm", "MatMul", "Add", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu",
               "Erf", "Mul", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish", "BatchNormalization",
-              "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Flatten", "Reshape", "Transpose"}
+              "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Flatten", "Reshape", "Transpose",
+              "LayerNormalization", "ReduceMean", "Sub", "Sqrt", "Div", "Identity", "Dropout"}
     assert wanted <= seen, wanted - seen
 
 

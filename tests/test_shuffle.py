@@ -134,7 +134,7 @@ def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
     ir, group = _group(model, "a")
     valid = routing.valid_widths(ir, group)
     for width in rng.choice(valid, size=min(3, len(valid)), replace=False):
-        widen_exact(model, {f"branch{blocks}" if blocks > 1 else "a": int(width)},
+        widen_exact(model, {f"branch{blocks}": int(width)},
                     split=str(rng.choice(["equal", "random"])), seed=seed)
     for width in [w for w in range(h + 1, 2 * h + 1) if w not in valid][:2]:
         with pytest.raises(n2n.UserError, match="would change where they go"):

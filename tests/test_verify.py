@@ -130,7 +130,7 @@ def test_cli_json(tmp_path, capsys):
     assert report["passed"] is False
     assert {"passed", "provider", "atol", "rtol", "outputs", "notes", "max_abs", "max_rel"} <= set(report)
     assert report["outputs"][0]["name"] == "output" and report["outputs"][0]["passed"] is False
-    assert report["rtol"] == DEFAULT_RTOL and report["atol"] == DEFAULT_ATOL
+    assert report["rtol"] == DEFAULT_RTOL == 1e-4 and report["atol"] == DEFAULT_ATOL == 1e-5  # as the README says
 
 
 def test_cli_inputs_npz_are_used(tmp_path, capsys):
