@@ -62,6 +62,18 @@ def make_model(nodes, inputs, outputs, inits: dict | None = None, *, opset: int 
     return model
 
 
+def mlp_model(d_in: int, hidden: int, d_out: int, *, seed: int = 0, scale: float = 1.0,
+              opset: int = 17) -> onnx.ModelProto:
+    """x[N, d_in] -> fc1 (Gemm) -> Relu -> fc2 (Gemm) -> y[N, d_out], IR version 8;
+    initializers W1, b1, W2, b2 in that order, drawn N(0, scale) with `seed`."""
+    rng = np.random.default_rng(seed)
+    inits = {name: rand(rng, *shape, scale=scale)
+             for name, shape in (("W1", (d_in, hidden)), ("b1", (hidden,)), ("W2", (hidden, d_out)), ("b2", (d_out,)))}
+    nodes = [H("Gemm", ["x", "W1", "b1"], ["h"], name="fc1"), H("Relu", ["h"], ["a"], name="relu"),
+             H("Gemm", ["a", "W2", "b2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", ["N", d_in])], [("y", ["N", d_out])], inits, opset=opset, ir_version=8)
+
+
 def rand(rng, *shape, scale=0.5):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 

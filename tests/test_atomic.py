@@ -17,12 +17,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, mlp_model
+
 TAG = ".onnx_net2net-"
 
 # Runs the CLI with a SIGKILL planted at MOMENT; argv[1] is the moment, the rest the CLI arguments.
@@ -81,17 +80,7 @@ KILLER = textwrap.dedent('''
 
 def big_model() -> onnx.ModelProto:
     """x[N, 64] -> fc1 (Gemm 64x256) -> Relu -> fc2 (Gemm 256x10): about 110 kB of weights."""
-    rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(np.float32), name)
-             for name, shape in (("W1", (64, 256)), ("b1", (256,)), ("W2", (256, 10)), ("b2", (10,)))]
-    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["a"], name="relu"),
-             helper.make_node("Gemm", ["a", "W2", "b2"], ["y"], name="fc2")]
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return mlp_model(64, 256, 10, seed=1, scale=1 / 8)
 
 
 def run(folder: Path, *args, moment: str | None = None) -> subprocess.CompletedProcess:

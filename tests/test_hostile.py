@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, mlp_model
 TIMEOUT = 120
 
 
@@ -81,19 +81,9 @@ def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
         assert word.lower() in lines[0].lower(), (word, lines[0])
 
 
-def dense_model(opset: int = 17) -> onnx.ModelProto:
+def dense_model() -> onnx.ModelProto:
     """x[N, 4] -> fc1 (Gemm, 8 units) -> Relu -> fc2 (Gemm, 3 units) -> y."""
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-             for name, shape in (("W1", (4, 8)), ("b1", (8,)), ("W2", (8, 3)), ("b2", (3,)))]
-    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1"),
-             helper.make_node("Relu", ["h"], ["a"], name="relu"),
-             helper.make_node("Gemm", ["a", "W2", "b2"], ["y"], name="fc2")]
-    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    return mlp_model(4, 8, 3)
 
 
 def save_external(model: onnx.ModelProto, path: Path, location: str = "model.onnx.data") -> None:
