@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import ROOT, mlp_model
+
 TIMEOUT = 120
 
 
