@@ -109,7 +109,7 @@ def cmd_info(args) -> int:
     from .ir import GraphIR
 
     handle = load(args.model)
-    GraphIR(handle)  # the same checks as every command: no cycle, nothing dangling, consistent shapes
+    GraphIR(handle)  # the graph checks the growth commands make: no cycle, nothing dangling, consistent shapes
     info = model_info(handle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return EXIT_OK

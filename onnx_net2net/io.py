@@ -171,7 +171,7 @@ _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLO
 
 def parameter_count(graph: onnx.GraphProto) -> int:
     """Number of floating-point weight elements (initializers)."""
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer if t.data_type in _FLOAT_TYPES))
+    return sum(_element_count(t) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
 
 
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
