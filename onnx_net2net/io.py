@@ -12,7 +12,9 @@ Three promises, kept here and nowhere else:
 
 Weights held in external data files are read lazily (only the tensors a rewrite
 changes are ever loaded) and streamed from the input's data file into the
-output's, so memory stays bounded by what changes, not by the model.
+output's, so memory stays bounded by what changes, not by the model. Where a
+whole model must be in memory (the Python API returns ModelProtos; trial runs
+in `inspect`), `ModelHandle.inlined` reads it through the same checks.
 """
 
 from __future__ import annotations
