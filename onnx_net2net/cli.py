@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError, VerificationFailed
+from .errors import InternalError, UserError, VerificationFailed
 
 #: rewrites.deeper.MODES, repeated so that parsing arguments imports no numpy / onnx.
 DEEPEN_MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block", "fresh-block")
@@ -53,8 +53,12 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
     group.add_argument("--input-seed", type=int, default=0, help="seed of the random inputs (default 0)")
     group.add_argument("--rtol", type=float, default=None,
                        help="relative tolerance: an element passes when |a-b| <= atol + rtol*max(1,|a|) "
-                            "(default 1e-4)")
-    group.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5)")
+                            "(default by each output's type: 1e-4 float32, 1e-2 float16, 5e-2 bfloat16)")
+    group.add_argument("--atol", type=float, default=None,
+                       help="absolute tolerance (default by type: 1e-5 float32, 1e-3 float16, 1e-2 bfloat16)")
+    group.add_argument("--allow-nonfinite", action="store_true",
+                       help="accept NaN/Inf in the reference's outputs where the candidate has the same "
+                            "(default: they prove nothing, so verification fails)")
     group.add_argument("--providers", nargs="+", metavar="PROVIDER",
                        help="onnxruntime providers (default: CUDAExecutionProvider when a GPU is usable, "
                             "else CPUExecutionProvider)")
@@ -85,18 +89,17 @@ def _finish_growth_command(parser) -> None:
 
 
 def _verify_options(args) -> dict:
-    from .verification import DEFAULT_ATOL, DEFAULT_RTOL, InputSpec, parse_input_shapes, stderr_note
+    from .verification import InputSpec, parse_input_shapes, stderr_note
 
     low, high = args.int_range
     if high <= low:
         raise UserError(f"--int-range {low} {high}: HIGH must be larger than LOW")
     spec = InputSpec(seed=args.input_seed, shapes=parse_input_shapes(args.input_shapes), int_range=(low, high),
                      npz=args.inputs)
-    atol = DEFAULT_ATOL if args.atol is None else args.atol
-    rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
-    if atol < 0 or rtol < 0:
+    if (args.atol is not None and args.atol < 0) or (args.rtol is not None and args.rtol < 0):
         raise UserError("--atol and --rtol must be >= 0")
-    return dict(inputs=spec, atol=atol, rtol=rtol, providers=args.providers, announce=stderr_note)
+    return dict(inputs=spec, atol=args.atol, rtol=args.rtol, providers=args.providers, announce=stderr_note,
+                allow_nonfinite=args.allow_nonfinite)
 
 
 # ----------------------------------------------------------------------------
@@ -128,8 +131,9 @@ def cmd_verify(args) -> int:
         for output in report.outputs:
             agreement = "" if output.argmax_agreement is None else f", argmax agreement {output.argmax_agreement:.1%}"
             problem = f" ({output.problem})" if output.problem else ""
+            fp32 = "" if output.fp32_max_rel is None else f", upcast to fp32: max rel {output.fp32_max_rel:.3g}"
             print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
-                  f"{agreement} {'ok' if output.passed else 'MISMATCH'}{problem}")
+                  f"{agreement}{fp32} {'ok' if output.passed else 'MISMATCH'}{problem}")
         print(report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
@@ -199,10 +203,12 @@ def cmd_grow(args) -> int:
 
 def _verify_step(args):
     """A Pipeline hook: verify each step against the model before it."""
-    from .verification import ReferenceRun
+    from .verification import ReferenceRun, ours
 
     def check(number, step, report, before, after) -> None:
-        result = ReferenceRun(before.proto, base_dir=before.base_dir, **_verify_options(args)).compare(after.proto)
+        reference = ReferenceRun(before.proto, base_dir=before.base_dir, **_verify_options(args))
+        with ours(f"the model after step {number + 1} ({step.name})"):
+            result = reference.compare(after.proto)
         report["verification"] = result.to_dict()
         print(f"step {number + 1} ({step.name}): {result.summary()}")
         if not result.passed and step.exact:
@@ -212,11 +218,9 @@ def _verify_step(args):
 
 
 def _grow(args, grow_pass, *, after_step=None) -> int:
-    """Load, rewrite, verify against the input, write atomically, report."""
+    """Load, rewrite, check, verify against the input, write atomically, report."""
     from . import io
     from .progress import Progress
-    from .provenance import record_provenance
-    from .verification import ReferenceRun
 
     source = Path(args.model)
     io.check_output_path(args.output, [source])
@@ -225,6 +229,41 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
     with progress.stage(f"loading {source}"):
         handle = io.load(source)
     progress.include(handle.weight_bytes())
+    _check_plan_layers(args, handle)
+    with progress.stage("rewriting"):
+        report, broken = _rewrite(args, grow_pass, handle, after_step)
+    outcome = {}
+
+    def check(staged: Path) -> None:
+        if broken and not args.save_on_failure:
+            raise InternalError(broken)
+        if verify_options is None:
+            return
+        try:
+            with progress.stage("verifying with onnxruntime"):
+                outcome["result"] = _verify_output(args, source, staged, verify_options, grow_pass.exact, report)
+        except InternalError as error:
+            report["internal_error"] = str(error)
+            if not args.save_on_failure:
+                raise
+            outcome["internal"] = str(error)
+
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    try:
+        with progress.bytes_bar("writing", handle.weight_bytes()) as advance:
+            io.save(handle, args.output, external=external, protected=[source], before_commit=check,
+                    progress=advance)
+    finally:
+        if args.report:
+            _write_json(args.report, report)
+    _print_changes(report)
+    internal = broken or outcome.get("internal")
+    if internal:
+        raise InternalError(f"{internal} (kept in {args.output} as asked by --save-on-failure)")
+    return _print_outcome(args, outcome.get("result"), grow_pass.exact)
+
+
+def _check_plan_layers(args, handle) -> None:
     plan = getattr(args, "plan_object", None)
     if plan is not None:
         from .coupling import layer_name, weighted_layers
@@ -232,32 +271,40 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
 
         ir = GraphIR(handle)
         plan.check_layers({layer_name(ir, i) for i in weighted_layers(ir)} | {n.name for n in ir.nodes})
-    exact = grow_pass.exact
-    with progress.stage("rewriting"):
-        report = grow_pass.apply(handle, after_step) if after_step else grow_pass.apply(handle)
+
+
+def _rewrite(args, grow_pass, handle, after_step) -> tuple[dict, str | None]:
+    """Apply the pass in place; return its report and, when the input passed
+    onnx's full check and the output does not, why (our bug)."""
+    from .provenance import record_provenance
+    from .typeinfo import full_check_error
+
+    input_valid = full_check_error(handle) is None
+    report = grow_pass.apply(handle, after_step) if after_step else grow_pass.apply(handle)
     report["command"] = sys.argv[1:] if args.argv is None else args.argv
     record_provenance(handle.proto, report)
-    outcome = {}
+    problem = full_check_error(handle) if input_valid else None
+    broken = f"the grown model fails onnx.checker's full check: {problem}" if problem else None
+    if broken:
+        report["internal_error"] = broken
+    return report, broken
 
-    def check(staged: Path) -> None:
-        with progress.stage("verifying with onnxruntime"):
-            result = ReferenceRun(str(source), **verify_options).compare(str(staged))
-        outcome["result"] = result
-        report["verification"] = result.to_dict()
-        report["exact"] = exact
-        if exact and not result.passed and not args.save_on_failure:
-            raise VerificationFailed(result.summary(), report)
 
-    external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    try:
-        with progress.bytes_bar("writing", handle.weight_bytes()) as advance:
-            io.save(handle, args.output, external=external, protected=[source],
-                    before_commit=None if args.no_verify else check, progress=advance)
-    finally:
-        if args.report:
-            _write_json(args.report, report)
-    _print_changes(report)
-    result = outcome.get("result")
+def _verify_output(args, source: Path, staged: Path, verify_options: dict, exact: bool, report: dict):
+    """Compare the staged output with the input; raise to abandon the write."""
+    from .verification import ReferenceRun, ours
+
+    reference = ReferenceRun(str(source), **verify_options)
+    with ours():
+        result = reference.compare(str(staged))
+    report["verification"] = result.to_dict()
+    report["exact"] = exact
+    if exact and not result.passed and not args.save_on_failure:
+        raise VerificationFailed(result.summary(), report)
+    return result
+
+
+def _print_outcome(args, result, exact: bool) -> int:
     if result is None:
         print(f"written {args.output} (not verified)")
         return EXIT_OK
@@ -421,9 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except VerificationFailed as failed:
-        print(f"FAILED: {failed}", file=sys.stderr)
+        message = str(failed)
+        print(message if message.startswith("FAILED") else f"FAILED: {message}", file=sys.stderr)
         print("nothing written (use --save-on-failure to keep the output)", file=sys.stderr)
         return EXIT_MISMATCH
+    except InternalError as error:
+        print(f"{PROG}: internal error (a bug, please report it to the onnx_net2net issue tracker with the "
+              f"command and, if you can, the model): {_one_line(error)}", file=sys.stderr)
+        return EXIT_BUG
     except UserError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,8 +2,9 @@
 
 `UserError` (and its subclasses) is a problem with what the user gave us: a bad
 file, an unknown layer, a width that cannot be reached. The CLI prints its
-message as one line and exits with code 2. Anything else escaping the CLI is a
-bug: it is reported as such and exits with code 3.
+message as one line and exits with code 2. `InternalError` is our fault, found
+by our own checks: a model we produced that does not check, load or run. It
+and anything else escaping the CLI is a bug: reported as such, exit code 3.
 """
 
 from __future__ import annotations
@@ -35,3 +36,17 @@ class VerificationFailed(Exception):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report
+
+
+class InternalError(Exception):
+    """A model this tool produced is broken (a bug: exit code 3, please report)."""
+
+    exit_code = 3
+
+
+def first_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message as one line (onnx and onnxruntime paste
+    multi-line C++ text), or its type's name when it has none."""
+    text = str(error).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return " ".join(line.split())[:limit] or type(error).__name__

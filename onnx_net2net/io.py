@@ -49,11 +49,17 @@ class ModelHandle:
         base_dir: the folder external-data locations resolve against, or None
             for a model that came from memory.
         path: the file the model was loaded from, if any.
+        checked: `onnx.checker` accepted the model as it was given (it runs
+            once, on the first graph index built over the handle).
+        rewritten: a rewrite has changed the model since (from then on, a
+            model that does not check is our bug, not the user's).
     """
 
     proto: onnx.ModelProto
     base_dir: Path | None = None
     path: Path | None = None
+    checked: bool = False
+    rewritten: bool = False
     _data_sizes: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -112,7 +118,8 @@ class ModelHandle:
         """An independent copy of the model (external references still resolve)."""
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
-        return ModelHandle(proto=proto, base_dir=self.base_dir, path=self.path)
+        return ModelHandle(proto=proto, base_dir=self.base_dir, path=self.path, checked=self.checked,
+                           rewritten=self.rewritten)
 
     def inlined(self, *, copy: bool = False) -> "ModelHandle":
         """The model with every external weight read into its proto (into a
@@ -124,7 +131,7 @@ class ModelHandle:
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
                 tensor.raw_data = data
-        return ModelHandle(proto=target.proto, path=self.path)
+        return ModelHandle(proto=target.proto, path=self.path, checked=self.checked, rewritten=self.rewritten)
 
 
 def tensor_nbytes(tensor: TensorProto) -> int:

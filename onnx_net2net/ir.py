@@ -21,11 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelLoadError
-from .io import ModelHandle, tensor_nbytes
-
-#: Initializers up to this size are kept for shape inference (shape constants).
-_SHAPE_INFERENCE_KEEP_BYTES = 1 << 16
+from . import typeinfo
+from .errors import InternalError, ModelLoadError, first_line
+from .io import ModelHandle
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class GraphIR:
                     raise ModelLoadError(
                         f"node {self.label(index)} reads '{name}', which nothing produces (dangling input)")
                 self.consumers.setdefault(name, []).append(Use(index, port))
-            for name in _outer_scope_reads(node):
+            for name in outer_scope_reads(node):
                 if name in known:
                     self.consumers.setdefault(name, []).append(Use(index, -1))
         for name in self.graph_outputs:
@@ -231,22 +229,16 @@ class GraphIR:
         return None if shape is None else len(shape)
 
     def _infer_shapes(self) -> None:
-        light = _shape_inference_model(self.handle)
+        light = typeinfo.light_model(self.handle)
+        if not self.handle.checked:
+            _check_once(self.handle, light)
         try:
-            onnx.checker.check_model(light)
-        except onnx.checker.ValidationError as exc:
-            message = " ".join(str(exc).split())
-            raise ModelLoadError(f"invalid model: {message[:300]}") from None
-        try:
-            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
-        except onnx.shape_inference.InferenceError as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else "shape inference failed"
-            if "custom" in message.lower() or "No Op registered" in message or "schema" in message.lower():
-                inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-            else:
-                raise ModelLoadError(f"shapes are inconsistent: {message[:300]}") from None
-        except Exception as exc:  # noqa: BLE001 - onnx raises bare RuntimeErrors too
-            raise ModelLoadError(f"shape inference failed: {str(exc).strip()[:300]}") from None
+            inferred = typeinfo.infer(light)
+        except Exception as exc:  # noqa: BLE001 - onnx raises InferenceError and bare RuntimeErrors
+            message = first_line(exc)
+            if self.handle.rewritten:
+                raise InternalError(f"a rewrite left the model's shapes inconsistent: {message}") from None
+            raise ModelLoadError(f"shapes are inconsistent: {message}") from None
         self._read_shapes(inferred.graph)
         if self._has_unknown_shapes():
             self._symbolic_pending = light  # refined on the first question about an unknown shape
@@ -312,7 +304,18 @@ def node_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
+def _check_once(handle: ModelHandle, light: onnx.ModelProto) -> None:
+    """`onnx.checker` on the model as given (weights left out), once per handle."""
+    try:
+        onnx.checker.check_model(light)
+    except onnx.checker.ValidationError as exc:
+        if handle.rewritten:
+            raise InternalError(f"a rewrite produced an invalid model: {first_line(exc)}") from None
+        raise ModelLoadError(f"invalid model: {first_line(exc)[:300]}") from None
+    handle.checked = True
+
+
+def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     names: set[str] = set()
     for attr in node.attribute:
@@ -323,38 +326,5 @@ def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
                 local.update(inner.output)
             for inner in graph.node:
                 names.update(n for n in inner.input if n and n not in local)
-                names.update(_outer_scope_reads(inner) - local)
+                names.update(outer_scope_reads(inner) - local)
     return names
-
-
-def _shape_inference_model(handle: ModelHandle) -> onnx.ModelProto:
-    """A copy of the model for shape inference, without the bulk of the weights.
-
-    Big initializers become graph inputs of the same type and shape: shape
-    inference needs their shapes, not their values, and copying them would
-    double the memory of a large model.
-    """
-    model = onnx.ModelProto()
-    for descriptor, value in handle.proto.ListFields():
-        if descriptor.name == "graph":
-            continue
-        if hasattr(value, "CopyFrom"):
-            getattr(model, descriptor.name).CopyFrom(value)
-        elif isinstance(value, (str, bytes, int, float, bool)):
-            setattr(model, descriptor.name, value)
-        else:
-            getattr(model, descriptor.name).extend(value)
-    graph = model.graph
-    source = handle.proto.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    declared = {v.name for v in source.input}
-    for tensor in source.initializer:
-        if tensor_nbytes(tensor) <= _SHAPE_INFERENCE_KEEP_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return model

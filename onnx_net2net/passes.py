@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from . import coupling, routing
+from . import coupling, routing, typeinfo
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
@@ -96,7 +96,8 @@ class WidenPass(_Pass):
                                    self.options.seed + number)
             names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
             grow = routed.widen_routed if isinstance(group, routing.RoutedGroup) else wider.widen_group
-            changes.append(asdict(grow(ir, group, width, options, names)))
+            with typeinfo.kept_consistent(handle):
+                changes.append(asdict(grow(ir, group, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
@@ -209,7 +210,8 @@ class DeepenPass(_Pass):
             layer = _layer(ir, name)
             if self.options.mode in deeper.BLOCK_MODES:
                 fresh_seed = self.options.seed + number if self.options.mode == "fresh-block" else None
-                changes.append(_insert_block(ir, layer, name, fresh_seed))
+                with typeinfo.kept_consistent(handle):
+                    changes.append(_insert_block(ir, layer, name, fresh_seed))
                 continue
             try:
                 insertion = deeper.plan(ir, layer, self.options)
@@ -217,7 +219,8 @@ class DeepenPass(_Pass):
                 raise GrowthRefused(f"layer '{name}' cannot be deepened: {refused}") from None
             options = DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm,
                                     self.options.noise, self.options.seed + number)
-            changes.append(asdict(deeper.insert(ir, insertion, options)))
+            with typeinfo.kept_consistent(handle):
+                changes.append(asdict(deeper.insert(ir, insertion, options)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 

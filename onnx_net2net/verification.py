@@ -8,14 +8,30 @@ from an .npz file). Every output is compared element by element:
 * max_rel = max |a - b| / max(1, |a|)   (absolute near zero, relative for large values)
 * argmax agreement for classifier-like outputs ([N, C] floats, C > 1)
 
-An output passes when every element satisfies |a - b| <= atol + rtol * max(1, |a|),
-and NaNs appear in the same places. Errors are never summed with their signs
-(that lets them cancel) and shapes alone prove nothing.
+An output passes when every element satisfies |a - b| <= atol + rtol * max(1, |a|).
+Errors are never summed with their signs (that lets them cancel) and shapes
+alone prove nothing.
+
+Tolerances follow each output's element type unless the caller sets them
+(`TOLERANCES`): float32/float64 rtol 1e-4, atol 1e-5; float16 rtol 1e-2,
+atol 1e-3 (about 10 units of fp16's last place, 2**-10); bfloat16 rtol 5e-2,
+atol 1e-2 (about 6 of bf16's, 2**-7). A low-precision model is also run with
+every float upcast to float32 (`precision.upcast`), on both sides, and that
+comparison is reported beside the native one: it shows how exact the rewrite
+is in the math, and how much of the native error is low-precision rounding.
+
+A non-finite (NaN or Inf) element in the reference proves nothing: the
+number of them is reported per output, and the output fails unless the
+caller allows non-finite values (then the candidate must have the same
+non-finite values in the same places, and the rest is compared as usual).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import re
+import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import UserError
+from .errors import InternalError, UserError, first_line
 
 #: Exact rewrites of trained models measure up to ~1e-5 here (fp32 sums in a
 #: different order, fractions like 1/3); a wrong rewrite moves outputs by
@@ -31,6 +47,14 @@ from .errors import UserError
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
 DEFAULT_BATCH = 2
+#: Default (rtol, atol) by onnxruntime element type (see the module docstring).
+TOLERANCES = {
+    "tensor(float)": (DEFAULT_RTOL, DEFAULT_ATOL),
+    "tensor(double)": (DEFAULT_RTOL, DEFAULT_ATOL),
+    "tensor(float16)": (1e-2, 1e-3),
+    "tensor(bfloat16)": (5e-2, 1e-2),
+}
+LOW_PRECISION = ("tensor(float16)", "tensor(bfloat16)")
 
 
 @dataclass
@@ -45,6 +69,9 @@ class InputSpec:
 
 @dataclass
 class OutputComparison:
+    """One output compared: errors, tolerance used, non-finite count, and for
+    low-precision outputs the same comparison with both models upcast to fp32."""
+
     name: str
     shape: list[int]
     max_abs: float
@@ -52,10 +79,19 @@ class OutputComparison:
     passed: bool
     argmax_agreement: float | None = None
     problem: str | None = None
+    dtype: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    nonfinite: int = 0
+    fp32_max_abs: float | None = None
+    fp32_max_rel: float | None = None
 
 
 @dataclass
 class VerificationReport:
+    """`atol`/`rtol` are the tolerances the caller set, or the float32 defaults;
+    each output records the tolerance it was held to."""
+
     passed: bool
     provider: str
     atol: float
@@ -72,11 +108,30 @@ class VerificationReport:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
     def summary(self) -> str:
+        """One line: PASSED/FAILED, the errors, the tolerances, the provider."""
         verdict = "PASSED" if self.passed else "FAILED"
-        failing = [o.name for o in self.outputs if not o.passed]
+        failing = [f"{o.name} ({o.problem})" if o.problem else o.name for o in self.outputs if not o.passed]
         where = f"; mismatch in {', '.join(failing)}" if failing else ""
         return (f"{verdict}: {len(self.outputs)} output(s), max abs err {self.max_abs:.3g}, "
-                f"max rel err {self.max_rel:.3g} (rtol {self.rtol:g}, atol {self.atol:g}) on {self.provider}{where}")
+                f"max rel err {self.max_rel:.3g} ({self._tolerances()}) on {self.provider}{self._fp32()}{where}")
+
+    def _tolerances(self) -> str:
+        used = {(o.dtype, o.rtol, o.atol) for o in self.outputs if o.rtol is not None}
+        if len({(r, a) for _, r, a in used}) <= 1:
+            return f"rtol {self.rtol:g}, atol {self.atol:g}" if not used else \
+                "rtol {1:g}, atol {2:g}".format(*next(iter(used)))
+        return "; ".join(f"{d[7:-1]}: rtol {r:g}, atol {a:g}" for d, r, a in sorted(used, key=str))
+
+    def _fp32(self) -> str:
+        upcast = [o for o in self.outputs if o.fp32_max_rel is not None]
+        if not upcast:
+            return ""
+        worst = max(o.fp32_max_rel for o in upcast)
+        return f"; upcast to fp32: max rel err {worst:.3g} (the rest is low-precision arithmetic)"
+
+    @property
+    def nonfinite(self) -> int:
+        return sum(o.nonfinite for o in self.outputs)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -112,20 +167,54 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 
 def make_session(model: onnx.ModelProto | str | Path, providers: list[str], base_dir: Path | None = None):
     """A session with graph optimisation off; `base_dir` is where the external
-    data of an in-memory model lives."""
+    data of an in-memory model lives.
+
+    Raises:
+        ModelRunError: onnxruntime cannot load the model (the reason in plain words).
+    """
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # failures reach the user as our one line, not onnxruntime's log
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if base_dir is not None and not isinstance(model, (str, Path)):
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {message[:300]}") from None
+        raise ModelRunError(f"onnxruntime cannot load the model: {plain_onnxruntime_error(exc)}") from None
+
+
+class ModelRunError(UserError):
+    """onnxruntime cannot load or run a model (the user's; see `ours`)."""
+
+
+def plain_onnxruntime_error(exc: BaseException) -> str:
+    """onnxruntime's message without its C++ source locations, and in plain
+    words where the cause is a known one."""
+    import onnxruntime as ort
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if match := re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text):
+        return (f"the model's IR version {match[1]} is newer than onnxruntime {ort.__version__} supports "
+                f"(up to IR version {match[2]}): upgrade onnxruntime or re-export with an older onnx")
+    if match := re.search(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", text):
+        return (f"the model uses opset {match[1]} of {match[2]}, newer than onnxruntime {ort.__version__} "
+                f"supports (up to opset {match[3]}): upgrade onnxruntime or export at an older opset")
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"\S+\.(?:h|cc|cpp):\d+ (?:[\w:<>,&*\s]+\([^)]*\) )?", "", text)
+    return text[:300]
+
+
+@contextlib.contextmanager
+def ours(what: str = "the grown model"):
+    """Failures of onnxruntime on a model this tool produced are our bug (exit 3)."""
+    try:
+        yield
+    except ModelRunError as error:
+        raise InternalError(f"{what} does not run in onnxruntime: {error}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -141,26 +230,66 @@ _NUMPY_OF_ORT = {
 
 
 def make_inputs(session, spec: InputSpec, announce=None) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input of the session."""
-    given = {}
+    """Inputs for every graph input of the session: the arrays of `spec.npz`
+    (which must name every input, with its type and shape), else seeded
+    random data."""
     if spec.npz:
-        try:
-            with np.load(spec.npz) as data:
-                given = {k: data[k] for k in data.files}
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{spec.npz}: cannot read inputs ({exc})") from None
+        return _given_inputs(session, spec)
     rng = np.random.default_rng(spec.seed)
     feeds = {}
     for value in session.get_inputs():
-        if value.name in given:
-            feeds[value.name] = given[value.name]
-            continue
         dtype = _NUMPY_OF_ORT.get(value.type)
         if dtype is None:
             raise UserError(f"input '{value.name}' has type {value.type}, which random inputs cannot fill")
         shape = _concrete_shape(value, spec, announce)
         feeds[value.name] = _random_array(rng, shape, dtype, spec.int_range)
     return feeds
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file (a regular file; no pickled objects)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read inputs ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: inputs must be a regular .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single .npy array, not an .npz archive of named arrays")
+            return {name: data[name] for name in data.files}
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, OSError, zipfile errors...
+        raise UserError(f"{path}: cannot read inputs ({first_line(exc)})") from None
+
+
+def _given_inputs(session, spec: InputSpec) -> dict[str, np.ndarray]:
+    given = read_npz(spec.npz)
+    inputs = {value.name: value for value in session.get_inputs()}
+    extra, missing = sorted(set(given) - set(inputs)), sorted(set(inputs) - set(given))
+    if extra:
+        raise UserError(f"{spec.npz}: array(s) {', '.join(extra)} match no input of the model "
+                        f"(its inputs: {', '.join(inputs)})")
+    if missing:
+        raise UserError(f"{spec.npz}: no array for input(s) {', '.join(missing)} (give every input)")
+    shaped = sorted(set(spec.shapes) & set(given))
+    if shaped:
+        raise UserError(f"--input-shapes {', '.join(shaped)}: these inputs come from {spec.npz}")
+    for name, value in inputs.items():
+        _check_given_array(spec.npz, value, given[name])
+    return given
+
+
+def _check_given_array(path: str, value, array: np.ndarray) -> None:
+    expected = _NUMPY_OF_ORT.get(value.type)
+    if expected is None or array.dtype != np.dtype(expected):
+        raise UserError(f"{path}: array '{value.name}' is {array.dtype}, the input is {value.type[7:-1]}")
+    dims = list(value.shape)
+    fits = len(dims) == array.ndim and all(not isinstance(d, int) or d <= 0 or d == n
+                                          for d, n in zip(dims, array.shape))
+    if not fits:
+        wanted = "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (d or "?") for d in dims) + "]"
+        raise UserError(f"{path}: array '{value.name}' has shape {list(array.shape)}, the input is {wanted}")
 
 
 def _concrete_shape(value, spec: InputSpec, announce) -> list[int]:
@@ -193,30 +322,53 @@ def _random_array(rng, shape, dtype, int_range) -> np.ndarray:
 # Comparison
 
 
-def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float
-                   ) -> OutputComparison:
+def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float,
+                   allow_nonfinite: bool = False) -> OutputComparison:
+    """Compare one output element by element (see the module docstring)."""
     if reference.shape != candidate.shape:
         return OutputComparison(name, list(reference.shape), float("inf"), float("inf"), False,
-                                problem=f"shape {list(candidate.shape)} instead of {list(reference.shape)}")
+                                problem=f"shape {list(candidate.shape)} instead of {list(reference.shape)}",
+                                rtol=rtol, atol=atol)
     if reference.dtype.kind not in "fc":
         equal = bool(np.array_equal(reference, candidate))
         diff = 0.0 if equal else float("inf")
-        return OutputComparison(name, list(reference.shape), diff, diff, equal)
-    a = reference.astype(np.float64)
-    b = candidate.astype(np.float64)
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    if not np.array_equal(nan_a, nan_b):
-        return OutputComparison(name, list(a.shape), float("inf"), float("inf"), False, problem="NaNs differ")
-    finite = ~nan_a
-    diff = np.abs(a - b)[finite]
-    scale = np.maximum(1.0, np.abs(a))[finite]
+        return OutputComparison(name, list(reference.shape), diff, diff, equal, rtol=rtol, atol=atol)
+    a, b = _as_float64(reference), _as_float64(candidate)
+    max_abs, max_rel, passed, problem = _errors(a, b, atol, rtol)
+    nonfinite = int(np.count_nonzero(~np.isfinite(a)))
+    if nonfinite:
+        same = bool(np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(a)], equal_nan=True))
+        passed = passed and same and allow_nonfinite
+        problem = problem or (f"{nonfinite} non-finite (NaN/Inf) element(s) in the reference"
+                              + ("" if same else ", not the same in the candidate")
+                              + ("" if allow_nonfinite else ": they prove nothing (--allow-nonfinite accepts them)"))
+    agreement = None
+    if a.ndim == 2 and a.shape[1] > 1 and not nonfinite:
+        agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    return OutputComparison(name, list(a.shape), max_abs, max_rel, passed, agreement, problem, rtol=rtol, atol=atol,
+                            nonfinite=nonfinite)
+
+
+def _as_float64(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint16:  # onnxruntime hands bfloat16 outputs over as their bits
+        import ml_dtypes
+
+        array = array.view(ml_dtypes.bfloat16)
+    return array.astype(np.float64)
+
+
+def _errors(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[float, float, bool, str | None]:
+    """max_abs and max_rel over the elements finite in the reference; whether
+    they pass; a problem found there."""
+    finite = np.isfinite(a)
+    diff = np.abs(a[finite] - b[finite])
+    scale = np.maximum(1.0, np.abs(a[finite]))
+    if diff.size and not np.all(np.isfinite(diff)):
+        bad = int(np.count_nonzero(~np.isfinite(diff)))
+        return float("inf"), float("inf"), False, f"{bad} non-finite element(s) in the candidate where the reference is finite"
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / scale).max()) if diff.size else 0.0
-    passed = bool(np.all(diff <= atol + rtol * scale))
-    agreement = None
-    if a.ndim == 2 and a.shape[1] > 1:
-        agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-    return OutputComparison(name, list(a.shape), max_abs, max_rel, passed, agreement)
+    return max_abs, max_rel, bool(np.all(diff <= atol + rtol * scale)), None
 
 
 class ReferenceRun:
@@ -226,24 +378,38 @@ class ReferenceRun:
         reference: ModelProto or a path (paths let onnxruntime read models
             over 2 GB and their external data directly).
         inputs: how to make the inputs.
-        atol, rtol: the tolerance, see the module docstring.
+        atol, rtol: the tolerance for every output; None (default): by each
+            output's element type (`TOLERANCES`).
         providers: onnxruntime providers; default CUDA when available, else CPU.
         announce: called with one-line notes (e.g. dynamic dims chosen).
         base_dir: where external data of in-memory models (the reference and
             the candidates) lives.
+        allow_nonfinite: accept NaN/Inf in the reference (where the candidate
+            has the same).
+        upcast: also compare low-precision models with both upcast to fp32.
     """
 
-    def __init__(self, reference, *, inputs: InputSpec | None = None, atol: float = DEFAULT_ATOL,
-                 rtol: float = DEFAULT_RTOL, providers: list[str] | None = None, announce=None,
-                 base_dir: Path | None = None):
+    def __init__(self, reference, *, inputs: InputSpec | None = None, atol: float | None = None,
+                 rtol: float | None = None, providers: list[str] | None = None, announce=None,
+                 base_dir: Path | None = None, allow_nonfinite: bool = False, upcast: bool = True):
         self.atol, self.rtol = atol, rtol
+        self.allow_nonfinite = allow_nonfinite
         self.providers = choose_providers(providers)
         self.base_dir = base_dir
+        self.reference = reference
         session = make_session(reference, self.providers, base_dir)
         self.feeds = make_inputs(session, inputs or InputSpec(), announce)
         self.names = [o.name for o in session.get_outputs()]
-        self.outputs = _run(session, self.feeds)
+        self.types = [o.type for o in session.get_outputs()]
+        self.outputs = run_session(session, self.feeds)
         self.provider = session.get_providers()[0]
+        self.upcast = upcast and any(t in LOW_PRECISION for t in self.types)
+        self._fp32_outputs = None
+
+    def tolerance(self, output_type: str) -> tuple[float, float]:
+        """(rtol, atol) for an output of this onnxruntime type."""
+        rtol, atol = TOLERANCES.get(output_type, (DEFAULT_RTOL, DEFAULT_ATOL))
+        return (rtol if self.rtol is None else self.rtol), (atol if self.atol is None else self.atol)
 
     def compare(self, candidate) -> VerificationReport:
         session = make_session(candidate, self.providers, self.base_dir)
@@ -254,10 +420,27 @@ class ReferenceRun:
         missing = sorted(wanted - set(self.feeds))
         if missing:
             raise UserError(f"the candidate needs inputs the reference does not have: {missing}")
-        produced = _run(session, {k: v for k, v in self.feeds.items() if k in wanted})
-        outputs = [compare_arrays(name, r, c, self.atol, self.rtol)
-                   for name, r, c in zip(self.names, self.outputs, produced)]
-        return VerificationReport(all(o.passed for o in outputs), self.provider, self.atol, self.rtol, outputs)
+        produced = run_session(session, {k: v for k, v in self.feeds.items() if k in wanted})
+        outputs = []
+        for name, kind, ref, cand in zip(self.names, self.types, self.outputs, produced):
+            rtol, atol = self.tolerance(kind)
+            outputs.append(compare_arrays(name, ref, cand, atol, rtol, self.allow_nonfinite))
+            outputs[-1].dtype = kind
+        if self.upcast:
+            self._add_fp32_comparison(candidate, outputs)
+        rtol, atol = self.tolerance("tensor(float)")
+        return VerificationReport(all(o.passed for o in outputs), self.provider, atol, rtol, outputs)
+
+    def _add_fp32_comparison(self, candidate, outputs: list[OutputComparison]) -> None:
+        from .precision import upcast_outputs
+
+        if self._fp32_outputs is None:
+            self._fp32_outputs = upcast_outputs(self.reference, self.feeds, self.providers, self.base_dir)
+        produced = upcast_outputs(candidate, self.feeds, self.providers, self.base_dir)
+        for output, ref, cand in zip(outputs, self._fp32_outputs, produced):
+            if output.dtype in LOW_PRECISION and ref.shape == cand.shape:
+                output.fp32_max_abs, output.fp32_max_rel, _, _ = _errors(ref.astype(np.float64),
+                                                                         cand.astype(np.float64), 0.0, 0.0)
 
 
 def verify_models(reference, candidate, **options) -> VerificationReport:
@@ -266,12 +449,11 @@ def verify_models(reference, candidate, **options) -> VerificationReport:
     return ReferenceRun(reference, **options).compare(candidate)
 
 
-def _run(session, feeds):
+def run_session(session, feeds):
     try:
         return [np.asarray(x) for x in session.run(None, feeds)]
     except Exception as exc:  # noqa: BLE001
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime failed to run the model: {message[:300]}") from None
+        raise ModelRunError(f"onnxruntime failed to run the model: {plain_onnxruntime_error(exc)}") from None
 
 
 def stderr_note(message: str) -> None:

@@ -77,10 +77,25 @@ def test_tolerances():
     assert loose.max_rel == pytest.approx(0.005 / 1000, rel=1e-2)
 
 
-def test_nan_and_shape_mismatch():
-    a = np.array([1.0, np.nan], np.float32)
-    assert compare_arrays("o", a, a.copy(), 1e-6, 1e-5).passed
-    assert not compare_arrays("o", a, np.array([1.0, 2.0], np.float32), 1e-6, 1e-5).passed
+def test_nonfinite_reference_proves_nothing_unless_allowed():
+    a = np.array([1.0, np.nan, np.inf], np.float32)
+    same = compare_arrays("o", a, a.copy(), 1e-6, 1e-5)
+    assert not same.passed and same.nonfinite == 2 and "non-finite" in same.problem
+    assert compare_arrays("o", a, a.copy(), 1e-6, 1e-5, allow_nonfinite=True).passed
+    moved = np.array([1.0, 2.0, np.inf], np.float32)
+    assert not compare_arrays("o", a, moved, 1e-6, 1e-5, allow_nonfinite=True).passed
+    flipped = np.array([1.0, np.nan, -np.inf], np.float32)
+    assert not compare_arrays("o", a, flipped, 1e-6, 1e-5, allow_nonfinite=True).passed
+
+
+def test_nonfinite_candidate_fails():
+    a = np.array([1.0, 2.0], np.float32)
+    result = compare_arrays("o", a, np.array([1.0, np.nan], np.float32), 1e-6, 1e-5)
+    assert not result.passed and result.nonfinite == 0 and "candidate" in result.problem
+
+
+def test_shape_mismatch():
+    a = np.array([1.0, 2.0], np.float32)
     result = compare_arrays("o", a, np.ones(3, np.float32), 1e-6, 1e-5)
     assert not result.passed and "shape" in result.problem
 

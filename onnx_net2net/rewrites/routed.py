@@ -68,7 +68,6 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
             if node.input[port] and ir.is_const(node.input[port]):
                 values[(index, port)] = scaled_constant(ir, index, port, region.width, width)
     weights = _store_constants(ir, values)
-    _forget_declared_shapes(ir, region)
     return GrownGroup(layers=layer_names, old_width=region.width, new_width=width, tensors=sorted(region.tensors),
                       weights=weights)
 
@@ -114,11 +113,3 @@ def _split_reader(ir: GraphIR, index: int, weight: np.ndarray, old: np.ndarray, 
             fractions = np.full((len(group),) + moved.shape[1:], 1.0 / len(group))
         moved[group] = moved[group] * fractions
     return np.moveaxis(moved, 0, axis).astype(weight.dtype)
-
-
-def _forget_declared_shapes(ir: GraphIR, region) -> None:
-    """Region tensors change their channel counts: drop their declared shapes
-    (they are optional; ONNX infers them again)."""
-    kept = [v for v in ir.graph.value_info if v.name not in region.tensors]
-    del ir.graph.value_info[:]
-    ir.graph.value_info.extend(kept)

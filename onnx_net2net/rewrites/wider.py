@@ -204,7 +204,6 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     for edit in group.attribute_edits:
         _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
     _scale_norm_epsilons(ir, group, mapping.variance_ratio)
-    _update_declared_shapes(ir, group, q - n)
     return record
 
 
@@ -364,15 +363,12 @@ def _set_root(ir: GraphIR, root, value: np.ndarray) -> None:
     kind, key = root
     if kind == "init":
         set_tensor_values(ir.initializers[key], value)
-        _update_declared_input(ir, key, value.shape)
     else:
         for attr in ir.nodes[key].attribute:
             if attr.name == "value":
                 attr.t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(attr.t).dtype), attr.t.name))
                 return
         raise NotImplementedError("Constant node without a tensor value")
-    # Identity chains between the root and the readers change shape too.
-    _clear_declared_shapes_after(ir, key if kind == "init" else ir.nodes[key].output[0])
 
 
 def _root_name(ir: GraphIR, root) -> str:
@@ -411,38 +407,3 @@ def _add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
             attr.i += delta
             return
     node.attribute.append(onnx.helper.make_attribute(name, 1 + delta))
-
-
-def _update_declared_shapes(ir: GraphIR, group: UnitGroup, added: int) -> None:
-    """Keep value_info truthful: grow the unit axis of every tensor in the space."""
-    for value in ir.graph.value_info:
-        placement = group.placements.get(value.name)
-        if placement is None or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if placement.axis < len(dims) and dims[placement.axis].HasField("dim_value"):
-            dims[placement.axis].dim_value += placement.growth() * added
-
-
-def _update_declared_input(ir: GraphIR, name: str, shape: tuple) -> None:
-    for value in ir.graph.input:
-        if value.name == name and value.type.HasField("tensor_type"):
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, shape):
-                dim.ClearField("dim_param")
-                dim.dim_value = int(size)
-
-
-def _clear_declared_shapes_after(ir: GraphIR, tensor: str) -> None:
-    chain, frontier = set(), [tensor]
-    while frontier:
-        current = frontier.pop()
-        for use in ir.uses(current):
-            node = ir.nodes[use.node]
-            if node.op_type == "Identity":
-                chain.add(node.output[0])
-                frontier.append(node.output[0])
-    if chain:
-        kept = [v for v in ir.graph.value_info if v.name not in chain]
-        del ir.graph.value_info[:]
-        ir.graph.value_info.extend(kept)
