@@ -25,10 +25,10 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "save", "inspect", "widen", "deepen", "verify",
     "WidenPass", "DeepenPass", "Pipeline", "PassResult", "WidenOptions", "DeepenOptions",
-    "UserError", "GrowthRefused", "VerificationFailed",
+    "UserError", "GrowthRefused", "VerificationFailed", "InternalError",
 ]
 
-from .errors import GrowthRefused, UserError, VerificationFailed  # noqa: E402
+from .errors import GrowthRefused, InternalError, UserError, VerificationFailed  # noqa: E402
 
 
 def __getattr__(name):
@@ -121,9 +121,17 @@ def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "a
 def _run_pass(model, grow, verify: bool, verify_options: dict):
     """Apply a pass (it works on a copy of a ModelProto; a file is loaded into
     memory) and verify the result against the input."""
+    from .errors import InternalError
+    from .typeinfo import full_check_error
+
     from_file = isinstance(model, (str, Path))
-    result = grow(_handle(model) if from_file else model)
+    handle = _handle(model) if from_file else _handle(model).copy()
+    input_valid = full_check_error(handle) is None
+    result = grow(handle)
     report = result.report
+    problem = full_check_error(handle) if input_valid else None
+    if problem:
+        raise InternalError(f"the grown model fails onnx.checker's full check: {problem}")
     if verify:
         from .verification import verify_models
 

@@ -127,7 +127,7 @@ class VerificationReport:
         if not upcast:
             return ""
         worst = max(o.fp32_max_rel for o in upcast)
-        return f"; upcast to fp32: max rel err {worst:.3g} (the rest is low-precision arithmetic)"
+        return f"; the same weights in fp32 arithmetic: max rel err {worst:.3g} (the rest is low-precision arithmetic)"
 
     @property
     def nonfinite(self) -> int:

@@ -171,7 +171,17 @@ class _Graph:
         opsets = [helper.make_opsetid("", self.opset)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="graphgen")
         model.ir_version = helper.find_min_ir_version_for(opsets)
+        _declare_every_tensor(model)
         return model
+
+
+def _declare_every_tensor(model: onnx.ModelProto) -> None:
+    """value_info for every tensor, initializers included, as the dynamo
+    exporter writes them: a rewrite must keep every one of them true."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    model.graph.value_info.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                  for t in model.graph.initializer)
 
 
 # ----------------------------------------------------------------------------
