@@ -230,14 +230,19 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
         handle = io.load(source)
     progress.include(handle.weight_bytes())
     _check_plan_layers(args, handle)
-    with progress.stage("rewriting"):
-        report, broken = _rewrite(args, grow_pass, handle, after_step)
+    try:
+        with progress.stage("rewriting"):
+            report, broken = _rewrite(args, grow_pass, handle, after_step)
+    except InternalError as error:
+        if not args.save_on_failure:
+            raise
+        report, broken = {"internal_error": str(error)}, str(error)  # keep the model as far as it got
     outcome = {}
 
     def check(staged: Path) -> None:
         if broken and not args.save_on_failure:
             raise InternalError(broken)
-        if verify_options is None:
+        if verify_options is None or broken:
             return
         try:
             with progress.stage("verifying with onnxruntime"):

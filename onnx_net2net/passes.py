@@ -127,6 +127,9 @@ class WidenPass(_Pass):
         return list(by_group.values())
 
     def _factor_width(self, ir: GraphIR, group: coupling.UnitGroup) -> int | None:
+        if group.width * group.features_per_unit * self.factor >= MAX_UNITS:
+            raise UserError(f"factor {self.factor:g}: layer '{coupling.layer_name(ir, group.seed)}' would grow to "
+                            f"{group.width * self.factor:.3g} units; widths are limited to {MAX_UNITS - 1}")
         wanted = math.ceil(group.width * self.factor)
         if isinstance(group, routing.RoutedGroup):
             return routing.nearest_width(ir, group, wanted)
@@ -165,6 +168,9 @@ def _why_step(group: coupling.UnitGroup) -> str:
 
 
 SELECTORS = ("all", "stages", "last")
+#: A deepen step, or a whole plan, inserts at most this many layers (a plan
+#: repeating after = "all" doubles the depth at each step).
+MAX_INSERTIONS = 256
 
 
 class DeepenPass(_Pass):
@@ -188,6 +194,7 @@ class DeepenPass(_Pass):
         self.after = [] if self.selector else list(after)
         self.options = options or DeepenOptions()
         self.exact = self.options.noise == 0
+        self.budget = MAX_INSERTIONS  # layers this pass may still insert (a Pipeline lowers it)
         _check_choice("mode", self.options.mode, deeper.MODES)
         kernel = self.options.kernel
         if kernel is not None and (kernel < 1 or kernel % 2 == 0):
@@ -205,6 +212,9 @@ class DeepenPass(_Pass):
         before = parameter_count(handle)
         changes = []
         names = self._select(GraphIR(handle)) if self.selector else self.after
+        if len(names) > self.budget:
+            raise UserError(f"this step would insert {len(names)} layers; a deepen step or plan inserts at most "
+                            f"{MAX_INSERTIONS} in all")
         for number, name in enumerate(names):
             ir = GraphIR(handle)
             layer = _layer(ir, name)
@@ -339,10 +349,13 @@ class Pipeline(_Pass):
     def apply(self, handle: ModelHandle, after_step=None) -> dict:
         """Run the passes; `after_step(number, step, report, before, after)`
         (optional) is called after each with the handles before and after it."""
-        reports = []
+        reports, inserted = [], 0
         for number, step in enumerate(self.passes):
             before = handle.copy() if after_step is not None else None
+            if isinstance(step, DeepenPass):
+                step.budget = MAX_INSERTIONS - inserted
             reports.append(step.apply(handle))
+            inserted += sum(1 for change in reports[-1]["changes"] if "after" in change)
             if after_step is not None:
                 after_step(number, step, reports[-1], before, handle)
         return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
@@ -399,7 +412,7 @@ def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
         needed = sum(_constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * width / group.size
     available = _available_memory()
     if width * group.features_per_unit >= MAX_UNITS:
-        raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "
+        raise UserError(f"width {width * group.features_per_unit:.3g} would need about {needed / 2**30:.3g} GiB for the new "
                         f"weights; widths are limited to {MAX_UNITS - 1}")
     if available and needed * 3 > available:
         raise UserError(f"widening to {width * group.features_per_unit} needs about {needed / 2**30:.3g} GiB for the new weights, "

@@ -29,6 +29,9 @@ from .passes import AlignPass, DeepenPass, Pipeline, WidenPass
 from .rewrites.deeper import DeepenOptions
 from .rewrites.wider import WidenOptions
 
+#: A plan longer than this is almost surely a mistake (each step rewrites the whole model).
+MAX_STEPS = 256
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -90,6 +93,8 @@ def load_plan(path: str | Path) -> Plan:
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
         raise UserError(f"{path}: the plan has no [[steps]]")
+    if len(steps) > MAX_STEPS:
+        raise UserError(f"{path}: the plan has {len(steps)} steps; at most {MAX_STEPS}")
     passes = [_step(step, number, locate) for number, step in enumerate(steps)]
     return Plan(header.get("name", path.stem), header.get("description", ""), passes, verify == "each", locate)
 

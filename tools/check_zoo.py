@@ -10,8 +10,9 @@ then for each model:
 2. every group reported growable is widened by about 1.5x (rounded to its
    step; for a channel-shuffle stage whose valid widths are irregular, the
    first valid width from 1.5x up) and every layer reported deepenable is deepened,
-   and each result is compared with the original in onnxruntime (max relative
-   error 1e-5).
+   and the whole model is widened with `--factor 1.5`; each result must pass
+   `onnx.checker.check_model(full_check=True)` and `inspect`, and match the
+   original in onnxruntime (max relative error 1e-5).
 
 A layer reported growable that fails is a DEFECT (exit code 1).
 
@@ -120,6 +121,9 @@ def check(path: Path, limit: int | None) -> dict:
         defects += _try(reference, lambda: DeepenPass([layer["name"]])(handle.proto).model,
                         f"deepen {layer['name']}")
         checked += 1
+    if any(l["widen"]["ok"] for l in layers):
+        defects += _try(reference, lambda: WidenPass(factor=1.5)(handle.proto).model, "widen --factor 1.5")
+        checked += 1
     refusals = {}
     for layer in eligible:
         if not layer["widen"]["ok"]:
@@ -143,8 +147,18 @@ def _routable(handle, name: str, width: int) -> int:
 
 
 def _try(reference, build, what: str) -> list[str]:
+    """A defect: the rewrite fails, its output fails onnx's full check or
+    `inspect`, or it does not match the original to MAX_REL."""
+    import onnx
+
+    from onnx_net2net.inspection import inspect_model
+    from onnx_net2net.io import from_proto
+
     try:
-        report = reference.compare(build())
+        grown = build()
+        onnx.checker.check_model(grown, full_check=True)
+        inspect_model(from_proto(grown), trial=False)
+        report = reference.compare(grown)
     except Exception as error:  # noqa: BLE001 - every failure is a finding here
         return [f"{what}: {type(error).__name__}: {error}"]
     return [] if report.max_rel <= MAX_REL else [f"{what}: max rel err {report.max_rel:.3g}"]
