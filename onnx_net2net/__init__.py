@@ -1,7 +1,8 @@
 """onnx_net2net: grow trained ONNX models wider or deeper, exactly.
 
-The public API (all of it works on `onnx.ModelProto` or a path; models given
-as objects are never modified):
+The public API works on an `onnx.ModelProto`, a path, an `onnx_ir.Model` or an
+`onnx_graphsurgeon.Graph`, and gives back the kind it was given (a path gives
+a ModelProto); models given as objects are never modified:
 
     import onnx_net2net as n2n
     model = n2n.load("models/cnn.onnx")                 # onnx.ModelProto
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "save", "inspect", "widen", "deepen", "verify",
-    "WidenPass", "DeepenPass", "Pipeline", "PassResult", "WidenOptions", "DeepenOptions",
+    "WidenPass", "DeepenPass", "AlignPass", "Pipeline", "PassResult", "WidenOptions", "DeepenOptions",
     "UserError", "GrowthRefused", "VerificationFailed", "InternalError",
 ]
 
@@ -33,7 +34,7 @@ from .errors import GrowthRefused, InternalError, UserError, VerificationFailed 
 
 def __getattr__(name):
     # Lazy: importing the package stays cheap (no onnxruntime/networkx until used).
-    if name in ("WidenPass", "DeepenPass", "Pipeline", "PassResult"):
+    if name in ("WidenPass", "DeepenPass", "AlignPass", "Pipeline", "PassResult"):
         from . import passes
 
         return getattr(passes, name)
@@ -48,6 +49,35 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
+def _as_proto(model):
+    """An `onnx_ir.Model` or `onnx_graphsurgeon.Graph` as a ModelProto;
+    anything else unchanged."""
+    kind = type(model).__module__.split(".")[0]
+    if kind == "onnx_ir":
+        import onnx_ir
+
+        return onnx_ir.serde.serialize_model(model)
+    if kind == "onnx_graphsurgeon":
+        import onnx_graphsurgeon
+
+        return onnx_graphsurgeon.export_onnx(model)
+    return model
+
+
+def _like(given, proto):
+    """`proto` as the kind of model the caller gave."""
+    kind = type(given).__module__.split(".")[0]
+    if kind == "onnx_ir":
+        import onnx_ir
+
+        return onnx_ir.serde.deserialize_model(proto)
+    if kind == "onnx_graphsurgeon":
+        import onnx_graphsurgeon
+
+        return onnx_graphsurgeon.import_onnx(proto)
+    return proto
+
+
 def _handle(model, *, inline: bool = True):
     """A handle for the API. With `inline`, a model from a file comes with all
     its weights in memory (the API returns ModelProtos; the CLI streams large
@@ -55,7 +85,7 @@ def _handle(model, *, inline: bool = True):
     from . import io
 
     if not isinstance(model, (str, Path)):
-        return io.from_proto(model)
+        return io.from_proto(_as_proto(model))
     handle = io.load(model)
     return handle.inlined() if inline else handle
 
@@ -83,7 +113,7 @@ def verify(reference, candidate, **options):
     """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`)."""
     from .verification import verify_models
 
-    return verify_models(reference, candidate, **options)
+    return verify_models(_as_proto(reference), _as_proto(candidate), **options)
 
 
 def widen(model, widths: dict[str, int] | None = None, *, factor: float | None = None, split: str = "equal",
@@ -124,6 +154,7 @@ def _run_pass(model, grow, verify: bool, verify_options: dict):
     from .errors import InternalError
     from .typeinfo import full_check_error
 
+    given, model = model, _as_proto(model)
     from_file = isinstance(model, (str, Path))
     handle = _handle(model) if from_file else _handle(model).copy()
     input_valid = full_check_error(handle) is None
@@ -140,4 +171,4 @@ def _run_pass(model, grow, verify: bool, verify_options: dict):
         report["exact"] = grow.exact
         if grow.exact and not outcome.passed:
             raise VerificationFailed(outcome.summary(), report)
-    return result.model, report
+    return _like(given, result.model), report

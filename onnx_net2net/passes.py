@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import onnx
+import onnx_ir
+import onnx_ir.passes
 
 from . import coupling, routing, typeinfo
 from .errors import GrowthRefused, UserError
@@ -34,20 +36,33 @@ class PassResult:
     report: dict = field(default_factory=dict)
 
 
-class _Pass:
+class _Pass(onnx_ir.passes.FunctionalPass):
+    """A pass over an `onnx.ModelProto` (a copy is rewritten), a `ModelHandle`
+    (rewritten in place: the CLI's way to avoid copying large models), or an
+    `onnx_ir.Model` (the onnx_ir contract: a new model in an
+    `onnx_ir.passes.PassResult`, so the pass runs inside `PassManager`; the
+    report of the last run is `self.report`)."""
+
     name = "pass"
     #: Whether the pass preserves the function (verification must then pass).
     exact = True
+    report: dict | None = None
 
-    def __call__(self, model: onnx.ModelProto | ModelHandle) -> PassResult:
+    def __call__(self, model):
         if isinstance(model, ModelHandle):
             handle = model
-        else:
+        elif isinstance(model, onnx.ModelProto):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             handle = from_proto(copy)
-        report = self.apply(handle)
-        return PassResult(handle.proto, bool(report.get("changes")), report)
+        else:
+            return super().__call__(model)
+        self.report = self.apply(handle)
+        return PassResult(handle.proto, bool(self.report.get("changes")), self.report)
+
+    def call(self, model: onnx_ir.Model) -> onnx_ir.passes.PassResult:
+        result = self(onnx_ir.serde.serialize_model(model))
+        return onnx_ir.passes.PassResult(onnx_ir.serde.deserialize_model(result.model), result.modified)
 
     def apply(self, handle: ModelHandle) -> dict:
         raise NotImplementedError

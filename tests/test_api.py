@@ -187,3 +187,37 @@ def test_factor_rounds_up():
 def test_errors_are_user_errors():
     assert issubclass(n2n.GrowthRefused, n2n.UserError)
     assert not issubclass(n2n.VerificationFailed, n2n.UserError)
+
+
+# ----------------------------------------------------------------------------
+# onnx_ir and onnx-graphsurgeon
+
+
+def test_passes_run_inside_onnx_ir_pass_manager():
+    import onnx_ir
+
+    from onnx_net2net import DeepenPass, WidenPass
+
+    original = onnx.load(str(model_path("cnn")))
+    model = onnx_ir.serde.deserialize_model(original)
+    widen = WidenPass(factor=2)
+    result = onnx_ir.passes.PassManager([widen, DeepenPass(["/4/Conv"])])(model)
+    assert isinstance(result.model, onnx_ir.Model) and result.modified and result.model is not model
+    assert widen.report["changes"]
+    grown = onnx_ir.serde.serialize_model(result.model)
+    assert n2n.verify(original, grown).passed
+    assert len(grown.graph.node) > len(original.graph.node)
+
+
+def test_api_gives_back_the_kind_it_was_given():
+    import onnx_graphsurgeon as gs
+    import onnx_ir
+
+    original = onnx.load(str(model_path("cnn")))
+    graph = gs.import_onnx(original)
+    wider, report = n2n.widen(graph, factor=2)
+    assert isinstance(wider, gs.Graph) and report["verification"]["passed"]
+    assert n2n.verify(original, gs.export_onnx(wider)).passed
+    deeper, _ = n2n.deepen(onnx_ir.serde.deserialize_model(original), ["/4/Conv"])
+    assert isinstance(deeper, onnx_ir.Model)
+    assert n2n.verify(original, onnx_ir.serde.serialize_model(deeper)).passed
