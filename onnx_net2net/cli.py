@@ -55,6 +55,10 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
                        help="relative tolerance: an element passes when |a-b| <= atol + rtol*max(1,|a|) "
                             "(default 1e-4)")
     group.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5)")
+    group.add_argument("--verify", choices=("auto", "full", "region"), default="auto", dest="verify_mode",
+                       help="full: run both whole models; region: only the part of the graph that differs, fed "
+                            "the same values at its boundary (memory and time scale with the change); auto: "
+                            "region above 1 GiB of weights or a third of free memory, else full (default auto)")
     group.add_argument("--providers", nargs="+", metavar="PROVIDER",
                        help="onnxruntime providers (default: CUDAExecutionProvider when a GPU is usable, "
                             "else CPUExecutionProvider)")
@@ -116,12 +120,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .io import load
-    from .verification import verify_models
+    from .region import verify_files
 
-    for path in (args.reference, args.candidate):
-        load(path)  # the same safety checks as any input
-    report = verify_models(args.reference, args.candidate, **_verify_options(args))
+    # verify_files loads both models with io.load: the same safety checks as any input
+    report = verify_files(args.reference, args.candidate, mode=args.verify_mode, **_verify_options(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -130,6 +132,8 @@ def cmd_verify(args) -> int:
             problem = f" ({output.problem})" if output.problem else ""
             print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
                   f"{agreement} {'ok' if output.passed else 'MISMATCH'}{problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
         print(report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
@@ -216,7 +220,6 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
     from . import io
     from .progress import Progress
     from .provenance import record_provenance
-    from .verification import ReferenceRun
 
     source = Path(args.model)
     io.check_output_path(args.output, [source])
@@ -241,7 +244,7 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
 
     def check(staged: Path) -> None:
         with progress.stage("verifying with onnxruntime"):
-            result = ReferenceRun(str(source), **verify_options).compare(str(staged))
+            result = _verify_grown(args, source, handle, staged, verify_options)
         outcome["result"] = result
         report["verification"] = result.to_dict()
         report["exact"] = exact
@@ -269,6 +272,13 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
     print(result.summary())
     print(f"written {args.output}")
     return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+def _verify_grown(args, source: Path, handle, staged: Path, verify_options: dict):
+    """Verify the rewritten model against its source by --verify's mode."""
+    from .region import verify_grown
+
+    return verify_grown(source, handle, staged, mode=args.verify_mode, **verify_options)
 
 
 def _print_changes(report: dict) -> None:

@@ -87,7 +87,7 @@ AUTO_MEMORY_SHARE = 1 / 3
 AUTO_REGION_SHARE = 0.5
 #: Weights upstream of structural boundary tensors that may be read to compute them.
 CONE_WEIGHT_LIMIT = 64 << 20
-#: Initializers this small keep their values in the shape-inference skeleton (shape constants).
+#: Integer initializers this small keep their values in the shape-inference skeleton (shape constants).
 SMALL_TENSOR_BYTES = 4096
 _COMPARE_CHUNK = 16 << 20
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
@@ -449,7 +449,7 @@ def _region_weight_bytes(graph: _Graph, region: set[int]) -> int:
 def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
     """The model without its large weights (they become typed graph inputs),
     graph inputs pinned to the shapes verification feeds, ready for shape
-    inference. Small initializers (shape constants) keep their values."""
+    inference. Small integer initializers (shape constants) keep their values."""
     model = onnx.ModelProto()
     _copy_fields_except(handle.proto, model, "graph")
     graph = model.graph
@@ -460,7 +460,7 @@ def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
     for value in source.input:
         graph.input.add().CopyFrom(_pinned(value, spec))
     for tensor in source.initializer:
-        if io.tensor_nbytes(tensor) <= SMALL_TENSOR_BYTES:
+        if io.tensor_nbytes(tensor) <= SMALL_TENSOR_BYTES and tensor.data_type not in _FLOAT_TYPES:
             small = graph.initializer.add()
             small.CopyFrom(tensor)
             if tensor.data_location == TensorProto.EXTERNAL:
@@ -730,11 +730,12 @@ _ORT_NAME = {TensorProto.FLOAT: "float", TensorProto.DOUBLE: "double", TensorPro
 
 def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec | None = None,
                   atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, providers: list[str] | None = None,
-                  announce=None, region: Region | None = None) -> VerificationReport:
+                  announce=None, region: Region | None = None, base_dir=None) -> VerificationReport:
     """Compare the changed region of two models on the same boundary values.
 
     Raises RegionUnavailable when the pair cannot be decided by its region
-    (the caller then runs full verification)."""
+    (the caller then runs full verification). `base_dir` is accepted for
+    symmetry with ReferenceRun and unused: handles know their folders."""
     spec = inputs or InputSpec()
     region = region or find_region(old, new)
     if region.old_nodes or region.new_nodes:
@@ -764,7 +765,10 @@ def _run_region(handle, nodes, region: Region, types, feeds, providers) -> tuple
     """Extract one side's region, run it on the boundary values, free it."""
     model = extract(handle, nodes, region.inputs, region.outputs, types)
     wanted = {i.name for i in model.graph.input}
-    session = make_session(model, providers)
+    try:
+        session = make_session(model, providers)
+    except UserError as error:
+        raise RegionUnavailable(f"the extracted region does not load ({error})") from None
     del model
     return _run(session, {k: v for k, v in feeds.items() if k in wanted}, region.outputs), session.get_providers()[0]
 
@@ -849,5 +853,28 @@ def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, *, 
     return verify_pair(old, new, full, mode=mode, announce=announce, **options)
 
 
+def verify_grown(source: str | os.PathLike, grown: io.ModelHandle, staged: str | os.PathLike, *,
+                 mode: str = "auto", announce=None, **options) -> VerificationReport:
+    """Verify a rewritten model (`grown`, in memory, its untouched external
+    weights still references into the source's data) against its source;
+    full verification runs the written file `staged`."""
+    def full() -> VerificationReport:
+        return ReferenceRun(str(source), announce=announce, **options).compare(str(staged))
+
+    if choose_mode(mode, grown.weight_bytes()) == "full":
+        return full()
+    return verify_pair(io.load(source), grown, full, mode=mode, announce=announce, **options)
+
+
+def verify_models(reference, candidate, *, mode: str = "full", **options) -> VerificationReport:
+    """The API's `verify` with a mode: ModelProtos or paths."""
+    from .verification import verify_models as verify_full
+
+    if mode == "full":
+        return verify_full(reference, candidate, **options)
+    old, new = (io.load(m) if isinstance(m, (str, os.PathLike)) else io.from_proto(m) for m in (reference, candidate))
+    return verify_pair(old, new, lambda: verify_full(reference, candidate, **options), mode=mode, **options)
+
+
 __all__ = ["MODES", "Region", "RegionUnavailable", "find_region", "extract", "boundary_values", "verify_region",
-           "verify_pair", "verify_files", "choose_mode", "available_memory"]
+           "verify_pair", "verify_files", "verify_grown", "verify_models", "choose_mode", "available_memory"]
