@@ -14,7 +14,7 @@ from . import coupling, routing
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle
 from .ir import GraphIR
-from .passes import DeepenPass, WidenPass
+from .passes import DeepenPass, WidenPass, groups_by_layer
 from .rewrites import deeper
 from .verification import InputSpec, ReferenceRun
 
@@ -34,14 +34,17 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         name: the model's name in the report.
     """
     ir = GraphIR(handle)
+    _cache_constants(ir)
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
     if trial and handle.has_external_data():
         handle = handle.inlined(copy=True)
     reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
     # Each layer's own walk decides its promise (a layer can be a partial
-    # producer in another layer's group and still be refused on its own).
-    groups = {index: coupling.find_group(ir, index) for index in coupling.weighted_layers(ir)}
+    # producer in another layer's group and still be refused on its own), except
+    # where the layer's whole output carries an ok group already walked
+    # (coupling.shares_space: seeding from it gives that same group).
+    groups = groups_by_layer(ir)
     if reference is not None:
         tried = {}
         for group in groups.values():
@@ -55,6 +58,31 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
                     group.refusal = coupling.Refusal(None, tried[key])
     layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
     return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+
+
+#: Constants up to this size are kept once read (inspect never rewrites its IR).
+CONST_CACHE_BYTES = 256 << 20
+
+
+def _cache_constants(ir: GraphIR) -> None:
+    """Read each constant at most once per `inspect`: every layer's walk asks
+    for the weights it meets, and walks of one group meet the same weights
+    (on a 32-layer transformer, ~40,000 reads of a few hundred tensors). Safe
+    because this IR is never rewritten (trials rewrite copies); bounded by
+    CONST_CACHE_BYTES, beyond which values are read again."""
+    read = ir.const_value
+    cache, held = {}, [0]
+
+    def const_value(tensor: str):
+        if tensor in cache:
+            return cache[tensor]
+        value = read(tensor)
+        if value is None or held[0] + value.nbytes <= CONST_CACHE_BYTES:
+            cache[tensor] = value
+            held[0] += 0 if value is None else value.nbytes
+        return value
+
+    ir.const_value = const_value
 
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:

@@ -55,6 +55,7 @@ class ModelHandle:
     base_dir: Path | None = None
     path: Path | None = None
     _data_sizes: dict = field(default_factory=dict, repr=False)
+    _resolved: dict = field(default_factory=dict, repr=False)  # location -> checked real path
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -89,10 +90,15 @@ class ModelHandle:
         return data.reshape(tuple(tensor.dims))
 
     def external_path(self, tensor: TensorProto) -> Path:
-        """The checked real path of an external tensor's data file."""
+        """The checked real path of an external tensor's data file (checked
+        once per location: every tensor of a model usually shares one file)."""
         if self.base_dir is None:
             raise ModelLoadError(f"{_tensor_label(tensor)} has external data but the model has no folder")
-        return _resolve_external(self.base_dir, _external_info(tensor).get("location", ""), _tensor_label(tensor))
+        location = _external_info(tensor).get("location", "")
+        resolved = self._resolved.get(location)
+        if resolved is None:
+            resolved = self._resolved[location] = _resolve_external(self.base_dir, location, _tensor_label(tensor))
+        return resolved
 
     def external_bytes(self, tensor: TensorProto) -> bytes:
         """The stored bytes of an external tensor (for small tensors: they are held in memory)."""

@@ -120,8 +120,10 @@ def _hidden_for(target_bytes: float) -> int:
 
 def mlp_spec(name: str, kind: str, size: str) -> dict:
     """`size`: gigabytes ("0.5"), or LAYERSxHIDDEN ("8x4096")."""
-    if "x" in size:
+    if "x" in size:  # every layer hidden x hidden, the last too (8x4096: 537 MB)
         layers, hidden = (int(v) for v in size.split("x"))
+        return dict(hidden=hidden, layers=layers, out=hidden, op="matmul" if kind == "mlp-ext" else "gemm",
+                    external=kind == "mlp-ext" or layers * hidden * hidden * 4 > EXTERNAL_ABOVE, seed=0)
     else:
         target = float(size) * GB
         hidden = _hidden_for(target)
@@ -138,7 +140,7 @@ def build_mlp(workdir: Path, name: str, kind: str, size: str) -> BenchModel:
 
     spec = mlp_spec(name, kind, size)
     hidden, layers, out, op, external = spec["hidden"], spec["layers"], spec["out"], spec["op"], spec["external"]
-    stem = f"{kind}_h{hidden}_l{layers}_{op}"
+    stem = f"{kind}_h{hidden}_l{layers}_{op}" + ("" if out == 16 else f"_o{out}")
     path = workdir / f"{stem}.onnx"
     middle = layers // 2
     layer = f"fc{middle}" if op == "gemm" else f"fc{middle}/MatMul"
