@@ -1,55 +1,56 @@
 #!/usr/bin/env python
 """Benchmark the onnx_net2net CLI against the cost of just reading and writing the model.
 
-The benchmark builds its own models (seeded, with ``onnx.helper`` and numpy)
-in ``--workdir`` (default ``/tmp/onnx_net2net_bench``):
+The benchmark builds its own models (seeded) in ``--workdir`` (default
+``/tmp/onnx_net2net_bench``):
 
 * ``mlp:GB``      a deep MLP of about GB gigabytes, fp32, weights inline
                   (Gemm with transB=1, bias, Relu), e.g. ``mlp:0.5``;
-* ``mlp-ext:GB``  the same with MatMul + Add + Relu layers and every weight
-                  in one external data file, e.g. ``mlp-ext:3`` (an MLP above
-                  ~1.8 GB is always written with external data: protobuf
-                  cannot hold more than 2 GB);
-* ``cnn``         a small ResNet-style CNN (stem, 3 stages of 2 residual
-                  blocks with BatchNormalization, projection shortcuts, GAP,
-                  classifier), inline;
-* ``repo:FILE:LAYER=WIDTH``  a model shipped in ``models/``: the "small model,
-                  whole CLI under 1.5 s" cases. Aliases: ``repo-cnn``
-                  (``models/cnn.onnx``, ``/4/Conv`` to 24 units) and
-                  ``repo-sklearn`` (``models/sklearn_mlp.onnx``, ``MatMul`` to 48).
+* ``mlp:LxH``     L Gemm layers of H x H, inline, e.g. ``mlp:8x4096`` (few large
+                  layers, 537 MB: the grown group is 25 % of the weights) and
+                  ``mlp:30x2048`` (many small layers, 503 MB: 7 %);
+* ``mlp-ext:GB``  MatMul + Add + Relu layers, every weight in one external
+                  data file, e.g. ``mlp-ext:3`` (45 x 4096 x 4096, 2.8 GB);
+* ``llama:N``     Hugging Face LLaMA with N layers (hidden 64, random weights),
+                  exported by torch.onnx's dynamo exporter: 135 nodes at N=2,
+                  ~1,750 at N=32 (needs torch + transformers; skipped without);
+* ``shufflenet``  torchvision shufflenet_v2_x0_5, random weights (channel
+                  shuffles: routing regions, many trial widths);
+* ``cnn``         a small ResNet-style CNN, inline;
+* ``repo:FILE:LAYER=WIDTH``  a model shipped in ``models/``; aliases
+                  ``repo-cnn`` and ``repo-sklearn``.
 
-For every model, each measurement runs in its own subprocess; wall time is
-taken around the process and peak RSS from ``os.wait4`` (the child's
-``ru_maxrss``, which includes any children it waited for):
+Every measurement runs in its own subprocess; wall time is taken around the
+process, CPU time and peak RSS from ``os.wait4`` (the child's ``ru_maxrss``).
+Each model's cases run once per *round*, ``--repeat`` rounds: every case's
+run sits next to the floor's run of the same round, so ratios are paired and
+reported as the median over rounds with their min-max spread.
 
-* ``floor:io``     ``onnx.load`` + ``onnx.save`` of the model (external data
-                   loaded, and saved with ``save_as_external_data=True``, for
-                   an external-data model);
-* ``floor:ort``    onnxruntime session creation + one run (batch 2, graph
-                   optimisations off, the provider the CLI would pick): what
-                   verification costs per model;
-* ``startup``      ``python -m onnx_net2net --version`` (interpreter + CLI import);
-* ``widen``, ``widen --no-verify``, ``deepen``, ``deepen --no-verify``: the
-  CLI on a middle hidden layer (widened by 1.5x; deepened after it).
+Cases:
+
+* ``floor:io``     ``onnx.load`` + ``onnx.save`` of the same model (external
+                   data loaded and saved as external data for such models);
+* MLPs: ``widen --no-verify``, ``widen --verify full``, ``widen --verify region``
+  on a middle layer (1.5x); ``--all-cases`` adds ``floor:ort``, ``startup``,
+  ``deepen`` and ``deepen --no-verify`` (the issue-6 set);
+* LLaMA: ``inspect --no-trial``; ShuffleNet: ``inspect --no-trial`` and ``inspect``.
 
 Outputs are checked (exit code, ``onnx.checker.check_model(path)``, external
-data present when expected) and deleted right after each run, so disk use
-stays at about the model plus one output.
+data present when expected) and deleted right after each run.
 
-Targets (issue 6) are evaluated on the numbers and printed after the table:
+Targets (issue 17), evaluated on the medians and printed after the table:
 
-* widen --no-verify on an inline MLP: wall <= 1.5x floor:io, peak RSS <= 2x model size;
-* widen --no-verify on an external-data MLP: completes, wall <= 1.5x floor:io,
-  output has external data, check_model passes, peak RSS <= 1/3 of model size;
-* widen / deepen with verification: wall <= floor:io + 2 x floor:ort;
-* repo models, widen (verified): whole CLI <= 1.5 s (best of the repeats).
+* inline MLPs, ``widen --no-verify``: wall <= 1.2x floor:io, peak RSS <= 1.5x model;
+* external-data MLP, ``widen --verify region``: wall <= 1.5x ``widen --no-verify``,
+  peak RSS < 0.5x model;
+* ``inspect --no-trial`` on the largest ``llama:N`` <= 1.5x the smallest;
+* ShuffleNet ``inspect`` (with trials) < 3 s.
 
 Usage::
 
-    python tools/bench.py                       # mlp:0.5 mlp-ext:3 cnn repo-cnn repo-sklearn
-                                                # (~10-15 min, ~9 GB free disk in the workdir)
-    python tools/bench.py --quick               # tiny models: a smoke test (~30-40 s, ~1 s per CLI process)
-    python tools/bench.py --models mlp:0.5 cnn --repeat 3 --json /tmp/bench.json
+    python tools/bench.py                       # the issue-17 matrix (~30-40 min under load, ~9 GB disk)
+    python tools/bench.py --quick               # tiny models: a smoke test
+    python tools/bench.py --models mlp:8x4096 llama:2 llama:32 --repeat 5 --json /tmp/bench.json
     python tools/bench.py --quick --profile     # also cProfile widen --no-verify, top functions
 
 Models are cached in the workdir (named by their parameters) and reused by the
