@@ -87,6 +87,8 @@ AUTO_MEMORY_SHARE = 1 / 3
 AUTO_REGION_SHARE = 0.5
 #: Weights upstream of structural boundary tensors that may be read to compute them.
 CONE_WEIGHT_LIMIT = 64 << 20
+#: Inline weights this large reach onnxruntime as arrays, not through the protobuf.
+IN_MEMORY_BYTES = 1 << 20
 #: Integer initializers this small keep their values in the shape-inference skeleton (shape constants).
 SMALL_TENSOR_BYTES = 4096
 _COMPARE_CHUNK = 16 << 20
@@ -549,10 +551,16 @@ def _elem_type(type_proto: onnx.TypeProto | None) -> int:
 
 
 def extract(handle: io.ModelHandle, nodes: list[int], inputs: list[str], outputs: list[str],
-            types: dict[str, onnx.TypeProto], replaced: dict | None = None) -> onnx.ModelProto:
+            types: dict[str, onnx.TypeProto], replaced: dict | None = None, *,
+            keep_external: bool = False, in_memory: dict | None = None) -> onnx.ModelProto:
     """A standalone model of the given nodes (some `replaced` by others):
-    boundary inputs as graph inputs, the weights the nodes read inline (read
-    from disk here; nothing else is)."""
+    boundary inputs as graph inputs, and only the weights those nodes read:
+    inline (read here), or with `keep_external` still referring to the
+    model's data file (locations io.load checked), for onnxruntime to read
+    with the handle's folder as base: nothing else of the model is read.
+    With `in_memory` (a dict), large inline weights become placeholders and
+    their arrays go into the dict, for `_region_session` to hand over as
+    they are (no protobuf copy, serialisation or parse of them)."""
     source = handle.graph
     chosen = [(replaced or {}).get(i, source.node[i]) for i in nodes]
     graph = onnx.helper.make_graph(chosen, "region", [], [])
@@ -563,15 +571,53 @@ def extract(handle: io.ModelHandle, nodes: list[int], inputs: list[str], outputs
     for name in outputs:
         graph.output.append(_value_info(name, types.get(name), keep_shape=False))
     for tensor in source.initializer:
-        if tensor.name in read:
-            weight = graph.initializer.add()
-            weight.CopyFrom(tensor)
-            if tensor.data_location == TensorProto.EXTERNAL:
-                _inline(handle, tensor, weight)
+        if tensor.name not in read:
+            continue
+        weight = graph.initializer.add()
+        external = tensor.data_location == TensorProto.EXTERNAL
+        if in_memory is not None and not external and io.tensor_nbytes(tensor) >= IN_MEMORY_BYTES:
+            _placeholder(tensor, weight)
+            in_memory[tensor.name] = handle.array(tensor)
+            continue
+        weight.CopyFrom(tensor)
+        if external and not keep_external:
+            _inline(handle, tensor, weight)
     model = onnx.helper.make_model(graph, opset_imports=list(handle.proto.opset_import),
                                    ir_version=handle.proto.ir_version)
     model.functions.extend(handle.proto.functions)
     return model
+
+
+def _placeholder(tensor: TensorProto, target: TensorProto) -> None:
+    """An initializer with no data: onnxruntime gets its values as an OrtValue."""
+    target.name, target.data_type = tensor.name, tensor.data_type
+    target.dims.extend(tensor.dims)
+    target.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "in-memory.region"), ("offset", "0"), ("length", str(io.tensor_nbytes(tensor)))):
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _region_session(model: onnx.ModelProto, providers: list[str], base_dir, arrays: dict):
+    """`verification.make_session` (same options: optimisations off) plus the
+    in-memory weights as external initializers (onnxruntime uses the arrays)."""
+    if not arrays:
+        return make_session(model, providers, base_dir)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if base_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+    names = list(arrays)
+    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n]))
+                                              for n in names])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load the model: {message[:300]}") from None
 
 
 def _value_info(name: str, type_proto: onnx.TypeProto | None, keep_shape: bool = True) -> onnx.ValueInfoProto:
@@ -763,10 +809,12 @@ def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec
 
 def _run_region(handle, nodes, region: Region, types, feeds, providers) -> tuple[list[np.ndarray], str]:
     """Extract one side's region, run it on the boundary values, free it."""
-    model = extract(handle, nodes, region.inputs, region.outputs, types)
+    arrays = {}
+    model = extract(handle, nodes, region.inputs, region.outputs, types, keep_external=handle.base_dir is not None,
+                    in_memory=arrays)
     wanted = {i.name for i in model.graph.input}
     try:
-        session = make_session(model, providers)
+        session = _region_session(model, providers, handle.base_dir, arrays)
     except UserError as error:
         raise RegionUnavailable(f"the extracted region does not load ({error})") from None
     del model

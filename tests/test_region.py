@@ -203,6 +203,19 @@ def test_widen_external_data_reads_only_the_region(tmp_path, monkeypatch, capsys
     assert any(note.startswith("region verification:") for note in notes)
 
 
+def test_extracted_region_holds_only_its_weights(tmp_path):
+    source = tmp_path / "mlp.onnx"
+    save_external(deep_mlp(), source)
+    old = io.load(source)
+    new = io.from_proto(n2n.widen(str(source), {"fc2": 96}, verify=False)[0])
+    found = region.find_region(old, new)
+    for handle, nodes in ((old, found.old_nodes), (new, found.new_nodes)):
+        model = region.extract(handle, nodes, found.inputs, found.outputs,
+                               {n: onnx.helper.make_tensor_type_proto(1, None) for n in found.inputs + found.outputs},
+                               keep_external=True)
+        assert {t.name for t in model.graph.initializer} == {"W2", "b2", "W3"}
+
+
 def test_verify_region_on_external_files_catches_corruption(tmp_path, capsys):
     model = deep_mlp()
     new, _ = n2n.widen(model, {"fc2": 96}, verify=False)
