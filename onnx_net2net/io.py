@@ -362,15 +362,17 @@ _MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
 
 
 def _check_text_fields(message) -> None:
-    for descriptor in message.DESCRIPTOR.fields:
+    """Only the fields that are set (ListFields): an unset field holds no text,
+    and a NodeProto's many empty attribute fields cost most of the walk."""
+    try:
+        fields = message.ListFields()
+    except UnicodeDecodeError:
+        raise _BadText(message.DESCRIPTOR.full_name) from None
+    for descriptor, value in fields:
         if descriptor.type not in (_STRING, _MESSAGE):
             continue
-        repeated = _is_repeated(descriptor)
-        if not repeated and not message.HasField(descriptor.name):
-            continue
         try:
-            value = getattr(message, descriptor.name)
-            values = list(value) if repeated else [value]
+            values = list(value) if _is_repeated(descriptor) else [value]
         except UnicodeDecodeError:
             raise _BadText(descriptor.full_name) from None
         for item in values:

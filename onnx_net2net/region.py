@@ -893,10 +893,12 @@ def _fits(weight_bytes: int) -> bool:
 def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, *, mode: str = "auto",
                  announce=None, **options) -> VerificationReport:
     """`verify REFERENCE CANDIDATE --verify MODE`: any pair of model files."""
+    from . import verification
+
     old, new = io.load(reference), io.load(candidate)
 
     def full() -> VerificationReport:
-        return ReferenceRun(str(reference), announce=announce, **options).compare(str(candidate))
+        return verification.verify_models(str(reference), str(candidate), announce=announce, **options)
 
     return verify_pair(old, new, full, mode=mode, announce=announce, **options)
 
