@@ -626,9 +626,11 @@ def profile_widen(model: BenchModel, workdir: Path, log) -> str:
 # Report
 
 
-def paired_ratios(case: Measurement, base: Measurement) -> list[float]:
-    """case / base, round by round (the runs that sat next to each other)."""
-    return [c / b for c, b in zip(case.walls, base.walls) if b > 0]
+def paired_ratios(case: Measurement, base: Measurement, cpu: bool = False) -> list[float]:
+    """case / base, round by round (the runs that sat next to each other);
+    `cpu`: of CPU times (user + system), steadier on a busy machine."""
+    pairs = zip(case.cpus, base.cpus) if cpu else zip(case.walls, base.walls)
+    return [c / b for c, b in pairs if b > 0]
 
 
 def summarise(models: list[BenchModel], results: list[Measurement], quick: bool) -> tuple[list[dict], list[dict]]:
@@ -644,8 +646,9 @@ def summarise(models: list[BenchModel], results: list[Measurement], quick: bool)
                        rss_over_model=round(m.peak_rss_bytes / model.size_bytes, 2))
             if floor and floor.returncode == 0 and m.walls:
                 ratios = paired_ratios(m, floor)
+                cpu_ratios = paired_ratios(m, floor, cpu=True)
                 row.update(x_floor_io=round(median(ratios), 2), x_floor_min=round(min(ratios), 2),
-                           x_floor_max=round(max(ratios), 2))
+                           x_floor_max=round(max(ratios), 2), x_floor_cpu=round(median(cpu_ratios), 2))
             if m.checks:
                 row["checks"] = m.checks
             if m.stderr_tail:
@@ -662,15 +665,19 @@ def evaluate_targets(models: list[BenchModel], by: dict, quick: bool) -> list[di
         targets.append(dict(target=name, model=model.name, met=bool(ok), detail=detail,
                             meaningful=not quick or model.kind == "repo"))
 
-    def spread(ratios):
-        return f"median {median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+    def spread(ratios, cpu_ratios=None):
+        text = f"median {median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        if cpu_ratios:
+            text += f"; CPU time median {median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"
+        return text
 
     for model in models:
         get = lambda case: by.get((model.name, case))  # noqa: E731
         floor, plain = get("floor:io"), get("widen --no-verify")
         if model.kind == "mlp" and not model.external and floor and plain and plain.returncode == 0:
             ratios = paired_ratios(plain, floor)
-            target("widen --no-verify wall <= 1.2x floor:io", model, median(ratios) <= 1.2, spread(ratios))
+            target("widen --no-verify wall <= 1.2x floor:io", model, median(ratios) <= 1.2,
+                   spread(ratios, paired_ratios(plain, floor, cpu=True)))
             rss = plain.peak_rss_bytes / model.size_bytes
             target("widen --no-verify peak RSS <= 1.5x model", model, rss <= 1.5,
                    f"{plain.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB = {rss:.2f}x")
@@ -678,7 +685,7 @@ def evaluate_targets(models: list[BenchModel], by: dict, quick: bool) -> list[di
         if model.external and plain and region and region.returncode == 0 and plain.returncode == 0:
             ratios = paired_ratios(region, plain)
             target("widen --verify region wall <= 1.5x widen --no-verify", model, median(ratios) <= 1.5,
-                   spread(ratios))
+                   spread(ratios, paired_ratios(region, plain, cpu=True)))
             rss = region.peak_rss_bytes / model.size_bytes
             target("widen --verify region peak RSS < 0.5x model", model, rss < 0.5,
                    f"{region.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB = {rss:.2f}x")
@@ -692,12 +699,14 @@ def evaluate_targets(models: list[BenchModel], by: dict, quick: bool) -> list[di
         if small and large and small.returncode == 0 and large.returncode == 0:
             ratios = paired_ratios(large, small)
             target(f"inspect --no-trial {llamas[-1].name} <= 1.5x {llamas[0].name}", llamas[-1],
-                   median(ratios) <= 1.5, f"{large.wall_s:.2f} s vs {small.wall_s:.2f} s: {spread(ratios)}")
+                   median(ratios) <= 1.5, f"{large.wall_s:.2f} s vs {small.wall_s:.2f} s: "
+                                          f"{spread(ratios, paired_ratios(large, small, cpu=True))}")
     return targets
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["model", "MiB", "case", "wall s (median)", "wall min-max", "x floor:io (median, min-max)", "CPU s",
+    header = ["model", "MiB", "case", "wall s (median)", "wall min-max", "x floor:io (median, min-max)",
+              "x floor CPU", "CPU s",
               "peak RSS MiB", "RSS/model", "ok"]
     lines = [header]
     for r in rows:
@@ -707,7 +716,8 @@ def format_table(rows: list[dict]) -> str:
             ok += " (check_model FAILED)"
         ratio = f"{r['x_floor_io']:.2f} ({r['x_floor_min']:.2f}-{r['x_floor_max']:.2f})" if "x_floor_io" in r else ""
         lines.append([r["model"], f"{r['model_mib']:g}", r["case"], f"{r['wall_s']:.2f}",
-                      f"{r['wall_min']:.2f}-{r['wall_max']:.2f}", ratio, f"{r['cpu_s']:.2f}",
+                      f"{r['wall_min']:.2f}-{r['wall_max']:.2f}", ratio,
+                      f"{r['x_floor_cpu']:.2f}" if "x_floor_cpu" in r else "", f"{r['cpu_s']:.2f}",
                       f"{r['peak_rss_mib']:.0f}", f"{r['rss_over_model']:.2f}", ok])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
