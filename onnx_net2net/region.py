@@ -600,19 +600,21 @@ def _placeholder(tensor: TensorProto, target: TensorProto) -> None:
 
 def _region_session(model: onnx.ModelProto, providers: list[str], base_dir, arrays: dict):
     """`verification.make_session` (same options: optimisations off) plus the
-    in-memory weights as external initializers (onnxruntime uses the arrays)."""
-    if not arrays:
-        return make_session(model, providers, base_dir)
+    in-memory weights as external initializers (onnxruntime uses the arrays),
+    and no weight prepacking (a region runs once: re-laying out its weights
+    costs more than the run)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     names = list(arrays)
-    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n]))
-                                              for n in names])
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n]))
+                                                  for n in names])
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
