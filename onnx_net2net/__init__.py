@@ -109,11 +109,13 @@ def inspect(model, *, trial: bool | None = None) -> dict:
     return inspect_model(_handle(model, inline=False), trial=trial)
 
 
-def verify(reference, candidate, **options):
-    """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`)."""
-    from .verification import verify_models
+def verify(reference, candidate, *, mode: str = "full", **options):
+    """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`).
+    mode: "full" (both whole models), "region" (only the part that differs,
+    see `onnx_net2net.region`) or "auto" (region for large models)."""
+    from .region import verify_models
 
-    return verify_models(_as_proto(reference), _as_proto(candidate), **options)
+    return verify_models(_as_proto(reference), _as_proto(candidate), mode=mode, **options)
 
 
 def widen(model, widths: dict[str, int] | None = None, *, factor: float | None = None, split: str = "equal",
@@ -128,7 +130,8 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
         init: "net2net" or "random-pad" (the paper's baseline, not exact).
         seed: seeds the mapping and the random choices.
         verify: compare outputs with onnxruntime; raises VerificationFailed
-            when an exact rewrite does not match.
+            when an exact rewrite does not match. `mode="region"` (or "auto")
+            among the verify options checks only the changed region.
     """
     from .passes import WidenPass
     from .rewrites.wider import WidenOptions
@@ -164,7 +167,7 @@ def _run_pass(model, grow, verify: bool, verify_options: dict):
     if problem:
         raise InternalError(f"the grown model fails onnx.checker's full check: {problem}")
     if verify:
-        from .verification import verify_models
+        from .region import verify_models
 
         outcome = verify_models(str(model) if from_file else model, result.model, **verify_options)
         report["verification"] = outcome.to_dict()

@@ -59,6 +59,10 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
     group.add_argument("--allow-nonfinite", action="store_true",
                        help="accept NaN/Inf in the reference's outputs where the candidate has the same "
                             "(default: they prove nothing, so verification fails)")
+    group.add_argument("--verify", choices=("auto", "full", "region"), default="auto", dest="verify_mode",
+                       help="full: run both whole models; region: only the part of the graph that differs, fed "
+                            "the same values at its boundary (memory and time scale with the change); auto: "
+                            "region above 1 GiB of weights or a third of free memory, else full (default auto)")
     group.add_argument("--providers", nargs="+", metavar="PROVIDER",
                        help="onnxruntime providers (default: CUDAExecutionProvider when a GPU is usable, "
                             "else CPUExecutionProvider)")
@@ -119,12 +123,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .io import load
-    from .verification import verify_models
+    from .region import verify_files
 
-    for path in (args.reference, args.candidate):
-        load(path)  # the same safety checks as any input
-    report = verify_models(args.reference, args.candidate, **_verify_options(args))
+    # verify_files loads both models with io.load: the same safety checks as any input
+    report = verify_files(args.reference, args.candidate, mode=args.verify_mode, **_verify_options(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -134,6 +136,8 @@ def cmd_verify(args) -> int:
             fp32 = "" if output.fp32_max_rel is None else f", upcast to fp32: max rel {output.fp32_max_rel:.3g}"
             print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
                   f"{agreement}{fp32} {'ok' if output.passed else 'MISMATCH'}{problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
         print(report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
@@ -246,7 +250,8 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
             return
         try:
             with progress.stage("verifying with onnxruntime"):
-                outcome["result"] = _verify_output(args, source, staged, verify_options, grow_pass.exact, report)
+                outcome["result"] = _verify_output(args, source, handle, staged, verify_options, grow_pass.exact,
+                                                   report)
         except InternalError as error:
             report["internal_error"] = str(error)
             if not args.save_on_failure:
@@ -295,13 +300,12 @@ def _rewrite(args, grow_pass, handle, after_step) -> tuple[dict, str | None]:
     return report, broken
 
 
-def _verify_output(args, source: Path, staged: Path, verify_options: dict, exact: bool, report: dict):
-    """Compare the staged output with the input; raise to abandon the write."""
-    from .verification import ReferenceRun, ours
+def _verify_output(args, source: Path, handle, staged: Path, verify_options: dict, exact: bool, report: dict):
+    """Compare the rewritten model with the input by --verify's mode (full:
+    the staged file); raise to abandon the write."""
+    from .region import verify_grown
 
-    reference = ReferenceRun(str(source), **verify_options)
-    with ours():
-        result = reference.compare(str(staged))
+    result = verify_grown(source, handle, staged, mode=args.verify_mode, **verify_options)
     report["verification"] = result.to_dict()
     report["exact"] = exact
     if exact and not result.passed and not args.save_on_failure:

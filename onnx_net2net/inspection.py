@@ -14,7 +14,7 @@ from . import coupling, routing
 from .errors import GrowthRefused, UserError
 from .io import ModelHandle
 from .ir import GraphIR
-from .passes import DeepenPass, WidenPass
+from .passes import DeepenPass, WidenPass, groups_by_layer
 from .rewrites import deeper
 from .verification import InputSpec, ReferenceRun
 
@@ -34,30 +34,101 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         name: the model's name in the report.
     """
     ir = GraphIR(handle)
+    _cache_constants(ir)
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
     if trial and handle.has_external_data():
         handle = handle.inlined(copy=True)
     reference = ReferenceRun(handle.proto, inputs=inputs, providers=providers) if trial else None
     # Each layer's own walk decides its promise (a layer can be a partial
-    # producer in another layer's group and still be refused on its own).
-    groups = {index: coupling.find_group(ir, index) for index in coupling.weighted_layers(ir)}
+    # producer in another layer's group and still be refused on its own), except
+    # where the layer's whole output carries an ok group already walked
+    # (coupling.shares_space: seeding from it gives that same group).
+    groups = groups_by_layer(ir)
     if reference is not None:
-        tried = {}
-        for group in groups.values():
-            if group.ok:
-                # One trial per group and layout (the same layers in another layout promise other widths).
-                key = (frozenset(group.producers + group.passthrough), group.features_per_unit, group.feature_step)
-                if key not in tried:
-                    tried[key] = _trial(group, reference, lambda g=group: WidenPass(
-                        {coupling.layer_name(ir, g.seed): g.width + g.feature_step})(handle.copy()).model)
-                elif tried[key]:
-                    group.refusal = coupling.Refusal(None, tried[key])
-    layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
+        _widen_trials(ir, groups, reference, handle)
+    deepen = _deepen_statuses(ir, list(groups), reference, handle)
+    layers = [_describe(ir, index, group, deepen[index]) for index, group in groups.items()]
     return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
 
 
-def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:
+#: Constants up to this size are kept once read (inspect never rewrites its IR).
+CONST_CACHE_BYTES = 256 << 20
+
+
+def _cache_constants(ir: GraphIR) -> None:
+    """Read each constant at most once per `inspect`: every layer's walk asks
+    for the weights it meets, and walks of one group meet the same weights
+    (on a 32-layer transformer, ~40,000 reads of a few hundred tensors). Safe
+    because this IR is never rewritten (trials rewrite copies); bounded by
+    CONST_CACHE_BYTES, beyond which values are read again."""
+    read = ir.const_value
+    cache, held = {}, [0]
+
+    def const_value(tensor: str):
+        if tensor in cache:
+            return cache[tensor]
+        value = read(tensor)
+        if value is None or held[0] + value.nbytes <= CONST_CACHE_BYTES:
+            cache[tensor] = value
+            held[0] += 0 if value is None else value.nbytes
+        return value
+
+    ir.const_value = const_value
+
+
+def _widen_trials(ir: GraphIR, groups: dict, reference: ReferenceRun, handle: ModelHandle) -> None:
+    """One trial per group and layout (the same layers in another layout
+    promise other widths), all in one model first (see `_batched`)."""
+    trials = {}
+    for group in groups.values():
+        if group.ok:
+            key = (frozenset(group.producers + group.passthrough), group.features_per_unit, group.feature_step)
+            trials.setdefault(key, []).append(group)
+
+    def widen(members):
+        widths = {coupling.layer_name(ir, g[0].seed): g[0].width + g[0].feature_step for g in members}
+        return lambda: WidenPass(widths)(handle.copy()).model
+
+    failures = _batched(list(trials.values()), reference, widen)
+    for members, failure in zip(trials.values(), failures):
+        if failure:
+            for group in members:
+                group.refusal = coupling.Refusal(None, failure)
+
+
+def _deepen_statuses(ir: GraphIR, layers: list[int], reference, handle: ModelHandle) -> dict[int, dict]:
+    statuses, planned = {}, []
+    for index in layers:
+        try:
+            deeper.plan(ir, index, deeper.DeepenOptions())
+        except GrowthRefused as refused:
+            statuses[index] = {"ok": False, "reason": str(refused)}
+            continue
+        statuses[index] = {"ok": True, "reason": None}
+        planned.append(index)
+    if reference is not None and planned:
+        def deepen(members):
+            return lambda: DeepenPass([coupling.layer_name(ir, i) for i in members])(handle.copy()).model
+
+        for index, failure in zip(planned, _batched(planned, reference, deepen)):
+            if failure:
+                statuses[index].update(ok=False, reason=failure)
+    return statuses
+
+
+def _batched(items: list, reference: ReferenceRun, build) -> list[str | None]:
+    """Trial every item's rewrite: first all of them in one model (one rewrite,
+    one onnxruntime session); when that verifies, each one did (an error in one
+    rewrite would have to be cancelled exactly by another, elsewhere in the
+    network, on random inputs). When it does not, or the combination cannot
+    be built, each item is tried alone, as before."""
+    if len(items) > 1 and _try(reference, build(items)) is None:
+        return [None] * len(items)
+    return [_try(reference, build([item])) for item in items]
+
+
+def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, deepen: dict) -> dict:
     node = ir.nodes[index]
     names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
     widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.feature_step,
@@ -68,7 +139,7 @@ def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, han
         "weight": node.input[1] if len(node.input) > 1 else None,
         "width": coupling.layer_width(ir, index),
         "widen": widen,
-        "deepen": _deepen_status(ir, index, reference, handle),
+        "deepen": deepen,
     }
 
 
@@ -91,27 +162,6 @@ def _widen_note(group: coupling.UnitGroup, ir: GraphIR) -> str | None:
     elif group.tile:
         notes.append(f"normalised units: multiples only ({group.average_blocker})")
     return "; ".join(notes) or None
-
-
-def _deepen_status(ir: GraphIR, index: int, reference, handle) -> dict:
-    try:
-        deeper.plan(ir, index, deeper.DeepenOptions())
-    except GrowthRefused as refused:
-        return {"ok": False, "reason": str(refused)}
-    status = {"ok": True, "reason": None}
-    if reference is not None:
-        name = coupling.layer_name(ir, index)
-        failure = _try(reference, lambda: DeepenPass([name])(handle.copy()).model)
-        if failure:
-            status.update(ok=False, reason=failure)
-    return status
-
-
-def _trial(group: coupling.UnitGroup, reference: ReferenceRun, build) -> str | None:
-    failure = _try(reference, build)
-    if failure:
-        group.refusal = coupling.Refusal(None, failure)
-    return failure
 
 
 def _try(reference: ReferenceRun, build) -> str | None:

@@ -61,6 +61,7 @@ class ModelHandle:
     checked: bool = False
     rewritten: bool = False
     _data_sizes: dict = field(default_factory=dict, repr=False)
+    _resolved: dict = field(default_factory=dict, repr=False)  # location -> checked real path
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -95,10 +96,15 @@ class ModelHandle:
         return data.reshape(tuple(tensor.dims))
 
     def external_path(self, tensor: TensorProto) -> Path:
-        """The checked real path of an external tensor's data file."""
+        """The checked real path of an external tensor's data file (checked
+        once per location: every tensor of a model usually shares one file)."""
         if self.base_dir is None:
             raise ModelLoadError(f"{_tensor_label(tensor)} has external data but the model has no folder")
-        return _resolve_external(self.base_dir, _external_info(tensor).get("location", ""), _tensor_label(tensor))
+        location = _external_info(tensor).get("location", "")
+        resolved = self._resolved.get(location)
+        if resolved is None:
+            resolved = self._resolved[location] = _resolve_external(self.base_dir, location, _tensor_label(tensor))
+        return resolved
 
     def external_bytes(self, tensor: TensorProto) -> bytes:
         """The stored bytes of an external tensor (for small tensors: they are held in memory)."""
@@ -363,15 +369,17 @@ _MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
 
 
 def _check_text_fields(message) -> None:
-    for descriptor in message.DESCRIPTOR.fields:
+    """Only the fields that are set (ListFields): an unset field holds no text,
+    and a NodeProto's many empty attribute fields cost most of the walk."""
+    try:
+        fields = message.ListFields()
+    except UnicodeDecodeError:
+        raise _BadText(message.DESCRIPTOR.full_name) from None
+    for descriptor, value in fields:
         if descriptor.type not in (_STRING, _MESSAGE):
             continue
-        repeated = _is_repeated(descriptor)
-        if not repeated and not message.HasField(descriptor.name):
-            continue
         try:
-            value = getattr(message, descriptor.name)
-            values = list(value) if repeated else [value]
+            values = list(value) if _is_repeated(descriptor) else [value]
         except UnicodeDecodeError:
             raise _BadText(descriptor.full_name) from None
         for item in values:

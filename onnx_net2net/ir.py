@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -271,8 +272,7 @@ class GraphIR:
         """onnxruntime's symbolic shape inference follows shapes computed at run
         time (Shape -> Gather -> Concat -> Reshape) where ONNX's gives up."""
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+            SymbolicShapeInference = _symbolic_shape_inference()
             # The loop of SymbolicShapeInference.infer_shapes, which would also
             # write a file into the working folder when inference is incomplete.
             inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
@@ -284,6 +284,25 @@ class GraphIR:
         except Exception:  # noqa: BLE001 - best effort: unknown shapes stay unknown
             return
         self._read_shapes(inferred.graph, only_unknown=True)
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference class, loaded from its file:
+    `import onnxruntime.tools.symbolic_shape_infer` runs onnxruntime/tools/__init__,
+    which imports torch when installed (seconds and ~900 MB for nothing)."""
+    import importlib.util
+    import sys
+
+    name = "onnx_net2net._ort_symbolic_shape_infer"
+    module = sys.modules.get(name)
+    if module is None:
+        package = importlib.util.find_spec("onnxruntime")
+        path = Path(package.submodule_search_locations[0]) / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module.SymbolicShapeInference
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

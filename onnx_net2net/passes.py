@@ -382,18 +382,28 @@ class Pipeline(_Pass):
 
 def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
     """The group of every weighted layer, each group once (in layer order)."""
-    groups, seen = [], {}
+    unique = {}
+    for group in groups_by_layer(ir).values():
+        unique.setdefault(id(group), group)
+    return list(unique.values())
+
+
+def groups_by_layer(ir: GraphIR) -> dict[int, coupling.UnitGroup]:
+    """Every weighted layer's group, one walk per group: a layer whose whole
+    output carries an ok group already found (`coupling.shares_space`) gets
+    that group instead of a walk of its own (on a transformer's residual
+    stream, 2 x layers producers share one walk instead of one each)."""
+    seen = {}
     for layer in coupling.weighted_layers(ir):
         if layer in seen:
             continue
         group = coupling.find_group(ir, layer)
-        groups.append(group)
         seen[layer] = group
         if group.ok:
             for member in group.producers + group.passthrough:
                 if coupling.shares_space(ir, group, member):
                     seen.setdefault(member, group)
-    return groups
+    return {layer: seen[layer] for layer in coupling.weighted_layers(ir)}
 
 
 def _layer(ir: GraphIR, name: str) -> int:

@@ -120,14 +120,34 @@ def find_routed_group(ir: GraphIR, layer: int) -> tuple[UnitGroup | None, str | 
 def check_width(ir: GraphIR, group: RoutedGroup, width: int) -> str | None:
     """Why the region cannot grow to `width` (None: it can)."""
     if width not in group.feasible:
+        prefetch(ir, group, [width])
+    return group.feasible[width]
+
+
+def prefetch(ir: GraphIR, group: RoutedGroup, widths) -> None:
+    """Decide many widths with one routing run (see `simulate_many`)."""
+    wanted = [w for w in dict.fromkeys(widths) if w not in group.feasible]
+    if not wanted:
+        return
+    found = simulate_many(ir, group.region, wanted) if len(wanted) > 1 else {
+        wanted[0]: _simulate_or_refusal(ir, group.region, wanted[0])}
+    for width in wanted:
+        new = found[width]
         try:
-            new = simulate(ir, group.region, width)
+            if isinstance(new, RoutingRefused):
+                raise new
             assign(group, new, width, np.random.default_rng(0))
             group.routings[width] = new
             group.feasible[width] = None
         except RoutingRefused as refused:
             group.feasible[width] = str(refused)
-    return group.feasible[width]
+
+
+def _simulate_or_refusal(ir: GraphIR, region: Region, width: int) -> Routing | RoutingRefused:
+    try:
+        return simulate(ir, region, width)
+    except RoutingRefused as refused:
+        return refused
 
 
 def _step(ir: GraphIR, group: RoutedGroup) -> int | None:
@@ -135,13 +155,20 @@ def _step(ir: GraphIR, group: RoutedGroup) -> int | None:
     smallest increment that routes, with `valid_widths` telling the others."""
     h = group.size
     tried = [h + 1, h + 2, h + 3, (3 * h + 1) // 2, 2 * h]
+    prefetch(ir, group, tried)
     if all(check_width(ir, group, w) is None for w in tried):
         return 1
     last = min(2 * h, h + MAX_WIDTHS_LISTED)
+    for start in range(h + 1, last + 1, _PREFETCH_CHUNK):  # in chunks: the first width that routes ends it
+        prefetch(ir, group, range(start, min(start + _PREFETCH_CHUNK, last + 1)))
+        if any(group.feasible[w] is None for w in range(start, min(start + _PREFETCH_CHUNK, last + 1))):
+            break
     first = next((w for w in range(h + 1, last + 1) if check_width(ir, group, w) is None), None)
     return None if first is None else first - h
 
 
+#: Widths decided per routing run while searching for the smallest step.
+_PREFETCH_CHUNK = 8
 #: Widths tried when listing the valid ones (each is a run of the routing).
 MAX_WIDTHS_LISTED = 128
 
@@ -150,6 +177,7 @@ def valid_widths(ir: GraphIR, group: RoutedGroup, factor: int = 2) -> list[int]:
     """The widths up to `factor` times the current one (at most
     MAX_WIDTHS_LISTED of them) at which the region routes."""
     last = min(factor * group.size, group.size + MAX_WIDTHS_LISTED)
+    prefetch(ir, group, range(group.size + 1, last + 1))
     return [w for w in range(group.size + 1, last + 1) if check_width(ir, group, w) is None]
 
 
@@ -159,6 +187,7 @@ def nearest_width(ir: GraphIR, group: RoutedGroup, wanted: int, multiple: int = 
     up = range(wanted, 4 * group.size + 1)
     down = range(wanted - 1, group.size, -1)
     candidates = [w for w in list(up) + list(down) if w % multiple == 0][:MAX_WIDTHS_LISTED]
+    prefetch(ir, group, candidates)
     return next((w for w in candidates if check_width(ir, group, w) is None), None)
 
 
@@ -298,6 +327,53 @@ def _support_nodes(ir: GraphIR, routing: list[int], tensors: set[str]) -> set[in
 def simulate(ir: GraphIR, region: Region, width: int) -> Routing:
     """Labels along axis 1 of every tensor a reader or per-channel op sees,
     with every writer at `width` channels."""
+    graph = _simulation_graph(ir, region, width)
+    values = _run_simulation(ir, [graph], f"at width {width}")
+    return _routing(graph, values, width)
+
+
+def simulate_many(ir: GraphIR, region: Region, widths: list[int]) -> dict[int, Routing | RoutingRefused]:
+    """`simulate` at many widths with one onnxruntime session: the routing
+    graph once per width (names suffixed), side by side in one model. If the
+    combined model fails, each width runs alone (so one failing width cannot
+    hide the others)."""
+    results, graphs = {}, []
+    for width in widths:
+        try:
+            graphs.append(_simulation_graph(ir, region, width, suffix=f"@w{width}"))
+        except RoutingRefused as refused:
+            results[width] = refused
+    if len(graphs) > 1:
+        try:
+            values = _run_simulation(ir, graphs, "together")
+        except RoutingRefused:
+            values = None
+        if values is not None:
+            start = 0
+            for graph in graphs:
+                count = len(graph["watched"])
+                results[graph["width"]] = _routing_or_refusal(graph, values[start:start + count])
+                start += count
+            return results
+    for graph in graphs:
+        try:
+            results[graph["width"]] = _routing(graph, _run_simulation(ir, [graph], f"at width {graph['width']}"),
+                                               graph["width"])
+        except RoutingRefused as refused:
+            results[graph["width"]] = refused
+    return results
+
+
+def _routing_or_refusal(graph: dict, values: list) -> Routing | RoutingRefused:
+    try:
+        return _routing(graph, values, graph["width"])
+    except RoutingRefused as refused:
+        return refused
+
+
+def _simulation_graph(ir: GraphIR, region: Region, width: int, suffix: str = "") -> dict:
+    """The routing region at `width` as nodes, constants, inputs and feeds;
+    every name carries `suffix` (so several widths fit in one model)."""
     watched = sorted({ir.nodes[node].input[port] for node, port in region.readers}
                      | set(region.per_channel_tensors(ir).values()))
     nodes, inits = [], {}
@@ -311,23 +387,43 @@ def simulate(ir: GraphIR, region: Region, width: int) -> Routing:
             raise RoutingRefused("the spatial size of a writer's output is unknown")
         dims = [shape[0] or 1, width] + list(shape[2:])
         labels = number * LABEL_BASE + np.arange(width, dtype=np.float32) + 1
-        feeds[name] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(dims) - 2)), dims).astype(np.float32)
-        inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
-    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in watched]
-    graph = helper.make_graph(nodes, "routing", inputs, outputs,
-                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+        feeds[name + suffix] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(dims) - 2)),
+                                               dims).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info(name + suffix, onnx.TensorProto.FLOAT, dims))
+    if suffix:
+        for node in nodes:
+            node.input[:] = [n + suffix if n else n for n in node.input]
+            node.output[:] = [n + suffix if n else n for n in node.output]
+            node.name = node.name + suffix if node.name else node.name
+        inits = {k + suffix: v for k, v in inits.items()}
+    return dict(width=width, nodes=nodes, inits=inits, inputs=inputs, feeds=feeds, watched=watched,
+                outputs=[name + suffix for name in watched])
+
+
+def _run_simulation(ir: GraphIR, graphs: list[dict], where: str) -> list:
+    nodes = [n for g in graphs for n in g["nodes"]]
+    inputs = [i for g in graphs for i in g["inputs"]]
+    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for g in graphs for name in g["outputs"]]
+    inits = [numpy_helper.from_array(v, k) for g in graphs for k, v in g["inits"].items()]
+    graph = helper.make_graph(nodes, "routing", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import), ir_version=ir.handle.proto.ir_version)
+    feeds = {k: v for g in graphs for k, v in g["feeds"].items()}
     try:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
+        # Labels are only moved, never combined: optimisations cannot change them and cost most of the time.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = session.run(watched, feeds)
+        return session.run([o.name for o in outputs], feeds)
     except Exception as error:  # noqa: BLE001 - any failure means: this width does not route
-        raise RoutingRefused(f"the routing does not run at width {width} ({type(error).__name__})") from None
+        raise RoutingRefused(f"the routing does not run {where} ({type(error).__name__})") from None
+
+
+def _routing(graph: dict, values: list, width: int) -> Routing:
     labels = {}
-    for name, value in zip(watched, values):
+    for name, value in zip(graph["watched"], values):
         if value.ndim < 2 or value.shape[1] == 0:
             raise RoutingRefused(f"at width {width}, a reader gets no channels")
         along = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)

@@ -371,6 +371,16 @@ def _errors(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> tuple[flo
     return max_abs, max_rel, bool(np.all(diff <= atol + rtol * scale)), None
 
 
+def tolerance_for(output_type: str | np.dtype, rtol: float | None = None, atol: float | None = None
+                  ) -> tuple[float, float]:
+    """(rtol, atol) for an output of this onnxruntime type (or numpy dtype):
+    the caller's where given, else `TOLERANCES`."""
+    if not isinstance(output_type, str):
+        output_type = {np.dtype(np.float16): "tensor(float16)"}.get(np.dtype(output_type), "tensor(float)")
+    default_rtol, default_atol = TOLERANCES.get(output_type, (DEFAULT_RTOL, DEFAULT_ATOL))
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
 class ReferenceRun:
     """The reference model run once; candidates are compared against it.
 
@@ -408,8 +418,7 @@ class ReferenceRun:
 
     def tolerance(self, output_type: str) -> tuple[float, float]:
         """(rtol, atol) for an output of this onnxruntime type."""
-        rtol, atol = TOLERANCES.get(output_type, (DEFAULT_RTOL, DEFAULT_ATOL))
-        return (rtol if self.rtol is None else self.rtol), (atol if self.atol is None else self.atol)
+        return tolerance_for(output_type, self.rtol, self.atol)
 
     def compare(self, candidate) -> VerificationReport:
         session = make_session(candidate, self.providers, self.base_dir)

@@ -1,55 +1,56 @@
 #!/usr/bin/env python
 """Benchmark the onnx_net2net CLI against the cost of just reading and writing the model.
 
-The benchmark builds its own models (seeded, with ``onnx.helper`` and numpy)
-in ``--workdir`` (default ``/tmp/onnx_net2net_bench``):
+The benchmark builds its own models (seeded) in ``--workdir`` (default
+``/tmp/onnx_net2net_bench``):
 
 * ``mlp:GB``      a deep MLP of about GB gigabytes, fp32, weights inline
                   (Gemm with transB=1, bias, Relu), e.g. ``mlp:0.5``;
-* ``mlp-ext:GB``  the same with MatMul + Add + Relu layers and every weight
-                  in one external data file, e.g. ``mlp-ext:3`` (an MLP above
-                  ~1.8 GB is always written with external data: protobuf
-                  cannot hold more than 2 GB);
-* ``cnn``         a small ResNet-style CNN (stem, 3 stages of 2 residual
-                  blocks with BatchNormalization, projection shortcuts, GAP,
-                  classifier), inline;
-* ``repo:FILE:LAYER=WIDTH``  a model shipped in ``models/``: the "small model,
-                  whole CLI under 1.5 s" cases. Aliases: ``repo-cnn``
-                  (``models/cnn.onnx``, ``/4/Conv`` to 24 units) and
-                  ``repo-sklearn`` (``models/sklearn_mlp.onnx``, ``MatMul`` to 48).
+* ``mlp:LxH``     L Gemm layers of H x H, inline, e.g. ``mlp:8x4096`` (few large
+                  layers, 537 MB: the grown group is 25 % of the weights) and
+                  ``mlp:30x2048`` (many small layers, 503 MB: 7 %);
+* ``mlp-ext:GB``  MatMul + Add + Relu layers, every weight in one external
+                  data file, e.g. ``mlp-ext:3`` (45 x 4096 x 4096, 2.8 GB);
+* ``llama:N``     Hugging Face LLaMA with N layers (hidden 64, random weights),
+                  exported by torch.onnx's dynamo exporter: 135 nodes at N=2,
+                  ~1,750 at N=32 (needs torch + transformers; skipped without);
+* ``shufflenet``  torchvision shufflenet_v2_x0_5, random weights (channel
+                  shuffles: routing regions, many trial widths);
+* ``cnn``         a small ResNet-style CNN, inline;
+* ``repo:FILE:LAYER=WIDTH``  a model shipped in ``models/``; aliases
+                  ``repo-cnn`` and ``repo-sklearn``.
 
-For every model, each measurement runs in its own subprocess; wall time is
-taken around the process and peak RSS from ``os.wait4`` (the child's
-``ru_maxrss``, which includes any children it waited for):
+Every measurement runs in its own subprocess; wall time is taken around the
+process, CPU time and peak RSS from ``os.wait4`` (the child's ``ru_maxrss``).
+Each model's cases run once per *round*, ``--repeat`` rounds: every case's
+run sits next to the floor's run of the same round, so ratios are paired and
+reported as the median over rounds with their min-max spread.
 
-* ``floor:io``     ``onnx.load`` + ``onnx.save`` of the model (external data
-                   loaded, and saved with ``save_as_external_data=True``, for
-                   an external-data model);
-* ``floor:ort``    onnxruntime session creation + one run (batch 2, graph
-                   optimisations off, the provider the CLI would pick): what
-                   verification costs per model;
-* ``startup``      ``python -m onnx_net2net --version`` (interpreter + CLI import);
-* ``widen``, ``widen --no-verify``, ``deepen``, ``deepen --no-verify``: the
-  CLI on a middle hidden layer (widened by 1.5x; deepened after it).
+Cases:
+
+* ``floor:io``     ``onnx.load`` + ``onnx.save`` of the same model (external
+                   data loaded and saved as external data for such models);
+* MLPs: ``widen --no-verify``, ``widen --verify full``, ``widen --verify region``
+  on a middle layer (1.5x); ``--all-cases`` adds ``floor:ort``, ``startup``,
+  ``deepen`` and ``deepen --no-verify`` (the issue-6 set);
+* LLaMA: ``inspect --no-trial``; ShuffleNet: ``inspect --no-trial`` and ``inspect``.
 
 Outputs are checked (exit code, ``onnx.checker.check_model(path)``, external
-data present when expected) and deleted right after each run, so disk use
-stays at about the model plus one output.
+data present when expected) and deleted right after each run.
 
-Targets (issue 6) are evaluated on the numbers and printed after the table:
+Targets (issue 17), evaluated on the medians and printed after the table:
 
-* widen --no-verify on an inline MLP: wall <= 1.5x floor:io, peak RSS <= 2x model size;
-* widen --no-verify on an external-data MLP: completes, wall <= 1.5x floor:io,
-  output has external data, check_model passes, peak RSS <= 1/3 of model size;
-* widen / deepen with verification: wall <= floor:io + 2 x floor:ort;
-* repo models, widen (verified): whole CLI <= 1.5 s (best of the repeats).
+* inline MLPs, ``widen --no-verify``: wall <= 1.2x floor:io, peak RSS <= 1.5x model;
+* external-data MLP, ``widen --verify region``: wall <= 1.5x ``widen --no-verify``,
+  peak RSS < 0.5x model;
+* ``inspect --no-trial`` on the largest ``llama:N`` <= 1.5x the smallest;
+* ShuffleNet ``inspect`` (with trials) < 3 s.
 
 Usage::
 
-    python tools/bench.py                       # mlp:0.5 mlp-ext:3 cnn repo-cnn repo-sklearn
-                                                # (~10-15 min, ~9 GB free disk in the workdir)
-    python tools/bench.py --quick               # tiny models: a smoke test (~30-40 s, ~1 s per CLI process)
-    python tools/bench.py --models mlp:0.5 cnn --repeat 3 --json /tmp/bench.json
+    python tools/bench.py                       # the issue-17 matrix (~30-40 min under load, ~9 GB disk)
+    python tools/bench.py --quick               # tiny models: a smoke test
+    python tools/bench.py --models mlp:8x4096 llama:2 llama:32 --repeat 5 --json /tmp/bench.json
     python tools/bench.py --quick --profile     # also cProfile widen --no-verify, top functions
 
 Models are cached in the workdir (named by their parameters) and reused by the
@@ -73,7 +74,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ["mlp:0.5", "mlp-ext:3", "cnn", "repo-cnn", "repo-sklearn"]
+DEFAULT_MODELS = ["mlp:8x4096", "mlp:30x2048", "mlp-ext:3", "llama:2", "llama:32", "shufflenet"]
 QUICK_MODELS = ["mlp:0.004", "mlp-ext:0.02", "repo-cnn"]  # run once each (--quick implies --repeat 1)
 #: MLPs above this are written with external data whatever their kind says.
 EXTERNAL_ABOVE = 1_800_000_000
@@ -118,23 +119,29 @@ def _hidden_for(target_bytes: float) -> int:
     return 256
 
 
-def mlp_spec(name: str, kind: str, gigabytes: float) -> dict:
-    target = gigabytes * GB
-    hidden = _hidden_for(target)
-    layers = max(4, round(target / (hidden * hidden * 4)))
+def mlp_spec(name: str, kind: str, size: str) -> dict:
+    """`size`: gigabytes ("0.5"), or LAYERSxHIDDEN ("8x4096")."""
+    if "x" in size:  # every layer hidden x hidden, the last too (8x4096: 537 MB)
+        layers, hidden = (int(v) for v in size.split("x"))
+        return dict(hidden=hidden, layers=layers, out=hidden, op="matmul" if kind == "mlp-ext" else "gemm",
+                    external=kind == "mlp-ext" or layers * hidden * hidden * 4 > EXTERNAL_ABOVE, seed=0)
+    else:
+        target = float(size) * GB
+        hidden = _hidden_for(target)
+        layers = max(4, round(target / (hidden * hidden * 4)))
     external = kind == "mlp-ext" or layers * hidden * hidden * 4 > EXTERNAL_ABOVE
     op = "matmul" if kind == "mlp-ext" else "gemm"
     return dict(hidden=hidden, layers=layers, out=16, op=op, external=external, seed=0)
 
 
-def build_mlp(workdir: Path, name: str, kind: str, gigabytes: float) -> BenchModel:
+def build_mlp(workdir: Path, name: str, kind: str, size: str) -> BenchModel:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    spec = mlp_spec(name, kind, gigabytes)
+    spec = mlp_spec(name, kind, size)
     hidden, layers, out, op, external = spec["hidden"], spec["layers"], spec["out"], spec["op"], spec["external"]
-    stem = f"{kind}_h{hidden}_l{layers}_{op}"
+    stem = f"{kind}_h{hidden}_l{layers}_{op}" + ("" if out == 16 else f"_o{out}")
     path = workdir / f"{stem}.onnx"
     middle = layers // 2
     layer = f"fc{middle}" if op == "gemm" else f"fc{middle}/MatMul"
@@ -274,6 +281,79 @@ def build_cnn(workdir: Path) -> BenchModel:
     return model
 
 
+LLAMA_EXPORT = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+layers, out = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                     num_hidden_layers=layers, vocab_size=100, max_position_embeddings=64,
+                     attn_implementation="eager")
+model = LlamaForCausalLM(config).eval()
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+
+
+torch.onnx.export(Logits(model), (torch.zeros(1, 8, dtype=torch.long),), out, dynamo=True, opset_version=18,
+                  input_names=["input_ids"], output_names=["logits"], external_data=False,
+                  dynamic_axes={"input_ids": {0: "batch"}, "logits": {0: "batch"}})
+"""
+
+SHUFFLENET_EXPORT = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch, torchvision
+
+torch.manual_seed(0)
+model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), sys.argv[1], dynamo=False, opset_version=17,
+                  input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+"""
+
+
+def _export_with_torch(script: str, args: list[str], path: Path) -> bool:
+    """Run an export script in a child; False when torch/transformers are missing."""
+    partial = path.with_name(path.stem + ".partial.onnx")
+    result = subprocess.run([sys.executable, "-c", script, *args[:-1], str(partial)], capture_output=True, text=True)
+    if result.returncode != 0:
+        if "ModuleNotFoundError" in result.stderr:
+            return False
+        raise SystemExit(f"{path.name}: export failed:\n{result.stderr[-2000:]}")
+    os.replace(partial, path)
+    return True
+
+
+def build_llama(workdir: Path, name: str, layers: int) -> BenchModel | None:
+    """Hugging Face LLaMA (hidden 64, 4 heads, random weights) exported with the
+    dynamo exporter: about 64 nodes per layer (2 layers: 135, 32 layers: ~2,050)."""
+    path = workdir / f"llama_l{layers}.onnx"
+    model = BenchModel(name, "llama", path, False, "", 0, 64, params=dict(layers=layers, hidden=64))
+    if not path.exists() and not _export_with_torch(LLAMA_EXPORT, [str(layers), str(path)], path):
+        return None
+    model.size_bytes = path.stat().st_size
+    return model
+
+
+def build_shufflenet(workdir: Path, name: str) -> BenchModel | None:
+    """torchvision shufflenet_v2_x0_5, random weights (Split/Concat/channel shuffle: many trial widths)."""
+    path = workdir / "shufflenet_v2_x0_5.onnx"
+    model = BenchModel(name, "shufflenet", path, False, "", 0, 0, params=dict(source="torchvision"))
+    if not path.exists() and not _export_with_torch(SHUFFLENET_EXPORT, [str(path)], path):
+        return None
+    model.size_bytes = path.stat().st_size
+    return model
+
+
 REPO_ALIASES = {"repo-cnn": "repo:cnn.onnx:/4/Conv=24", "repo-sklearn": "repo:sklearn_mlp.onnx:MatMul=48"}
 
 
@@ -313,12 +393,17 @@ def _generate(spec: str, workdir: Path) -> BenchModel | None:
     if kind in ("mlp", "mlp-ext"):
         if not size:
             raise SystemExit(f"{spec}: give a size in GB, e.g. {kind}:0.5")
-        return build_mlp(workdir, spec, kind, float(size))
+        return build_mlp(workdir, spec, kind, size)
     if kind == "cnn":
         return build_cnn(workdir)
+    if kind == "llama":
+        return build_llama(workdir, spec, int(size or 32))
+    if kind == "shufflenet":
+        return build_shufflenet(workdir, spec)
     if kind in ("repo", *REPO_ALIASES):
         return repo_model(spec)
-    raise SystemExit(f"unknown model '{spec}' (mlp:GB, mlp-ext:GB, cnn, repo:FILE:LAYER=WIDTH, "
+    raise SystemExit(f"unknown model '{spec}' (mlp:GB, mlp:LxH, mlp-ext:GB, cnn, llama:LAYERS, shufflenet, "
+                     f"repo:FILE:LAYER=WIDTH, "
                      f"{', '.join(REPO_ALIASES)})")
 
 
@@ -330,13 +415,21 @@ def _generate(spec: str, workdir: Path) -> BenchModel | None:
 class Measurement:
     model: str
     case: str
-    wall_s: float         # best (minimum) of the repeats: the least disturbed by other load
+    wall_s: float         # median of the repeats
     walls: list
-    cpu_s: float          # user + system CPU time of that best run (less sensitive to a busy machine)
-    peak_rss_bytes: int
+    cpu_s: float          # median user + system CPU time (less sensitive to a busy machine)
+    peak_rss_bytes: int   # median of the repeats' peaks
     returncode: int
     checks: dict = field(default_factory=dict)
     stderr_tail: str = ""
+    rss_all: list = field(default_factory=list)
+    cpus: list = field(default_factory=list)
+
+
+def median(values: list) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def run_measured(cmd: list[str], *, cwd: Path, timeout: float) -> tuple[float, int, int, str, str, float]:
@@ -432,50 +525,63 @@ def remove_outputs(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def cases_for(model: BenchModel) -> list[tuple[str, list[str], bool]]:
-    """(case name, argv after `python`, writes an output to check)."""
+def cases_for(model: BenchModel, full: bool) -> list[tuple[str, list[str], bool]]:
+    """(case name, argv after `python`, writes an output to check). `full`: the
+    original issue-6 set (floor:ort, startup, deepen) as well."""
     py = sys.executable
     cli = [py, "-m", "onnx_net2net"]
-    return [
-        ("floor:io", [py, "-c", FLOOR_IO, str(model.path), "{out}", "1" if model.external else "0"], True),
-        ("floor:ort", [py, "-c", FLOOR_ORT, str(model.path)], False),
-        ("startup", cli + ["--version"], False),
-        ("widen --no-verify", cli + ["widen", str(model.path), "-o", "{out}", "--layer",
-                                     f"{model.layer}={model.width}", "--no-verify"], True),
-        ("widen", cli + ["widen", str(model.path), "-o", "{out}", "--layer", f"{model.layer}={model.width}"], True),
-        ("deepen --no-verify", cli + ["deepen", str(model.path), "-o", "{out}", "--after", model.layer,
-                                      "--no-verify"], True),
-        ("deepen", cli + ["deepen", str(model.path), "-o", "{out}", "--after", model.layer], True),
-    ]
+    floor = ("floor:io", [py, "-c", FLOOR_IO, str(model.path), "{out}", "1" if model.external else "0"], True)
+    if model.kind == "llama":
+        return [floor, ("inspect --no-trial", cli + ["inspect", str(model.path), "--no-trial"], False)]
+    if model.kind == "shufflenet":
+        return [floor, ("inspect --no-trial", cli + ["inspect", str(model.path), "--no-trial"], False),
+                ("inspect", cli + ["inspect", str(model.path)], False)]
+    widen = cli + ["widen", str(model.path), "-o", "{out}", "--layer", f"{model.layer}={model.width}"]
+    cases = [floor, ("widen --no-verify", widen + ["--no-verify"], True),
+             ("widen --verify full", widen + ["--verify", "full"], True),
+             ("widen --verify region", widen + ["--verify", "region"], True)]
+    if full:
+        deepen = cli + ["deepen", str(model.path), "-o", "{out}", "--after", model.layer]
+        cases[1:1] = [("floor:ort", [py, "-c", FLOOR_ORT, str(model.path)], False),
+                      ("startup", cli + ["--version"], False)]
+        cases += [("deepen --no-verify", deepen + ["--no-verify"], True), ("deepen", deepen, True)]
+    return cases
 
 
-def measure_model(model: BenchModel, workdir: Path, repeat: int, timeout: float, log) -> list[Measurement]:
+def measure_model(model: BenchModel, workdir: Path, repeat: int, timeout: float, log, full: bool = False
+                  ) -> list[Measurement]:
+    """Every case once per round, `repeat` rounds: each case's run sits next to
+    the floor's run of the same round, so ratios are paired."""
     out = workdir / "out" / f"{model.path.stem}.grown.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for case, argv, writes in cases_for(model):
-        argv = [a.replace("{out}", str(out)) for a in argv]
-        walls, cpus, rss, code, err, checks = [], [], 0, 0, "", {}
-        for attempt in range(repeat):
+    cases = [(case, [a.replace("{out}", str(out)) for a in argv], writes) for case, argv, writes in cases_for(model, full)]
+    runs = {case: dict(walls=[], cpus=[], rss=[], code=0, err="", checks={}) for case, _, _ in cases}
+    for attempt in range(repeat):
+        for case, argv, writes in cases:
+            record = runs[case]
+            if record["code"] != 0:
+                continue
             remove_outputs(out)
             wall, peak, code, stdout, err, cpu = run_measured(argv, cwd=workdir, timeout=timeout)
-            walls.append(wall)
-            cpus.append(cpu)
-            rss = max(rss, peak)
-            if code != 0:
-                break
-            if writes and attempt == repeat - 1:
+            record["walls"].append(wall)
+            record["cpus"].append(cpu)
+            record["rss"].append(peak)
+            record["code"], record["err"] = code, err
+            if code == 0 and writes and attempt == repeat - 1:
                 _, _, check_code, check_out, check_err, _ = run_measured(
                     [sys.executable, "-c", CHECK_OUTPUT, str(out)], cwd=workdir, timeout=timeout)
-                checks = json.loads(check_out) if check_code == 0 else {"check_model": False,
-                                                                          "check_error": check_err[-300:]}
+                record["checks"] = json.loads(check_out) if check_code == 0 else {"check_model": False,
+                                                                                    "check_error": check_err[-300:]}
+            log(f"  {model.name:>12} {case:<22} round {attempt + 1}: {wall:8.2f} s (cpu {cpu:6.2f} s) "
+                f"{peak / MB:9.0f} MiB  rc {code}" + (f"  {err.strip().splitlines()[-1]}" if code and err.strip() else ""))
         remove_outputs(out)
-        best = min(range(len(walls)), key=walls.__getitem__)
-        m = Measurement(model.name, case, walls[best], [round(w, 3) for w in walls], round(cpus[best], 3), rss, code,
-                        checks, "" if code == 0 else err.strip()[-600:])
-        results.append(m)
-        log(f"  {model.name:>12} {case:<20} {m.wall_s:8.2f} s (cpu {m.cpu_s:6.2f} s) {rss / MB:9.0f} MiB  rc {code}"
-            + (f"  {m.stderr_tail.splitlines()[-1] if m.stderr_tail else ''}" if code else ""))
+    results = []
+    for case, _, _ in cases:
+        r = runs[case]
+        results.append(Measurement(model.name, case, median(r["walls"]), [round(w, 3) for w in r["walls"]],
+                                   round(median(r["cpus"]), 3), int(median(r["rss"])), r["code"], r["checks"],
+                                   "" if r["code"] == 0 else r["err"].strip()[-600:], r["rss"],
+                                   [round(c, 3) for c in r["cpus"]]))
     return results
 
 
@@ -520,86 +626,98 @@ def profile_widen(model: BenchModel, workdir: Path, log) -> str:
 # Report
 
 
+def paired_ratios(case: Measurement, base: Measurement, cpu: bool = False) -> list[float]:
+    """case / base, round by round (the runs that sat next to each other);
+    `cpu`: of CPU times (user + system), steadier on a busy machine."""
+    pairs = zip(case.cpus, base.cpus) if cpu else zip(case.walls, base.walls)
+    return [c / b for c, b in pairs if b > 0]
+
+
 def summarise(models: list[BenchModel], results: list[Measurement], quick: bool) -> tuple[list[dict], list[dict]]:
     by = {(m.model, m.case): m for m in results}
     rows = []
     for model in models:
         floor = by.get((model.name, "floor:io"))
-        ort = by.get((model.name, "floor:ort"))
         for m in (r for r in results if r.model == model.name):
-            row = dict(model=model.name, case=m.case, wall_s=round(m.wall_s, 3), walls=m.walls, cpu_s=m.cpu_s,
+            row = dict(model=model.name, case=m.case, wall_s=round(m.wall_s, 3), walls=m.walls,
+                       wall_min=round(min(m.walls), 3), wall_max=round(max(m.walls), 3), cpu_s=m.cpu_s,
                        peak_rss_mib=round(m.peak_rss_bytes / MB, 1), returncode=m.returncode,
                        model_mib=round(model.size_bytes / MB, 2),
                        rss_over_model=round(m.peak_rss_bytes / model.size_bytes, 2))
-            if floor and floor.returncode == 0:
-                row["x_floor_io"] = round(m.wall_s / floor.wall_s, 2)
-            if floor and ort and not m.case.startswith(("floor", "startup")) and "--no-verify" not in m.case:
-                budget = floor.wall_s + 2 * ort.wall_s
-                row["verify_budget_s"] = round(budget, 3)
-                row["x_verify_budget"] = round(m.wall_s / budget, 2)
+            if floor and floor.returncode == 0 and m.walls:
+                ratios = paired_ratios(m, floor)
+                cpu_ratios = paired_ratios(m, floor, cpu=True)
+                row.update(x_floor_io=round(median(ratios), 2), x_floor_min=round(min(ratios), 2),
+                           x_floor_max=round(max(ratios), 2), x_floor_cpu=round(median(cpu_ratios), 2))
             if m.checks:
                 row["checks"] = m.checks
             if m.stderr_tail:
                 row["error"] = m.stderr_tail
             rows.append(row)
+    return rows, evaluate_targets(models, by, quick)
+
+
+def evaluate_targets(models: list[BenchModel], by: dict, quick: bool) -> list[dict]:
+    """The targets of issue 17 (ratios are medians of paired rounds)."""
     targets = []
 
     def target(name, model, ok, detail):
         targets.append(dict(target=name, model=model.name, met=bool(ok), detail=detail,
                             meaningful=not quick or model.kind == "repo"))
 
+    def spread(ratios, cpu_ratios=None):
+        text = f"median {median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        if cpu_ratios:
+            text += f"; CPU time median {median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"
+        return text
+
     for model in models:
         get = lambda case: by.get((model.name, case))  # noqa: E731
-        floor, ort, widen = get("floor:io"), get("floor:ort"), get("widen --no-verify")
-        if model.kind in ("mlp", "mlp-ext") and floor and widen:
-            ratio = widen.wall_s / floor.wall_s
-            rss_ratio = widen.peak_rss_bytes / model.size_bytes
-            ok_run = widen.returncode == 0
-            if not model.external:
-                target("widen --no-verify wall <= 1.5x floor:io", model, ok_run and ratio <= 1.5,
-                       f"{widen.wall_s:.2f} s vs floor {floor.wall_s:.2f} s = {ratio:.2f}x")
-                target("widen --no-verify peak RSS <= 2x model", model, ok_run and rss_ratio <= 2,
-                       f"{widen.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB "
-                       f"= {rss_ratio:.2f}x")
-            else:
-                checks = widen.checks
-                target("widen --no-verify completes", model, ok_run, f"exit code {widen.returncode}")
-                target("widen --no-verify wall <= 1.5x floor:io", model, ok_run and ratio <= 1.5,
-                       f"{widen.wall_s:.2f} s vs floor {floor.wall_s:.2f} s = {ratio:.2f}x")
-                target("output has external data", model, checks.get("data_file") and checks.get("external_tensors"),
-                       f"data file {checks.get('data_file')}, {checks.get('external_tensors')} external tensors")
-                target("onnx.checker.check_model(path) passes", model, checks.get("check_model"),
-                       checks.get("check_error", "ok" if checks.get("check_model") else "not run"))
-                target("widen --no-verify peak RSS <= 1/3 model", model, ok_run and rss_ratio <= 1 / 3,
-                       f"{widen.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB "
-                       f"= {rss_ratio:.2f}x")
-        if floor and ort and model.kind != "repo":
-            budget = floor.wall_s + 2 * ort.wall_s
-            for case in ("widen", "deepen"):
-                m = get(case)
-                if m:
-                    target(f"{case} (verified) wall <= floor:io + 2 floor:ort", model,
-                           m.returncode == 0 and m.wall_s <= budget,
-                           f"{m.wall_s:.2f} s vs {floor.wall_s:.2f} + 2 x {ort.wall_s:.2f} = {budget:.2f} s")
-        if model.kind == "repo" and get("widen"):
-            m = get("widen")
-            target("small model: whole CLI widen <= 1.5 s", model, m.returncode == 0 and m.wall_s <= 1.5,
-                   f"best of {len(m.walls)}: {m.wall_s:.2f} s (CPU {m.cpu_s:.2f} s; all runs {m.walls})")
-    return rows, targets
+        floor, plain = get("floor:io"), get("widen --no-verify")
+        if model.kind == "mlp" and not model.external and floor and plain and plain.returncode == 0:
+            ratios = paired_ratios(plain, floor)
+            target("widen --no-verify wall <= 1.2x floor:io", model, median(ratios) <= 1.2,
+                   spread(ratios, paired_ratios(plain, floor, cpu=True)))
+            rss = plain.peak_rss_bytes / model.size_bytes
+            target("widen --no-verify peak RSS <= 1.5x model", model, rss <= 1.5,
+                   f"{plain.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB = {rss:.2f}x")
+        region = get("widen --verify region")
+        if model.external and plain and region and region.returncode == 0 and plain.returncode == 0:
+            ratios = paired_ratios(region, plain)
+            target("widen --verify region wall <= 1.5x widen --no-verify", model, median(ratios) <= 1.5,
+                   spread(ratios, paired_ratios(region, plain, cpu=True)))
+            rss = region.peak_rss_bytes / model.size_bytes
+            target("widen --verify region peak RSS < 0.5x model", model, rss < 0.5,
+                   f"{region.peak_rss_bytes / MB:.0f} MiB vs model {model.size_bytes / MB:.0f} MiB = {rss:.2f}x")
+        if model.kind == "shufflenet" and get("inspect"):
+            m = get("inspect")
+            target("inspect (with trials) < 3 s", model, m.returncode == 0 and m.wall_s < 3,
+                   f"median {m.wall_s:.2f} s (runs {m.walls}, CPU {m.cpu_s:.2f} s)")
+    llamas = sorted((m for m in models if m.kind == "llama"), key=lambda m: m.params["layers"])
+    if len(llamas) >= 2:
+        small, large = (by.get((m.name, "inspect --no-trial")) for m in (llamas[0], llamas[-1]))
+        if small and large and small.returncode == 0 and large.returncode == 0:
+            ratios = paired_ratios(large, small)
+            target(f"inspect --no-trial {llamas[-1].name} <= 1.5x {llamas[0].name}", llamas[-1],
+                   median(ratios) <= 1.5, f"{large.wall_s:.2f} s vs {small.wall_s:.2f} s: "
+                                          f"{spread(ratios, paired_ratios(large, small, cpu=True))}")
+    return targets
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["model", "MiB", "case", "wall s", "CPU s", "x floor:io", "x verify budget", "peak RSS MiB",
-              "RSS/model", "ok"]
+    header = ["model", "MiB", "case", "wall s (median)", "wall min-max", "x floor:io (median, min-max)",
+              "x floor CPU", "CPU s",
+              "peak RSS MiB", "RSS/model", "ok"]
     lines = [header]
     for r in rows:
         ok = "yes" if r["returncode"] == 0 else f"rc {r['returncode']}"
         checks = r.get("checks")
         if checks and not checks.get("check_model", True):
             ok += " (check_model FAILED)"
-        lines.append([r["model"], f"{r['model_mib']:g}", r["case"], f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
-                      f"{r['x_floor_io']:.2f}" if "x_floor_io" in r else "",
-                      f"{r['x_verify_budget']:.2f}" if "x_verify_budget" in r else "",
+        ratio = f"{r['x_floor_io']:.2f} ({r['x_floor_min']:.2f}-{r['x_floor_max']:.2f})" if "x_floor_io" in r else ""
+        lines.append([r["model"], f"{r['model_mib']:g}", r["case"], f"{r['wall_s']:.2f}",
+                      f"{r['wall_min']:.2f}-{r['wall_max']:.2f}", ratio,
+                      f"{r['x_floor_cpu']:.2f}" if "x_floor_cpu" in r else "", f"{r['cpu_s']:.2f}",
                       f"{r['peak_rss_mib']:.0f}", f"{r['rss_over_model']:.2f}", ok])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
@@ -667,11 +785,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny models: a smoke test (~30-40 s: each of ~25 processes costs ~1 s)")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per measurement, the best (least disturbed) reported (default: 5 for models "
-                             "under 64 MB, 1 above)")
+                        help="rounds per model; every case runs once per round, medians and paired ratios "
+                             "are reported (default: 5 for models under 64 MB, 3 above)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement (default 1800)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--profile", action="store_true", help="also cProfile widen --no-verify on each MLP")
+    parser.add_argument("--all-cases", action="store_true",
+                        help="also floor:ort, startup and deepen (the issue-6 set) for the MLPs")
     parser.add_argument("--no-importtime", action="store_true", help="skip the -X importtime run")
     parser.add_argument("--clean", action="store_true", help="delete the generated models at the end")
     parser.add_argument("--pythonpath", metavar="DIR",
@@ -706,8 +826,8 @@ def main(argv=None) -> int:
             f", layer {model.layer} {model.old_width or '?'} -> {model.width})"
             f" ready in {time.perf_counter() - t0:.1f} s")
         models.append(model)
-        runs = args.repeat or (5 if model.size_bytes < SMALL_MODEL_BYTES else 1)
-        results += measure_model(model, workdir, runs, args.timeout, log)
+        runs = args.repeat or (5 if model.size_bytes < SMALL_MODEL_BYTES else 3)
+        results += measure_model(model, workdir, runs, args.timeout, log, full=args.all_cases)
         if args.profile and model.kind in ("mlp", "mlp-ext"):
             profiles[model.name] = profile_widen(model, workdir, log)
     imports = []
