@@ -168,6 +168,8 @@ class UnitGroup:
             LayerNormalization, or zero up to every RMSNormalization);
             `average_blocker` says why not otherwise.
         extras: what the extra units carry, "mean" or "zero".
+        size_edits: entries of size inputs computed at run time that become
+            constants following the growth (runtime_shapes.SizeEdit).
     """
 
     seed: int
@@ -191,6 +193,7 @@ class UnitGroup:
     average_expansion: bool = False
     average_blocker: str | None = None
     extras: str = "mean"
+    size_edits: list = field(default_factory=list)
 
     @property
     def features_per_unit(self) -> int:
@@ -323,6 +326,7 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> Unit
     try:
         _Walk(ir, group).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
         _deduplicate(group)
+        _check_runtime_sizes(ir, group)
         if layer not in group.producers and layer not in group.passthrough:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
         if not group.producers:
@@ -342,6 +346,18 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> Unit
     return group
 
 
+def _check_runtime_sizes(ir: GraphIR, group: UnitGroup) -> None:
+    """Sizes read at run time from grown tensors (and size inputs computed at
+    run time on the group's ops) must follow the units (see runtime_shapes)."""
+    from .runtime_shapes import check_sizes
+
+    edits, refusal = check_sizes(ir, group)
+    if refusal is not None:
+        node = ir.nodes[refusal.node]
+        raise _Refused(Refusal(f"{node.op_type} {ir.label(refusal.node)}", refusal.reason, node.op_type))
+    group.size_edits = edits
+
+
 def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 1) -> Placement:
     return replace(layer_output_placement(ir, layer), inner=unit_width, outer=repeats)
 
@@ -351,6 +367,8 @@ def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
     layer's whole output carries the units (not a slice of a wider tensor)."""
     if layer not in group.producers and layer not in group.passthrough:
         return False
+    if ir.nodes[layer].op_type not in WEIGHTED_LAYERS:
+        return False  # an embedding table (Gather) is no layer of its own
     placement = group.placements.get(ir.nodes[layer].output[0])
     try:
         own = seed_placement(ir, layer, group.unit_width, group.repeats)
@@ -652,6 +670,9 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
     if len(node.input) < 3:
         walk.refuse(index, "Slice with attribute bounds (opset < 10)")
     rank = placement.rank
+    if not (ir.is_const(node.input[1]) and ir.is_const(node.input[2])):
+        _slice_with_runtime_bounds(walk, index, placement)
+        return
     starts = walk.const(index, node.input[1], "starts")
     ends = walk.const(index, node.input[2], "ends")
     axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
@@ -694,6 +715,18 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
         retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
             and start % span == 0 else ()
         walk.refuse(index, "it cuts through the units", retry)
+
+
+def _slice_with_runtime_bounds(walk: _Walk, index: int, placement: Placement) -> None:
+    """Bounds read at run time (`pos[:, :T]`) on other axes than the unit axis:
+    the units pass; runtime_shapes checks the bounds do not change with them."""
+    node = walk.ir.nodes[index]
+    if len(node.input) < 4 or not node.input[3]:
+        walk.refuse(index, "its bounds are read at run time and its axes are implicit")
+    axes = walk.const(index, node.input[3], "axes")
+    if placement.axis in [int(a) % placement.rank for a in axes]:
+        walk.refuse(index, "it slices the unit axis with bounds read at run time")
+    walk.same_on_ports(index, placement)
 
 
 def _slice_of_repeats(walk: _Walk, index: int, k: int, first: int, last: int, placement: Placement,
@@ -1230,9 +1263,23 @@ def _resize(walk: _Walk, index: int, side: str, port: int, placement: Placement)
             walk.refuse(index, "it resizes the unit axis")
     elif sizes is not None and sizes.size:
         walk.group.value_edits.append(ValueEdit(index, 3, placement.axis, placement.growth()))
+    elif len(node.input) > 3 and node.input[3] and (len(node.input) < 3 or not node.input[2]
+                                                     or walk.ir.shape(node.input[2]) == (0,)):
+        pass  # sizes computed at run time: runtime_shapes checks their unit-axis entry follows
     else:
-        walk.refuse(index, "its scales/sizes are not constant")
+        walk.refuse(index, "its scales are not constant")
     walk.same_on_ports(index, placement)
+
+
+def _tile(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Tile repeats whole axes: per unit when the unit axis is repeated once."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its repeats")
+    repeats = walk.ir.const_value(node.input[1])
+    if repeats is not None and int(repeats[placement.axis]) != 1:
+        walk.refuse(index, "it repeats the unit axis")
+    walk.same_on_ports(index, placement)  # repeats read at run time: checked by runtime_shapes
 
 
 def _opset(ir: GraphIR) -> int:
@@ -1263,6 +1310,7 @@ _RULES = {
     "Gather": _gather,
     "Resize": _resize,
     "Expand": _expand,
+    "Tile": _tile,
 }
 _FAMILY_RULES = [
     (ELEMENTWISE_UNARY, _unary),

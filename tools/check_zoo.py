@@ -36,7 +36,57 @@ warnings.filterwarnings("ignore")
 MAX_REL = 1e-5  # max |a - b| / max(1, |a|) over every output element
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
                "squeezenet1_0", "densenet121"]
-OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2"]
+OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
+
+
+def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
+    """A small GPT written by hand the usual way (nanoGPT): one qkv Linear,
+    split on the last axis, view(B, T, h, D // h) with sizes read from x.shape,
+    a causal mask, reshape(B, T, D), learned positions sliced with [:, :T]."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+            self.register_buffer("mask", torch.tril(torch.ones(context, context)).view(1, 1, context, context))
+
+        def forward(self, x):
+            B, T, D = x.shape
+            q, k, v = self.qkv(x).split(D, dim=2)
+            q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf")).softmax(dim=-1)
+            return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, D))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.attn, self.ln2 = nn.LayerNorm(width), Attention(), nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.randn(1, context, width) * 0.02)
+            self.blocks = nn.Sequential(*[Block() for _ in range(layers)])
+            self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos[:, :idx.shape[1]]
+            return self.head(self.ln(self.blocks(x)))
+
+    return GPT()
+
+
+#: Models exported with a dynamic sequence axis too (sizes read at run time).
+SEQUENCE_MODELS = {"nanogpt"}
 
 
 def export(name: str, path: Path, exporter: str = "legacy") -> None:
@@ -83,6 +133,8 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
 
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
         model, example = Wrap(GPT2LMHeadModel(config), "input_ids", "logits"), torch.randint(0, 100, (2, 8))
+    elif name == "nanogpt":
+        model, example = nanogpt(), torch.randint(0, 100, (2, 8))
     else:
         raise SystemExit(f"unknown model {name}")
     model.eval()
@@ -90,8 +142,9 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"],
                           external_data=False, verbose=False)
     else:
+        axes = {0: "batch", 1: "sequence"} if name in SEQUENCE_MODELS else {0: "batch"}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          dynamic_axes={"input": {0: "batch"}})
+                          dynamic_axes={"input": axes})
 
 
 def check(path: Path, limit: int | None) -> dict:

@@ -81,6 +81,8 @@ class GrownGroup:
     new_width: int
     tensors: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)
+    #: size inputs computed at run time now fed constants following the growth
+    size_inputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -205,6 +207,10 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
     _scale_norm_epsilons(ir, group, mapping.variance_ratio)
     _update_declared_shapes(ir, group, q - n)
+    if group.size_edits:
+        from .sizes import apply_size_edits
+
+        record.size_inputs = apply_size_edits(ir, group.size_edits, q - n)
     return record
 
 

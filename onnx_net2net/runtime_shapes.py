@@ -1,0 +1,472 @@
+"""Sizes computed at run time: follow `Shape` of a grown tensor to every size input.
+
+Exporters write sizes that depend on the input as small integer programs:
+`Shape(x) -> Gather -> Unsqueeze -> Concat -> Reshape`, `Div` for a head
+size, `Shape(x)[0:2]` concatenated with constants for a `Resize`. When a unit
+group grows by D units, every tensor t of the group gains `growth(t) * D`
+positions on its unit axis, so an entry of a size vector is an *affine*
+function of D:
+
+    entry(D) = base + slope * D
+
+`Shape(t)[axis]` has base = the current length and slope = growth(t); other
+dims have slope 0 (their base is unknown for a symbolic batch). Gather,
+Slice, Concat, (Un)squeeze, Cast, Identity and a 1-D Reshape move entries;
+Add / Sub add them; Mul and Div by a constant scale them; a floor division
+that does not divide base and slope exactly makes the slope *irregular*
+(known now, but not affine in D).
+
+A *size sink* is a port that reads sizes: Reshape's shape, Expand's shape,
+Tile's repeats, Slice's starts / ends, Resize's sizes. The walk tells each
+sink what slope every entry must have: the growth of the sink's output on its
+unit axis, 0 everywhere else (and everywhere for a sink outside the group).
+An entry whose slope is right follows the growth by itself. An entry whose
+base is known statically but whose slope is wrong is replaced by the constant
+base + required * D (a `SizeEdit`: the rewrite feeds the sink
+`Where(mask, constants, computed)`): exact, because the entry equalled base
+for every input of the original model. Anything else is refused, and so is a
+size that depends on D reaching any op that is neither a size op nor a sink
+(it would be used as data).
+
+Example, nanoGPT's `y.view(B, T, D)` after the heads with D read from the
+residual stream: widening the heads needs slope `head size` at entry 2, the
+stream's D has slope 0 but base 64: it becomes the constant 64 + 16 D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import onnx
+
+from .ir import GraphIR, node_attr
+
+#: Ops that compute sizes from sizes (entries are followed through them).
+SIZE_OPS = frozenset("""
+    Gather Slice Concat Unsqueeze Squeeze Cast Identity Reshape Add Sub Mul Div Neg Where Equal
+""".split())
+#: Size inputs, by op: port -> what the port holds.
+SINK_PORTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"},
+              "Slice": {1: "starts", 2: "ends"}, "Resize": {3: "sizes"}}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a size vector: base + slope * D (D: units added).
+
+    base None: not known statically (a symbolic batch). slope None: depends
+    on D, but not affinely (an inexact floor division, a product of sizes).
+    """
+
+    base: int | None
+    slope: Fraction | None = Fraction(0)
+
+    @property
+    def depends(self) -> bool:
+        return self.slope != 0
+
+
+@dataclass(frozen=True)
+class SizeEdit:
+    """Feed the size input `port` of node `node` with entry `index` replaced by
+    `base + per_unit * D` (one tuple per entry)."""
+
+    node: int
+    port: int
+    entries: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class SizeRefusal:
+    node: int
+    reason: str
+
+
+class _Refuse(Exception):
+    def __init__(self, node: int, reason: str):
+        super().__init__(reason)
+        self.refusal = SizeRefusal(node, reason)
+
+
+class SizeEvaluator:
+    """Entries of integer size tensors as affine functions of the units added.
+
+    `placements` are the group's tensors (name -> Placement); `value_edits`
+    the group's edits of constants (a literal that grows with the units).
+    """
+
+    def __init__(self, ir: GraphIR, placements: dict, value_edits=()):
+        self.ir = ir
+        self.placements = placements
+        self.value_edits = {}
+        for edit in value_edits:
+            self.value_edits[(edit.node, edit.port, edit.index)] = edit.per_unit
+        self.memo: dict[str, list[Entry] | None] = {}
+
+    def entries(self, tensor: str) -> list[Entry] | None:
+        """The entries of `tensor` (scalars as one entry), or None when unknown."""
+        if tensor not in self.memo:
+            self.memo[tensor] = None  # guards against cycles through malformed graphs
+            self.memo[tensor] = self._evaluate(tensor)
+        return self.memo[tensor]
+
+    def port_entries(self, index: int, port: int) -> list[Entry] | None:
+        """Entries of a node's input, with the group's edits of that constant."""
+        node = self.ir.nodes[index]
+        values = self.entries(node.input[port])
+        if values is None:
+            return None
+        return [Entry(e.base, None if e.slope is None else e.slope + self.value_edits.get((index, port, k), 0))
+                for k, e in enumerate(values)]
+
+    def _evaluate(self, tensor: str) -> list[Entry] | None:
+        ir = self.ir
+        value = ir.const_value(tensor)
+        if value is not None:
+            if value.dtype.kind not in "iu" or value.ndim > 1:
+                return None
+            return [Entry(int(v)) for v in value.reshape(-1)]
+        index = ir.producer_node(tensor)
+        if index is None:
+            return self._independent(tensor)
+        node = ir.nodes[index]
+        rule = _RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            return self._independent(tensor)
+        return rule(self, index)
+
+    def _independent(self, tensor: str) -> list[Entry] | None:
+        """A size computed by an op we do not follow: independent of the growth
+        (a dependent size never reaches such an op: `check_sizes` refuses it)."""
+        shape = self.ir.shape(tensor)
+        if shape is None or len(shape) > 1 or (shape and shape[0] is None):
+            return None
+        return [Entry(None) for _ in range(shape[0] if shape else 1)]
+
+
+# -- evaluation rules: each returns the entries of the node's first output
+
+
+def _shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    shape = ev.ir.shape(node.input[0])
+    if shape is None:
+        return None
+    placement = ev.placements.get(node.input[0])
+    dims = [Entry(None if d is None else int(d)) for d in shape]
+    if placement is not None:
+        dims[placement.axis] = Entry(placement.length, Fraction(placement.growth()))
+    if node.op_type == "Size":
+        return [_product(dims)]
+    rank = len(dims)
+    start, end = int(node_attr(node, "start", 0)), node_attr(node, "end")
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = rank if end is None else max(0, min(rank, int(end) + rank if int(end) < 0 else int(end)))
+    return dims[start:end]
+
+
+def _product(entries: list[Entry]) -> Entry:
+    base, slope = 1, Fraction(0)
+    for entry in entries:
+        if entry.depends and slope:
+            return Entry(None, None)
+        if entry.depends:
+            if base is None or entry.slope is None:
+                return Entry(None, None)
+            slope, base = entry.slope * base, base * entry.base
+        elif entry.base is None:
+            if slope:
+                return Entry(None, None)
+            base = None
+        else:
+            slope = slope * entry.base
+            base = None if base is None else base * entry.base
+    return Entry(base, slope)
+
+
+def _passthrough(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    """Unsqueeze, Squeeze, Cast, Identity, Reshape: the entries in order."""
+    node = ev.ir.nodes[index]
+    shape = ev.ir.shape(node.output[0])
+    if node.op_type == "Reshape" and (shape is None or len(shape) > 1):
+        return None
+    if node.op_type == "Cast" and int(node_attr(node, "to", 0)) not in _INTEGER_TYPES:
+        return None
+    return ev.port_entries(index, 0)
+
+
+_INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # uint8 int8 uint16 int16 int32 int64 uint32 uint64
+
+
+def _gather(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    data = ev.port_entries(index, 0)
+    indices = ev.ir.const_value(node.input[1])
+    if data is None or indices is None or int(node_attr(node, "axis", 0)) != 0:
+        return None
+    return [data[int(i)] for i in indices.reshape(-1)]
+
+
+def _slice(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    data = ev.port_entries(index, 0)
+    bounds = [ev.ir.const_value(name) if name else None for name in list(node.input[1:5])]
+    if data is None or len(node.input) < 3 or bounds[0] is None or bounds[1] is None:
+        return None
+    if len(bounds) > 2 and bounds[2] is not None and any(int(a) not in (0, -1) for a in bounds[2]):
+        return None
+    step = int(bounds[3][0]) if len(bounds) > 3 and bounds[3] is not None else 1
+    return data[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
+
+
+def _concat(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    pieces = [ev.port_entries(index, port) for port in range(len(node.input))]
+    if any(piece is None for piece in pieces):
+        return None
+    return [entry for piece in pieces for entry in piece]
+
+
+def _arithmetic(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    if node.op_type == "Neg":
+        values = ev.port_entries(index, 0)
+        return None if values is None else [_scale(e, -1) for e in values]
+    left, right = ev.port_entries(index, 0), ev.port_entries(index, 1)
+    if left is None or right is None or 1 not in (len(left), len(right)) and len(left) != len(right):
+        return None
+    count = max(len(left), len(right))
+    left, right = (left * count if len(left) == 1 else left), (right * count if len(right) == 1 else right)
+    combine = _COMBINE[node.op_type]
+    return [combine(a, b) for a, b in zip(left, right)]
+
+
+def _add(a: Entry, b: Entry, sign: int = 1) -> Entry:
+    base = None if a.base is None or b.base is None else a.base + sign * b.base
+    slope = None if a.slope is None or b.slope is None else a.slope + sign * b.slope
+    return Entry(base, slope)
+
+
+def _scale(entry: Entry, factor: int) -> Entry:
+    return Entry(None if entry.base is None else entry.base * factor,
+                 None if entry.slope is None else entry.slope * factor)
+
+
+def _mul(a: Entry, b: Entry) -> Entry:
+    if a.depends and b.depends:
+        return Entry(None, None)
+    if b.depends:
+        a, b = b, a
+    if b.base is None:
+        return Entry(None, None if a.depends else Fraction(0))
+    return _scale(a, b.base)
+
+
+def _div(a: Entry, b: Entry) -> Entry:
+    """Integer division by a constant: affine only if it divides base and slope."""
+    if b.depends or b.base in (None, 0):
+        return Entry(None, None if a.depends or b.depends else Fraction(0))
+    base = None if a.base is None else int(np.trunc(a.base / b.base))
+    if not a.depends:
+        return Entry(base, Fraction(0))
+    exact = a.slope is not None and a.base is not None and a.base % b.base == 0 and (a.slope / b.base).denominator == 1
+    return Entry(base, a.slope / b.base if exact else None)
+
+
+def _where(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    """Where picks entries where the condition is known; elsewhere both
+    candidates must agree (else: known only to depend, or not, on the growth)."""
+    node = ev.ir.nodes[index]
+    pieces = [ev.port_entries(index, port) for port in range(3)]
+    if any(piece is None for piece in pieces):
+        return None
+    count = max(len(piece) for piece in pieces)
+    if any(len(piece) not in (1, count) for piece in pieces):
+        return None
+    condition, chosen, other = (piece * count if len(piece) == 1 else piece for piece in pieces)
+    picked = []
+    for c, a, b in zip(condition, chosen, other):
+        if c.base is not None and not c.depends:
+            picked.append(a if c.base else b)
+        elif a == b:
+            picked.append(a)
+        else:
+            picked.append(Entry(None, None if a.depends or b.depends or c.depends else Fraction(0)))
+    return picked
+
+
+def _equal(a: Entry, b: Entry) -> Entry:
+    if a.depends or b.depends:
+        return Entry(None, None)
+    return Entry(None if a.base is None or b.base is None else int(a.base == b.base))
+
+
+def _constant_of_shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    """A 1-D ConstantOfShape of known length (the `expand(B, -1, -1)` idiom)."""
+    node = ev.ir.nodes[index]
+    length = ev.port_entries(index, 0)
+    attribute = node_attr(node, "value")
+    value = 0 if attribute is None else onnx.numpy_helper.to_array(attribute).reshape(-1)[0]
+    if length is None or len(length) != 1 or length[0].base is None or length[0].depends:
+        return None
+    if not float(value).is_integer():
+        return None
+    return [Entry(int(value))] * length[0].base
+
+
+_COMBINE = {"Equal": _equal, "Add": _add, "Sub": lambda a, b: _add(a, b, -1), "Mul": _mul, "Div": _div}
+_RULES = {"Shape": _shape, "Size": _shape, "Unsqueeze": _passthrough, "Squeeze": _passthrough,
+          "Cast": _passthrough, "Identity": _passthrough, "Reshape": _passthrough, "Gather": _gather,
+          "Slice": _slice, "Concat": _concat, "Add": _arithmetic, "Sub": _arithmetic, "Mul": _arithmetic,
+          "Div": _arithmetic, "Neg": _arithmetic, "Where": _where,
+          "Equal": _arithmetic, "ConstantOfShape": _constant_of_shape}
+
+
+# ----------------------------------------------------------------------------
+# The check
+
+
+def check_sizes(ir: GraphIR, group) -> tuple[list[SizeEdit], SizeRefusal | None]:
+    """Every size input touched by the growth of `group`: the edits that keep
+    them right, or the first size that cannot be kept right."""
+    evaluator = SizeEvaluator(ir, group.placements, group.value_edits)
+    try:
+        sinks = _dependent_sinks(ir, evaluator) | _group_sinks(ir, group)
+        edits = [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)]
+    except _Refuse as refused:
+        return [], refused.refusal
+    return edits, None
+
+
+def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> set[tuple[int, int]]:
+    """Follow every size read from a grown tensor forward: each must end in
+    size inputs (sinks); one used as data is refused."""
+    frontier = [ir.nodes[i].output[0] for i in range(len(ir.nodes))
+                if ir.nodes[i].op_type in ("Shape", "Size") and ir.nodes[i].input[0] in ev.placements]
+    sinks, seen = set(), set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        values = ev.entries(tensor)
+        if values is not None and not any(e.depends for e in values):
+            continue
+        for use in ir.uses(tensor):
+            node = ir.nodes[use.node]
+            if use.port in SINK_PORTS.get(node.op_type, {}):
+                sinks.add((use.node, use.port))
+            elif node.op_type in SIZE_OPS and use.port >= 0:
+                frontier.extend(o for o in node.output if o)
+            else:
+                source = _describe(ir, tensor)
+                raise _Refuse(use.node, f"{node.op_type} {ir.label(use.node)} uses {source} as data")
+    return sinks
+
+
+def _describe(ir: GraphIR, tensor: str) -> str:
+    return f"'{tensor}', a size read at run time from a tensor whose width changes"
+
+
+def _group_sinks(ir: GraphIR, group) -> set[tuple[int, int]]:
+    """Size inputs computed at run time on ops whose data carries the units."""
+    sinks = set()
+    for index, node in enumerate(ir.nodes):
+        ports = SINK_PORTS.get(node.op_type)
+        if not ports or not (node.input[0] in group.placements or node.output[0] in group.placements):
+            continue
+        for port in ports:
+            if port < len(node.input) and node.input[port] and not ir.is_const(node.input[port]):
+                sinks.add((index, port))
+    return sinks
+
+
+def _sink_edits(ir: GraphIR, ev: SizeEvaluator, group, index: int, port: int) -> list[SizeEdit]:
+    node = ir.nodes[index]
+    what = SINK_PORTS[node.op_type][port]
+    actual = ev.port_entries(index, port)
+    if actual is None:
+        raise _Refuse(index, f"its {what} '{node.input[port]}' is computed at run time in a way not followed")
+    required = _REQUIRED[node.op_type](ir, ev, group, index, port, actual)
+    replaced = []
+    for k, (entry, need) in enumerate(zip(actual, required)):
+        if need is _ANY or entry.slope == need:
+            continue
+        if entry.base is None:
+            raise _Refuse(index, f"entry {k} of its {what} is read at run time and does not follow the units "
+                                 f"(it would have to grow by {need} per unit)" if need else
+                                 f"entry {k} of its {what} changes with the units, but this op's data does not")
+        replaced.append((k, entry.base, int(need)))
+    return [SizeEdit(index, port, tuple(replaced))] if replaced else []
+
+
+_ANY = object()
+
+
+def _unit_axis(group, tensor: str):
+    placement = group.placements.get(tensor)
+    return (None, 0) if placement is None else (placement.axis, placement.growth())
+
+
+def _required_reshape(ir, ev, group, index, port, actual):
+    node = ir.nodes[index]
+    axis, growth = _unit_axis(group, node.output[0])
+    in_axis, in_growth = _unit_axis(group, node.input[0])
+    required = []
+    for k, entry in enumerate(actual):
+        need = Fraction(growth if k == axis else 0)
+        if entry.base == -1 and not entry.depends:
+            required.append(_ANY)  # inferred from the element count
+        elif entry.base == 0 and not entry.depends and not int(node_attr(node, "allowzero", 0)):
+            # copies the input's dim k
+            if Fraction(in_growth if k == in_axis else 0) != need:
+                raise _Refuse(index, f"entry {k} of its shape copies the input's dim (0), which does not follow "
+                                     "the units there")
+            required.append(_ANY)
+        else:
+            required.append(need)
+    return required
+
+
+def _required_from_end(ir, ev, group, index, port, actual):
+    """Expand's shape and Resize's sizes: the output's unit axis, aligned from the end."""
+    node = ir.nodes[index]
+    axis, growth = _unit_axis(group, node.output[0])
+    rank = ir.rank(node.output[0])
+    position = None if axis is None or rank is None else len(actual) - (rank - axis)
+    required = []
+    for k, entry in enumerate(actual):
+        if k == position and node.op_type == "Expand" and entry.base == 1 and not entry.depends:
+            required.append(_ANY)  # broadcasting 1 keeps the input's (grown) dim
+        else:
+            required.append(Fraction(growth if k == position else 0))
+    return required
+
+
+def _required_tile(ir, ev, group, index, port, actual):
+    node = ir.nodes[index]
+    axis, _ = _unit_axis(group, node.input[0])
+    if axis is not None and axis < len(actual) and (actual[axis].base != 1 or actual[axis].depends):
+        raise _Refuse(index, "it repeats the unit axis (or its repeats there are not known to be 1)")
+    return [Fraction(0)] * len(actual)
+
+
+def _required_slice(ir, ev, group, index, port, actual):
+    """Bounds on axes other than the unit axis must not change with the units;
+    bounds read at run time on the unit axis are refused."""
+    node = ir.nodes[index]
+    axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(actual))
+    if axes is None:
+        raise _Refuse(index, "its axes are not constant")
+    axis, _ = _unit_axis(group, node.input[0])
+    rank = ir.rank(node.input[0])
+    for k, a in enumerate(axes):
+        if axis is not None and rank is not None and int(a) % rank == axis:
+            raise _Refuse(index, "it slices the unit axis with bounds read at run time")
+    return [Fraction(0)] * len(actual)
+
+
+_REQUIRED = {"Reshape": _required_reshape, "Expand": _required_from_end, "Resize": _required_from_end,
+             "Tile": _required_tile, "Slice": _required_slice}
