@@ -1262,6 +1262,8 @@ def _resize(walk: _Walk, index: int, side: str, port: int, placement: Placement)
         if scales.size <= placement.axis or scales[placement.axis] != 1:
             walk.refuse(index, "it resizes the unit axis")
     elif sizes is not None and sizes.size:
+        if sizes.size <= placement.axis or int(sizes[placement.axis]) != placement.length:
+            walk.refuse(index, "it resizes the unit axis")
         walk.group.value_edits.append(ValueEdit(index, 3, placement.axis, placement.growth()))
     elif len(node.input) > 3 and node.input[3] and (len(node.input) < 3 or not node.input[2]
                                                      or walk.ir.shape(node.input[2]) == (0,)):

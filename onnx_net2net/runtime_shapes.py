@@ -361,13 +361,9 @@ def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> set[tuple[int, int]]:
             elif node.op_type in SIZE_OPS and use.port >= 0:
                 frontier.extend(o for o in node.output if o)
             else:
-                source = _describe(ir, tensor)
-                raise _Refuse(use.node, f"{node.op_type} {ir.label(use.node)} uses {source} as data")
+                raise _Refuse(use.node, f"it uses '{tensor}' as data, a size read at run time from a tensor "
+                                        "whose width changes with the units")
     return sinks
-
-
-def _describe(ir: GraphIR, tensor: str) -> str:
-    return f"'{tensor}', a size read at run time from a tensor whose width changes"
 
 
 def _group_sinks(ir: GraphIR, group) -> set[tuple[int, int]]:
@@ -431,17 +427,22 @@ def _required_reshape(ir, ev, group, index, port, actual):
 
 
 def _required_from_end(ir, ev, group, index, port, actual):
-    """Expand's shape and Resize's sizes: the output's unit axis, aligned from the end."""
+    """Expand's shape and Resize's sizes: the output's unit axis, aligned from
+    the end, must keep its length (the op is then per unit there)."""
     node = ir.nodes[index]
-    axis, growth = _unit_axis(group, node.output[0])
+    placement = group.placements.get(node.output[0])
     rank = ir.rank(node.output[0])
-    position = None if axis is None or rank is None else len(actual) - (rank - axis)
+    position = None if placement is None or rank is None else len(actual) - (rank - placement.axis)
     required = []
     for k, entry in enumerate(actual):
-        if k == position and node.op_type == "Expand" and entry.base == 1 and not entry.depends:
+        if k != position:
+            required.append(Fraction(0))
+        elif node.op_type == "Expand" and entry.base == 1 and not entry.depends:
             required.append(_ANY)  # broadcasting 1 keeps the input's (grown) dim
+        elif entry.base is not None and entry.base != placement.length:
+            raise _Refuse(index, f"it changes the unit axis ({placement.length} -> {entry.base} positions)")
         else:
-            required.append(Fraction(growth if k == position else 0))
+            required.append(Fraction(placement.growth()))
     return required
 
 

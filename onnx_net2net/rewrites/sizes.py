@@ -7,6 +7,10 @@ c_k = base_k + per_unit_k * D is replaced, for N only, by
     Where(mask, c, s)      mask[k] = True for the replaced entries
 
 which equals s everywhere else. The Where node is inserted just before N.
+When s is a Concat of one-element pieces read only by sinks wanting the same
+entries (the usual `Concat(Unsqueeze(Gather(Shape(x), i)), ...)`), the pieces
+are replaced by constants instead: no node is added, and ONNX shape inference
+still sees the target (the next group's analysis needs it).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
     """Rewire every edited size input; returns the names of the new sizes.
     Call last in a rewrite: it inserts nodes, so node indices change."""
     inserted: dict[int, list[onnx.NodeProto]] = {}
-    written = []
+    written, replaced = [], set()
     for edit in edits:
+        if _replace_concat_pieces(ir, edit, edits, added, written, replaced):
+            continue
         node = ir.nodes[edit.node]
         original = node.input[edit.port]
         length = _length(ir, original, edit)
@@ -48,6 +54,42 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
         del ir.graph.node[:]
         ir.graph.node.extend(nodes)
     return written
+
+
+def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, replaced: set) -> bool:
+    """Replace the edited entries' one-element pieces of the Concat that
+    computes the size, when every reader of it wants the same entries."""
+    size = ir.nodes[edit.node].input[edit.port]
+    if size in replaced:
+        return True  # an earlier sink reading this size wanted the same entries
+    readers = {(use.node, use.port) for use in ir.uses(size)}
+    wanting = {(e.node, e.port) for e in edits if ir.nodes[e.node].input[e.port] == size and e.entries == edit.entries}
+    producer = ir.producer_node(size)
+    if producer is None or ir.nodes[producer].op_type != "Concat" or not readers <= wanting:
+        return False
+    concat = ir.nodes[producer]
+    starts, position = [], 0
+    for piece in concat.input:
+        shape = ir.shape(piece)
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return False
+        starts.append(position)
+        position += int(shape[0])
+    pieces = {}
+    for index, base, per_unit in edit.entries:
+        piece = max(p for p, start in enumerate(starts) if start <= index)
+        if ir.shape(concat.input[piece]) != (1,) or starts[piece] != index:
+            return False
+        pieces[piece] = base + per_unit * added
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(size, onnx.TensorProto.INT64))
+    for piece, value in pieces.items():
+        name = ir.fresh_prefix(f"{size}/grown")
+        ir.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=dtype), name))
+        ir.initializers[name] = ir.graph.initializer[-1]
+        concat.input[piece] = name
+        written.append(name)
+    replaced.add(size)
+    return True
 
 
 def _length(ir: GraphIR, name: str, edit) -> int:
