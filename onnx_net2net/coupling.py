@@ -933,20 +933,7 @@ def _update_shape_input(walk: _Walk, index: int, out_placement: Placement) -> No
         elif int(value[axis]) == 0:
             walk.refuse(index, "its target shape copies the unit axis from the input (0) across a move")
         return
-    producer = ir.producer_node(shape_name)
-    if producer is not None and ir.nodes[producer].op_type == "Concat":
-        position = 0
-        for piece_port, piece in enumerate(ir.nodes[producer].input):
-            piece_shape = ir.shape(piece)
-            if piece_shape is None or len(piece_shape) != 1 or piece_shape[0] is None:
-                break
-            if position <= axis < position + piece_shape[0]:
-                piece_value = ir.const_value(piece)
-                if piece_value is not None and int(piece_value.reshape(-1)[axis - position]) > 0:
-                    walk.group.value_edits.append(
-                        ValueEdit(producer, piece_port, axis - position, out_placement.growth()))
-                break
-            position += piece_shape[0]
+    # A target computed at run time: runtime_shapes checks (and edits) its entries.
     walk.group.dynamic_shapes = True
 
 

@@ -217,3 +217,22 @@ def test_widen_factor_twice_over_frozen_sizes_stays_exact():
     grown, report = widen_exact(model, factor=2, feeds=_feeds(model, seq=6))
     assert [change["new_width"] for change in report["changes"]] == [2 * D, 6 * D]
     assert report["changes"][0]["size_inputs"]
+
+
+def test_a_target_shared_with_another_group_is_copied_for_the_grown_reshape():
+    """The dynamo exporter computes one view target for several layers; only
+    the grown group's Reshape may read the edited entries."""
+    rng = np.random.default_rng(5)
+    inits = {"i0": np.array(0), "axes0": _i64(0), "two": _i64(2), "three": _i64(3), "flat": _i64(0, -1)}
+    nodes = [H("Shape", ["x"], ["xs"]), H("Gather", ["xs", "i0"], ["n"]), H("Unsqueeze", ["n", "axes0"], ["n1"]),
+             H("Concat", ["n1", "two", "three"], ["heads_shape"], axis=0)]
+    for a, b in (("1", "2"), ("3", "4")):
+        inits.update({f"w{a}": rand(rng, 4, 6), f"w{b}": rand(rng, 6, 2)})
+        nodes += [H("MatMul", ["x", f"w{a}"], [f"h{a}"], name=f"fc{a}"),
+                  H("Reshape", [f"h{a}", "heads_shape"], [f"heads{a}"]), H("Relu", [f"heads{a}"], [f"r{a}"]),
+                  H("Reshape", [f"r{a}", "flat"], [f"m{a}"]), H("MatMul", [f"m{a}", f"w{b}"], [f"y{a}"], name=f"fc{b}")]
+    model = make_model(nodes, [("x", ["N", 4])], [("y1", ["N", 2]), ("y3", ["N", 2])], inits)
+    grown, _ = widen_exact(model, {"fc1": 9})
+    readers = {n.name or n.output[0]: n.input[1] for n in grown.graph.node if n.op_type == "Reshape"}
+    targets = [n.input[1] for n in grown.graph.node if n.op_type == "Reshape" and n.input[0] in ("h1", "h3")]
+    assert len(set(targets)) == 2 and "heads_shape" in targets, readers

@@ -139,8 +139,12 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         raise SystemExit(f"unknown model {name}")
     model.eval()
     if exporter == "dynamo":
+        dynamic = None
+        if name in SEQUENCE_MODELS:
+            dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("sequence", max=32)}
+            dynamic = ({k: v for k, v in dims.items() if k < example.dim()},)
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"],
-                          external_data=False, verbose=False)
+                          external_data=False, verbose=False, dynamic_shapes=dynamic)
     else:
         axes = {0: "batch", 1: "sequence"} if name in SEQUENCE_MODELS else {0: "batch"}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],

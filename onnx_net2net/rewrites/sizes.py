@@ -10,7 +10,9 @@ which equals s everywhere else. The Where node is inserted just before N.
 When s is a Concat of one-element pieces read only by sinks wanting the same
 entries (the usual `Concat(Unsqueeze(Gather(Shape(x), i)), ...)`), the pieces
 are replaced by constants instead: no node is added, and ONNX shape inference
-still sees the target (the next group's analysis needs it).
+still sees the target (the next group's analysis needs it). When other
+readers of that Concat want other entries (exporters share one target among
+layers), the edited sinks read a copy of the Concat with the pieces replaced.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
     inserted: dict[int, list[onnx.NodeProto]] = {}
     written, replaced = [], set()
     for edit in edits:
-        if _replace_concat_pieces(ir, edit, edits, added, written, replaced):
+        if _replace_concat_pieces(ir, edit, edits, added, written, replaced, inserted):
             continue
         node = ir.nodes[edit.node]
         original = node.input[edit.port]
@@ -46,6 +48,8 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
             helper.make_node("Where", [names[0], names[1], original], [names[2]], name=names[2]))
         node.input[edit.port] = names[2]
         written.append(names[2])
+    for name in [name for name, tensor in ir.initializers.items() if tensor is None]:
+        del ir.initializers[name]  # names reserved by _copy_for
     if inserted:
         nodes = []
         for index, node in enumerate(ir.graph.node):
@@ -56,7 +60,22 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
     return written
 
 
-def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, replaced: set) -> bool:
+def _copy_for(ir: GraphIR, producer: int, readers: list, size: str, inserted: dict) -> onnx.NodeProto:
+    """A copy of the Concat computing `size`, read by `readers` instead."""
+    name = ir.fresh_prefix(f"{size}/grown")
+    ir.initializers[name] = None  # reserves the name until the IR is rebuilt
+    copy = onnx.NodeProto()
+    copy.CopyFrom(ir.nodes[producer])
+    copy.name, copy.output[0] = name, name
+    for node, port in readers:
+        ir.nodes[node].input[port] = name
+    first = min(node for node, _ in readers)
+    inserted.setdefault(first, []).append(copy)
+    return copy
+
+
+def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, replaced: set,
+                           inserted: dict) -> bool:
     """Replace the edited entries' one-element pieces of the Concat that
     computes the size, when every reader of it wants the same entries."""
     size = ir.nodes[edit.node].input[edit.port]
@@ -65,7 +84,7 @@ def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, 
     readers = {(use.node, use.port) for use in ir.uses(size)}
     wanting = {(e.node, e.port) for e in edits if ir.nodes[e.node].input[e.port] == size and e.entries == edit.entries}
     producer = ir.producer_node(size)
-    if producer is None or ir.nodes[producer].op_type != "Concat" or not readers <= wanting:
+    if producer is None or ir.nodes[producer].op_type != "Concat":
         return False
     concat = ir.nodes[producer]
     starts, position = [], 0
@@ -81,6 +100,9 @@ def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, 
         if ir.shape(concat.input[piece]) != (1,) or starts[piece] != index:
             return False
         pieces[piece] = base + per_unit * added
+    if not readers <= wanting:
+        concat = _copy_for(ir, producer, sorted(wanting), size, inserted)
+        replaced.add(concat.output[0])  # the edited sinks read the copy now
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(size, onnx.TensorProto.INT64))
     for piece, value in pieces.items():
         name = ir.fresh_prefix(f"{size}/grown")
