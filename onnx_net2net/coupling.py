@@ -831,6 +831,13 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
         if not i0 <= placement.axis < i1:
             continue
         a = placement.axis
+        # Axes of size 1 merged in or split off (a batch of 1 merged with the heads) change nothing.
+        lone_src = all(src[i] == 1 for i in range(i0, i1) if i != a)
+        kept_dst = [j for j in range(j0, j1) if dst[j] != 1]
+        if lone_src and len(kept_dst) == 1:
+            return placement.on_axis(kept_dst[0], len(dst)), None
+        if len(kept_dst) == 1 and j1 - j0 > 1:
+            j0, j1 = kept_dst[0], kept_dst[0] + 1
         if i1 - i0 == 1 and j1 - j0 == 1:
             return placement.on_axis(j0, len(dst)), None
         if j1 - j0 == 1:
@@ -841,7 +848,8 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
             length = placement.length * after
             return Placement(axis=j0, rank=len(dst), length=length * before, offset=placement.offset * after,
                              inner=placement.inner * after, outer=before), None
-        if i1 - i0 == 1:
+        if i1 - i0 == 1 or all(src[i] == 1 for i in range(i0, i1) if i != a):
+            # (axes of size 1 merged in, such as a batch of 1 with the heads, change nothing)
             return _unflatten(placement, dst, j0, j1)
         return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
     return None, "the unit axis is not in the reshape"
@@ -864,7 +872,8 @@ def _unit_layout_hints(placement: Placement, src: tuple, dst: tuple) -> tuple[tu
         return ()
     segments = _reshape_segments(src, dst) or []
     for (i0, i1), (j0, j1) in segments:
-        if i1 - i0 == 1 and i0 == placement.axis and j1 - j0 > 1:
+        lone = all(src[i] == 1 for i in range(i0, i1) if i != placement.axis)
+        if i0 <= placement.axis < i1 and lone and j1 - j0 > 1:
             return tuple((int(np.prod(dst[j + 1:j1], dtype=np.int64)), int(np.prod(dst[j0:j], dtype=np.int64)))
                          for j in range(j0, j1) if dst[j] > 1)
     return ()

@@ -45,7 +45,7 @@ from .ir import GraphIR, node_attr
 
 #: Ops that compute sizes from sizes (entries are followed through them).
 SIZE_OPS = frozenset("""
-    Gather Slice Concat Unsqueeze Squeeze Cast Identity Reshape Add Sub Mul Div Neg Where Equal
+    Gather Slice Concat Unsqueeze Squeeze Cast Identity Reshape Add Sub Mul Div Mod Neg Where Equal
 """.split())
 #: Size inputs, by op: port -> what the port holds.
 SINK_PORTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"},
@@ -212,13 +212,21 @@ def _gather(ev: SizeEvaluator, index: int) -> list[Entry] | None:
 def _slice(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     node = ev.ir.nodes[index]
     data = ev.port_entries(index, 0)
-    bounds = [ev.ir.const_value(name) if name else None for name in list(node.input[1:5])]
-    if data is None or len(node.input) < 3 or bounds[0] is None or bounds[1] is None:
+    if data is None or len(node.input) < 3:
         return None
-    if len(bounds) > 2 and bounds[2] is not None and any(int(a) not in (0, -1) for a in bounds[2]):
+    bounds = []
+    for port in range(1, 5):
+        if port >= len(node.input) or not node.input[port]:
+            bounds.append(None)
+            continue
+        values = ev.port_entries(index, port)
+        if values is None or len(values) != 1 or values[0].base is None or values[0].depends:
+            return None
+        bounds.append(values[0].base)
+    start, end, axis, step = bounds
+    if start is None or end is None or axis not in (None, 0, -1):
         return None
-    step = int(bounds[3][0]) if len(bounds) > 3 and bounds[3] is not None else 1
-    return data[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
+    return data[slice(start, end, 1 if step is None else step)]
 
 
 def _concat(ev: SizeEvaluator, index: int) -> list[Entry] | None:
@@ -297,6 +305,12 @@ def _where(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     return picked
 
 
+def _mod(a: Entry, b: Entry) -> Entry:
+    if a.depends or b.depends:
+        return Entry(None, None)
+    return Entry(None if a.base is None or not b.base else int(np.fmod(a.base, b.base)))
+
+
 def _equal(a: Entry, b: Entry) -> Entry:
     if a.depends or b.depends:
         return Entry(None, None)
@@ -316,12 +330,12 @@ def _constant_of_shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     return [Entry(int(value))] * length[0].base
 
 
-_COMBINE = {"Equal": _equal, "Add": _add, "Sub": lambda a, b: _add(a, b, -1), "Mul": _mul, "Div": _div}
+_COMBINE = {"Mod": _mod, "Equal": _equal, "Add": _add, "Sub": lambda a, b: _add(a, b, -1), "Mul": _mul, "Div": _div}
 _RULES = {"Shape": _shape, "Size": _shape, "Unsqueeze": _passthrough, "Squeeze": _passthrough,
           "Cast": _passthrough, "Identity": _passthrough, "Reshape": _passthrough, "Gather": _gather,
           "Slice": _slice, "Concat": _concat, "Add": _arithmetic, "Sub": _arithmetic, "Mul": _arithmetic,
           "Div": _arithmetic, "Neg": _arithmetic, "Where": _where,
-          "Equal": _arithmetic, "ConstantOfShape": _constant_of_shape}
+          "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape}
 
 
 # ----------------------------------------------------------------------------
