@@ -37,6 +37,9 @@ MAX_REL = 1e-5  # max |a - b| / max(1, |a|) over every output element
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
                "squeezenet1_0", "densenet121"]
 OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
+#: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
+PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
+            "bert_encoder"]
 
 
 def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
@@ -103,6 +106,14 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
             extra = {"attention_mask": torch.ones_like(x), "use_cache": False} if self.key == "input_ids" else {}
             return getattr(self.model(**{self.key: x}, **extra), self.output)
 
+    class DictOutput(torch.nn.Module):
+        def __init__(self, model, key):
+            super().__init__()
+            self.model, self.key = model, key
+
+        def forward(self, x):
+            return self.model(x)[self.key]
+
     if name in TORCHVISION:
         import torchvision
 
@@ -133,6 +144,54 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
 
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
         model, example = Wrap(GPT2LMHeadModel(config), "input_ids", "logits"), torch.randint(0, 100, (2, 8))
+    elif name == "mha_vit":
+        import torchvision
+
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                     hidden_dim=64, mlp_dim=128, num_classes=10)
+        example = torch.randn(1, 3, 32, 32)
+    elif name == "lraspp":
+        import torchvision
+
+        model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                          num_classes=3)
+        model, example = DictOutput(model, "out"), torch.randn(1, 3, 64, 64)
+    elif name == "weightnorm_conv":
+        from torch.nn.utils.parametrizations import weight_norm
+
+        model = torch.nn.Sequential(weight_norm(torch.nn.Conv1d(4, 16, 3, padding=1)), torch.nn.GELU(),
+                                    weight_norm(torch.nn.Conv1d(16, 16, 3, padding=1)), torch.nn.GELU(),
+                                    torch.nn.Conv1d(16, 4, 1))
+        example = torch.randn(1, 4, 32)
+    elif name == "swin_t":
+        import torchvision
+
+        model, example = torchvision.models.swin_t(weights=None, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name == "mixer":
+        import timm
+
+        model = timm.create_model("mixer_s16_224", pretrained=False, img_size=32, patch_size=8, num_blocks=2,
+                                  embed_dim=64, num_classes=10)
+        example = torch.randn(1, 3, 32, 32)
+    elif name == "mobilevit_xxs":
+        import timm
+
+        model, example = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name in ("llama_gqa", "qwen2_gqa"):
+        import transformers
+
+        kind = "Llama" if name == "llama_gqa" else "Qwen2"
+        config = getattr(transformers, f"{kind}Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                                       max_position_embeddings=64)
+        model = Wrap(getattr(transformers, f"{kind}ForCausalLM")(config), "input_ids", "logits")
+        example = torch.randint(0, 100, (2, 8))
+    elif name == "bert_encoder":
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=100, max_position_embeddings=32)
+        model, example = Wrap(BertModel(config), "input_ids", "last_hidden_state"), torch.randint(0, 100, (2, 8))
     elif name == "nanogpt":
         model, example = nanogpt(), torch.randint(0, 100, (2, 8))
     else:
@@ -209,7 +268,8 @@ def _try(reference, build, what: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS)
+    parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS,
+                        help=f"default: {' '.join(TORCHVISION + OTHERS)}; also: {' '.join(PATTERNS)}")
     parser.add_argument("--limit", type=int, help="check at most this many layers per model and kind")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
