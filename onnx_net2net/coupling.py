@@ -168,6 +168,8 @@ class UnitGroup:
             LayerNormalization, or zero up to every RMSNormalization);
             `average_blocker` says why not otherwise.
         extras: what the extra units carry, "mean" or "zero".
+        kept_outputs: graph outputs carrying the units (only when asked for):
+            the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
             constants following the growth (runtime_shapes.SizeEdit).
     """
@@ -194,6 +196,7 @@ class UnitGroup:
     average_blocker: str | None = None
     extras: str = "mean"
     size_edits: list = field(default_factory=list)
+    kept_outputs: dict[str, Placement] = field(default_factory=dict)
 
     @property
     def features_per_unit(self) -> int:
@@ -280,13 +283,15 @@ MAX_LAYOUT_TRIES = 6
 _ROUTING_OPS = frozenset("Reshape Transpose Concat Split Slice".split())
 
 
-def find_group(ir: GraphIR, layer: int) -> UnitGroup:
+def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGroup:
     """The unit space produced by `layer`, with every coupled tensor and edit.
 
     The first walk takes each output feature as a unit. When a reshape or a
     split shows that the features are structured (whole attention heads, a
     fused Q/K/V projection), the walk starts again with that layout; every
     candidate is checked by a full walk, so a wrong guess is only a refusal.
+    `keep_outputs`: graph outputs may carry the units (the rewrite slices them
+    back to the original units: `UnitGroup.kept_outputs`).
     """
     tried, queue, failures = set(), [(1, 1)], []
     width = layer_width(ir, layer)
@@ -295,7 +300,7 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
         if (unit_width, repeats) in tried or width % (unit_width * repeats):
             continue
         tried.add((unit_width, repeats))
-        group = _walk_layout(ir, layer, unit_width, repeats)
+        group = _walk_layout(ir, layer, unit_width, repeats, keep_outputs)
         if group.ok:
             return group
         failures.append(group)
@@ -320,11 +325,11 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
     return group
 
 
-def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> UnitGroup:
+def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_outputs: bool = False) -> UnitGroup:
     width = layer_width(ir, layer)
     group = UnitGroup(seed=layer, size=width // (unit_width * repeats), unit_width=unit_width, repeats=repeats)
     try:
-        _Walk(ir, group).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
+        _Walk(ir, group, keep_outputs).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
         _deduplicate(group)
         _check_runtime_sizes(ir, group)
         if layer not in group.producers and layer not in group.passthrough:
@@ -387,7 +392,8 @@ def _deduplicate(group: UnitGroup) -> None:
 class _Walk:
     """Breadth-first walk over (tensor, placement), dispatching to op rules."""
 
-    def __init__(self, ir: GraphIR, group: UnitGroup):
+    def __init__(self, ir: GraphIR, group: UnitGroup, keep_outputs: bool = False):
+        self.keep_outputs = keep_outputs
         self.ir = ir
         self.group = group
         self.queue: list[tuple[str, Placement]] = []
@@ -416,7 +422,9 @@ class _Walk:
         self.queue.append((tensor, placement))
 
     def visit(self, tensor: str, placement: Placement) -> None:
-        if tensor in self.outputs:
+        if tensor in self.outputs and self.keep_outputs:
+            self.group.kept_outputs[tensor] = placement
+        elif tensor in self.outputs:
             raise _Refused(Refusal(None, f"the units reach graph output '{tensor}' (its shape would change)"))
         if tensor in self.inputs:
             raise _Refused(Refusal(None, f"the units reach graph input '{tensor}' (its shape would change)"))

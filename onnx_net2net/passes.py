@@ -67,13 +67,14 @@ class WidenPass(_Pass):
     name = "widen"
 
     def __init__(self, widths: dict[str, int] | None = None, factor: float | None = None,
-                 options: WidenOptions | None = None):
+                 options: WidenOptions | None = None, keep_output_shapes: bool = False):
         if bool(widths) == (factor is not None):
             raise UserError("give either layer widths or a factor")
         if factor is not None and not factor > 1:
             raise UserError(f"--factor {factor}: must be larger than 1")
         self.widths = dict(widths or {})
         self.factor = factor
+        self.keep_output_shapes = keep_output_shapes
         self.options = options or WidenOptions()
         self.exact = self.options.exact
         _check_choice("split", self.options.split, wider.SPLITS)
@@ -89,7 +90,7 @@ class WidenPass(_Pass):
         for number, (name, width) in enumerate(requests):
             if number:
                 ir = GraphIR(handle)  # the previous request rewrote the model
-            group = _group_of(ir, name)
+            group = _group_of(ir, name, self.keep_output_shapes)
             width //= group.features_per_unit
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
@@ -104,7 +105,7 @@ class WidenPass(_Pass):
         """One (layer, width) per group, checked before anything changes."""
         if self.factor is not None:
             requests = []
-            for group in analyse_groups(ir):
+            for group in analyse_groups(ir, self.keep_output_shapes):
                 if group.ok:
                     width = self._factor_width(ir, group)
                     if width is not None:
@@ -115,7 +116,7 @@ class WidenPass(_Pass):
             return requests
         by_group: dict[frozenset, tuple[str, int]] = {}
         for name, width in self.widths.items():
-            group = _group_of(ir, name)
+            group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
             self._check_options(group)
             key = frozenset(group.producers)
@@ -349,13 +350,13 @@ class Pipeline(_Pass):
 # Analysis helpers shared with `inspect`
 
 
-def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
+def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[coupling.UnitGroup]:
     """The group of every weighted layer, each group once (in layer order)."""
     groups, seen = [], {}
     for layer in coupling.weighted_layers(ir):
         if layer in seen:
             continue
-        group = coupling.find_group(ir, layer)
+        group = coupling.find_group(ir, layer, keep_outputs=keep_outputs)
         groups.append(group)
         seen[layer] = group
         if group.ok:
@@ -374,8 +375,8 @@ def _layer(ir: GraphIR, name: str) -> int:
     return index
 
 
-def _group_of(ir: GraphIR, name: str) -> coupling.UnitGroup:
-    group = coupling.find_group(ir, _layer(ir, name))
+def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> coupling.UnitGroup:
+    group = coupling.find_group(ir, _layer(ir, name), keep_outputs=keep_outputs)
     if not group.ok:
         raise GrowthRefused(f"layer '{name}' cannot be widened exactly: {group.refusal}")
     return group

@@ -83,6 +83,8 @@ class GrownGroup:
     weights: list[str] = field(default_factory=list)
     #: size inputs computed at run time now fed constants following the growth
     size_inputs: list[str] = field(default_factory=list)
+    #: graph outputs sliced back to their original units (keep_output_shapes)
+    sliced_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -211,7 +213,18 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         from .sizes import apply_size_edits
 
         record.size_inputs = apply_size_edits(ir, group.size_edits, q - n)
+    if group.kept_outputs:
+        from .outputs import slice_kept_outputs
+
+        record.sliced_outputs = slice_kept_outputs(ir, group.kept_outputs,
+                                                   lambda placement: original_positions(placement, mapping))
     return record
+
+
+def original_positions(placement: Placement, mapping: UnitMapping) -> np.ndarray:
+    """Positions of the widened axis that hold an original unit or other data."""
+    slots = unit_slots(placement, mapping)
+    return np.flatnonzero((slots < 0) | ~mapping.is_new[np.maximum(slots, 0)])
 
 
 def _scale_norm_epsilons(ir: GraphIR, group: UnitGroup, ratio: float) -> None:
