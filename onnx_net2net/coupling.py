@@ -473,6 +473,10 @@ class _Walk:
 
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         value = self.ir.const_value(tensor)
+        producer = self.ir.producer_node(tensor) if value is None else None
+        if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
+            self.refuse(index, f"its {what} '{tensor}' is quantized (DequantizeLinear): the consumers' weights "
+                               "would have to be divided by the copy count, which int8 values cannot hold exactly")
         if value is None:
             self.refuse(index, f"its {what} '{tensor}' is not a constant")
         return value
@@ -1054,6 +1058,9 @@ def _matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     ir = walk.ir
     node = ir.nodes[index]
     if not ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
+        weight = ir.producer_node(node.input[1])
+        if weight is not None and ir.nodes[weight].op_type == "DequantizeLinear":
+            walk.const(index, node.input[1], "weight")  # refuses, naming the quantization
         _batched_matmul(walk, index, side, port, placement)
         return
     if not ir.is_const(node.input[1]) or ir.is_const(node.input[0]):

@@ -12,6 +12,7 @@ import onnx
 
 from . import coupling, routing
 from .errors import GrowthRefused, UserError
+from .folding import computed_weights, fold_computed_weights
 from .io import ModelHandle
 from .ir import GraphIR
 from .passes import DeepenPass, WidenPass
@@ -34,6 +35,11 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         name: the model's name in the report.
     """
     ir = GraphIR(handle)
+    folded = []
+    if computed_weights(ir):  # layers whose weights are computed from constants grow once folded
+        handle = handle.copy()
+        folded = fold_computed_weights(handle)
+        ir = GraphIR(handle)
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
     if trial and handle.has_external_data():
@@ -54,7 +60,8 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
                 elif tried[key]:
                     group.refusal = coupling.Refusal(None, tried[key])
     layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
-    return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+    return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers,
+            "folded": folded}
 
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:

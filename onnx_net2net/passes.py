@@ -17,6 +17,7 @@ import onnx
 
 from . import coupling, routing
 from .errors import GrowthRefused, UserError
+from .folding import fold_computed_weights
 from .io import ModelHandle, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
@@ -84,6 +85,7 @@ class WidenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
+        folded = fold_computed_weights(handle)
         ir = GraphIR(handle)
         requests = self._requests(ir)
         changes = []
@@ -98,7 +100,7 @@ class WidenPass(_Pass):
             names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
             grow = routed.widen_routed if isinstance(group, routing.RoutedGroup) else wider.widen_group
             changes.append(asdict(grow(ir, group, width, options, names)))
-        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
     def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
@@ -204,6 +206,7 @@ class DeepenPass(_Pass):
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
         changes = []
+        folded = fold_computed_weights(handle)
         names = self._select(GraphIR(handle)) if self.selector else self.after
         for number, name in enumerate(names):
             ir = GraphIR(handle)
@@ -219,7 +222,7 @@ class DeepenPass(_Pass):
             options = DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm,
                                     self.options.noise, self.options.seed + number)
             changes.append(asdict(deeper.insert(ir, insertion, options)))
-        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
 
