@@ -596,6 +596,8 @@ def _concat(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     if axis != placement.axis:
         walk.same_on_ports(index, placement, inputs=range(len(node.input)))
         return
+    if _concat_of_one_space(walk, index, side, placement):
+        return
     if placement.outer != 1:
         walk.refuse(index, "concatenation of interleaved features")
     sizes = [walk.shape(index, name)[axis] for name in node.input]
@@ -612,6 +614,47 @@ def _concat(walk: _Walk, index: int, side: str, port: int, placement: Placement)
             walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
             return
     walk.refuse(index, "the units span several concatenated inputs")
+
+
+def _concat_of_one_space(walk: _Walk, index: int, side: str, placement: Placement) -> bool:
+    """Swin's patch merging: strided slices of one tensor (all slicing other
+    axes) concatenated along the unit axis hold the same units k times: the
+    output is the space repeated k times (outer = k)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    roots = {_slice_root(ir, name, placement.axis) for name in node.input}
+    if len(node.input) < 2 or len(roots) != 1 or None in roots:
+        return False
+    sizes = {walk.shape(index, name)[placement.axis] for name in node.input}
+    count = len(node.input)
+    if side == "in":
+        if placement.outer != 1 or sizes != {placement.length}:
+            return False
+        for name in node.input:
+            walk.add(name, placement)
+        walk.add(node.output[0], replace(placement, outer=count, length=placement.length * count))
+        return True
+    if placement.outer != count or sizes != {placement.block}:
+        return False
+    for name in node.input:
+        walk.add(name, replace(placement, outer=1, length=placement.block))
+    return True
+
+
+def _slice_root(ir: GraphIR, tensor: str, unit_axis: int) -> str | None:
+    """The tensor a chain of Slices (none on `unit_axis`) starts from, or None."""
+    producer = ir.producer_node(tensor)
+    if producer is None or ir.nodes[producer].op_type != "Slice":
+        return None
+    while producer is not None and ir.nodes[producer].op_type == "Slice":
+        node = ir.nodes[producer]
+        axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        rank = ir.rank(node.input[0])
+        if axes is None or rank is None or unit_axis in [int(a) % rank for a in axes]:
+            return None
+        tensor = node.input[0]
+        producer = ir.producer_node(tensor)
+    return tensor
 
 
 def _split(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -1170,7 +1213,9 @@ def _require_tiling(walk: _Walk, index: int, placement: Placement) -> None:
     """Statistics over the unit axis survive only if every unit is copied
     equally often (widths that are multiples of the current width)."""
     group = walk.group
-    if placement.offset or placement.outer != 1 or placement.length != group.size * placement.inner:
+    if placement.offset or placement.block != group.size * placement.inner:
+        # (repeated blocks that each hold exactly the units, as in patch merging, are fine: every unit is
+        # still copied equally often)
         walk.refuse(index, "it takes statistics over the units and other data together")
     if group.step not in (1, group.size):
         walk.refuse(index, "it takes statistics over grouped-convolution units")
