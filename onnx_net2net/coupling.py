@@ -1228,6 +1228,9 @@ def _pad(walk: _Walk, index: int, side: str, port: int, placement: Placement) ->
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its pads")
     pads = node_attr(node, "pads")
+    if pads is None and not walk.ir.is_const(node.input[1]):
+        walk.same_on_ports(index, placement)  # pads read at run time: runtime_shapes checks the unit axis's
+        return
     if pads is None:
         pads = walk.const(index, node.input[1], "pads").tolist()
     rank = placement.rank

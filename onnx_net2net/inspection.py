@@ -60,8 +60,10 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
                 elif tried[key]:
                     group.refusal = coupling.Refusal(None, tried[key])
     layers = [_describe(ir, index, group, reference, handle) for index, group in groups.items()]
-    return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers,
-            "folded": folded}
+    report = {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+    if folded:
+        report["folded"] = folded  # weights computed from constants, folded before the analysis
+    return report
 
 
 def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, reference, handle) -> dict:

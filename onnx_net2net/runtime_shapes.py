@@ -45,11 +45,11 @@ from .ir import GraphIR, node_attr
 
 #: Ops that compute sizes from sizes (entries are followed through them).
 SIZE_OPS = frozenset("""
-    Gather Slice Concat Unsqueeze Squeeze Cast Identity Reshape Add Sub Mul Div Mod Neg Where Equal
+    Gather Slice Concat Unsqueeze Squeeze Cast Identity Reshape Add Sub Mul Div Mod Neg Where Equal Transpose
 """.split())
 #: Size inputs, by op: port -> what the port holds.
 SINK_PORTS = {"Reshape": {1: "shape"}, "Expand": {1: "shape"}, "Tile": {1: "repeats"},
-              "Slice": {1: "starts", 2: "ends"}, "Resize": {3: "sizes"}}
+              "Slice": {1: "starts", 2: "ends"}, "Resize": {3: "sizes"}, "Pad": {1: "pads"}}
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ class SizeEvaluator:
         for edit in value_edits:
             self.value_edits[(edit.node, edit.port, edit.index)] = edit.per_unit
         self.memo: dict[str, list[Entry] | None] = {}
+        #: shapes of evaluated tensors with more than one axis (entries are kept flat, row-major)
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     def entries(self, tensor: str) -> list[Entry] | None:
         """The entries of `tensor` (scalars as one entry), or None when unknown."""
@@ -121,12 +123,24 @@ class SizeEvaluator:
         return [Entry(e.base, None if e.slope is None else e.slope + self.value_edits.get((index, port, k), 0))
                 for k, e in enumerate(values)]
 
+    def array(self, index: int, port: int) -> np.ndarray | None:
+        """A node input's entries as an array of Entry with the tensor's shape."""
+        values = self.port_entries(index, port)
+        if values is None:
+            return None
+        name = self.ir.nodes[index].input[port]
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array.reshape(self.shapes.get(name, (len(values),)))
+
     def _evaluate(self, tensor: str) -> list[Entry] | None:
         ir = self.ir
         value = ir.const_value(tensor)
         if value is not None:
-            if value.dtype.kind not in "iu" or value.ndim > 1:
+            if value.dtype.kind not in "iu" or value.ndim > 2:
                 return None
+            if value.ndim == 2:
+                self.shapes[tensor] = value.shape
             return [Entry(int(v)) for v in value.reshape(-1)]
         index = ir.producer_node(tensor)
         if index is None:
@@ -189,12 +203,45 @@ def _product(entries: list[Entry]) -> Entry:
 def _passthrough(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     """Unsqueeze, Squeeze, Cast, Identity, Reshape: the entries in order."""
     node = ev.ir.nodes[index]
-    shape = ev.ir.shape(node.output[0])
-    if node.op_type == "Reshape" and (shape is None or len(shape) > 1):
-        return None
     if node.op_type == "Cast" and int(node_attr(node, "to", 0)) not in _INTEGER_TYPES:
         return None
-    return ev.port_entries(index, 0)
+    values = ev.port_entries(index, 0)
+    if node.op_type == "Reshape" and values is not None:
+        shape = _reshape_target(ev, index, len(values))
+        if shape is None:
+            return None
+        if len(shape) > 1:
+            ev.shapes[node.output[0]] = shape
+    elif node.input[0] in ev.shapes and node.op_type in ("Cast", "Identity"):
+        ev.shapes[node.output[0]] = ev.shapes[node.input[0]]
+    elif node.input[0] in ev.shapes:
+        return None  # (un)squeezing a matrix of sizes: not followed
+    return values
+
+
+def _reshape_target(ev: SizeEvaluator, index: int, count: int) -> tuple[int, ...] | None:
+    """The static shape a Reshape of `count` size entries produces."""
+    target = ev.port_entries(index, 1)
+    if target is None or any(e.base is None or e.depends or e.base == 0 for e in target):
+        return None
+    dims = [e.base for e in target]
+    if -1 in dims:
+        rest = int(np.prod([d for d in dims if d != -1]))
+        if rest == 0 or count % rest:
+            return None
+        dims[dims.index(-1)] = count // rest
+    return tuple(dims) if int(np.prod(dims)) == count else None
+
+
+def _transpose(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    node = ev.ir.nodes[index]
+    array = ev.array(index, 0)
+    if array is None:
+        return None
+    moved = np.transpose(array, node_attr(node, "perm"))
+    if moved.ndim > 1:
+        ev.shapes[node.output[0]] = moved.shape
+    return list(moved.reshape(-1))
 
 
 _INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # uint8 int8 uint16 int16 int32 int64 uint32 uint64
@@ -211,7 +258,7 @@ def _gather(ev: SizeEvaluator, index: int) -> list[Entry] | None:
 
 def _slice(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     node = ev.ir.nodes[index]
-    data = ev.port_entries(index, 0)
+    data = ev.array(index, 0)
     if data is None or len(node.input) < 3:
         return None
     bounds = []
@@ -220,13 +267,21 @@ def _slice(ev: SizeEvaluator, index: int) -> list[Entry] | None:
             bounds.append(None)
             continue
         values = ev.port_entries(index, port)
-        if values is None or len(values) != 1 or values[0].base is None or values[0].depends:
+        if values is None or any(v.base is None or v.depends for v in values):
             return None
-        bounds.append(values[0].base)
-    start, end, axis, step = bounds
-    if start is None or end is None or axis not in (None, 0, -1):
+        bounds.append([v.base for v in values])
+    starts, ends, axes, steps = bounds
+    if starts is None or ends is None:
         return None
-    return data[slice(start, end, 1 if step is None else step)]
+    axes = list(range(len(starts))) if axes is None else [a % data.ndim for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    window = [slice(None)] * data.ndim
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        window[axis] = slice(start, None if step < 0 and end < -data.shape[axis] else end, step)
+    sliced = data[tuple(window)]
+    if sliced.ndim > 1:
+        ev.shapes[node.output[0]] = sliced.shape
+    return list(sliced.reshape(-1))
 
 
 def _concat(ev: SizeEvaluator, index: int) -> list[Entry] | None:
@@ -247,6 +302,8 @@ def _arithmetic(ev: SizeEvaluator, index: int) -> list[Entry] | None:
         return None
     count = max(len(left), len(right))
     left, right = (left * count if len(left) == 1 else left), (right * count if len(right) == 1 else right)
+    if node.op_type == "Mod" and int(node_attr(node, "fmod", 0)):
+        return None
     combine = _COMBINE[node.op_type]
     return [combine(a, b) for a, b in zip(left, right)]
 
@@ -308,7 +365,7 @@ def _where(ev: SizeEvaluator, index: int) -> list[Entry] | None:
 def _mod(a: Entry, b: Entry) -> Entry:
     if a.depends or b.depends:
         return Entry(None, None)
-    return Entry(None if a.base is None or not b.base else int(np.fmod(a.base, b.base)))
+    return Entry(None if a.base is None or not b.base else a.base % b.base)  # fmod=0: the divisor's sign
 
 
 def _equal(a: Entry, b: Entry) -> Entry:
@@ -335,7 +392,7 @@ _RULES = {"Shape": _shape, "Size": _shape, "Unsqueeze": _passthrough, "Squeeze":
           "Cast": _passthrough, "Identity": _passthrough, "Reshape": _passthrough, "Gather": _gather,
           "Slice": _slice, "Concat": _concat, "Add": _arithmetic, "Sub": _arithmetic, "Mul": _arithmetic,
           "Div": _arithmetic, "Neg": _arithmetic, "Where": _where,
-          "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape}
+          "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape, "Transpose": _transpose}
 
 
 # ----------------------------------------------------------------------------
@@ -370,6 +427,8 @@ def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> set[tuple[int, int]]:
             continue
         for use in ir.uses(tensor):
             node = ir.nodes[use.node]
+            if node.op_type in ("Shape", "Size"):
+                continue  # the length of a size vector does not change
             if use.port in SINK_PORTS.get(node.op_type, {}):
                 sinks.add((use.node, use.port))
             elif node.op_type in SIZE_OPS and use.port >= 0:
@@ -483,5 +542,24 @@ def _required_slice(ir, ev, group, index, port, actual):
     return [Fraction(0)] * len(actual)
 
 
+def _required_pad(ir, ev, group, index, port, actual):
+    """Pads read at run time (Swin's window padding): 0 on the unit axis."""
+    node = ir.nodes[index]
+    rank = ir.rank(node.input[0])
+    axes = list(range(rank or 0))
+    if len(node.input) > 3 and node.input[3]:
+        value = ir.const_value(node.input[3])
+        if value is None or rank is None:
+            raise _Refuse(index, "its axes are not constant")
+        axes = [int(a) % rank for a in value]
+    axis, _ = _unit_axis(group, node.input[0])
+    if axis in axes:
+        k, count = axes.index(axis), len(axes)
+        if len(actual) != 2 * count or any(actual[i].base != 0 or actual[i].depends for i in (k, k + count)):
+            raise _Refuse(index, "it may pad the unit axis (its pads there are read at run time and not known "
+                                 "to be 0)")
+    return [Fraction(0)] * len(actual)
+
+
 _REQUIRED = {"Reshape": _required_reshape, "Expand": _required_from_end, "Resize": _required_from_end,
-             "Tile": _required_tile, "Slice": _required_slice}
+             "Tile": _required_tile, "Slice": _required_slice, "Pad": _required_pad}

@@ -236,3 +236,43 @@ def test_a_target_shared_with_another_group_is_copied_for_the_grown_reshape():
     readers = {n.name or n.output[0]: n.input[1] for n in grown.graph.node if n.op_type == "Reshape"}
     targets = [n.input[1] for n in grown.graph.node if n.op_type == "Reshape" and n.input[0] in ("h1", "h3")]
     assert len(set(targets)) == 2 and "heads_shape" in targets, readers
+
+
+def _window_pad_model(pad_channels: bool = False) -> onnx.ModelProto:
+    """Swin's window padding as the TorchScript exporter writes F.pad(h, (0, 0, 0, pr, 0, pb)) on a
+    channels-last map: torch-order pads with pr, pb = (4 - W % 4) % 4, (4 - H % 4) % 4 read at run
+    time, zero-filled to 2 * rank, reshaped to [-1, 2], reversed, transposed, flattened, cast.
+    `pad_channels`: pr pads the channel (unit) axis instead."""
+    rng = np.random.default_rng(6)
+    inits = {"w1": rand(rng, 3, 6), "w2": rand(rng, 6, 2), "four": np.array(4, np.int64), "i1": np.array(1),
+             "i2": np.array(2), "zero1": _i64(0), "axes0": _i64(0), "eight": np.array(8, np.int64),
+             "pairs": _i64(-1, 2), "flat": _i64(-1), "rev_start": _i64(-1), "rev_end": _i64(-(2 ** 63) + 1),
+             "rev_step": _i64(-1)}
+    nodes = [H("MatMul", ["x", "w1"], ["h"], name="fc1"), H("Shape", ["h"], ["hs"])]
+    for name, axis in (("pr", "i2"), ("pb", "i1")):
+        nodes += [H("Gather", ["hs", axis], [f"{name}_dim"], axis=0),
+                  H("Mod", [f"{name}_dim", "four"], [f"{name}_m"]), H("Sub", ["four", f"{name}_m"], [f"{name}_s"]),
+                  H("Mod", [f"{name}_s", "four"], [f"{name}_v"]), H("Unsqueeze", [f"{name}_v", "axes0"], [name])]
+    torch_pads = ["zero1", "pr", "zero1", "zero1", "zero1", "pb"] if pad_channels else \
+        ["zero1", "zero1", "zero1", "pr", "zero1", "pb"]
+    nodes += [H("Concat", torch_pads, ["torch_pads"], axis=0), H("Shape", ["torch_pads"], ["tps"]),
+              H("Gather", ["tps", "axes0"], ["tpn"], axis=0), H("Sub", ["eight", "tpn"], ["fill_n"]),
+              H("ConstantOfShape", ["fill_n"], ["fill"], value=onnx.helper.make_tensor("v", 7, [1], [0])),
+              H("Concat", ["torch_pads", "fill"], ["all_pads"], axis=0),
+              H("Reshape", ["all_pads", "pairs"], ["pairs2"]),
+              H("Slice", ["pairs2", "rev_start", "rev_end", "axes0", "rev_step"], ["reversed"]),
+              H("Transpose", ["reversed"], ["onnx_order"], perm=[1, 0]), H("Reshape", ["onnx_order", "flat"], ["pads"]),
+              H("Pad", ["h", "pads"], ["padded"]), H("Relu", ["padded"], ["t"]),
+              H("MatMul", ["t", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", ["B", "H", "W", 3])], [("y", ["B", None, None, 2])], inits, check=False)
+
+
+def test_window_padding_read_at_run_time_grows():
+    model = _window_pad_model()
+    feeds = {"x": np.random.default_rng(7).standard_normal((2, 5, 7, 3)).astype(np.float32)}
+    widen_exact(model, {"fc1": 10}, feeds=feeds)
+
+
+def test_padding_the_unit_axis_at_run_time_is_refused():
+    reason = _layer(_window_pad_model(pad_channels=True), "fc1")["widen"]["reason"]
+    assert reason.startswith("Pad") and "pad the unit axis" in reason
