@@ -277,7 +277,7 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 # The walk
 
 
-MAX_LAYOUT_TRIES = 6
+MAX_LAYOUT_TRIES = 8
 #: Refusals at ops that only move channels: the layer may belong to a routing
 #: region (channel shuffles) that grows as a whole (see routing.py).
 _ROUTING_OPS = frozenset("Reshape Transpose Concat Split Slice".split())
@@ -305,6 +305,7 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
             return group
         failures.append(group)
         queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
+        queue += _grouped_heads(group)
     routing_refusal = None
     if any(f.refusal.op in _ROUTING_OPS for f in failures):
         from .routing import find_routed_group  # the stage grows as one routing region
@@ -323,6 +324,16 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     if routing_refusal and "channel shuffle" in group.refusal.reason:
         group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as a routing region: {routing_refusal}")
     return group
+
+
+def _grouped_heads(group: UnitGroup) -> list[tuple[int, int]]:
+    """Heads that another reshape merges in groups (grouped-query attention:
+    K/V heads repeated for n_rep query heads each): units of d heads, for the
+    small divisors d of the head count."""
+    refusal = group.refusal
+    if group.unit_width == 1 or refusal.op != "Reshape" or "splits the unit axis" not in refusal.reason:
+        return []
+    return [(group.unit_width * d, group.repeats) for d in range(2, 9) if group.size % d == 0 and d < group.size]
 
 
 def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_outputs: bool = False) -> UnitGroup:
