@@ -849,7 +849,7 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its shape input")
     src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
-    src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
+    src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
     moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
         if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
@@ -860,6 +860,24 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
+
+
+def _refined_shape(walk: _Walk, index: int, tensor: str) -> tuple:
+    """The inferred shape, with the dims of a Reshape's output that ONNX shape
+    inference left unknown filled in from its target computed at run time."""
+    ir = walk.ir
+    shape = ir.shape(tensor)
+    producer = ir.producer_node(tensor)
+    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type == "Reshape":
+        from .runtime_shapes import reshape_output_shape
+
+        computed = reshape_output_shape(ir, producer)
+        if computed is not None and (shape is None or len(shape) == len(computed)):
+            shape = tuple(c if c is not None else (None if shape is None else d)
+                          for c, d in zip(computed, shape or computed))
+    if shape is None:
+        walk.refuse(index, f"the shape of '{tensor}' is unknown")
+    return shape
 
 
 def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:

@@ -395,6 +395,27 @@ _RULES = {"Shape": _shape, "Size": _shape, "Unsqueeze": _passthrough, "Squeeze":
           "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape, "Transpose": _transpose}
 
 
+def reshape_output_shape(ir: GraphIR, index: int) -> tuple | None:
+    """The output shape of Reshape `index` from its target computed at run
+    time (None where a dim is not static: a symbolic batch), for when ONNX
+    shape inference could not follow the target."""
+    node = ir.nodes[index]
+    target = SizeEvaluator(ir, {}).port_entries(index, 1)
+    source = ir.shape(node.input[0])
+    if target is None:
+        return None
+    dims = []
+    for k, entry in enumerate(target):
+        if entry.base == 0 and not int(node_attr(node, "allowzero", 0)):
+            dims.append(source[k] if source is not None and k < len(source) else None)
+        else:
+            dims.append(None if entry.base is None or entry.base < 0 else entry.base)
+    if -1 in [e.base for e in target] and source is not None and None not in source and dims.count(None) == 1:
+        known = int(np.prod([d for d in dims if d is not None]))
+        dims[dims.index(None)] = int(np.prod(source)) // known if known else None
+    return tuple(dims)
+
+
 # ----------------------------------------------------------------------------
 # The check
 
