@@ -910,6 +910,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
         from_end = placement.rank - placement.axis
         if from_end <= _common_known_suffix(src, dst):
             return placement.on_axis(len(dst) - from_end, len(dst)), None
+        if any(d is None for d in dst[:len(dst) - _common_known_suffix(src, dst)]) and dst[0] is None:
+            return None, (f"reshape {_fmt(src)} -> {_fmt(dst)} merges the unit axis into an axis of unknown size "
+                          "(with the batch, as MobileViT's unfold does): the units would not stay apart")
         return None, f"cannot match shape {_fmt(src)} to {_fmt(dst)} (unknown dims)"
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
