@@ -369,8 +369,17 @@ def _mod(a: Entry, b: Entry) -> Entry:
 
 
 def _equal(a: Entry, b: Entry) -> Entry:
-    if a.depends or b.depends:
+    """Equality; a size growing away from a constant (a dim compared with -1,
+    as the `expand(..., -1, ...)` idiom does) is never equal to it."""
+    if b.depends:
+        a, b = b, a
+    if a.depends and b.depends:
         return Entry(None, None)
+    if a.depends:
+        if a.base is None or a.slope is None or b.base is None:
+            return Entry(None, None)
+        apart = a.slope > 0 and b.base < a.base or a.slope < 0 and b.base > a.base
+        return Entry(0) if apart else Entry(None, None)
     return Entry(None if a.base is None or b.base is None else int(a.base == b.base))
 
 

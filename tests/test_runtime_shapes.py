@@ -120,14 +120,22 @@ def _dense(out_shape_nodes, inits, *, inputs=(("x", ["N", 4]),), output="y"):
     return make_model(nodes, list(inputs), [output], inits)
 
 
-def _expand_model(width_from: str) -> onnx.ModelProto:
-    """h [N, 6] -> Unsqueeze -> Expand to [N, 3, width] with width = Shape(width_from)[1]."""
-    inits = {"one": _i64(1), "three": _i64(3), "i0": np.array(0), "i1": np.array(1)}
+def _expand_model(width_from: str, minus_one_idiom: bool = False) -> onnx.ModelProto:
+    """h [N, 6] -> Unsqueeze -> Expand to [N, 3, width] with width = Shape(width_from)[1].
+    `minus_one_idiom`: the target passes through Where(Equal(t, -1), 1, t), as the
+    TorchScript exporter writes `expand` (Hugging Face's repeat_kv)."""
+    inits = {"one": _i64(1), "three": _i64(3), "i0": np.array(0), "i1": np.array(1), "minus": _i64(-1, -1, -1),
+             "ones": _i64(1, 1, 1)}
     nodes = [H("Unsqueeze", ["h", "one"], ["u"]),
              H("Shape", ["h"], ["hs"]), H("Gather", ["hs", "i0"], ["n"]), H("Unsqueeze", ["n", "axes0"], ["n1"]),
              H("Shape", [width_from], ["ws"]), H("Gather", ["ws", "i1"], ["w"]),
              H("Unsqueeze", ["w", "axes0"], ["wdim"]),
-             H("Concat", ["n1", "three", "wdim"], ["target"], axis=0), H("Expand", ["u", "target"], ["t"])]
+             H("Concat", ["n1", "three", "wdim"], ["target"], axis=0)]
+    if minus_one_idiom:
+        nodes += [H("Equal", ["target", "minus"], ["is_minus"]), H("Where", ["is_minus", "ones", "target"], ["fixed"]),
+                  H("Expand", ["u", "fixed"], ["t"])]
+    else:
+        nodes.append(H("Expand", ["u", "target"], ["t"]))
     inputs = [("x", ["N", 4])] + ([("ref", ["N", "K"])] if width_from == "ref" else [])
     return _dense(nodes, inits, inputs=inputs, output=("y", ["N", 3, 2]))
 
@@ -135,6 +143,10 @@ def _expand_model(width_from: str) -> onnx.ModelProto:
 def test_expand_to_a_shape_read_from_its_own_input_grows():
     model = _expand_model("h")
     widen_exact(model, {"fc1": 9})
+
+
+def test_expand_through_the_minus_one_idiom_grows():
+    widen_exact(_expand_model("h", minus_one_idiom=True), {"fc1": 9})
 
 
 def test_expand_to_a_width_read_from_an_unrelated_input_is_refused():
