@@ -868,10 +868,11 @@ def _refined_shape(walk: _Walk, index: int, tensor: str) -> tuple:
     ir = walk.ir
     shape = ir.shape(tensor)
     producer = ir.producer_node(tensor)
-    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type == "Reshape":
-        from .runtime_shapes import reshape_output_shape
+    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type in ("Reshape", "Pad"):
+        from .runtime_shapes import pad_output_shape, reshape_output_shape
 
-        computed = reshape_output_shape(ir, producer)
+        node = ir.nodes[producer]
+        computed = (reshape_output_shape if node.op_type == "Reshape" else pad_output_shape)(ir, producer)
         if computed is not None and (shape is None or len(shape) == len(computed)):
             shape = tuple(c if c is not None else (None if shape is None else d)
                           for c, d in zip(computed, shape or computed))
@@ -910,7 +911,8 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
         from_end = placement.rank - placement.axis
         if from_end <= _common_known_suffix(src, dst):
             return placement.on_axis(len(dst) - from_end, len(dst)), None
-        if any(d is None for d in dst[:len(dst) - _common_known_suffix(src, dst)]) and dst[0] is None:
+        unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
+        if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
             return None, (f"reshape {_fmt(src)} -> {_fmt(dst)} merges the unit axis into an axis of unknown size "
                           "(with the batch, as MobileViT's unfold does): the units would not stay apart")
         return None, f"cannot match shape {_fmt(src)} to {_fmt(dst)} (unknown dims)"

@@ -76,6 +76,9 @@ class SizeEdit:
     node: int
     port: int
     entries: tuple[tuple[int, int, int], ...]
+    #: the input is a size used as data (a scale computed from a width): it is
+    #: replaced as a whole by a constant of its shape holding the old values
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,9 @@ def _transpose(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     return list(moved.reshape(-1))
 
 
-_INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # uint8 int8 uint16 int16 int32 int64 uint32 uint64
+#: uint8 int8 uint16 int16 int32 int64 uint32 uint64, and float float16 double bfloat16 (a size cast to
+#: a float to compute a scale: followed so that it can be frozen, see _freezable)
+_INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13, 1, 10, 11, 16}
 
 
 def _gather(ev: SizeEvaluator, index: int) -> list[Entry] | None:
@@ -425,6 +430,21 @@ def reshape_output_shape(ir: GraphIR, index: int) -> tuple | None:
     return tuple(dims)
 
 
+def pad_output_shape(ir: GraphIR, index: int) -> tuple | None:
+    """The output shape of Pad `index` (all axes padded) from pads computed at
+    run time, where the input's dims and the pads are static."""
+    node = ir.nodes[index]
+    source = ir.shape(node.input[0])
+    if source is None or len(node.input) < 2 or (len(node.input) > 3 and node.input[3]):
+        return None
+    pads = SizeEvaluator(ir, {}).port_entries(index, 1)
+    rank = len(source)
+    if pads is None or len(pads) != 2 * rank:
+        return None
+    return tuple(None if d is None or pads[k].base is None or pads[k + rank].base is None
+                 else d + pads[k].base + pads[k + rank].base for k, d in enumerate(source))
+
+
 # ----------------------------------------------------------------------------
 # The check
 
@@ -434,19 +454,24 @@ def check_sizes(ir: GraphIR, group) -> tuple[list[SizeEdit], SizeRefusal | None]
     them right, or the first size that cannot be kept right."""
     evaluator = SizeEvaluator(ir, group.placements, group.value_edits)
     try:
-        sinks = _dependent_sinks(ir, evaluator) | _group_sinks(ir, group)
-        edits = [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)]
+        sinks, frozen = _dependent_sinks(ir, evaluator)
+        sinks |= _group_sinks(ir, group)
+        edits = [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)] + frozen
     except _Refuse as refused:
         return [], refused.refusal
     return edits, None
 
 
-def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> set[tuple[int, int]]:
+def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> tuple[set[tuple[int, int]], list[SizeEdit]]:
     """Follow every size read from a grown tensor forward: each must end in
-    size inputs (sinks); one used as data is refused."""
+    size inputs (sinks), or be a scalar used as data by an elementwise op (Swin's
+    `head_dim ** -0.5` from x.shape), which is frozen at its old value; any
+    other use is refused."""
+    from .coupling import ELEMENTWISE_NARY, ELEMENTWISE_UNARY
+
     frontier = [ir.nodes[i].output[0] for i in range(len(ir.nodes))
                 if ir.nodes[i].op_type in ("Shape", "Size") and ir.nodes[i].input[0] in ev.placements]
-    sinks, seen = set(), set()
+    sinks, seen, frozen = set(), set(), []
     while frontier:
         tensor = frontier.pop()
         if tensor in seen:
@@ -463,10 +488,21 @@ def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> set[tuple[int, int]]:
                 sinks.add((use.node, use.port))
             elif node.op_type in SIZE_OPS and use.port >= 0:
                 frontier.extend(o for o in node.output if o)
+            elif node.op_type in ELEMENTWISE_UNARY | ELEMENTWISE_NARY and _freezable(ir, tensor, values):
+                frozen.append(SizeEdit(use.node, use.port, tuple((k, e.base, 0) for k, e in enumerate(values)),
+                                       whole=True))
             else:
                 raise _Refuse(use.node, f"it uses '{tensor}' as data, a size read at run time from a tensor "
                                         "whose width changes with the units")
-    return sinks
+    return sinks, frozen
+
+
+def _freezable(ir: GraphIR, tensor: str, values) -> bool:
+    """A size used as data can be frozen when it is a static scalar (or one
+    element): the op's output shape does not depend on its value."""
+    shape = ir.shape(tensor)
+    return (values is not None and len(values) == 1 and values[0].base is not None and shape is not None
+            and len(shape) <= 1 and None not in shape)
 
 
 def _group_sinks(ir: GraphIR, group) -> set[tuple[int, int]]:

@@ -103,12 +103,28 @@ def test_stream_grows_and_the_head_size_read_from_it_is_frozen():
         widen_exact(model, {"inp": width}, feeds=_feeds(model, seq=3))
 
 
-def test_a_size_read_from_the_stream_and_used_as_data_is_refused():
+def test_a_scale_computed_from_the_stream_width_is_frozen():
+    """1/sqrt(D) with D read from s.shape (Swin's head_dim ** -0.5): the
+    stream grows, the scale keeps its old value (a constant now)."""
     model = nanogpt_attention(scale_from_shape=True)
-    reason = _layer(model, "inp")["widen"]["reason"]
-    assert reason.startswith("Sqrt") and "as data" in reason
+    grown, report = widen_exact(model, {"inp": 12}, feeds=_feeds(model))
+    assert not any(n.op_type == "Sqrt" and n.input[0] == "width_f" for n in grown.graph.node)
     assert _layer(model, "qkv")["widen"]["ok"]  # the heads do not change the stream's width
     widen_exact(model, {"qkv": 3 * 3 * HEAD}, feeds=_feeds(model))
+
+
+def test_a_width_read_at_run_time_that_shapes_data_is_refused():
+    """ConstantOfShape(Shape(s)[2:]): a tensor whose shape would keep the old width."""
+    model = nanogpt_attention()
+    nodes = list(model.graph.node)
+    extra = [H("ConstantOfShape", ["s_u2"], ["zeros"], value=onnx.helper.make_tensor("v", 1, [1], [0.0])),
+             H("ReduceSum", ["zeros"], ["zeros_sum"], keepdims=0), H("Add", ["y", "zeros_sum"], ["y2"])]
+    graph = onnx.helper.make_graph(nodes + extra, "g", list(model.graph.input),
+                                   [onnx.helper.make_tensor_value_info("y2", 1, ["B", "T", 3])],
+                                   initializer=list(model.graph.initializer))
+    patched = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    reason = _layer(patched, "inp")["widen"]["reason"]
+    assert reason.startswith("ConstantOfShape") and "as data" in reason
 
 
 def _dense(out_shape_nodes, inits, *, inputs=(("x", ["N", 4]),), output="y"):

@@ -30,6 +30,9 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
     inserted: dict[int, list[onnx.NodeProto]] = {}
     written, replaced = [], set()
     for edit in edits:
+        if edit.whole:
+            written.append(_freeze_input(ir, edit))
+            continue
         if _replace_concat_pieces(ir, edit, edits, added, written, replaced, inserted):
             continue
         node = ir.nodes[edit.node]
@@ -58,6 +61,20 @@ def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
         del ir.graph.node[:]
         ir.graph.node.extend(nodes)
     return written
+
+
+def _freeze_input(ir: GraphIR, edit) -> str:
+    """A size used as data becomes a constant holding its old value."""
+    node = ir.nodes[edit.node]
+    original = node.input[edit.port]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(original, onnx.TensorProto.INT64))
+    shape = ir.shape(original) or ()
+    value = np.array([base for _, base, _ in edit.entries], dtype=dtype).reshape(shape)
+    name = ir.fresh_name(f"{original}/frozen")
+    ir.graph.initializer.append(numpy_helper.from_array(value, name))
+    ir.initializers[name] = ir.graph.initializer[-1]
+    node.input[edit.port] = name
+    return name
 
 
 def _copy_for(ir: GraphIR, producer: int, readers: list, size: str, inserted: dict) -> onnx.NodeProto:
