@@ -636,7 +636,10 @@ def _concat_of_one_space(walk: _Walk, index: int, side: str, placement: Placemen
     roots = {_slice_root(ir, name, placement.axis) for name in node.input}
     if len(node.input) < 2 or len(roots) != 1 or None in roots:
         return False
-    sizes = {walk.shape(index, name)[placement.axis] for name in node.input}
+    # Slices that do not touch the unit axis keep its length (also where shape inference lost it).
+    shapes = [ir.shape(name) for name in node.input]
+    length = placement.length if side == "in" else placement.block
+    sizes = {length if shape is None or shape[placement.axis] is None else shape[placement.axis] for shape in shapes}
     count = len(node.input)
     if side == "in":
         if placement.outer != 1 or sizes != {placement.length}:
