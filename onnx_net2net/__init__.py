@@ -119,7 +119,8 @@ def verify(reference, candidate, *, mode: str = "full", **options):
 
 
 def widen(model, widths: dict[str, int] | None = None, *, factor: float | None = None, split: str = "equal",
-          noise: float = 0.0, init: str = "net2net", seed: int = 0, verify: bool = True, **verify_options):
+          noise: float = 0.0, init: str = "net2net", seed: int = 0, keep_output_shapes: bool = False,
+          verify: bool = True, **verify_options):
     """Net2WiderNet. Returns (new ModelProto, report).
 
     Args:
@@ -129,6 +130,9 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
         noise: relative noise on replicated weights (changes the function).
         init: "net2net" or "random-pad" (the paper's baseline, not exact).
         seed: seeds the mapping and the random choices.
+        keep_output_shapes: let graph outputs carry the widened units (an
+            encoder's last hidden state) and slice them back to the original
+            units; the report lists them per change ("sliced_outputs").
         verify: compare outputs with onnxruntime; raises VerificationFailed
             when an exact rewrite does not match. `mode="region"` (or "auto")
             among the verify options checks only the changed region.
@@ -137,7 +141,7 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
     from .rewrites.wider import WidenOptions
 
     options = WidenOptions(split=split, noise=noise, init=init, seed=seed)
-    return _run_pass(model, WidenPass(widths, factor, options), verify, verify_options)
+    return _run_pass(model, WidenPass(widths, factor, options, keep_output_shapes), verify, verify_options)
 
 
 def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,

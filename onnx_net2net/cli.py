@@ -178,7 +178,7 @@ def cmd_widen(args) -> int:
     if options.init == "random-pad":
         print("WARNING: --init random-pad is the paper's baseline: new units are random and the grown model "
               "does NOT compute the same function (for experiments only)", file=sys.stderr)
-    return _grow(args, WidenPass(widths or None, args.factor, options))
+    return _grow(args, WidenPass(widths or None, args.factor, options, args.keep_output_shapes))
 
 
 def cmd_deepen(args) -> int:
@@ -332,6 +332,8 @@ def _print_changes(report: dict) -> None:
         if "old_width" in change:
             print(f"widened {', '.join(change['layers'])}: {change['old_width']} -> {change['new_width']} "
                   f"({len(change['tensors'])} tensors, {len(change['weights'])} weights rewritten)")
+            if change.get("sliced_outputs"):
+                print(f"    outputs sliced back to their original units: {', '.join(change['sliced_outputs'])}")
         else:
             print(f"deepened after {change['after']}: mode {change['mode']} (activation {change['activation']}), "
                   f"new nodes {', '.join(change['nodes'])}")
@@ -424,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     widen.add_argument("--init", choices=("net2net", "random-pad"), default="net2net",
                        help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
     widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
+    widen.add_argument("--keep-output-shapes", action="store_true",
+                       help="graph outputs may carry the widened units (an encoder's hidden state): they are "
+                            "sliced back to the original units, so output shapes stay as they are")
     _finish_growth_command(widen)
 
     deepen = _add_growth_command(commands, "deepen", cmd_deepen, "Net2DeeperNet: more layers, same function",

@@ -168,6 +168,10 @@ class UnitGroup:
             LayerNormalization, or zero up to every RMSNormalization);
             `average_blocker` says why not otherwise.
         extras: what the extra units carry, "mean" or "zero".
+        kept_outputs: graph outputs carrying the units (only when asked for):
+            the rewrite slices them back to the original units.
+        size_edits: entries of size inputs computed at run time that become
+            constants following the growth (runtime_shapes.SizeEdit).
     """
 
     seed: int
@@ -191,6 +195,8 @@ class UnitGroup:
     average_expansion: bool = False
     average_blocker: str | None = None
     extras: str = "mean"
+    size_edits: list = field(default_factory=list)
+    kept_outputs: dict[str, Placement] = field(default_factory=dict)
 
     @property
     def features_per_unit(self) -> int:
@@ -271,19 +277,21 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
 # The walk
 
 
-MAX_LAYOUT_TRIES = 6
+MAX_LAYOUT_TRIES = 8
 #: Refusals at ops that only move channels: the layer may belong to a routing
 #: region (channel shuffles) that grows as a whole (see routing.py).
 _ROUTING_OPS = frozenset("Reshape Transpose Concat Split Slice".split())
 
 
-def find_group(ir: GraphIR, layer: int) -> UnitGroup:
+def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGroup:
     """The unit space produced by `layer`, with every coupled tensor and edit.
 
     The first walk takes each output feature as a unit. When a reshape or a
     split shows that the features are structured (whole attention heads, a
     fused Q/K/V projection), the walk starts again with that layout; every
     candidate is checked by a full walk, so a wrong guess is only a refusal.
+    `keep_outputs`: graph outputs may carry the units (the rewrite slices them
+    back to the original units: `UnitGroup.kept_outputs`).
     """
     tried, queue, failures = set(), [(1, 1)], []
     width = layer_width(ir, layer)
@@ -292,11 +300,12 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
         if (unit_width, repeats) in tried or width % (unit_width * repeats):
             continue
         tried.add((unit_width, repeats))
-        group = _walk_layout(ir, layer, unit_width, repeats)
+        group = _walk_layout(ir, layer, unit_width, repeats, keep_outputs)
         if group.ok:
             return group
         failures.append(group)
         queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
+        queue += _grouped_heads(group)
     routing_refusal = None
     if any(f.refusal.op in _ROUTING_OPS for f in failures):
         from .routing import find_routed_group  # the stage grows as one routing region
@@ -317,12 +326,23 @@ def find_group(ir: GraphIR, layer: int) -> UnitGroup:
     return group
 
 
-def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> UnitGroup:
+def _grouped_heads(group: UnitGroup) -> list[tuple[int, int]]:
+    """Heads that another reshape merges in groups (grouped-query attention:
+    K/V heads repeated for n_rep query heads each): units of d heads, for the
+    small divisors d of the head count."""
+    refusal = group.refusal
+    if group.unit_width == 1 or refusal.op != "Reshape" or "splits the unit axis" not in refusal.reason:
+        return []
+    return [(group.unit_width * d, group.repeats) for d in range(2, 9) if group.size % d == 0 and d < group.size]
+
+
+def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_outputs: bool = False) -> UnitGroup:
     width = layer_width(ir, layer)
     group = UnitGroup(seed=layer, size=width // (unit_width * repeats), unit_width=unit_width, repeats=repeats)
     try:
-        _Walk(ir, group).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
+        _Walk(ir, group, keep_outputs).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
         _deduplicate(group)
+        _check_runtime_sizes(ir, group)
         if layer not in group.producers and layer not in group.passthrough:
             raise _Refused(Refusal(ir.label(layer), "the layer's output units are not its own"))
         if not group.producers:
@@ -342,6 +362,18 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int) -> Unit
     return group
 
 
+def _check_runtime_sizes(ir: GraphIR, group: UnitGroup) -> None:
+    """Sizes read at run time from grown tensors (and size inputs computed at
+    run time on the group's ops) must follow the units (see runtime_shapes)."""
+    from .runtime_shapes import check_sizes
+
+    edits, refusal = check_sizes(ir, group)
+    if refusal is not None:
+        node = ir.nodes[refusal.node]
+        raise _Refused(Refusal(f"{node.op_type} {ir.label(refusal.node)}", refusal.reason, node.op_type))
+    group.size_edits = edits
+
+
 def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 1) -> Placement:
     return replace(layer_output_placement(ir, layer), inner=unit_width, outer=repeats)
 
@@ -351,6 +383,8 @@ def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:
     layer's whole output carries the units (not a slice of a wider tensor)."""
     if layer not in group.producers and layer not in group.passthrough:
         return False
+    if ir.nodes[layer].op_type not in WEIGHTED_LAYERS:
+        return False  # an embedding table (Gather) is no layer of its own
     placement = group.placements.get(ir.nodes[layer].output[0])
     try:
         own = seed_placement(ir, layer, group.unit_width, group.repeats)
@@ -369,7 +403,8 @@ def _deduplicate(group: UnitGroup) -> None:
 class _Walk:
     """Breadth-first walk over (tensor, placement), dispatching to op rules."""
 
-    def __init__(self, ir: GraphIR, group: UnitGroup):
+    def __init__(self, ir: GraphIR, group: UnitGroup, keep_outputs: bool = False):
+        self.keep_outputs = keep_outputs
         self.ir = ir
         self.group = group
         self.queue: list[tuple[str, Placement]] = []
@@ -398,7 +433,9 @@ class _Walk:
         self.queue.append((tensor, placement))
 
     def visit(self, tensor: str, placement: Placement) -> None:
-        if tensor in self.outputs:
+        if tensor in self.outputs and self.keep_outputs:
+            self.group.kept_outputs[tensor] = placement
+        elif tensor in self.outputs:
             raise _Refused(Refusal(None, f"the units reach graph output '{tensor}' (its shape would change)"))
         if tensor in self.inputs:
             raise _Refused(Refusal(None, f"the units reach graph input '{tensor}' (its shape would change)"))
@@ -447,6 +484,10 @@ class _Walk:
 
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         value = self.ir.const_value(tensor)
+        producer = self.ir.producer_node(tensor) if value is None else None
+        if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
+            self.refuse(index, f"its {what} '{tensor}' is quantized (DequantizeLinear): the consumers' weights "
+                               "would have to be divided by the copy count, which int8 values cannot hold exactly")
         if value is None:
             self.refuse(index, f"its {what} '{tensor}' is not a constant")
         return value
@@ -566,6 +607,8 @@ def _concat(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     if axis != placement.axis:
         walk.same_on_ports(index, placement, inputs=range(len(node.input)))
         return
+    if _concat_of_one_space(walk, index, side, placement):
+        return
     if placement.outer != 1:
         walk.refuse(index, "concatenation of interleaved features")
     sizes = [walk.shape(index, name)[axis] for name in node.input]
@@ -582,6 +625,50 @@ def _concat(walk: _Walk, index: int, side: str, port: int, placement: Placement)
             walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
             return
     walk.refuse(index, "the units span several concatenated inputs")
+
+
+def _concat_of_one_space(walk: _Walk, index: int, side: str, placement: Placement) -> bool:
+    """Swin's patch merging: strided slices of one tensor (all slicing other
+    axes) concatenated along the unit axis hold the same units k times: the
+    output is the space repeated k times (outer = k)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    roots = {_slice_root(ir, name, placement.axis) for name in node.input}
+    if len(node.input) < 2 or len(roots) != 1 or None in roots:
+        return False
+    # Slices that do not touch the unit axis keep its length (also where shape inference lost it).
+    shapes = [ir.shape(name) for name in node.input]
+    length = placement.length if side == "in" else placement.block
+    sizes = {length if shape is None or shape[placement.axis] is None else shape[placement.axis] for shape in shapes}
+    count = len(node.input)
+    if side == "in":
+        if placement.outer != 1 or sizes != {placement.length}:
+            return False
+        for name in node.input:
+            walk.add(name, placement)
+        walk.add(node.output[0], replace(placement, outer=count, length=placement.length * count))
+        return True
+    if placement.outer != count or sizes != {placement.block}:
+        return False
+    for name in node.input:
+        walk.add(name, replace(placement, outer=1, length=placement.block))
+    return True
+
+
+def _slice_root(ir: GraphIR, tensor: str, unit_axis: int) -> str | None:
+    """The tensor a chain of Slices (none on `unit_axis`) starts from, or None."""
+    producer = ir.producer_node(tensor)
+    if producer is None or ir.nodes[producer].op_type != "Slice":
+        return None
+    while producer is not None and ir.nodes[producer].op_type == "Slice":
+        node = ir.nodes[producer]
+        axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        rank = ir.rank(node.input[0])
+        if axes is None or rank is None or unit_axis in [int(a) % rank for a in axes]:
+            return None
+        tensor = node.input[0]
+        producer = ir.producer_node(tensor)
+    return tensor
 
 
 def _split(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
@@ -652,6 +739,9 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
     if len(node.input) < 3:
         walk.refuse(index, "Slice with attribute bounds (opset < 10)")
     rank = placement.rank
+    if not (ir.is_const(node.input[1]) and ir.is_const(node.input[2])):
+        _slice_with_runtime_bounds(walk, index, placement)
+        return
     starts = walk.const(index, node.input[1], "starts")
     ends = walk.const(index, node.input[2], "ends")
     axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
@@ -694,6 +784,18 @@ def _slice(walk: _Walk, index: int, side: str, port: int, placement: Placement) 
         retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
             and start % span == 0 else ()
         walk.refuse(index, "it cuts through the units", retry)
+
+
+def _slice_with_runtime_bounds(walk: _Walk, index: int, placement: Placement) -> None:
+    """Bounds read at run time (`pos[:, :T]`) on other axes than the unit axis:
+    the units pass; runtime_shapes checks the bounds do not change with them."""
+    node = walk.ir.nodes[index]
+    if len(node.input) < 4 or not node.input[3]:
+        walk.refuse(index, "its bounds are read at run time and its axes are implicit")
+    axes = walk.const(index, node.input[3], "axes")
+    if placement.axis in [int(a) % placement.rank for a in axes]:
+        walk.refuse(index, "it slices the unit axis with bounds read at run time")
+    walk.same_on_ports(index, placement)
 
 
 def _slice_of_repeats(walk: _Walk, index: int, k: int, first: int, last: int, placement: Placement,
@@ -750,7 +852,7 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its shape input")
     src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
-    src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)
+    src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
     moved, reason = map_through_reshape(placement, src, dst)
     if moved is None:
         if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
@@ -761,6 +863,25 @@ def _reshape(walk: _Walk, index: int, side: str, port: int, placement: Placement
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
+
+
+def _refined_shape(walk: _Walk, index: int, tensor: str) -> tuple:
+    """The inferred shape, with the dims of a Reshape's output that ONNX shape
+    inference left unknown filled in from its target computed at run time."""
+    ir = walk.ir
+    shape = ir.shape(tensor)
+    producer = ir.producer_node(tensor)
+    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type in ("Reshape", "Pad"):
+        from .runtime_shapes import pad_output_shape, reshape_output_shape
+
+        node = ir.nodes[producer]
+        computed = (reshape_output_shape if node.op_type == "Reshape" else pad_output_shape)(ir, producer)
+        if computed is not None and (shape is None or len(shape) == len(computed)):
+            shape = tuple(c if c is not None else (None if shape is None else d)
+                          for c, d in zip(computed, shape or computed))
+    if shape is None:
+        walk.refuse(index, f"the shape of '{tensor}' is unknown")
+    return shape
 
 
 def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:
@@ -793,11 +914,22 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
         from_end = placement.rank - placement.axis
         if from_end <= _common_known_suffix(src, dst):
             return placement.on_axis(len(dst) - from_end, len(dst)), None
+        unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
+        if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
+            return None, (f"reshape {_fmt(src)} -> {_fmt(dst)} merges the unit axis into an axis of unknown size "
+                          "(with the batch, as MobileViT's unfold does): the units would not stay apart")
         return None, f"cannot match shape {_fmt(src)} to {_fmt(dst)} (unknown dims)"
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
             continue
         a = placement.axis
+        # Axes of size 1 merged in or split off (a batch of 1 merged with the heads) change nothing.
+        lone_src = all(src[i] == 1 for i in range(i0, i1) if i != a)
+        kept_dst = [j for j in range(j0, j1) if dst[j] != 1]
+        if lone_src and len(kept_dst) == 1:
+            return placement.on_axis(kept_dst[0], len(dst)), None
+        if len(kept_dst) == 1 and j1 - j0 > 1:
+            j0, j1 = kept_dst[0], kept_dst[0] + 1
         if i1 - i0 == 1 and j1 - j0 == 1:
             return placement.on_axis(j0, len(dst)), None
         if j1 - j0 == 1:
@@ -808,7 +940,8 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple):
             length = placement.length * after
             return Placement(axis=j0, rank=len(dst), length=length * before, offset=placement.offset * after,
                              inner=placement.inner * after, outer=before), None
-        if i1 - i0 == 1:
+        if i1 - i0 == 1 or all(src[i] == 1 for i in range(i0, i1) if i != a):
+            # (axes of size 1 merged in, such as a batch of 1 with the heads, change nothing)
             return _unflatten(placement, dst, j0, j1)
         return None, f"reshape {_fmt(src)} -> {_fmt(dst)} regroups the unit axis"
     return None, "the unit axis is not in the reshape"
@@ -831,7 +964,8 @@ def _unit_layout_hints(placement: Placement, src: tuple, dst: tuple) -> tuple[tu
         return ()
     segments = _reshape_segments(src, dst) or []
     for (i0, i1), (j0, j1) in segments:
-        if i1 - i0 == 1 and i0 == placement.axis and j1 - j0 > 1:
+        lone = all(src[i] == 1 for i in range(i0, i1) if i != placement.axis)
+        if i0 <= placement.axis < i1 and lone and j1 - j0 > 1:
             return tuple((int(np.prod(dst[j + 1:j1], dtype=np.int64)), int(np.prod(dst[j0:j], dtype=np.int64)))
                          for j in range(j0, j1) if dst[j] > 1)
     return ()
@@ -900,20 +1034,7 @@ def _update_shape_input(walk: _Walk, index: int, out_placement: Placement) -> No
         elif int(value[axis]) == 0:
             walk.refuse(index, "its target shape copies the unit axis from the input (0) across a move")
         return
-    producer = ir.producer_node(shape_name)
-    if producer is not None and ir.nodes[producer].op_type == "Concat":
-        position = 0
-        for piece_port, piece in enumerate(ir.nodes[producer].input):
-            piece_shape = ir.shape(piece)
-            if piece_shape is None or len(piece_shape) != 1 or piece_shape[0] is None:
-                break
-            if position <= axis < position + piece_shape[0]:
-                piece_value = ir.const_value(piece)
-                if piece_value is not None and int(piece_value.reshape(-1)[axis - position]) > 0:
-                    walk.group.value_edits.append(
-                        ValueEdit(producer, piece_port, axis - position, out_placement.growth()))
-                break
-            position += piece_shape[0]
+    # A target computed at run time: runtime_shapes checks (and edits) its entries.
     walk.group.dynamic_shapes = True
 
 
@@ -1017,6 +1138,9 @@ def _matmul(walk: _Walk, index: int, side: str, port: int, placement: Placement)
     ir = walk.ir
     node = ir.nodes[index]
     if not ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
+        weight = ir.producer_node(node.input[1])
+        if weight is not None and ir.nodes[weight].op_type == "DequantizeLinear":
+            walk.const(index, node.input[1], "weight")  # refuses, naming the quantization
         _batched_matmul(walk, index, side, port, placement)
         return
     if not ir.is_const(node.input[1]) or ir.is_const(node.input[0]):
@@ -1126,7 +1250,9 @@ def _require_tiling(walk: _Walk, index: int, placement: Placement) -> None:
     """Statistics over the unit axis survive only if every unit is copied
     equally often (widths that are multiples of the current width)."""
     group = walk.group
-    if placement.offset or placement.outer != 1 or placement.length != group.size * placement.inner:
+    if placement.offset or placement.block != group.size * placement.inner:
+        # (repeated blocks that each hold exactly the units, as in patch merging, are fine: every unit is
+        # still copied equally often)
         walk.refuse(index, "it takes statistics over the units and other data together")
     if group.step not in (1, group.size):
         walk.refuse(index, "it takes statistics over grouped-convolution units")
@@ -1139,6 +1265,9 @@ def _pad(walk: _Walk, index: int, side: str, port: int, placement: Placement) ->
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its pads")
     pads = node_attr(node, "pads")
+    if pads is None and not walk.ir.is_const(node.input[1]):
+        walk.same_on_ports(index, placement)  # pads read at run time: runtime_shapes checks the unit axis's
+        return
     if pads is None:
         pads = walk.const(index, node.input[1], "pads").tolist()
     rank = placement.rank
@@ -1229,10 +1358,26 @@ def _resize(walk: _Walk, index: int, side: str, port: int, placement: Placement)
         if scales.size <= placement.axis or scales[placement.axis] != 1:
             walk.refuse(index, "it resizes the unit axis")
     elif sizes is not None and sizes.size:
+        if sizes.size <= placement.axis or int(sizes[placement.axis]) != placement.length:
+            walk.refuse(index, "it resizes the unit axis")
         walk.group.value_edits.append(ValueEdit(index, 3, placement.axis, placement.growth()))
+    elif len(node.input) > 3 and node.input[3] and (len(node.input) < 3 or not node.input[2]
+                                                     or walk.ir.shape(node.input[2]) == (0,)):
+        pass  # sizes computed at run time: runtime_shapes checks their unit-axis entry follows
     else:
-        walk.refuse(index, "its scales/sizes are not constant")
+        walk.refuse(index, "its scales are not constant")
     walk.same_on_ports(index, placement)
+
+
+def _tile(walk: _Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Tile repeats whole axes: per unit when the unit axis is repeated once."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its repeats")
+    repeats = walk.ir.const_value(node.input[1])
+    if repeats is not None and int(repeats[placement.axis]) != 1:
+        walk.refuse(index, "it repeats the unit axis")
+    walk.same_on_ports(index, placement)  # repeats read at run time: checked by runtime_shapes
 
 
 def _opset(ir: GraphIR) -> int:
@@ -1263,6 +1408,7 @@ _RULES = {
     "Gather": _gather,
     "Resize": _resize,
     "Expand": _expand,
+    "Tile": _tile,
 }
 _FAMILY_RULES = [
     (ELEMENTWISE_UNARY, _unary),

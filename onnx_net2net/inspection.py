@@ -12,6 +12,7 @@ import onnx
 
 from . import coupling, routing
 from .errors import GrowthRefused, UserError
+from .folding import computed_weights, fold_computed_weights
 from .io import ModelHandle
 from .ir import GraphIR
 from .passes import DeepenPass, WidenPass, groups_by_layer
@@ -34,6 +35,11 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         name: the model's name in the report.
     """
     ir = GraphIR(handle)
+    folded = []
+    if computed_weights(ir):  # layers whose weights are computed from constants grow once folded
+        handle = handle.copy()
+        folded = fold_computed_weights(handle)
+        ir = GraphIR(handle)
     _cache_constants(ir)
     if trial is None:
         trial = handle.weight_bytes() <= TRIAL_LIMIT_BYTES and not handle.has_external_data()
@@ -49,7 +55,10 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
         _widen_trials(ir, groups, reference, handle)
     deepen = _deepen_statuses(ir, list(groups), reference, handle)
     layers = [_describe(ir, index, group, deepen[index]) for index, group in groups.items()]
-    return {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+    report = {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
+    if folded:
+        report["folded"] = folded  # weights computed from constants, folded before the analysis
+    return report
 
 
 #: Constants up to this size are kept once read (inspect never rewrites its IR).

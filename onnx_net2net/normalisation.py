@@ -77,6 +77,9 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
                "normalise these units"
     group.extras = "zero" if kinds == {"RMSNormalization"} else "mean"
     sources = [ir.nodes[norm].input[0] for norm in group.norms] + [dn.source for dn in decomposed]
+    if any(group.placements[source].outer != 1 for source in sources):
+        return "a normalisation takes the units repeated in several blocks together (patch merging): only " \
+               "widths that copy every unit equally often keep its statistics"
     if group.extras == "mean" and any(group.placements[source].inner != 1 for source in sources):
         return "a normalisation takes each unit's several features together with the others (the mean of the " \
                "units would differ from the mean of the features)"

@@ -19,6 +19,7 @@ import onnx_ir.passes
 
 from . import coupling, routing, typeinfo
 from .errors import GrowthRefused, UserError
+from .folding import fold_computed_weights
 from .io import ModelHandle, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
@@ -82,13 +83,14 @@ class WidenPass(_Pass):
     name = "widen"
 
     def __init__(self, widths: dict[str, int] | None = None, factor: float | None = None,
-                 options: WidenOptions | None = None):
+                 options: WidenOptions | None = None, keep_output_shapes: bool = False):
         if bool(widths) == (factor is not None):
             raise UserError("give either layer widths or a factor")
         if factor is not None and not factor > 1:
             raise UserError(f"--factor {factor}: must be larger than 1")
         self.widths = dict(widths or {})
         self.factor = factor
+        self.keep_output_shapes = keep_output_shapes
         self.options = options or WidenOptions()
         self.exact = self.options.exact
         _check_choice("split", self.options.split, wider.SPLITS)
@@ -98,13 +100,15 @@ class WidenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
+        with typeinfo.kept_consistent(handle):
+            folded = fold_computed_weights(handle)
         ir = GraphIR(handle)
         requests = self._requests(ir)
         changes = []
         for number, (name, width) in enumerate(requests):
             if number:
                 ir = GraphIR(handle)  # the previous request rewrote the model
-            group = _group_of(ir, name)
+            group = _group_of(ir, name, self.keep_output_shapes)
             width //= group.features_per_unit
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
@@ -113,14 +117,14 @@ class WidenPass(_Pass):
             grow = routed.widen_routed if isinstance(group, routing.RoutedGroup) else wider.widen_group
             with typeinfo.kept_consistent(handle):
                 changes.append(asdict(grow(ir, group, width, options, names)))
-        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
     def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
         """One (layer, width) per group, checked before anything changes."""
         if self.factor is not None:
             requests = []
-            for group in analyse_groups(ir):
+            for group in analyse_groups(ir, self.keep_output_shapes):
                 if group.ok:
                     width = self._factor_width(ir, group)
                     if width is not None:
@@ -131,7 +135,7 @@ class WidenPass(_Pass):
             return requests
         by_group: dict[frozenset, tuple[str, int]] = {}
         for name, width in self.widths.items():
-            group = _group_of(ir, name)
+            group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
             self._check_options(group)
             key = frozenset(group.producers)
@@ -226,6 +230,8 @@ class DeepenPass(_Pass):
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
         changes = []
+        with typeinfo.kept_consistent(handle):
+            folded = fold_computed_weights(handle)
         names = self._select(GraphIR(handle)) if self.selector else self.after
         if len(names) > self.budget:
             raise UserError(f"this step would insert {len(names)} layers; a deepen step or plan inserts at most "
@@ -246,7 +252,7 @@ class DeepenPass(_Pass):
                                     self.options.noise, self.options.seed + number)
             with typeinfo.kept_consistent(handle):
                 changes.append(asdict(deeper.insert(ir, insertion, options)))
-        return {"pass": self.name, "options": asdict(self.options), "changes": changes,
+        return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
 
@@ -380,15 +386,15 @@ class Pipeline(_Pass):
 # Analysis helpers shared with `inspect`
 
 
-def analyse_groups(ir: GraphIR) -> list[coupling.UnitGroup]:
+def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[coupling.UnitGroup]:
     """The group of every weighted layer, each group once (in layer order)."""
     unique = {}
-    for group in groups_by_layer(ir).values():
+    for group in groups_by_layer(ir, keep_outputs).values():
         unique.setdefault(id(group), group)
     return list(unique.values())
 
 
-def groups_by_layer(ir: GraphIR) -> dict[int, coupling.UnitGroup]:
+def groups_by_layer(ir: GraphIR, keep_outputs: bool = False) -> dict[int, coupling.UnitGroup]:
     """Every weighted layer's group, one walk per group: a layer whose whole
     output carries an ok group already found (`coupling.shares_space`) gets
     that group instead of a walk of its own (on a transformer's residual
@@ -397,7 +403,7 @@ def groups_by_layer(ir: GraphIR) -> dict[int, coupling.UnitGroup]:
     for layer in coupling.weighted_layers(ir):
         if layer in seen:
             continue
-        group = coupling.find_group(ir, layer)
+        group = coupling.find_group(ir, layer, keep_outputs=keep_outputs)
         seen[layer] = group
         if group.ok:
             for member in group.producers + group.passthrough:
@@ -415,8 +421,8 @@ def _layer(ir: GraphIR, name: str) -> int:
     return index
 
 
-def _group_of(ir: GraphIR, name: str) -> coupling.UnitGroup:
-    group = coupling.find_group(ir, _layer(ir, name))
+def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> coupling.UnitGroup:
+    group = coupling.find_group(ir, _layer(ir, name), keep_outputs=keep_outputs)
     if not group.ok:
         raise GrowthRefused(f"layer '{name}' cannot be widened exactly: {group.refusal}")
     return group

@@ -136,6 +136,7 @@ def reconcile(handle: ModelHandle, before: _Fingerprint) -> None:
     handle.rewritten = True
     graph = handle.graph
     changed = _changed_tensors(handle, before)
+    _forget_removed(graph)
     _declare_initializers(graph)
     stale = _drop_declarations(graph, changed)
     stale_subgraphs = _drop_subgraph_declarations(graph, changed)
@@ -189,6 +190,16 @@ def _changed_tensors(handle: ModelHandle, before: _Fingerprint) -> set[str]:
             continue
         changed.update(name for name in node.output if name)
     return changed
+
+
+def _forget_removed(graph: onnx.GraphProto) -> None:
+    """Declarations of tensors the rewrite removed go with them."""
+    present = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    present.update(name for node in graph.node for name in node.output)
+    kept = [value for value in graph.value_info if value.name in present]
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
 
 
 def _declare_initializers(graph: onnx.GraphProto) -> None:

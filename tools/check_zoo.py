@@ -37,7 +37,62 @@ warnings.filterwarnings("ignore")
 MAX_REL = 1e-5  # max |a - b| / max(1, |a|) over every output element
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
                "squeezenet1_0", "densenet121"]
-OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2"]
+OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
+#: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
+PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
+            "bert_encoder"]
+
+
+def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
+    """A small GPT written by hand the usual way (nanoGPT): one qkv Linear,
+    split on the last axis, view(B, T, h, D // h) with sizes read from x.shape,
+    a causal mask, reshape(B, T, D), learned positions sliced with [:, :T]."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+            self.register_buffer("mask", torch.tril(torch.ones(context, context)).view(1, 1, context, context))
+
+        def forward(self, x):
+            B, T, D = x.shape
+            q, k, v = self.qkv(x).split(D, dim=2)
+            q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf")).softmax(dim=-1)
+            return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, D))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.attn, self.ln2 = nn.LayerNorm(width), Attention(), nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.randn(1, context, width) * 0.02)
+            self.blocks = nn.Sequential(*[Block() for _ in range(layers)])
+            self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos[:, :idx.shape[1]]
+            return self.head(self.ln(self.blocks(x)))
+
+    return GPT()
+
+
+#: Encoders whose hidden state is the output: checked with keep_output_shapes.
+KEEP_OUTPUT_MODELS = {"bert_encoder"}
+#: Models exported with a dynamic sequence axis too (sizes read at run time).
+SEQUENCE_MODELS = {"nanogpt"}
 
 
 def export(name: str, path: Path, exporter: str = "legacy") -> None:
@@ -53,6 +108,14 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         def forward(self, x):
             extra = {"attention_mask": torch.ones_like(x), "use_cache": False} if self.key == "input_ids" else {}
             return getattr(self.model(**{self.key: x}, **extra), self.output)
+
+    class DictOutput(torch.nn.Module):
+        def __init__(self, model, key):
+            super().__init__()
+            self.model, self.key = model, key
+
+        def forward(self, x):
+            return self.model(x)[self.key]
 
     if name in TORCHVISION:
         import torchvision
@@ -84,18 +147,76 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
 
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
         model, example = Wrap(GPT2LMHeadModel(config), "input_ids", "logits"), torch.randint(0, 100, (2, 8))
+    elif name == "mha_vit":
+        import torchvision
+
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                     hidden_dim=64, mlp_dim=128, num_classes=10)
+        with torch.no_grad():  # its head starts at zero: the output would not depend on anything grown
+            for parameter in model.parameters():
+                if not parameter.any():
+                    parameter.normal_(0, 0.2)
+        example = torch.randn(1, 3, 32, 32)
+    elif name == "lraspp":
+        import torchvision
+
+        model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                          num_classes=3)
+        model, example = DictOutput(model, "out"), torch.randn(1, 3, 64, 64)
+    elif name == "weightnorm_conv":
+        from torch.nn.utils.parametrizations import weight_norm
+
+        model = torch.nn.Sequential(weight_norm(torch.nn.Conv1d(4, 16, 3, padding=1)), torch.nn.GELU(),
+                                    weight_norm(torch.nn.Conv1d(16, 16, 3, padding=1)), torch.nn.GELU(),
+                                    torch.nn.Conv1d(16, 4, 1))
+        example = torch.randn(1, 4, 32)
+    elif name == "swin_t":
+        import torchvision
+
+        model, example = torchvision.models.swin_t(weights=None, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name == "mixer":
+        from timm.models.mlp_mixer import MlpMixer
+
+        model = MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=64, num_classes=10)
+        example = torch.randn(1, 3, 32, 32)
+    elif name == "mobilevit_xxs":
+        import timm
+
+        model, example = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name in ("llama_gqa", "qwen2_gqa"):
+        import transformers
+
+        kind = "Llama" if name == "llama_gqa" else "Qwen2"
+        config = getattr(transformers, f"{kind}Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                                       max_position_embeddings=64)
+        model = Wrap(getattr(transformers, f"{kind}ForCausalLM")(config), "input_ids", "logits")
+        example = torch.randint(0, 100, (2, 8))
+    elif name == "bert_encoder":
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=100, max_position_embeddings=32)
+        model, example = Wrap(BertModel(config), "input_ids", "last_hidden_state"), torch.randint(0, 100, (2, 8))
+    elif name == "nanogpt":
+        model, example = nanogpt(), torch.randint(0, 100, (2, 8))
     else:
         raise SystemExit(f"unknown model {name}")
     model.eval()
     if exporter == "dynamo":
+        dynamic = None
+        if name in SEQUENCE_MODELS:
+            dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("sequence", max=32)}
+            dynamic = ({k: v for k, v in dims.items() if k < example.dim()},)
         torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=18, input_names=["input"],
-                          external_data=False, verbose=False)
+                          external_data=False, verbose=False, dynamic_shapes=dynamic)
     else:
+        axes = {0: "batch", 1: "sequence"} if name in SEQUENCE_MODELS else {0: "batch"}
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                          dynamic_axes={"input": {0: "batch"}})
+                          dynamic_axes={"input": axes})
 
 
-def check(path: Path, limit: int | None) -> dict:
+def check(path: Path, limit: int | None, keep_outputs: bool = False) -> dict:
     from onnx_net2net import io
     from onnx_net2net.inspection import inspect_model
     from onnx_net2net.passes import DeepenPass, WidenPass
@@ -103,6 +224,8 @@ def check(path: Path, limit: int | None) -> dict:
 
     handle = io.load(path)
     layers = inspect_model(handle, trial=False)["layers"]
+    if keep_outputs:
+        layers = _with_kept_outputs(handle, layers)
     eligible = [l for l in layers if not (l["widen"]["reason"] and "graph output" in l["widen"]["reason"])]
     reference = ReferenceRun(handle.proto)
     defects, checked, seen = [], 0, set()
@@ -114,7 +237,8 @@ def check(path: Path, limit: int | None) -> dict:
         width, step = layer["width"], layer["widen"]["step"]
         new = width + step * max(1, math.ceil((math.ceil(width * 1.5) - width) / step))
         new = _routable(handle, layer["name"], new)
-        defects += _try(reference, lambda: WidenPass({layer["name"]: new})(handle.proto).model,
+        defects += _try(reference, lambda: WidenPass({layer["name"]: new}, keep_output_shapes=keep_outputs)(
+            handle.proto).model,
                         f"widen {layer['name']} -> {new}")
         checked += 1
     for layer in [l for l in eligible if l["deepen"]["ok"]][:limit]:
@@ -131,6 +255,22 @@ def check(path: Path, limit: int | None) -> dict:
     return {"layers": len(layers), "eligible": len(eligible),
             "widen_ok": sum(l["widen"]["ok"] for l in eligible), "deepen_ok": sum(l["deepen"]["ok"] for l in eligible),
             "checked": checked, "defects": defects, "refusals": refusals}
+
+
+def _with_kept_outputs(handle, layers: list[dict]) -> list[dict]:
+    """Layers refused only because their units reach a graph output, analysed
+    again with keep_output_shapes (the outputs are sliced back)."""
+    from onnx_net2net import coupling
+    from onnx_net2net.ir import GraphIR
+
+    ir = GraphIR(handle)
+    for layer in layers:
+        if layer["widen"]["ok"] or "graph output" not in (layer["widen"]["reason"] or ""):
+            continue
+        group = coupling.find_group(ir, coupling.find_layer(ir, layer["name"]), keep_outputs=True)
+        layer["widen"] = {"ok": group.ok, "reason": None if group.ok else str(group.refusal),
+                          "step": group.feature_step, "group": [coupling.layer_name(ir, p) for p in group.producers]}
+    return layers
 
 
 def _routable(handle, name: str, width: int) -> int:
@@ -166,7 +306,8 @@ def _try(reference, build, what: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS)
+    parser.add_argument("models", nargs="*", default=TORCHVISION + OTHERS,
+                        help=f"default: {' '.join(TORCHVISION + OTHERS)}; also: {' '.join(PATTERNS)}")
     parser.add_argument("--limit", type=int, help="check at most this many layers per model and kind")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
@@ -178,7 +319,7 @@ def main() -> int:
             path = Path(folder) / f"{name}.onnx"
             start = time.time()
             export(name, path, args.exporter)
-            result = check(path, args.limit)
+            result = check(path, args.limit, keep_outputs=name in KEEP_OUTPUT_MODELS)
             results[name] = result
             share = result["widen_ok"] / max(result["eligible"], 1)
             print(f"{name}: {result['widen_ok']}/{result['eligible']} growable ({share:.0%}), "

@@ -81,6 +81,10 @@ class GrownGroup:
     new_width: int
     tensors: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)
+    #: size inputs computed at run time now fed constants following the growth
+    size_inputs: list[str] = field(default_factory=list)
+    #: graph outputs sliced back to their original units (keep_output_shapes)
+    sliced_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -204,7 +208,22 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     for edit in group.attribute_edits:
         _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
     _scale_norm_epsilons(ir, group, mapping.variance_ratio)
+    if group.size_edits:
+        from .sizes import apply_size_edits
+
+        record.size_inputs = apply_size_edits(ir, group.size_edits, q - n)
+    if group.kept_outputs:
+        from .outputs import slice_kept_outputs
+
+        record.sliced_outputs = slice_kept_outputs(ir, group.kept_outputs,
+                                                   lambda placement: original_positions(placement, mapping))
     return record
+
+
+def original_positions(placement: Placement, mapping: UnitMapping) -> np.ndarray:
+    """Positions of the widened axis that hold an original unit or other data."""
+    slots = unit_slots(placement, mapping)
+    return np.flatnonzero((slots < 0) | ~mapping.is_new[np.maximum(slots, 0)])
 
 
 def _scale_norm_epsilons(ir: GraphIR, group: UnitGroup, ratio: float) -> None:

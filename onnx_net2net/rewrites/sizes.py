@@ -1,0 +1,138 @@
+"""Apply `runtime_shapes.SizeEdit`s: entries of a size computed at run time
+that must become constants following the growth.
+
+A size input s of node N (a Reshape's shape...) whose entries k must now be
+c_k = base_k + per_unit_k * D is replaced, for N only, by
+
+    Where(mask, c, s)      mask[k] = True for the replaced entries
+
+which equals s everywhere else. The Where node is inserted just before N.
+When s is a Concat of one-element pieces read only by sinks wanting the same
+entries (the usual `Concat(Unsqueeze(Gather(Shape(x), i)), ...)`), the pieces
+are replaced by constants instead: no node is added, and ONNX shape inference
+still sees the target (the next group's analysis needs it). When other
+readers of that Concat want other entries (exporters share one target among
+layers), the edited sinks read a copy of the Concat with the pieces replaced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..ir import GraphIR
+
+
+def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
+    """Rewire every edited size input; returns the names of the new sizes.
+    Call last in a rewrite: it inserts nodes, so node indices change."""
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    written, replaced = [], set()
+    for edit in edits:
+        if edit.whole:
+            written.append(_freeze_input(ir, edit))
+            continue
+        if _replace_concat_pieces(ir, edit, edits, added, written, replaced, inserted):
+            continue
+        node = ir.nodes[edit.node]
+        original = node.input[edit.port]
+        length = _length(ir, original, edit)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(original, onnx.TensorProto.INT64))
+        mask, values = np.zeros(length, dtype=bool), np.zeros(length, dtype=dtype)
+        for index, base, per_unit in edit.entries:
+            mask[index], values[index] = True, base + per_unit * added
+        prefix = ir.fresh_prefix(f"{original}/grown")
+        names = [f"{prefix}_mask", f"{prefix}_values", prefix]
+        for name, array in zip(names, (mask, values)):
+            ir.graph.initializer.append(numpy_helper.from_array(array, name))
+            ir.initializers[name] = ir.graph.initializer[-1]
+        inserted.setdefault(edit.node, []).append(
+            helper.make_node("Where", [names[0], names[1], original], [names[2]], name=names[2]))
+        node.input[edit.port] = names[2]
+        written.append(names[2])
+    for name in [name for name, tensor in ir.initializers.items() if tensor is None]:
+        del ir.initializers[name]  # names reserved by _copy_for
+    if inserted:
+        nodes = []
+        for index, node in enumerate(ir.graph.node):
+            nodes += inserted.get(index, []) + [node]
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+        del ir.graph.node[:]
+        ir.graph.node.extend(nodes)
+    return written
+
+
+def _freeze_input(ir: GraphIR, edit) -> str:
+    """A size used as data becomes a constant holding its old value."""
+    node = ir.nodes[edit.node]
+    original = node.input[edit.port]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(original, onnx.TensorProto.INT64))
+    shape = ir.shape(original) or ()
+    value = np.array([base for _, base, _ in edit.entries], dtype=dtype).reshape(shape)
+    name = ir.fresh_name(f"{original}/frozen")
+    ir.graph.initializer.append(numpy_helper.from_array(value, name))
+    ir.initializers[name] = ir.graph.initializer[-1]
+    node.input[edit.port] = name
+    return name
+
+
+def _copy_for(ir: GraphIR, producer: int, readers: list, size: str, inserted: dict) -> onnx.NodeProto:
+    """A copy of the Concat computing `size`, read by `readers` instead."""
+    name = ir.fresh_prefix(f"{size}/grown")
+    ir.initializers[name] = None  # reserves the name until the IR is rebuilt
+    copy = onnx.NodeProto()
+    copy.CopyFrom(ir.nodes[producer])
+    copy.name, copy.output[0] = name, name
+    for node, port in readers:
+        ir.nodes[node].input[port] = name
+    first = min(node for node, _ in readers)
+    inserted.setdefault(first, []).append(copy)
+    return copy
+
+
+def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, replaced: set,
+                           inserted: dict) -> bool:
+    """Replace the edited entries' one-element pieces of the Concat that
+    computes the size, when every reader of it wants the same entries."""
+    size = ir.nodes[edit.node].input[edit.port]
+    if size in replaced:
+        return True  # an earlier sink reading this size wanted the same entries
+    readers = {(use.node, use.port) for use in ir.uses(size)}
+    wanting = {(e.node, e.port) for e in edits if ir.nodes[e.node].input[e.port] == size and e.entries == edit.entries}
+    producer = ir.producer_node(size)
+    if producer is None or ir.nodes[producer].op_type != "Concat":
+        return False
+    concat = ir.nodes[producer]
+    starts, position = [], 0
+    for piece in concat.input:
+        shape = ir.shape(piece)
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return False
+        starts.append(position)
+        position += int(shape[0])
+    pieces = {}
+    for index, base, per_unit in edit.entries:
+        piece = max(p for p, start in enumerate(starts) if start <= index)
+        if ir.shape(concat.input[piece]) != (1,) or starts[piece] != index:
+            return False
+        pieces[piece] = base + per_unit * added
+    if not readers <= wanting:
+        concat = _copy_for(ir, producer, sorted(wanting), size, inserted)
+        replaced.add(concat.output[0])  # the edited sinks read the copy now
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(size, onnx.TensorProto.INT64))
+    for piece, value in pieces.items():
+        name = ir.fresh_prefix(f"{size}/grown")
+        ir.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=dtype), name))
+        ir.initializers[name] = ir.graph.initializer[-1]
+        concat.input[piece] = name
+        written.append(name)
+    replaced.add(size)
+    return True
+
+
+def _length(ir: GraphIR, name: str, edit) -> int:
+    shape = ir.shape(name)
+    if shape and len(shape) == 1 and shape[0] is not None:
+        return int(shape[0])
+    return max(index for index, _, _ in edit.entries) + 1
