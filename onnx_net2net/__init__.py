@@ -117,15 +117,16 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
     return _run_pass(model, WidenPass(widths, factor, options), verify, verify_options)
 
 
-def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
+def deepen(model, after: list[str] | str, *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
            noise: float = 0.0, seed: int = 0, verify: bool = True, **verify_options):
-    """Net2DeeperNet: insert identity constructions after the named layers.
-    Returns (new ModelProto, report)."""
+    """Net2DeeperNet: insert identity constructions after the named layers
+    (or a selector: "all", "stages", "last"). Returns (new ModelProto, report)."""
     from .passes import DeepenPass
     from .rewrites.deeper import DeepenOptions
 
     options = DeepenOptions(kernel=kernel, mode=mode, batchnorm=batchnorm, noise=noise, seed=seed)
-    return _run_pass(model, DeepenPass(list(after), options), verify, verify_options)
+    return _run_pass(model, DeepenPass(after if isinstance(after, str) else list(after), options), verify,
+                     verify_options)
 
 
 def perturb(model, *, shrink: float = 0.4, fresh: float = 0.1, seed: int = 0, verify: bool = True,
