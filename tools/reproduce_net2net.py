@@ -127,16 +127,16 @@ EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN (8 -> 16 channels, hidden 32 -> 64)",
         {"channels": 8, "hidden": 32}, "last-conv+last-dense", 6000, 1e-2, 3000, (3e-3, 1e-2, 3e-2, 1e-1),
-        input_shape=(1, 40),
+        tune_seeds=1, input_shape=(1, 40),
         quick={"teacher_steps": 300, "T": 120, "grid": (1e-2, 3e-2), "tune_seeds": 1, "seeds": 1, "evals": 3}),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN (4/8 -> 8/16 channels, hidden 16 -> 32)",
-        {"c1": 4, "c2": 8, "hidden": 16}, "last-conv+last-dense", 2000, 1e-2, 1500, (1e-3, 3e-3, 1e-2, 3e-2),
+        {"c1": 4, "c2": 8, "hidden": 16}, "last-conv+last-dense", 2000, 1e-2, 1500, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
         input_shape=(1, 8, 8),
         quick={"teacher_steps": 200, "T": 90, "grid": (1e-2, 3e-2), "tune_seeds": 1, "seeds": 1, "evals": 3}),
     "char-lm": Experiment(
         "char-lm", "text", "charlm", "char-level transformer LM (d_model 64 -> 128; 2 -> 4 blocks)",
-        {"d": 64, "heads": 4, "layers": 2, "ctx": 32}, "blocks", 2000, 3e-3, 1200, (1e-3, 3e-3, 1e-2),
+        {"d": 64, "heads": 4, "layers": 2, "ctx": 32}, "blocks", 2000, 3e-3, 900, (1e-3, 3e-3, 1e-2),
         tune_seeds=1, batch=16, metric="bpc", evals=6,
         quick={"teacher_steps": 60, "T": 30, "grid": (3e-3,), "tune_seeds": 1, "seeds": 1, "evals": 2}),
 }
@@ -653,6 +653,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_details(experiments: dict) -> str:
+    """Per model: data, teacher, T, and every arm's validation metric per peak rate (the tuning)."""
+    parts = []
+    for name, exp in experiments.items():
+        scale, fmt = (1, "{:.3f}") if exp["metric"] == "bpc" else (100, "{:.1f}")
+        teacher = exp["teacher"]
+        parts.append(f"### {name}: {exp['title']}\n\n"
+                     f"data: {exp['dataset']}\n\n"
+                     f"teacher: {teacher['steps']} steps, Adam peak {teacher['lr']:g}, test "
+                     f"{fmt.format(teacher['mean'] * scale)} (mean of {len(teacher['test'])}); T = {exp['T']}, "
+                     f"grown students T/3 = {exp['short']}; batch {exp['batch']}; learning rate tuned on "
+                     f"{exp['tune_seeds']} seed(s), reported on {exp['seeds']}.\n")
+        grid = exp["grid"]
+        lines = ["| arm | " + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen |",
+                 "|---|" + "---|" * (len(grid) + 1)]
+        for key, entry in exp["arms"].items():
+            cells = []
+            for lr in grid:
+                value = entry["validation_by_lr"].get(str(lr), entry["validation_by_lr"].get(lr))
+                cells.append("-" if value is None or not math.isfinite(value) else fmt.format(value * scale))
+            lines.append(f"| {key} | " + " | ".join(cells) + f" | {entry['lr']:g} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def plot(experiments: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -754,7 +779,7 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
     (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {"target": r["target"],
                                                         "metric": r["metric"]} for r in rows], indent=1))
     table = format_table(rows)
-    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.md").write_text(table + "\n\n" + format_details(results))
     print(table, flush=True)
 
 
