@@ -469,7 +469,7 @@ class Lab:
         self.exp, self.task, self.out = exp, Task(exp, data), out
         self.dir = out / "cache" / exp.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.checks, self.relaxed, self.teachers = [], [], {}
+        self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
 
     # -- teachers ----------------------------------------------------------------
     def teacher(self, seed: int):
@@ -499,11 +499,13 @@ class Lab:
 
     # -- grown models ------------------------------------------------------------
     def grown(self, seed: int) -> dict:
-        """{(growth, arm): ModelProto} of the grown students of a seed (cached), step 0 checked."""
+        """{(growth, arm): ModelProto} of the grown students of a seed (cached), step 0 checked once."""
         import onnx
 
         import onnx_net2net as n2n
 
+        if seed in self.grown_models:
+            return self.grown_models[seed]
         names = [("widen", a) for a in WIDEN_ARMS if "random" not in a] + \
                 [("deepen", a) for a in DEEPEN_ARMS if "random" not in a]
         paths = {key: self.dir / f"seed{seed}_{key[0]}_{key[1].replace('+', '_')}.onnx" for key in names}
@@ -524,6 +526,7 @@ class Lab:
                 onnx.save(models[key], str(p))
         for key, model in models.items():
             self.check_step0(seed, key, model, teacher_metric)
+        self.grown_models[seed] = models
         return models
 
     def check_step0(self, seed: int, key: tuple, model, teacher_metric: float) -> None:
