@@ -9,6 +9,7 @@ a ModelProto); models given as objects are never modified:
     report = n2n.inspect(model)                         # layers, widths, what can grow
     wider, info = n2n.widen(model, {"/4/Conv": 24})     # verified before it is returned
     deeper, info = n2n.deepen(model, ["/4/Conv"])
+    ready, info = n2n.perturb(wider, shrink=0.4, fresh=0.1)  # shrink and perturb: reports the deviation
     n2n.save(wider, "cnn_wider.onnx")
     result = n2n.verify(model, wider)                   # VerificationReport
 
@@ -24,8 +25,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save", "inspect", "widen", "deepen", "verify",
-    "WidenPass", "DeepenPass", "AlignPass", "Pipeline", "PassResult", "WidenOptions", "DeepenOptions",
+    "load", "save", "inspect", "widen", "deepen", "perturb", "verify",
+    "WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "PassResult", "WidenOptions",
+    "DeepenOptions", "PerturbOptions",
     "UserError", "GrowthRefused", "VerificationFailed", "InternalError",
 ]
 
@@ -34,7 +36,7 @@ from .errors import GrowthRefused, InternalError, UserError, VerificationFailed 
 
 def __getattr__(name):
     # Lazy: importing the package stays cheap (no onnxruntime/networkx until used).
-    if name in ("WidenPass", "DeepenPass", "AlignPass", "Pipeline", "PassResult"):
+    if name in ("WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "PassResult"):
         from . import passes
 
         return getattr(passes, name)
@@ -46,6 +48,10 @@ def __getattr__(name):
         from .rewrites.deeper import DeepenOptions
 
         return DeepenOptions
+    if name == "PerturbOptions":
+        from .rewrites.perturb import PerturbOptions
+
+        return PerturbOptions
     raise AttributeError(name)
 
 
@@ -126,8 +132,12 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
     Args:
         model: ModelProto or path.
         widths: {layer name: new width}, or `factor` to widen every growable group.
-        split: "equal" or "random" (both exact).
-        noise: relative noise on replicated weights (changes the function).
+        split: "equal", "random" or "zero-sum" (all exact; zero-sum adds
+            noise to the copies' outgoing weights that sums to zero over the
+            copies, HyperCloning-style).
+        noise: with "equal"/"random": relative noise on replicated weights
+            (changes the function); with "zero-sum": the relative std of its
+            zero-sum noise (still exact; 0 means 0.1).
         init: "net2net" or "random-pad" (the paper's baseline, not exact).
         seed: seeds the mapping and the random choices.
         keep_output_shapes: let graph outputs carry the widened units (an
@@ -144,15 +154,31 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
     return _run_pass(model, WidenPass(widths, factor, options, keep_output_shapes), verify, verify_options)
 
 
-def deepen(model, after: list[str], *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
+def deepen(model, after: list[str] | str, *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
            noise: float = 0.0, seed: int = 0, verify: bool = True, **verify_options):
-    """Net2DeeperNet: insert identity constructions after the named layers.
-    Returns (new ModelProto, report)."""
+    """Net2DeeperNet: insert identity constructions after the named layers
+    (or a selector: "all", "stages", "last"). Returns (new ModelProto, report)."""
     from .passes import DeepenPass
     from .rewrites.deeper import DeepenOptions
 
     options = DeepenOptions(kernel=kernel, mode=mode, batchnorm=batchnorm, noise=noise, seed=seed)
-    return _run_pass(model, DeepenPass(list(after), options), verify, verify_options)
+    return _run_pass(model, DeepenPass(after if isinstance(after, str) else list(after), options), verify,
+                     verify_options)
+
+
+def perturb(model, *, shrink: float = 0.4, fresh: float = 0.1, seed: int = 0, verify: bool = True,
+            **verify_options):
+    """Shrink and perturb (Ash & Adams 2020): theta <- shrink * theta + fresh *
+    theta_fresh for every weighted layer's weight and bias, theta_fresh drawn
+    from PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Not
+    function-preserving: with `verify`, report["verification"] holds the
+    deviation (never raises for it). Returns (new ModelProto, report).
+    """
+    from .passes import PerturbPass
+    from .rewrites.perturb import PerturbOptions
+
+    options = PerturbOptions(shrink=shrink, fresh=fresh, seed=seed)
+    return _run_pass(model, PerturbPass(options), verify, verify_options)
 
 
 def _run_pass(model, grow, verify: bool, verify_options: dict):

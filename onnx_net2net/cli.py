@@ -1,4 +1,4 @@
-"""`python -m onnx_net2net`: info, inspect, verify, widen, deepen, grow, align.
+"""`python -m onnx_net2net`: info, inspect, verify, widen, deepen, grow, align, perturb.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage (one line,
 no traceback), 3 internal error (a bug).
@@ -196,6 +196,15 @@ def cmd_align(args) -> int:
     return _grow(args, AlignPass(args.multiple, args.fill, args.seed))
 
 
+def cmd_perturb(args) -> int:
+    from .passes import PerturbPass
+    from .rewrites.perturb import PerturbOptions
+
+    print("perturb is not function-preserving: the deviation from the input model is reported, not verified",
+          file=sys.stderr)
+    return _grow(args, PerturbPass(PerturbOptions(shrink=args.shrink, fresh=args.fresh, seed=args.seed)))
+
+
 def cmd_grow(args) -> int:
     from .plans import load_plan
 
@@ -318,7 +327,7 @@ def _print_outcome(args, result, exact: bool) -> int:
         print(f"written {args.output} (not verified)")
         return EXIT_OK
     if not exact:
-        print(f"deviation (expected: noise or random-pad): max abs {result.max_abs:.3g}, "
+        print(f"deviation (expected: this rewrite is not exact by design): max abs {result.max_abs:.3g}, "
               f"max rel {result.max_rel:.3g}")
         print(f"written {args.output}")
         return EXIT_OK
@@ -329,7 +338,10 @@ def _print_outcome(args, result, exact: bool) -> int:
 
 def _print_changes(report: dict) -> None:
     for change in report.get("changes", []):
-        if "old_width" in change:
+        if "fan_in" in change:
+            print(f"perturbed {', '.join(change['layers'])} [{change['op']}]: {', '.join(change['tensors'])} "
+                  f"(fresh bound {change['bound']:.3g})")
+        elif "old_width" in change:
             print(f"widened {', '.join(change['layers'])}: {change['old_width']} -> {change['new_width']} "
                   f"({len(change['tensors'])} tensors, {len(change['weights'])} weights rewritten)")
             if change.get("sliced_outputs"):
@@ -417,12 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     widen.add_argument("--layer", action="append", metavar="NAME=WIDTH",
                        help="new width of a layer (node name or weight name, as `inspect` lists); repeatable")
     widen.add_argument("--factor", type=float, help="widen every growable group by this factor instead")
-    widen.add_argument("--split", choices=("equal", "random"), default="equal",
+    widen.add_argument("--split", choices=("equal", "random", "zero-sum"), default="equal",
                        help="equal: divide by the copy count (the paper); random: random fractions that sum to "
-                            "one (exact, breaks symmetry)")
+                            "one (exact, breaks symmetry); zero-sum: equal split plus +N/-N noise on the copies' "
+                            "outgoing weights that sums to zero over the copies (HyperCloning; exact, the copies "
+                            "differ from step 0)")
     widen.add_argument("--noise", type=float, default=0.0, metavar="STD",
-                       help="noise on the replicated weights, relative to each weight's std (changes the "
-                            "function slightly; the deviation is reported)")
+                       help="with --split equal/random: noise on the replicated weights, relative to each "
+                            "weight's std (changes the function slightly; the deviation is reported). With "
+                            "--split zero-sum: the std of the zero-sum noise relative to each consumer weight's "
+                            "std (stays exact; default 0.1)")
     widen.add_argument("--init", choices=("net2net", "random-pad"), default="net2net",
                        help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
     widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
@@ -466,6 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "replicate: Net2Net replicate-and-divide")
     align.add_argument("--seed", type=int, default=0, help="seed of the unit mapping")
     _finish_growth_command(align)
+    perturb = _add_growth_command(commands, "perturb", cmd_perturb, "shrink and perturb before training (NOT "
+                                  "function-preserving)", "Shrink and perturb (Ash & Adams 2020): every Conv, "
+                                  "ConvTranspose, Gemm and MatMul weight and bias becomes SHRINK * w + FRESH * "
+                                  "w_fresh, w_fresh drawn from PyTorch's default init U(-1/sqrt(fan_in), "
+                                  "1/sqrt(fan_in)). Norm layers and embeddings are kept. The output deviation is "
+                                  "reported (exit 0), not verified.")
+    perturb.add_argument("--shrink", type=float, default=0.4, help="factor on the current weights (default 0.4)")
+    perturb.add_argument("--fresh", type=float, default=0.1,
+                         help="factor on the fresh initialisation (default 0.1)")
+    perturb.add_argument("--seed", type=int, default=0, help="seed of the fresh initialisation (default 0)")
+    _finish_growth_command(perturb)
     return parser
 
 

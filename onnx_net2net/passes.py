@@ -23,8 +23,9 @@ from .folding import fold_computed_weights
 from .io import ModelHandle, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
-from .rewrites import deeper, routed, wider
+from .rewrites import deeper, perturb, routed, wider
 from .rewrites.deeper import DeepenOptions
+from .rewrites.perturb import PerturbOptions
 from .rewrites.wider import WidenOptions
 
 
@@ -156,7 +157,7 @@ class WidenPass(_Pass):
         return group.width + step * math.ceil((wanted - group.width) / step)
 
     def _check_options(self, group: coupling.UnitGroup) -> None:
-        if isinstance(group, routing.RoutedGroup) and (self.options.init == "random-pad" or self.options.noise):
+        if isinstance(group, routing.RoutedGroup) and (self.options.init == "random-pad" or self.options.added_noise):
             raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
 
 
@@ -356,6 +357,36 @@ def _next_aligned(size: int, step: int, multiple: int) -> int | None:
         if (candidate - size) % step == 0:
             return candidate
     return None
+
+
+class PerturbPass(_Pass):
+    """Shrink and perturb every weighted layer (see rewrites/perturb.py).
+
+    Not function-preserving (`exact` is False): callers report the deviation.
+
+    Args:
+        options: shrink, fresh and seed.
+    """
+
+    name = "perturb"
+    exact = False
+
+    def __init__(self, options: PerturbOptions | None = None):
+        self.options = options or PerturbOptions()
+        for what, value in (("shrink", self.options.shrink), ("fresh", self.options.fresh)):
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{what} {value}: must be a finite number >= 0")
+        if self.options.shrink == 1 and self.options.fresh == 0:
+            raise UserError("--shrink 1 --fresh 0 changes nothing")
+
+    def apply(self, handle: ModelHandle) -> dict:
+        before = parameter_count(handle)
+        changes = perturb.perturb_model(GraphIR(handle), self.options)
+        if not changes:
+            raise GrowthRefused("the model has no weighted layer (Conv, ConvTranspose, Gemm, MatMul with a "
+                                "constant weight) to perturb")
+        return {"pass": self.name, "options": asdict(self.options), "changes": [asdict(c) for c in changes],
+                "parameters": {"before": before, "after": parameter_count(handle)}}
 
 
 class Pipeline(_Pass):

@@ -5,14 +5,19 @@
     description = "..."
 
     [[steps]]
-    op = "widen"            # widen | deepen | align
+    op = "widen"            # widen | deepen | align | perturb
     factor = 2.0            # or: widths = { "/4/Conv" = 24 }
-    split = "random"        # widen options: split, noise, init, seed
+    split = "random"        # widen options: split (equal | random | zero-sum), noise, init, seed
 
     [[steps]]
     op = "deepen"
     after = "stages"        # a list of layer names, or "all" | "stages" | "last"
     mode = "auto"           # deepen options: mode, kernel, batchnorm, noise, seed
+
+    [[steps]]
+    op = "perturb"          # shrink and perturb (not function-preserving)
+    shrink = 0.4            # perturb options: shrink, fresh, seed
+    fresh = 0.1
 
 Selectors are resolved against the model as it is when the step runs, so a
 plan applies to any model. A bad plan is a one-line error naming the line.
@@ -25,8 +30,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .passes import AlignPass, DeepenPass, Pipeline, WidenPass
+from .passes import AlignPass, DeepenPass, PerturbPass, Pipeline, WidenPass
 from .rewrites.deeper import DeepenOptions
+from .rewrites.perturb import DEFAULT_FRESH, DEFAULT_SHRINK, PerturbOptions
 from .rewrites.wider import WidenOptions
 
 #: A plan longer than this is almost surely a mistake (each step rewrites the whole model).
@@ -44,6 +50,7 @@ _STEP_KEYS = {
     "deepen": {"op": str, "after": (str, list), "mode": str, "kernel": int, "batchnorm": bool,
                "noise": (int, float), "seed": int},
     "align": {"op": str, "multiple": int, "fill": str, "seed": int},
+    "perturb": {"op": str, "shrink": (int, float), "fresh": (int, float), "seed": int},
 }
 
 
@@ -103,7 +110,7 @@ def _step(step: dict, number: int, locate: "_Locator"):
     where = f"step {number + 1}"
     op = step.get("op")
     if op not in _STEP_KEYS:
-        raise UserError(f"{locate.step(number, 'op')}: {where}: op must be one of widen, deepen, align (got {op!r})")
+        raise UserError(f"{locate.step(number, 'op')}: {where}: op must be one of {', '.join(_STEP_KEYS)} (got {op!r})")
     _check_keys(step, _STEP_KEYS[op], locate, where, number)
     try:
         if op == "widen":
@@ -122,6 +129,9 @@ def _step(step: dict, number: int, locate: "_Locator"):
             if after is None:
                 raise UserError("deepen needs 'after' (layer names, or \"all\", \"stages\", \"last\")")
             return DeepenPass(after, options)
+        if op == "perturb":
+            return PerturbPass(PerturbOptions(shrink=float(step.get("shrink", DEFAULT_SHRINK)),
+                                              fresh=float(step.get("fresh", DEFAULT_FRESH)), seed=step.get("seed", 0)))
         return AlignPass(step.get("multiple", 8), step.get("fill", "zero"), step.get("seed", 0))
     except UserError as error:
         raise UserError(f"{locate.step(number, 'op')}: {where}: {error}") from None

@@ -125,6 +125,16 @@ def test_noise_is_refused_on_a_shuffle_stage():
         n2n.widen(shuffle_stage(2), {"a": 6}, noise=0.1)
 
 
+def test_zero_sum_split_is_exact_on_a_shuffle_stage():
+    model = shuffle_stage(2)
+    equal, _ = widen_exact(model, {"a": 6}, split="equal", seed=4)
+    zero_sum, report = widen_exact(model, {"a": 6}, split="zero-sum", seed=4)
+    assert report["exact"] is True
+    differing = [t.name for t in equal.graph.initializer
+                 if not np.allclose(init(equal, t.name), init(zero_sum, t.name), rtol=0, atol=1e-6)]
+    assert differing   # the readers' weights of the copies differ from the equal split
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
     rng = np.random.default_rng(seed)

@@ -536,6 +536,44 @@ def test_split_random_is_exact_and_differs_from_equal():
     check_consumer_split(init(model, "W2"), w2_rand, g)
 
 
+@pytest.mark.parametrize("width", [6, 8, 11])  # new units copy random old ones: 2, 3 or more copies
+def test_zero_sum_split_is_exact_and_its_copies_differ(width):
+    model = dense_sandwich(unary("Tanh"), c=3)
+    equal, _ = widen_exact(model, {"L1": width}, split="equal", seed=5)
+    zero_sum, report = widen_exact(model, {"L1": width}, split="zero-sum", seed=5)
+    assert report["options"]["split"] == "zero-sum" and report["exact"] is True
+    assert report["verification"]["max_rel"] < 1e-5
+    w1 = node_weight(zero_sum, "L1")
+    np.testing.assert_array_equal(w1, node_weight(equal, "L1"))                 # producers copy exactly
+    g = infer_mapping(init(model, "W1"), w1)
+    w2 = node_weight(zero_sum, "L2")
+    check_consumer_split(init(model, "W2"), w2, g)                              # copies sum to the original
+    spread = float(np.std(init(model, "W2")))
+    copied = [unit for unit in range(3) if np.count_nonzero(g == unit) > 1]
+    assert copied
+    for unit in copied:
+        copies = w2[:, g == unit]
+        assert np.abs(copies - copies[:, :1]).max() > 0.01 * spread             # and differ from step 0
+        np.testing.assert_allclose(copies - copies.mean(axis=1, keepdims=True),
+                                   (w2 - node_weight(equal, "L2"))[:, g == unit], atol=1e-6)
+
+
+def test_zero_sum_noise_sets_the_magnitude_and_stays_exact():
+    model = conv_sandwich(unary("Relu"))
+    deviations = []
+    for noise in (0.01, 0.3):
+        grown, report = widen_exact(model, {"L1": 6}, split="zero-sum", noise=noise, seed=2)
+        assert report["options"]["noise"] == noise
+        equal, _ = n2n.widen(model, {"L1": 6}, split="equal", seed=2)
+        deviations.append(float(np.std(node_weight(grown, "L2") - node_weight(equal, "L2"))))
+    assert 10 < deviations[1] / deviations[0] < 60   # std scales with --noise (30x, sampled)
+
+
+def test_zero_sum_split_of_attention_heads_is_exact():
+    model = onnx.load(str(model_path("gpt2_tiny")))
+    widen_exact(model, factor=2.0, split="zero-sum", seed=1)
+
+
 def test_noise_changes_the_function_slightly_and_says_so():
     model = dense_sandwich(unary("Relu"), c=4)
     noisy, report = n2n.widen(model, {"L1": 8}, noise=0.05)

@@ -9,8 +9,9 @@ source_k(j), or nothing when -1):
                           p'[t] = p[position in T of the old label at t]
 * readers of T split:     V'[:, t] = V[:, position of that label] * a_t, with
                           the a_t of the copies of one label summing to one
-                          (1/count for `split="equal"`, random otherwise), and
-                          0 where t carries nothing.
+                          (1/count for `split="equal"`, random for
+                          "random", 1/count plus noise centred over the
+                          copies for "zero-sum"), and 0 where t carries nothing.
 * constants that count channels (reshape dims, split sizes, slice bounds)
   take their values at the new width; dynamic ones follow by themselves.
 
@@ -96,6 +97,7 @@ def _split_reader(ir: GraphIR, index: int, weight: np.ndarray, old: np.ndarray, 
     axis = 1 if node.op_type == "Conv" or node_attr(node, "transB", 0) else 0
     positions = _old_positions(old, new, source)
     columns = np.take(weight, np.maximum(positions, 0), axis=axis).astype(np.float64)
+    noise_std = options.zero_sum_scale * float(np.std(weight)) if weight.size else 0.0
     moved = np.moveaxis(columns, axis, 0)
     copies = defaultdict(list)
     for position, old_position in enumerate(positions):
@@ -112,4 +114,7 @@ def _split_reader(ir: GraphIR, index: int, weight: np.ndarray, old: np.ndarray, 
         else:
             fractions = np.full((len(group),) + moved.shape[1:], 1.0 / len(group))
         moved[group] = moved[group] * fractions
+        if noise_std:
+            draws = rng.normal(0.0, noise_std, size=(len(group),) + moved.shape[1:])
+            moved[group] += draws - draws.mean(axis=0, keepdims=True)
     return np.moveaxis(moved, 0, axis).astype(weight.dtype)

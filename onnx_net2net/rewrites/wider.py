@@ -11,12 +11,18 @@ With c(u) = |{j : g(j) = u}| copies of unit u:
   with sum over the copies of u of a_j = 1: a_j = 1/c(u) for `split="equal"`
   (the paper), random positive fractions for `split="random"` (exact, and
   the copies no longer get identical gradients).
+* `split="zero-sum"` (HyperCloning): V'[.., j, ..] = V[.., g(j), ..] / c(u) + e_j
+  with e_j ~ N(0, (s * std(V))^2) drawn per element and centred over the
+  copies of u (e_j - mean over the copies), so sum_j e_j = 0: +e/-e for two
+  copies, a zero-sum vector for more. s is `noise` (ZERO_SUM_NOISE when 0).
+  The sum over the copies, and so the function, is unchanged (exact up to one
+  float rounding: computed in float64, rounded once), yet the copies differ.
 
 Every op between producers and consumers acts per unit, so the copies carry
 identical values and y' = y. Divisions live in the consumers' weights, never
 on activations, which is why any activation stays exact.
 
-`noise` adds the paper's Gaussian noise (relative to each weight's std) to the
+Otherwise `noise` adds the paper's Gaussian noise (relative to each weight's std) to the
 replicated entries; `init="random-pad"` is the paper's non-preserving baseline
 (new units random, old units untouched). Both change the function on purpose.
 """
@@ -34,7 +40,10 @@ from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
 from ..io import set_tensor_values
 from ..ir import GraphIR
 
-SPLITS = ("equal", "random")
+SPLITS = ("equal", "random", "zero-sum")
+#: The +/- magnitude of `split="zero-sum"`, relative to each consumer weight's
+#: std, when `noise` is 0.
+ZERO_SUM_NOISE = 0.1
 INITS = ("net2net", "random-pad", "zero")
 #: Ops that keep finite values finite whatever the input: units with zero
 #: incoming weights stay harmless through them.
@@ -51,10 +60,15 @@ class WidenOptions:
     """How new units are initialised.
 
     Attributes:
-        split: "equal" (divide by the copy count) or "random" (random fractions
-            summing to one: exact and symmetry-breaking).
-        noise: std of Gaussian noise added to replicated weights, relative to
-            each weight tensor's std (0: exact).
+        split: "equal" (divide by the copy count), "random" (random fractions
+            summing to one) or "zero-sum" (equal fractions plus noise that sums
+            to zero over the copies); all three are exact, the last two break
+            the copies' symmetry.
+        noise: with split "equal" or "random": std of Gaussian noise added to
+            replicated weights, relative to each weight tensor's std (changes
+            the function; 0: exact). With split "zero-sum": the std of the
+            zero-sum noise, relative to each consumer weight's std (the model
+            stays exact; 0 means ZERO_SUM_NOISE).
         init: "net2net" (function-preserving), "zero" (function-preserving: new
             units get zero outgoing weights, so the original weights are kept
             as they are; for alignment, not for training), or "random-pad"
@@ -69,7 +83,19 @@ class WidenOptions:
 
     @property
     def exact(self) -> bool:
-        return self.noise == 0 and self.init != "random-pad"
+        return (self.noise == 0 or self.split == "zero-sum") and self.init != "random-pad"
+
+    @property
+    def zero_sum_scale(self) -> float:
+        """The relative std of the zero-sum noise (0 unless split is "zero-sum")."""
+        if self.split != "zero-sum":
+            return 0.0
+        return self.noise or ZERO_SUM_NOISE
+
+    @property
+    def added_noise(self) -> float:
+        """The relative std of the function-changing noise on replicated weights."""
+        return 0.0 if self.split == "zero-sum" else self.noise
 
 
 @dataclass
@@ -272,12 +298,16 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
             value = np.where(new, noise, value)
         return value
     if edit.role == "split":
-        factors = _split_factors(value.shape, axis, slots, mapping, options.split, context.rng)
-        value = (value.astype(np.float64) * factors).astype(value.dtype)  # one rounding, not two
-    if options.noise > 0 and np.issubdtype(value.dtype, np.floating):
+        split = "equal" if options.split == "zero-sum" else options.split
+        split_value = value.astype(np.float64) * _split_factors(value.shape, axis, slots, mapping, split, context.rng)
+        if options.zero_sum_scale and np.issubdtype(value.dtype, np.floating):
+            scale = options.zero_sum_scale * context.reference_std
+            split_value += _zero_sum_noise(value.shape, axis, slots, mapping, scale, context.rng)
+        value = split_value.astype(value.dtype)  # one rounding, not two
+    if options.added_noise > 0 and np.issubdtype(value.dtype, np.floating):
         copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
         replicated = in_space & (copies > 1) if edit.role == "split" else new.reshape(-1)
-        noise = context.rng.normal(0.0, options.noise * context.reference_std, size=value.shape)
+        noise = context.rng.normal(0.0, options.added_noise * context.reference_std, size=value.shape)
         value = value + (noise * replicated.reshape(shape)).astype(value.dtype)
     return value
 
@@ -337,6 +367,20 @@ def _split_factors(shape, axis, slots, mapping: UnitMapping, split, rng) -> np.n
         draws = rng.uniform(0.25, 1.75, size=positions.shape + moved.shape[1:])
         moved[positions] = draws / draws.sum(axis=0, keepdims=True)
     return factors
+
+
+def _zero_sum_noise(shape, axis, slots, mapping: UnitMapping, scale: float, rng) -> np.ndarray:
+    """Per-element Gaussian noise (std `scale`) on the copies of each copied
+    unit, centred over those copies so that it sums to zero there."""
+    noise = np.zeros(shape, dtype=np.float64)
+    moved = np.moveaxis(noise, axis, 0)
+    g, counts = mapping.g, mapping.counts
+    copies_of = g if mapping.is_average is None else np.where(mapping.is_average, -1, g)
+    for unit in np.nonzero(counts > 1)[0]:
+        positions = np.stack([np.nonzero(slots == j)[0] for j in np.nonzero(copies_of == unit)[0]])
+        draws = rng.normal(0.0, scale, size=positions.shape + moved.shape[1:])
+        moved[positions] = draws - draws.mean(axis=0, keepdims=True)
+    return noise
 
 
 def _store_constants(ir: GraphIR, new_values: dict) -> list[str]:
