@@ -133,6 +133,9 @@ def kept_consistent(handle: ModelHandle):
 def reconcile(handle: ModelHandle, before: _Fingerprint) -> None:
     """Make every declaration of `handle` true after a rewrite (see the module
     docstring); `before` is the fingerprint taken before the rewrite."""
+    after = _fingerprint(handle)
+    if after.nodes == before.nodes and after.initializers == before.initializers:
+        return  # nothing was rewritten
     handle.rewritten = True
     graph = handle.graph
     changed = _changed_tensors(handle, before)
