@@ -681,12 +681,13 @@ def _write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model without its initializers (which are streamed)."""
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
-    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
     return skeleton
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of a proto message but `skip` (no deep copy of what is skipped)."""
     for descriptor, value in src.ListFields():
         if descriptor.name == skip:
             continue
@@ -858,3 +859,15 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -20,7 +20,7 @@ import onnx_ir.passes
 from . import coupling, routing, typeinfo
 from .errors import GrowthRefused, UserError
 from .folding import fold_computed_weights
-from .io import ModelHandle, from_proto, tensor_nbytes
+from .io import ModelHandle, available_memory, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
 from .rewrites import deeper, perturb, routed, wider
@@ -472,9 +472,9 @@ def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
     if isinstance(group, routing.RoutedGroup):  # its writers and readers grow in proportion
         layers = group.region.writers + [node for node, _ in group.region.readers]
         needed = sum(_constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * width / group.size
-    available = _available_memory()
+    available = available_memory()
     if width * group.features_per_unit >= MAX_UNITS:
-        raise UserError(f"width {width * group.features_per_unit:.3g} would need about {needed / 2**30:.3g} GiB for the new "
+        raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "
                         f"weights; widths are limited to {MAX_UNITS - 1}")
     if available and needed * 3 > available:
         raise UserError(f"widening to {width * group.features_per_unit} needs about {needed / 2**30:.3g} GiB for the new weights, "
@@ -492,17 +492,6 @@ def _constant_nbytes(ir: GraphIR, tensor: str) -> int:
         if attr.name == "value":
             return tensor_nbytes(attr.t)
     return 0
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def parameter_count(handle: ModelHandle) -> int:

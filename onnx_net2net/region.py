@@ -453,7 +453,7 @@ def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
     graph inputs pinned to the shapes verification feeds, ready for shape
     inference. Small integer initializers (shape constants) keep their values."""
     model = onnx.ModelProto()
-    _copy_fields_except(handle.proto, model, "graph")
+    io.copy_fields(handle.proto, model, "graph")
     graph = model.graph
     source = handle.graph
     graph.node.extend(source.node)
@@ -470,18 +470,6 @@ def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
         else:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return model
-
-
-def _copy_fields_except(src, dst, skip: str) -> None:
-    for descriptor, value in src.ListFields():
-        if descriptor.name == skip:
-            continue
-        if isinstance(value, (str, bytes, int, float, bool)):
-            setattr(dst, descriptor.name, value)
-        elif hasattr(value, "CopyFrom"):
-            getattr(dst, descriptor.name).CopyFrom(value)
-        else:
-            getattr(dst, descriptor.name).extend(value)
 
 
 def _pinned(value: onnx.ValueInfoProto, spec: InputSpec) -> onnx.ValueInfoProto:
@@ -850,23 +838,11 @@ def _describe(region: Region) -> str:
 # Choosing and dispatching
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def choose_mode(mode: str, weight_bytes: int) -> str:
     """`auto` -> region for models over AUTO_REGION_BYTES or a third of available memory."""
     if mode != "auto":
         return mode
-    memory = available_memory()
+    memory = io.available_memory()
     large = weight_bytes > AUTO_REGION_BYTES or (memory is not None and weight_bytes > memory * AUTO_MEMORY_SHARE)
     return "region" if large else "full"
 
@@ -896,7 +872,7 @@ def verify_pair(old: io.ModelHandle, new: io.ModelHandle, full, *, mode: str = "
 
 
 def _fits(weight_bytes: int) -> bool:
-    memory = available_memory()
+    memory = io.available_memory()
     return memory is None or 3 * weight_bytes < memory
 
 
@@ -941,4 +917,4 @@ def verify_models(reference, candidate, *, mode: str = "full", **options) -> Ver
 
 
 __all__ = ["MODES", "Region", "RegionUnavailable", "find_region", "extract", "boundary_values", "verify_region",
-           "verify_pair", "verify_files", "verify_grown", "verify_models", "choose_mode", "available_memory"]
+           "verify_pair", "verify_files", "verify_grown", "verify_models", "choose_mode"]

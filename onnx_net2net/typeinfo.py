@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import InternalError, first_line
-from .io import ModelHandle, tensor_nbytes
+from .io import ModelHandle, copy_fields, tensor_nbytes
 
 #: Initializers up to this size are kept for shape inference (shape constants).
 SHAPE_INFERENCE_KEEP_BYTES = 1 << 16
@@ -67,15 +67,7 @@ def light_model(handle: ModelHandle) -> onnx.ModelProto:
     double the memory of a large model.
     """
     model = onnx.ModelProto()
-    for descriptor, value in handle.proto.ListFields():
-        if descriptor.name == "graph":
-            continue
-        if hasattr(value, "CopyFrom"):
-            getattr(model, descriptor.name).CopyFrom(value)
-        elif isinstance(value, (str, bytes, int, float, bool)):
-            setattr(model, descriptor.name, value)
-        else:
-            getattr(model, descriptor.name).extend(value)
+    copy_fields(handle.proto, model, skip="graph")
     graph, source = model.graph, handle.proto.graph
     graph.name = source.name
     graph.node.extend(source.node)
