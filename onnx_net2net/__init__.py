@@ -60,9 +60,9 @@ def _as_proto(model):
     anything else unchanged."""
     kind = type(model).__module__.split(".")[0]
     if kind == "onnx_ir":
-        import onnx_ir
+        from .passes import ir_model_to_proto
 
-        return onnx_ir.serde.serialize_model(model)
+        return ir_model_to_proto(model)
     if kind == "onnx_graphsurgeon":
         import onnx_graphsurgeon
 
@@ -105,7 +105,7 @@ def save(model, path, *, external: bool | None = None):
     """Write a ModelProto atomically (never over its source)."""
     from . import io
 
-    return io.save(io.from_proto(model), path, external=external)
+    return io.save(io.from_proto(_as_proto(model)), path, external=external)
 
 
 def inspect(model, *, trial: bool | None = None) -> dict:

@@ -72,6 +72,8 @@ def constant_subgraph(ir: GraphIR, tensor: str) -> list[int] | None:
 def fold_computed_weights(handle) -> list[dict]:
     """Replace every weight computed from constants by an initializer holding
     its value; returns what was folded (weight, ops) for the report."""
+    if not handle.checked:
+        GraphIR(handle)  # the model as given is checked before anything changes (its faults are the user's)
     ir = GraphIR(handle, infer_shapes=False)
     folded, leaves = [], set()
     for index, port, subgraph in computed_weights(ir):

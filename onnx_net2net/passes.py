@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 import onnx_ir
+import onnx_ir.external_data
 import onnx_ir.passes
 
 from . import coupling, routing, typeinfo
@@ -63,8 +64,16 @@ class _Pass(onnx_ir.passes.FunctionalPass):
         return PassResult(handle.proto, bool(self.report.get("changes")), self.report)
 
     def call(self, model: onnx_ir.Model) -> onnx_ir.passes.PassResult:
-        result = self(onnx_ir.serde.serialize_model(model))
+        result = self(ir_model_to_proto(model))
         return onnx_ir.passes.PassResult(onnx_ir.serde.deserialize_model(result.model), result.modified)
+
+
+def ir_model_to_proto(model: onnx_ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto with every weight inline: weights an
+    `onnx_ir.Model` keeps in external files are read into it first (their
+    values do not change; their folder is not carried by a ModelProto)."""
+    onnx_ir.external_data.load_to_model(model)
+    return onnx_ir.serde.serialize_model(model)
 
     def apply(self, handle: ModelHandle) -> dict:
         raise NotImplementedError

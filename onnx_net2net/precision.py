@@ -101,3 +101,21 @@ def _upcast_type(type_proto: onnx.TypeProto) -> None:
         _upcast_type(type_proto.optional_type.elem_type)
     elif kind == "map_type":
         _upcast_type(type_proto.map_type.value_type)
+
+
+def with_float32_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose named low-precision graph outputs are cast to
+    float32 (the values unchanged; the output names kept)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for value in graph.output:
+        if value.name not in names:
+            continue
+        inner = f"{value.name}/low_precision"
+        for node in graph.node:
+            node.output[:] = [inner if name == value.name else name for name in node.output]
+            node.input[:] = [inner if name == value.name else name for name in node.input]
+        graph.node.append(onnx.helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT))
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return copy

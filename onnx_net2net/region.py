@@ -66,6 +66,7 @@ the region holds more than `AUTO_REGION_SHARE` of the weights; full otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -76,8 +77,8 @@ from onnx import TensorProto
 
 from . import io
 from .errors import UserError
-from .verification import (InputSpec, ReferenceRun, VerificationReport, choose_providers, compare_arrays,
-                           make_inputs, make_session, tolerance_for)
+from .verification import (InputSpec, ModelRunError, ReferenceRun, VerificationReport, choose_providers,
+                           compare_arrays, make_inputs, make_session, plain_onnxruntime_error, tolerance_for)
 
 #: `auto` chooses region verification above this many bytes of weights.
 AUTO_REGION_BYTES = 1 << 30
@@ -593,9 +594,10 @@ def _region_session(model: onnx.ModelProto, providers: list[str], base_dir, arra
     costs more than the run)."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # failures reach the user as our one line, not onnxruntime's log
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.add_session_config_entry("session.disable_prepacking", "1")
     if base_dir is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
@@ -606,8 +608,7 @@ def _region_session(model: onnx.ModelProto, providers: list[str], base_dir, arra
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {message[:300]}") from None
+        raise ModelRunError(f"onnxruntime cannot load the region: {plain_onnxruntime_error(exc)}") from None
 
 
 def _value_info(name: str, type_proto: onnx.TypeProto | None, keep_shape: bool = True) -> onnx.ValueInfoProto:
@@ -767,7 +768,7 @@ _ORT_NAME = {TensorProto.FLOAT: "float", TensorProto.DOUBLE: "double", TensorPro
 def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec | None = None,
                   atol: float | None = None, rtol: float | None = None, providers: list[str] | None = None,
                   announce=None, region: Region | None = None, base_dir=None, allow_nonfinite: bool = False,
-                  upcast: bool = True) -> VerificationReport:
+                  upcast: bool = True, candidate_is_ours: bool = False) -> VerificationReport:
     """Compare the changed region of two models on the same boundary values.
 
     Tolerances default by each boundary output's type, as in full
@@ -794,7 +795,10 @@ def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec
     feeds = boundary_values(old, region, types_old, spec, announce)
     providers = choose_providers(providers)
     reference, provider = _run_region(old, region.old_nodes, region, types_old, feeds, providers)
-    candidate, _ = _run_region(new, region.new_nodes, region, types_new, feeds, providers)
+    from .verification import ours
+
+    with ours() if candidate_is_ours else contextlib.nullcontext():
+        candidate, _ = _run_region(new, region.new_nodes, region, types_new, feeds, providers)
     for name, a, b in zip(region.outputs, reference, candidate):
         if a.shape != b.shape:
             raise RegionUnavailable(f"boundary output '{name}' has shape {list(b.shape)} instead of "
@@ -823,8 +827,7 @@ def _run(session, feeds: dict, names: list[str]) -> list[np.ndarray]:
     try:
         return [np.asarray(x) for x in session.run(names, feeds)]
     except Exception as exc:  # noqa: BLE001
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime failed to run the region: {message[:300]}") from None
+        raise ModelRunError(f"onnxruntime failed to run the region: {plain_onnxruntime_error(exc)}") from None
 
 
 def _describe(region: Region) -> str:
@@ -903,7 +906,7 @@ def verify_grown(source: str | os.PathLike, grown: io.ModelHandle, staged: str |
 
     if choose_mode(mode, grown.weight_bytes()) == "full":
         return full()
-    return verify_pair(io.load(source), grown, full, mode=mode, announce=announce, **options)
+    return verify_pair(io.load(source), grown, full, mode=mode, announce=announce, candidate_is_ours=True, **options)
 
 
 def verify_models(reference, candidate, *, mode: str = "full", **options) -> VerificationReport:

@@ -407,10 +407,11 @@ class ReferenceRun:
         self.providers = choose_providers(providers)
         self.base_dir = base_dir
         self.reference = reference
-        session = make_session(reference, self.providers, base_dir)
+        session = _readable_session(reference, self.providers, base_dir)
         self.feeds = make_inputs(session, inputs or InputSpec(), announce)
         self.names = [o.name for o in session.get_outputs()]
-        self.types = [o.type for o in session.get_outputs()]
+        cast = getattr(session, "bfloat16_outputs", [])
+        self.types = ["tensor(bfloat16)" if o.name in cast else o.type for o in session.get_outputs()]
         self.outputs = run_session(session, self.feeds)
         self.provider = session.get_providers()[0]
         self.upcast = upcast and any(t in LOW_PRECISION for t in self.types)
@@ -421,7 +422,7 @@ class ReferenceRun:
         return tolerance_for(output_type, self.rtol, self.atol)
 
     def compare(self, candidate) -> VerificationReport:
-        session = make_session(candidate, self.providers, self.base_dir)
+        session = _readable_session(candidate, self.providers, self.base_dir)
         names = [o.name for o in session.get_outputs()]
         if names != self.names:
             raise UserError(f"the models have different outputs: {self.names} vs {names}")
@@ -450,6 +451,24 @@ class ReferenceRun:
             if output.dtype in LOW_PRECISION and ref.shape == cand.shape:
                 output.fp32_max_abs, output.fp32_max_rel, _, _ = _errors(ref.astype(np.float64),
                                                                          cand.astype(np.float64), 0.0, 0.0)
+
+
+def _readable_session(model, providers: list[str], base_dir: Path | None):
+    """A session whose outputs numpy can hold: onnxruntime's Python API returns
+    no bfloat16 arrays, so bfloat16 graph outputs are cast to float32 on the
+    way out (exact: every bfloat16 value is a float32 value). The session's
+    outputs keep their names; `bfloat16_outputs` lists the ones cast."""
+    session = make_session(model, providers, base_dir)
+    cast = [o.name for o in session.get_outputs() if o.type == "tensor(bfloat16)"]
+    if not cast:
+        return session
+    from . import io
+    from .precision import with_float32_outputs
+
+    handle = io.load(model) if isinstance(model, (str, Path)) else io.from_proto(model, base_dir)
+    session = make_session(with_float32_outputs(handle.inlined(copy=True).proto, cast), providers)
+    session.bfloat16_outputs = cast
+    return session
 
 
 def verify_models(reference, candidate, **options) -> VerificationReport:

@@ -221,3 +221,16 @@ def test_api_gives_back_the_kind_it_was_given():
     deeper, _ = n2n.deepen(onnx_ir.serde.deserialize_model(original), ["/4/Conv"])
     assert isinstance(deeper, onnx_ir.Model)
     assert n2n.verify(original, onnx_ir.serde.serialize_model(deeper)).passed
+
+
+def test_api_saves_and_grows_onnx_ir_models_with_external_data(tmp_path):
+    import onnx_ir
+
+    original = onnx.load(str(model_path("mlp")))
+    onnx.save(original, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    model = onnx_ir.load(str(tmp_path / "m.onnx"))
+    wider, report = n2n.widen(model, factor=2)
+    assert isinstance(wider, onnx_ir.Model) and report["verification"]["passed"]
+    n2n.save(wider, tmp_path / "w.onnx")
+    assert n2n.verify(str(model_path("mlp")), str(tmp_path / "w.onnx")).passed
