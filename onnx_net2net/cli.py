@@ -224,7 +224,7 @@ def _verify_step(args):
             result = reference.compare(after.proto)
         report["verification"] = result.to_dict()
         print(f"step {number + 1} ({step.name}): {result.summary()}")
-        if not result.passed and step.exact:
+        if not result.passed and step.exact and not args.save_on_failure:
             raise VerificationFailed(f"step {number + 1}: {result.summary()}", report)
 
     return check

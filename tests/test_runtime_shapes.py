@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, random_feeds, rand, widen_exact
+from helpers import H, make_model, rand, widen_exact
 
 D, HEADS, HEAD = 8, 2, 4
 
