@@ -413,13 +413,26 @@ class Pipeline(_Pass):
         reports, inserted = [], 0
         for number, step in enumerate(self.passes):
             before = handle.copy() if after_step is not None else None
-            if isinstance(step, DeepenPass):
-                step.budget = MAX_INSERTIONS - inserted
-            reports.append(step.apply(handle))
+            reports.append(self._apply_step(number, step, handle, MAX_INSERTIONS - inserted))
             inserted += sum(1 for change in reports[-1]["changes"] if "after" in change)
             if after_step is not None:
                 after_step(number, step, reports[-1], before, handle)
         return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
+
+    def _apply_step(self, number: int, step: _Pass, handle: ModelHandle, budget: int) -> dict:
+        """One step; a refusal says which step, after which others (the model
+        has changed since the first)."""
+        if isinstance(step, DeepenPass):
+            step.budget = budget
+        try:
+            return step.apply(handle)
+        except (GrowthRefused, UserError) as error:
+            before = ", ".join(f"{i + 1} ({p.name})" for i, p in enumerate(self.passes[:number]))
+            where = f"step {number + 1} ({step.name})" + (f", after step(s) {before}" if before else "")
+            raise type(error)(f"{where}: {error}") from None
+        finally:
+            if isinstance(step, DeepenPass):
+                step.budget = MAX_INSERTIONS
 
 
 # ----------------------------------------------------------------------------
