@@ -428,6 +428,8 @@ class Pipeline(_Pass):
             return step.apply(handle)
         except (GrowthRefused, UserError) as error:
             before = ", ".join(f"{i + 1} ({p.name})" for i, p in enumerate(self.passes[:number]))
+            if number > 3:
+                before = f"1-{number}"
             where = f"step {number + 1} ({step.name})" + (f", after step(s) {before}" if before else "")
             raise type(error)(f"{where}: {error}") from None
         finally:
