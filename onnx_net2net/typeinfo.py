@@ -50,8 +50,8 @@ _FINGERPRINT_VALUES_MAX = 4096
 
 @dataclass
 class _Fingerprint:
-    nodes: Counter
-    initializers: dict[str, tuple]
+    nodes: list[bytes]                 # each node's serialisation, in graph order
+    initializers: dict[str, tuple]     # type, shape and (small ones) values
 
 
 # ----------------------------------------------------------------------------
@@ -126,11 +126,11 @@ def reconcile(handle: ModelHandle, before: _Fingerprint) -> None:
     """Make every declaration of `handle` true after a rewrite (see the module
     docstring); `before` is the fingerprint taken before the rewrite."""
     after = _fingerprint(handle)
-    if after.nodes == before.nodes and after.initializers == before.initializers:
+    if after == before:
         return  # nothing was rewritten
     handle.rewritten = True
     graph = handle.graph
-    changed = _changed_tensors(handle, before)
+    changed = _changed_tensors(handle, before, after)
     _forget_removed(graph)
     _declare_initializers(graph)
     stale = _drop_declarations(graph, changed)
@@ -149,7 +149,7 @@ def reconcile(handle: ModelHandle, before: _Fingerprint) -> None:
 
 
 def _fingerprint(handle: ModelHandle) -> _Fingerprint:
-    nodes = Counter(node.SerializeToString(deterministic=True) for node in handle.graph.node)
+    nodes = [node.SerializeToString(deterministic=True) for node in handle.graph.node]
     initializers = {t.name: _initializer_key(handle, t) for t in handle.graph.initializer}
     return _Fingerprint(nodes, initializers)
 
@@ -164,7 +164,7 @@ def _initializer_key(handle: ModelHandle, tensor: TensorProto) -> tuple:
     return key
 
 
-def _changed_tensors(handle: ModelHandle, before: _Fingerprint) -> set[str]:
+def _changed_tensors(handle: ModelHandle, before: _Fingerprint, after: _Fingerprint) -> set[str]:
     """Tensors that may differ from before: outputs of new or edited nodes and
     everything computed from a changed tensor."""
     from .ir import GraphIR, outer_scope_reads
@@ -173,12 +173,10 @@ def _changed_tensors(handle: ModelHandle, before: _Fingerprint) -> set[str]:
         ir = GraphIR(handle, infer_shapes=False)
     except Exception as exc:  # noqa: BLE001 - a graph we broke is our bug
         raise InternalError(f"the rewritten graph is malformed: {first_line(exc)}") from None
-    changed = {name for name, tensor in ir.initializers.items()
-               if before.initializers.get(name) != _initializer_key(handle, tensor)}
+    changed = {name for name, key in after.initializers.items() if before.initializers.get(name) != key}
     unmatched = Counter(before.nodes)
     for index in ir.topological_order():
-        node = ir.nodes[index]
-        key = node.SerializeToString(deterministic=True)
+        node, key = ir.nodes[index], after.nodes[index]
         reads = set(node.input) | outer_scope_reads(node)
         if unmatched[key] > 0 and not (reads & changed):
             unmatched[key] -= 1

@@ -136,7 +136,7 @@ EXPERIMENTS = {
         quick={"teacher_steps": 200, "T": 90, "grid": (1e-2, 3e-2), "tune_seeds": 1, "seeds": 1, "evals": 3}),
     "char-lm": Experiment(
         "char-lm", "text", "charlm", "char-level transformer LM (d_model 64 -> 128; 2 -> 4 blocks)",
-        {"d": 64, "heads": 4, "layers": 2, "ctx": 32}, "blocks", 2000, 3e-3, 900, (1e-3, 3e-3, 1e-2),
+        {"d": 64, "heads": 4, "layers": 2, "ctx": 32}, "blocks", 2000, 3e-3, 900, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
         tune_seeds=1, batch=16, metric="bpc", evals=6,
         quick={"teacher_steps": 60, "T": 30, "grid": (3e-3,), "tune_seeds": 1, "seeds": 1, "evals": 2}),
 }
