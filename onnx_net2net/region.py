@@ -450,26 +450,13 @@ def _region_weight_bytes(graph: _Graph, region: set[int]) -> int:
 
 
 def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
-    """The model without its large weights (they become typed graph inputs),
-    graph inputs pinned to the shapes verification feeds, ready for shape
-    inference. Small integer initializers (shape constants) keep their values."""
-    model = onnx.ModelProto()
-    io.copy_fields(handle.proto, model, "graph")
-    graph = model.graph
-    source = handle.graph
-    graph.node.extend(source.node)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    for value in source.input:
-        graph.input.add().CopyFrom(_pinned(value, spec))
-    for tensor in source.initializer:
-        if io.tensor_nbytes(tensor) <= SMALL_TENSOR_BYTES and tensor.data_type not in _FLOAT_TYPES:
-            small = graph.initializer.add()
-            small.CopyFrom(tensor)
-            if tensor.data_location == TensorProto.EXTERNAL:
-                _inline(handle, tensor, small)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    """The model without its large weights (`typeinfo.light_model`), graph
+    inputs pinned to the shapes verification feeds, ready for shape inference."""
+    from .typeinfo import light_model
+
+    model = light_model(handle)
+    for value in model.graph.input[:len(handle.graph.input)]:
+        value.CopyFrom(_pinned(value, spec))
     return model
 
 

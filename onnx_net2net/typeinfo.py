@@ -64,7 +64,9 @@ def light_model(handle: ModelHandle) -> onnx.ModelProto:
 
     Big initializers become graph inputs of the same type and shape: shape
     inference needs their shapes, not their values, and copying them would
-    double the memory of a large model.
+    double the memory of a large model. Small ones (shape constants) keep
+    their values (integer ones are read from external data where they are
+    stored there; float weights never are).
     """
     model = onnx.ModelProto()
     copy_fields(handle.proto, model, skip="graph")
@@ -76,11 +78,23 @@ def light_model(handle: ModelHandle) -> onnx.ModelProto:
     graph.value_info.extend(source.value_info)
     declared = {v.name for v in source.input}
     for tensor in source.initializer:
-        if tensor_nbytes(tensor) <= SHAPE_INFERENCE_KEEP_BYTES and tensor.data_location != TensorProto.EXTERNAL:
+        external = tensor.data_location == TensorProto.EXTERNAL
+        if tensor_nbytes(tensor) <= SHAPE_INFERENCE_KEEP_BYTES and not (external and _is_float(tensor)):
             graph.initializer.append(tensor)
+            if external:  # a shape constant stored outside: read it (float weights are never read here)
+                kept = graph.initializer[-1]
+                del kept.external_data[:]
+                kept.data_location = TensorProto.DEFAULT
+                kept.raw_data = handle.external_bytes(tensor)
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return model
+
+
+def _is_float(tensor: TensorProto) -> bool:
+    if tensor.data_type == TensorProto.BFLOAT16:  # numpy sees ml_dtypes' bfloat16 as kind "V"
+        return True
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "fc"
 
 
 def infer(light: onnx.ModelProto) -> onnx.ModelProto:
