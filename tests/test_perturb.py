@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 import onnx_net2net as n2n
@@ -120,6 +121,12 @@ def test_cli_widen_zero_sum_verifies(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "PASSED" in captured.out
+    equal = tmp_path / "e.onnx"
+    assert cli.main(["widen", str(model_path("cnn")), "--factor", "2", "-o", str(equal)]) == 0
+    zero_sum = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    plain = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(equal)).graph.initializer}
+    assert zero_sum.keys() == plain.keys()
+    assert any(not np.array_equal(zero_sum[k], plain[k]) for k in plain)  # the copies' weights differ
 
 
 def test_plan_perturb_step(tmp_path, capsys):
