@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from .errors import InternalError, UserError, VerificationFailed
-
-#: rewrites.deeper.MODES, repeated so that parsing arguments imports no numpy / onnx.
-DEEPEN_MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block", "fresh-block")
+from .options import WIDEN_INITS, DeepenMode, ExternalData, Fill, Split, VerifyMode
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 PROG = "onnx_net2net"
@@ -44,7 +43,7 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
         group.add_argument("--save-on-failure", action="store_true",
                            help="write the output even when verification fails (exit code is still 1)")
     group.add_argument("--inputs", metavar="FILE.npz",
-                       help="real inputs: arrays named like the model's inputs (others are random)")
+                       help="real inputs: exactly one array per model input, named like it (dtype and shape checked)")
     group.add_argument("--input-shapes", nargs="+", metavar="NAME:[D,...]",
                        help="shapes for inputs with dynamic dims, e.g. input:[4,3,224,224] "
                             "(default: 2 for the first dynamic dim, 1 for the others, announced on stderr)")
@@ -59,7 +58,7 @@ def _add_verify_args(parser: argparse.ArgumentParser, *, for_growth: bool) -> No
     group.add_argument("--allow-nonfinite", action="store_true",
                        help="accept NaN/Inf in the reference's outputs where the candidate has the same "
                             "(default: they prove nothing, so verification fails)")
-    group.add_argument("--verify", choices=("auto", "full", "region"), default="auto", dest="verify_mode",
+    group.add_argument("--verify", choices=VerifyMode.spellings(), default="auto", dest="verify_mode",
                        help="full: run both whole models; region: only the part of the graph that differs, fed "
                             "the same values at its boundary (memory and time scale with the change); auto: "
                             "region above 1 GiB of weights or a third of free memory, else full (default auto)")
@@ -72,7 +71,7 @@ def _add_output_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
                        help="where to write the grown model (never the input; written atomically)")
-    group.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+    group.add_argument("--external-data", choices=ExternalData.spellings(), default="auto",
                        help="store weights in OUT.onnx.data (auto: when the input did, or above ~1.8 GB)")
     group.add_argument("--report", metavar="FILE.json",
                        help="write what grew, widths, parameter counts, verification figures and options")
@@ -102,7 +101,8 @@ def _verify_options(args) -> dict:
                      npz=args.inputs)
     if (args.atol is not None and args.atol < 0) or (args.rtol is not None and args.rtol < 0):
         raise UserError("--atol and --rtol must be >= 0")
-    return dict(inputs=spec, atol=args.atol, rtol=args.rtol, providers=args.providers, announce=stderr_note,
+    return dict(inputs=spec, atol=args.atol, rtol=args.rtol, providers=args.providers,
+                announce=lambda text: stderr_note(_shown(args, text)),
                 allow_nonfinite=args.allow_nonfinite)
 
 
@@ -132,13 +132,13 @@ def cmd_verify(args) -> int:
     else:
         for output in report.outputs:
             agreement = "" if output.argmax_agreement is None else f", argmax agreement {output.argmax_agreement:.1%}"
-            problem = f" ({output.problem})" if output.problem else ""
+            problem = f" ({_shown(args, output.problem)})" if output.problem else ""
             fp32 = "" if output.fp32_max_rel is None else f", upcast to fp32: max rel {output.fp32_max_rel:.3g}"
             print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
                   f"{agreement}{fp32} {'ok' if output.passed else 'MISMATCH'}{problem}")
         for note in report.notes:
-            print(f"  note: {note}")
-        print(report.summary())
+            print(f"  note: {_shown(args, note)}")
+        print(_shown(args, report.summary()))
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
 
@@ -223,7 +223,7 @@ def _verify_step(args):
         with ours(f"the model after step {number + 1} ({step.name})"):
             result = reference.compare(after.proto)
         report["verification"] = result.to_dict()
-        print(f"step {number + 1} ({step.name}): {result.summary()}")
+        print(f"step {number + 1} ({step.name}): {_shown(args, result.summary())}")
         if not result.passed and step.exact and not args.save_on_failure:
             raise VerificationFailed(f"step {number + 1}: {result.summary()}", report)
 
@@ -331,7 +331,7 @@ def _print_outcome(args, result, exact: bool) -> int:
               f"max rel {result.max_rel:.3g}")
         print(f"written {args.output}")
         return EXIT_OK
-    print(result.summary())
+    print(_shown(args, result.summary()))
     print(f"written {args.output}")
     return EXIT_OK if result.passed else EXIT_MISMATCH
 
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     widen.add_argument("--layer", action="append", metavar="NAME=WIDTH",
                        help="new width of a layer (node name or weight name, as `inspect` lists); repeatable")
     widen.add_argument("--factor", type=float, help="widen every growable group by this factor instead")
-    widen.add_argument("--split", choices=("equal", "random", "zero-sum"), default="equal",
+    widen.add_argument("--split", choices=Split.spellings(), default="equal",
                        help="equal: divide by the copy count (the paper); random: random fractions that sum to "
                             "one (exact, breaks symmetry); zero-sum: equal split plus +N/-N noise on the copies' "
                             "outgoing weights that sums to zero over the copies (HyperCloning; exact, the copies "
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "weight's std (changes the function slightly; the deviation is reported). With "
                             "--split zero-sum: the std of the zero-sum noise relative to each consumer weight's "
                             "std (stays exact; default 0.1)")
-    widen.add_argument("--init", choices=("net2net", "random-pad"), default="net2net",
+    widen.add_argument("--init", choices=[str(init) for init in WIDEN_INITS], default="net2net",
                        help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
     widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
     widen.add_argument("--keep-output-shapes", action="store_true",
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     deepen.add_argument("--after", action="append", required=True, metavar="NAME",
                         help="insert after this layer (and its activation); repeatable")
     deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
-    deepen.add_argument("--mode", choices=DEEPEN_MODES,
+    deepen.add_argument("--mode", choices=DeepenMode.spellings(),
                         default="auto",
                         help="auto: identity after Relu/Clip or no activation, else prelu; identity: identity "
                              "layer + the same activation; before-activation: identity before the activation; "
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "exactly", "Deployment pass: widen every growable group to the next multiple of N "
                                 "(tensor cores and SIMD units like such widths), preserving the function.")
     align.add_argument("--multiple", type=int, default=8, metavar="N", help="the multiple (default 8)")
-    align.add_argument("--fill", choices=("zero", "replicate"), default="zero",
+    align.add_argument("--fill", choices=Fill.spellings(), default="zero",
                        help="zero: new units with zero outgoing weights, original weights untouched (default); "
                             "replicate: Net2Net replicate-and-divide")
     align.add_argument("--seed", type=int, default=0, help="seed of the unit mapping")
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except VerificationFailed as failed:
-        message = str(failed)
+        message = _shown(args, str(failed))
         print(message if message.startswith("FAILED") else f"FAILED: {message}", file=sys.stderr)
         print("nothing written (use --save-on-failure to keep the output)", file=sys.stderr)
         return EXIT_MISMATCH
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
               f"command and, if you can, the model): {_one_line(error)}", file=sys.stderr)
         return EXIT_BUG
     except UserError as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {_shown(args, _one_line(error))}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError:
         print(f"{PROG}: error: out of memory (the model or the requested growth is too large for this machine)",
@@ -536,6 +536,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: internal error (a bug, please report it to the onnx_net2net issue tracker with the "
               f"command and, if you can, the model): {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return EXIT_BUG
+
+
+#: Library options whose flag is not `--` and the name with dashes.
+_FLAGS = {"verify_mode": "--verify"}
+_OPTION = re.compile(r"`(\w+)(?:=([^`]*))?`")
+
+
+def _shown(args, message: str) -> str:
+    """A library message with its options as this command's user wrote them:
+    flags ("`factor=0.5`" as "--factor 0.5"), or a plan's keys ("factor = 0.5")."""
+    if getattr(args, "plan", None):
+        return _OPTION.sub(lambda m: m[1] if m[2] is None else f"{m[1]} = {m[2]}", message)
+    return _OPTION.sub(lambda m: _flag(m[1]) + ("" if m[2] is None else f" {m[2]}"), message)
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _one_line(error: BaseException) -> str:

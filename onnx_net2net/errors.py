@@ -5,6 +5,10 @@ file, an unknown layer, a width that cannot be reached. The CLI prints its
 message as one line and exits with code 2. `InternalError` is our fault, found
 by our own checks: a model we produced that does not check, load or run. It
 and anything else escaping the CLI is a bug: reported as such, exit code 3.
+
+Messages name options as the library spells them, marked by `option()`:
+"`factor=0.5`: must be larger than 1". The CLI shows the same marks as its
+flags ("--factor 0.5: must be larger than 1"), a plan file's errors as its keys.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ class InternalError(Exception):
     """A model this tool produced is broken (a bug: exit code 3, please report)."""
 
     exit_code = 3
+
+
+_UNSET = object()
+
+
+def option(name: str, value=_UNSET) -> str:
+    """An option (and the value given) as a message names it: `name` or
+    `name=value`, with the backquotes the CLI rewrites into its flags."""
+    return f"`{name}`" if value is _UNSET else f"`{name}={value}`"
 
 
 def first_line(error: BaseException, limit: int = 400) -> str:

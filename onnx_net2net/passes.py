@@ -19,11 +19,12 @@ import onnx_ir.external_data
 import onnx_ir.passes
 
 from . import coupling, routing, typeinfo
-from .errors import GrowthRefused, UserError
+from .errors import GrowthRefused, UserError, option
 from .folding import fold_computed_weights
 from .io import ModelHandle, available_memory, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
+from .options import DeepenMode, Fill, Init, Split, parse
 from .rewrites import deeper, perturb, routed, wider
 from .rewrites.deeper import DeepenOptions
 from .rewrites.perturb import PerturbOptions
@@ -67,6 +68,10 @@ class _Pass(onnx_ir.passes.FunctionalPass):
         result = self(ir_model_to_proto(model))
         return onnx_ir.passes.PassResult(onnx_ir.serde.deserialize_model(result.model), result.modified)
 
+    def apply(self, handle: ModelHandle) -> dict:
+        """Rewrite the model of `handle` in place; return the report."""
+        raise NotImplementedError
+
 
 def ir_model_to_proto(model: onnx_ir.Model) -> onnx.ModelProto:
     """The model as a ModelProto with every weight inline: weights an
@@ -74,9 +79,6 @@ def ir_model_to_proto(model: onnx_ir.Model) -> onnx.ModelProto:
     values do not change; their folder is not carried by a ModelProto)."""
     onnx_ir.external_data.load_to_model(model)
     return onnx_ir.serde.serialize_model(model)
-
-    def apply(self, handle: ModelHandle) -> dict:
-        raise NotImplementedError
 
 
 class WidenPass(_Pass):
@@ -97,16 +99,16 @@ class WidenPass(_Pass):
         if bool(widths) == (factor is not None):
             raise UserError("give either layer widths or a factor")
         if factor is not None and not factor > 1:
-            raise UserError(f"--factor {factor}: must be larger than 1")
+            raise UserError(f"{option('factor', factor)}: must be larger than 1")
         self.widths = dict(widths or {})
         self.factor = factor
         self.keep_output_shapes = keep_output_shapes
         self.options = options or WidenOptions()
         self.exact = self.options.exact
-        _check_choice("split", self.options.split, wider.SPLITS)
-        _check_choice("init", self.options.init, wider.INITS)
+        self.options.split = parse(Split, "split", self.options.split)
+        self.options.init = parse(Init, "init", self.options.init)
         if self.options.noise < 0:
-            raise UserError("--noise must be >= 0")
+            raise UserError(f"{option('noise', self.options.noise)}: must be >= 0")
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
@@ -224,18 +226,18 @@ class DeepenPass(_Pass):
         self.options = options or DeepenOptions()
         self.exact = self.options.noise == 0
         self.budget = MAX_INSERTIONS  # layers this pass may still insert (a Pipeline lowers it)
-        _check_choice("mode", self.options.mode, deeper.MODES)
+        self.options.mode = parse(DeepenMode, "mode", self.options.mode)
         kernel = self.options.kernel
         if kernel is not None and (kernel < 1 or kernel % 2 == 0):
-            raise UserError(f"--kernel {kernel}: must be a positive odd number")
+            raise UserError(f"{option('kernel', kernel)}: must be a positive odd number")
         if self.options.noise < 0:
-            raise UserError("--noise must be >= 0")
-        if self.options.mode in deeper.BLOCK_MODES:
-            given = [name for name, value in (("--kernel", kernel), ("--batchnorm", self.options.batchnorm),
-                                              ("--noise", self.options.noise)) if value]
+            raise UserError(f"{option('noise', self.options.noise)}: must be >= 0")
+        if self.options.mode.copies_a_block:
+            given = [option(name) for name, value in (("kernel", kernel), ("batchnorm", self.options.batchnorm),
+                                                      ("noise", self.options.noise)) if value]
             if given:
-                raise UserError(f"{', '.join(given)}: not used by --mode {self.options.mode} (a block copies "
-                                "its own layers)")
+                raise UserError(f"{', '.join(given)}: not used by {option('mode', self.options.mode)} (a block "
+                                "copies its own layers)")
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
@@ -249,8 +251,8 @@ class DeepenPass(_Pass):
         for number, name in enumerate(names):
             ir = GraphIR(handle)
             layer = _layer(ir, name)
-            if self.options.mode in deeper.BLOCK_MODES:
-                fresh_seed = self.options.seed + number if self.options.mode == "fresh-block" else None
+            if self.options.mode.copies_a_block:
+                fresh_seed = self.options.seed + number if self.options.mode == DeepenMode.FRESH_BLOCK else None
                 with typeinfo.kept_consistent(handle):
                     changes.append(_insert_block(ir, layer, name, fresh_seed))
                 continue
@@ -272,7 +274,7 @@ class DeepenPass(_Pass):
         possible, blocks_seen = [], set()
         for layer in layers:
             try:
-                if self.options.mode in deeper.BLOCK_MODES:
+                if self.options.mode.copies_a_block:
                     from .rewrites import blocks
 
                     end = blocks.plan_block(ir, layer).end
@@ -329,9 +331,8 @@ class AlignPass(_Pass):
 
     def __init__(self, multiple: int = 8, fill: str = "zero", seed: int = 0):
         if multiple < 2:
-            raise UserError(f"--multiple {multiple}: must be at least 2")
-        _check_choice("fill", fill, ("zero", "replicate"))
-        self.multiple, self.fill, self.seed = multiple, fill, seed
+            raise UserError(f"{option('multiple', multiple)}: must be at least 2")
+        self.multiple, self.fill, self.seed = multiple, parse(Fill, "fill", fill), seed
 
     def apply(self, handle: ModelHandle) -> dict:
         ir = GraphIR(handle)
@@ -349,7 +350,8 @@ class AlignPass(_Pass):
         if not widths:
             return {"pass": self.name, "options": self._options(), "changes": [],
                     "parameters": {"before": parameter_count(handle), "after": parameter_count(handle)}}
-        options = WidenOptions(split="equal", init="zero" if self.fill == "zero" else "net2net", seed=self.seed)
+        init = Init.ZERO if self.fill == Fill.ZERO else Init.NET2NET
+        options = WidenOptions(split=Split.EQUAL, init=init, seed=self.seed)
         report = WidenPass(widths, options=options).apply(handle)
         report.update(self._options(), **{"pass": self.name})
         return report
@@ -384,9 +386,9 @@ class PerturbPass(_Pass):
         self.options = options or PerturbOptions()
         for what, value in (("shrink", self.options.shrink), ("fresh", self.options.fresh)):
             if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{what} {value}: must be a finite number >= 0")
+                raise UserError(f"{option(what, value)}: must be a finite number >= 0")
         if self.options.shrink == 1 and self.options.fresh == 0:
-            raise UserError("--shrink 1 --fresh 0 changes nothing")
+            raise UserError(f"{option('shrink', 1)} with {option('fresh', 0)} changes nothing")
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
@@ -521,7 +523,3 @@ def _constant_nbytes(ir: GraphIR, tensor: str) -> int:
 def parameter_count(handle: ModelHandle) -> int:
     return io_parameter_count(handle.graph)
 
-
-def _check_choice(what: str, value: str, choices) -> None:
-    if value not in choices:
-        raise UserError(f"--{what} {value}: choose one of {', '.join(choices)}")

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InternalError, UserError, first_line
+from .errors import InternalError, UserError, first_line, option
 
 #: Exact rewrites of trained models measure up to ~1e-5 here (fp32 sums in a
 #: different order, fractions like 1/3); a wrong rewrite moves outputs by
@@ -274,7 +274,7 @@ def _given_inputs(session, spec: InputSpec) -> dict[str, np.ndarray]:
         raise UserError(f"{spec.npz}: no array for input(s) {', '.join(missing)} (give every input)")
     shaped = sorted(set(spec.shapes) & set(given))
     if shaped:
-        raise UserError(f"--input-shapes {', '.join(shaped)}: these inputs come from {spec.npz}")
+        raise UserError(f"{option('input_shapes')} {', '.join(shaped)}: these inputs come from {spec.npz}")
     for name, value in inputs.items():
         _check_given_array(spec.npz, value, given[name])
     return given
@@ -305,7 +305,7 @@ def _concrete_shape(value, spec: InputSpec, announce) -> list[int]:
             guessed.append(f"{dim or '?'}={size}")
     if guessed and announce:
         announce(f"input '{value.name}': dynamic dims set to {', '.join(guessed)} "
-                 f"(choose with --input-shapes {value.name}:[...])")
+                 f"(choose with {option('input_shapes', value.name + ':[...]')})")
     return shape
 
 
@@ -341,7 +341,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
         passed = passed and same and allow_nonfinite
         problem = problem or (f"{nonfinite} non-finite (NaN/Inf) element(s) in the reference"
                               + ("" if same else ", not the same in the candidate")
-                              + ("" if allow_nonfinite else ": they prove nothing (--allow-nonfinite accepts them)"))
+                              + ("" if allow_nonfinite else f": they prove nothing ({option('allow_nonfinite')} accepts them)"))
     agreement = None
     if a.ndim == 2 and a.shape[1] > 1 and not nonfinite:
         agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
@@ -499,6 +499,6 @@ def parse_input_shapes(items: list[str] | None) -> dict[str, list[int]]:
         except ValueError:
             values = None
         if not sep or not name or not values or any(v <= 0 for v in values):
-            raise UserError(f"--input-shapes '{item}': expected name:[d0,d1,...] with positive dims")
+            raise UserError(f"{option('input_shapes', repr(item))}: expected name:[d0,d1,...] with positive dims")
         shapes[name] = values
     return shapes

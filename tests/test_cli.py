@@ -309,3 +309,26 @@ def test_cli_model_is_not_modified(tmp_path, capsys):
     code, _, _ = run_cli(capsys, "widen", src, "--factor", "2", "-o", tmp_path / "w.onnx")
     assert code == 0 and src.read_bytes() == before
     assert init(onnx.load(str(tmp_path / "w.onnx")), "0.weight").shape == (16, 1, 3, 3)
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    """The library's message names the Python parameter; the CLI shows the
+    flag a user typed; a plan's error shows the plan's key."""
+    import onnx_net2net as n2n
+
+    with pytest.raises(n2n.UserError, match=r"^`factor=0.5`: must be larger than 1$"):
+        n2n.widen(str(model_path("mlp")), factor=0.5)
+    with pytest.raises(n2n.UserError, match=r"^`split=halves`: choose one of equal, random, zero-sum$"):
+        n2n.widen(str(model_path("mlp")), factor=2, split="halves")
+    out = tmp_path / "out.onnx"
+    assert cli.main(["widen", str(model_path("mlp")), "--factor", "0.5", "-o", str(out)]) == 2
+    assert "error: --factor 0.5: must be larger than 1" in capsys.readouterr().err
+    assert cli.main(["deepen", str(model_path("mlp")), "--after", "fc1", "--mode", "block", "--noise", "0.1",
+                     "-o", str(out)]) == 2
+    assert "error: --noise: not used by --mode block" in capsys.readouterr().err
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[steps]]\nop = "widen"\nfactor = 0.5\n')
+    assert cli.main(["grow", str(model_path("mlp")), "--plan", str(plan), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "factor = 0.5: must be larger than 1" in err and "--factor" not in err
+    assert not out.exists()

@@ -131,13 +131,6 @@ def test_fresh_block_is_exact_and_not_a_copy():
     assert len(biases) == 6 and not any(new[name].any() for name in biases)  # q, k, v, o, fc1, fc2
 
 
-def test_cli_modes_are_the_rewrite_modes():
-    from onnx_net2net.cli import DEEPEN_MODES
-    from onnx_net2net.rewrites.deeper import MODES
-
-    assert DEEPEN_MODES == MODES
-
-
 GPT2 = MODELS / "gpt2_tiny.onnx"
 GPT2_QKV = "/model/transformer/h.0/attn/c_attn/Gemm"
 GPT2_STREAM = "/model/transformer/h.0/attn/c_proj/Gemm"
@@ -180,5 +173,5 @@ def test_block_selectors_pick_one_layer_per_block():
 
 
 def test_block_modes_refuse_options_they_do_not_use():
-    with pytest.raises(n2n.UserError, match="--noise: not used by --mode block"):
+    with pytest.raises(n2n.UserError, match="`noise`: not used by `mode=block`"):
         n2n.deepen(VIT, ["/model/layers.0/attention/o_proj/MatMul"], mode="block", noise=0.1)

@@ -28,11 +28,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..coupling import ELEMENTWISE_UNARY, layer_name, layer_width
-from ..errors import GrowthRefused
+from ..errors import GrowthRefused, option
 from ..ir import GraphIR, node_attr
+from ..options import DeepenMode
 
-MODES = ("auto", "identity", "before-activation", "residual", "prelu", "block", "fresh-block")
-BLOCK_MODES = ("block", "fresh-block")
 #: Activations f with f(f(x)) = f(x): the identity layer can repeat them.
 IDEMPOTENT = frozenset({"Relu", "Clip"})
 _NOT_ACTIVATIONS = frozenset({"Identity", "Cast", "CastLike", "Dropout", "Bernoulli"})
@@ -46,7 +45,7 @@ class DeepenOptions:
     Attributes:
         kernel: odd kernel size for convolutional identities (default: the
             layer's own kernel, made odd).
-        mode: one of MODES; "auto" picks an exact construction.
+        mode: a DeepenMode; "auto" picks an exact construction.
         batchnorm: add an identity BatchNormalization after the new layer.
         noise: std of noise added to the identity weights, relative to the std
             of the layer's weights (0: exact).
@@ -54,7 +53,7 @@ class DeepenOptions:
     """
 
     kernel: int | None = None
-    mode: str = "auto"
+    mode: DeepenMode = DeepenMode.AUTO
     batchnorm: bool = False
     noise: float = 0.0
     seed: int = 0
@@ -90,7 +89,7 @@ def plan(ir: GraphIR, layer: int, options: DeepenOptions) -> Insertion:
         raise GrowthRefused(f"{node.op_type} layers cannot be deepened yet")
     pre, after, activation, name = _follow_activation(ir, node.output[0])
     mode = _choose_mode(options.mode, activation, name)
-    tensor = pre if mode == "before-activation" else after
+    tensor = pre if mode == DeepenMode.BEFORE_ACTIVATION else after
     if tensor in ir.graph_outputs:
         raise GrowthRefused(f"'{tensor}' is a graph output: the identity would rename it")
     for use in ir.uses(tensor):
@@ -99,7 +98,7 @@ def plan(ir: GraphIR, layer: int, options: DeepenOptions) -> Insertion:
     if kind == "gemm" and ir.rank(tensor) not in (None, 2):
         raise GrowthRefused(f"'{tensor}' is not a matrix")
     if options.batchnorm and kind == "matmul" and ir.rank(tensor) != 2:
-        raise GrowthRefused(f"--batchnorm needs the units on axis 1, and '{tensor}' has them on its last axis "
+        raise GrowthRefused(f"{option('batchnorm')} needs the units on axis 1, and '{tensor}' has them on its last axis "
                             f"(rank {ir.rank(tensor)})")
     return Insertion(layer, kind, mode, tensor, activation, name, layer_width(ir, layer))
 
@@ -143,16 +142,17 @@ def _silu(ir: GraphIR, tensor: str):
     return [sigmoid, mul]
 
 
-def _choose_mode(requested: str, activation: list[int], name: str) -> str:
+def _choose_mode(requested: DeepenMode, activation: list[int], name: str) -> DeepenMode:
     idempotent = not activation or name in IDEMPOTENT
-    if requested == "auto":
-        return "identity" if idempotent else "prelu"
-    if requested == "identity" and not idempotent:
+    if requested == DeepenMode.AUTO:
+        return DeepenMode.IDENTITY if idempotent else DeepenMode.PRELU
+    if requested == DeepenMode.IDENTITY and not idempotent:
         raise GrowthRefused(
-            f"mode identity is not exact after {name}: {name}({name}(x)) != {name}(x); "
-            "use --mode before-activation, prelu or residual")
-    if requested == "before-activation" and not activation:
-        raise GrowthRefused("mode before-activation needs an activation after the layer, and it has none")
+            f"{option('mode', DeepenMode.IDENTITY)} is not exact after {name}: {name}({name}(x)) != {name}(x); "
+            f"use {option('mode')} before-activation, prelu or residual")
+    if requested == DeepenMode.BEFORE_ACTIVATION and not activation:
+        raise GrowthRefused(f"{option('mode', DeepenMode.BEFORE_ACTIVATION)} needs an activation after the layer, "
+                            "and it has none")
     return requested
 
 
@@ -192,7 +192,7 @@ class _Builder:
     def build(self) -> str:
         x = self.insertion.tensor
         mode = self.insertion.mode
-        if mode == "residual":
+        if mode == DeepenMode.RESIDUAL:
             branch = self.identity_layer(x, "", zero=False)
             branch = self.activation(branch, "/act", fallback="Relu")
             branch = self.identity_layer(branch, "/out", zero=True)
@@ -200,9 +200,9 @@ class _Builder:
         y = self.identity_layer(x, "", zero=False)
         if self.options.batchnorm:
             y = self.batchnorm(y)
-        if mode == "identity" and self.insertion.activation:
+        if mode == DeepenMode.IDENTITY and self.insertion.activation:
             y = self.activation(y, "/act")
-        elif mode == "prelu":
+        elif mode == DeepenMode.PRELU:
             y = self.prelu(y)
         return y
 

@@ -28,6 +28,7 @@ import numpy as np
 from ..ir import GraphIR, node_attr
 from ..routing import LABEL_BASE, RoutedGroup, assign, label_of, scaled_constant, simulate
 from .wider import GrownGroup, WidenOptions, _add_to_attribute, _store_constants
+from ..options import Init, Split
 
 
 def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOptions,
@@ -35,7 +36,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
     region = group.region
     rng = np.random.default_rng(options.seed)
     new = group.routings.get(width) or simulate(ir, region, width)
-    source = assign(group, new, width, rng, replicate=options.init != "zero").source
+    source = assign(group, new, width, rng, replicate=options.init != Init.ZERO).source
     old_labels = group.old_routing.labels
     values = {}
     for number, writer in enumerate(region.writers):
@@ -108,7 +109,7 @@ def _split_reader(ir: GraphIR, index: int, weight: np.ndarray, old: np.ndarray, 
     for group in copies.values():
         if len(group) == 1:
             continue
-        if options.split == "random":
+        if options.split == Split.RANDOM:
             draws = rng.uniform(0.25, 1.75, size=(len(group),) + moved.shape[1:])
             fractions = draws / draws.sum(axis=0, keepdims=True)
         else:

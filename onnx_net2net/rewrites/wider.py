@@ -39,12 +39,11 @@ from onnx import numpy_helper
 from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
 from ..io import set_tensor_values
 from ..ir import GraphIR
+from ..options import Init, Split
 
-SPLITS = ("equal", "random", "zero-sum")
 #: The +/- magnitude of `split="zero-sum"`, relative to each consumer weight's
 #: std, when `noise` is 0.
 ZERO_SUM_NOISE = 0.1
-INITS = ("net2net", "random-pad", "zero")
 #: Ops that keep finite values finite whatever the input: units with zero
 #: incoming weights stay harmless through them.
 _FINITE_SAFE = frozenset("""
@@ -83,19 +82,19 @@ class WidenOptions:
 
     @property
     def exact(self) -> bool:
-        return (self.noise == 0 or self.split == "zero-sum") and self.init != "random-pad"
+        return (self.noise == 0 or self.split == Split.ZERO_SUM) and self.init != Init.RANDOM_PAD
 
     @property
     def zero_sum_scale(self) -> float:
         """The relative std of the zero-sum noise (0 unless split is "zero-sum")."""
-        if self.split != "zero-sum":
+        if self.split != Split.ZERO_SUM:
             return 0.0
         return self.noise or ZERO_SUM_NOISE
 
     @property
     def added_noise(self) -> float:
         """The relative std of the function-changing noise on replicated weights."""
-        return 0.0 if self.split == "zero-sum" else self.noise
+        return 0.0 if self.split == Split.ZERO_SUM else self.noise
 
 
 @dataclass
@@ -214,7 +213,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     by_input = defaultdict(list)
     for edit in group.weight_edits:
         by_input[(edit.node, edit.port)].append(edit)
-    zero_incoming = options.init == "zero" and group.ops <= _FINITE_SAFE
+    zero_incoming = options.init == Init.ZERO and group.ops <= _FINITE_SAFE
     new_values = {}
     for (node, port), edits in by_input.items():
         value = ir.const_value(ir.nodes[node].input[port])
@@ -288,17 +287,17 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     in_space = slots >= 0
     new = (in_space & mapping.is_new[np.maximum(slots, 0)]).reshape(shape)
     options = context.options
-    if options.init == "zero":
+    if options.init == Init.ZERO:
         if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
             value = np.where(new, np.zeros((), value.dtype), value)
         return value
-    if options.init == "random-pad":
+    if options.init == Init.RANDOM_PAD:
         if edit.role == "split" or context.is_layer_weight:
             noise = context.rng.normal(0.0, context.reference_std or 1.0, size=value.shape).astype(value.dtype)
             value = np.where(new, noise, value)
         return value
     if edit.role == "split":
-        split = "equal" if options.split == "zero-sum" else options.split
+        split = Split.EQUAL if options.split == Split.ZERO_SUM else options.split
         split_value = value.astype(np.float64) * _split_factors(value.shape, axis, slots, mapping, split, context.rng)
         if options.zero_sum_scale and np.issubdtype(value.dtype, np.floating):
             scale = options.zero_sum_scale * context.reference_std
