@@ -1,21 +1,24 @@
-"""The networkx IR: a read-only view of an ONNX graph for analysis.
+"""The index the analysis queries: an ONNX graph as a networkx DiGraph plus
+tensor-level maps.
 
-Nodes of the `networkx.DiGraph` are indices into `graph.node`; an edge
-`(producer, consumer)` carries the names of the tensors flowing along it. The
-view answers the questions the analysis asks: who produces and who consumes a
-tensor, which tensors are constants (initializers, `Constant` nodes, and
-`Identity` chains over them), what shape ONNX shape inference gives each
-tensor (None where unknown), and the topological order.
+`GraphIR.dag` is a `networkx.DiGraph` whose nodes are indices into
+`graph.node`; an edge `(producer, consumer)` carries the names of the tensors
+flowing along it. It answers the node-level questions: topological order,
+ancestors and descendants (the block search, reachability). Beside it, maps
+answer the tensor-level ones: who produces and who consumes a tensor, which
+tensors are constants (initializers, `Constant` nodes, and `Identity` chains
+over them), what type and shape inference gives each tensor (None where
+unknown).
 
-Rewrites edit the ModelProto directly and build a fresh view afterwards, so the
-view never goes stale.
+The index is a snapshot, not a copy: it holds references into the
+ModelProto. Rewrites change the model only through `editor.GraphEditor`,
+which edits the protos and marks the index stale; the next request builds a
+fresh index (`GraphIR(handle)`).
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,7 @@ class GraphIR:
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[Use]] = {}
         self._index_nodes()
+        self.dag = self._build_dag()
         self._order = self._topological_sort()
         self.shapes: dict[str, tuple | None] = {}
         self.dtypes: dict[str, int] = {}
@@ -82,64 +86,46 @@ class GraphIR:
             if name not in known:
                 raise ModelLoadError(f"graph output '{name}' is not produced by any node")
 
-    @cached_property
-    def nx(self):
-        """The graph as a networkx.DiGraph (built, and networkx imported, on first use)."""
+    def _build_dag(self):
+        """The node graph: networkx DiGraph over node indices, each edge
+        (producer, consumer) carrying the tensors that flow along it."""
         import networkx as nx
 
-        digraph = nx.DiGraph()
-        for index, node in enumerate(self.nodes):
-            digraph.add_node(index, op=node.op_type, name=node.name)
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(self.nodes)))
         for tensor, uses in self.consumers.items():
-            if tensor in self.producer:
-                source = self.producer[tensor][0]
-                for use in uses:
-                    if digraph.has_edge(source, use.node):
-                        digraph.edges[source, use.node]["tensors"].append(tensor)
-                    else:
-                        digraph.add_edge(source, use.node, tensors=[tensor])
-        return digraph
+            entry = self.producer.get(tensor)
+            if entry is None:
+                continue
+            for use in uses:
+                if dag.has_edge(entry[0], use.node):
+                    dag.edges[entry[0], use.node]["tensors"].append(tensor)
+                else:
+                    dag.add_edge(entry[0], use.node, tensors=[tensor])
+        return dag
 
     def _topological_sort(self) -> list[int]:
-        """Kahn's algorithm, smallest node index first (the order of networkx's
-        lexicographical_topological_sort); raises ModelLoadError on a cycle."""
-        successors: list[set[int]] = [set() for _ in self.nodes]
-        for tensor, uses in self.consumers.items():
-            if tensor in self.producer:
-                successors[self.producer[tensor][0]].update(use.node for use in uses)
-        indegree = [0] * len(self.nodes)
-        for targets in successors:
-            for target in targets:
-                indegree[target] += 1
-        ready = [index for index, degree in enumerate(indegree) if degree == 0]
-        heapq.heapify(ready)
-        order = []
-        while ready:
-            index = heapq.heappop(ready)
-            order.append(index)
-            for target in successors[index]:
-                indegree[target] -= 1
-                if indegree[target] == 0:
-                    heapq.heappush(ready, target)
-        if len(order) != len(self.nodes):
-            raise ModelLoadError(f"graph has a cycle through node {self.label(self._node_on_cycle(indegree))}")
-        return order
+        """Topological order, smallest node index first among the ready ones
+        (so an already sorted graph keeps its order); ModelLoadError on a cycle."""
+        import networkx as nx
 
-    def _node_on_cycle(self, indegree: list[int]) -> int:
-        """A node on a cycle: walk back through unsorted predecessors until a node repeats."""
-        left = {index for index, degree in enumerate(indegree) if degree > 0}
-        predecessor = {}
-        for tensor, uses in self.consumers.items():
-            source = self.producer.get(tensor, (None,))[0]
-            if source in left:
-                for use in uses:
-                    if use.node in left:
-                        predecessor.setdefault(use.node, source)
-        index, seen = min(left), set()
-        while index not in seen:
-            seen.add(index)
-            index = predecessor[index]
-        return index
+        try:
+            return list(nx.lexicographical_topological_sort(self.dag))
+        except nx.NetworkXUnfeasible:
+            source, target = nx.find_cycle(self.dag)[0][:2]
+            raise ModelLoadError(f"graph has a cycle through node {self.label(target)}") from None
+
+    def ancestors(self, node: int) -> set[int]:
+        """The nodes `node` is computed from (not itself)."""
+        import networkx as nx
+
+        return nx.ancestors(self.dag, node)
+
+    def descendants(self, node: int) -> set[int]:
+        """The nodes computed from `node` (not itself)."""
+        import networkx as nx
+
+        return nx.descendants(self.dag, node)
 
     def topological_order(self) -> list[int]:
         return list(self._order)

@@ -43,8 +43,8 @@ def test_producers_and_consumers():
     assert ir.uses("W") == [Use(index["id1"], 0)]
     assert ir.uses("y") == []
     assert ir.graph_inputs == ["x"] and ir.graph_outputs == ["y", "z"]
-    assert set(ir.nx.successors(index["relu"])) == {index["L2"], index["mul"]}
-    assert ir.nx.edges[index["L1"], index["Add"]]["tensors"] == ["h"]
+    assert set(ir.dag.successors(index["relu"])) == {index["L2"], index["mul"]}
+    assert ir.dag.edges[index["L1"], index["Add"]]["tensors"] == ["h"]
     assert ir.label(index["relu"]) == "'relu'"
     assert ir.label(index["Add"]) == f"Add#{index['Add']}"
 
@@ -137,7 +137,7 @@ def test_subgraph_reads_are_consumers():
     model = make_model(nodes, [("x", [2]), ("cond", [], onnx.TensorProto.BOOL)], [("y", [2])])
     ir = ir_of(model)
     assert Use(1, -1) in ir.uses("r")
-    assert ir.nx.has_edge(0, 1)
+    assert ir.dag.has_edge(0, 1)
 
 
 def test_unknown_domain_falls_back_to_non_strict_inference(tmp_path, monkeypatch):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -120,7 +119,7 @@ def _reaches(ir: GraphIR, source: str, target: str) -> bool:
     if producer is None:
         return False
     readers = {use.node for use in ir.uses(source)}
-    ancestors = nx.ancestors(ir.nx, producer) | {producer}
+    ancestors = ir.ancestors(producer) | {producer}
     return bool(readers & ancestors)
 
 
@@ -128,8 +127,8 @@ def _between(ir: GraphIR, start: str, end_node: int) -> list[int]:
     readers = {use.node for use in ir.uses(start)}
     descendants = set(readers)
     for reader in readers:
-        descendants |= nx.descendants(ir.nx, reader)
-    ancestors = nx.ancestors(ir.nx, end_node) | {end_node}
+        descendants |= ir.descendants(reader)
+    ancestors = ir.ancestors(end_node) | {end_node}
     order = {node: position for position, node in enumerate(ir.topological_order())}
     return sorted(descendants & ancestors, key=order.__getitem__)
 
