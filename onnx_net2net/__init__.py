@@ -119,14 +119,16 @@ def verify(reference, candidate, *, mode: str = "full", **options):
     """Compare two models' outputs in onnxruntime (see `verify.ReferenceRun`).
     mode: "full" (both whole models), "region" (only the part that differs,
     see `onnx_net2net.region`) or "auto" (region for large models)."""
+    from .options import VerifyMode, parse
     from .region import verify_models
 
+    mode = parse(VerifyMode, "mode", mode)
     return verify_models(_as_proto(reference), _as_proto(candidate), mode=mode, **options)
 
 
 def widen(model, widths: dict[str, int] | None = None, *, factor: float | None = None, split: str = "equal",
           noise: float = 0.0, init: str = "net2net", seed: int = 0, keep_output_shapes: bool = False,
-          verify: bool = True, **verify_options):
+          verify: bool = True, verify_mode: str = "full", **verify_options):
     """Net2WiderNet. Returns (new ModelProto, report).
 
     Args:
@@ -144,30 +146,34 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
             encoder's last hidden state) and slice them back to the original
             units; the report lists them per change ("sliced_outputs").
         verify: compare outputs with onnxruntime; raises VerificationFailed
-            when an exact rewrite does not match. `mode="region"` (or "auto")
-            among the verify options checks only the changed region.
+            when an exact rewrite does not match.
+        verify_mode: "full" (both whole models), "region" (only the changed
+            region) or "auto"; further keyword arguments go to `verify`.
     """
     from .passes import WidenPass
     from .rewrites.wider import WidenOptions
 
     options = WidenOptions(split=split, noise=noise, init=init, seed=seed)
-    return _run_pass(model, WidenPass(widths, factor, options, keep_output_shapes), verify, verify_options)
+    return _run_pass(model, WidenPass(widths, factor, options, keep_output_shapes), verify, verify_mode,
+                     verify_options)
 
 
 def deepen(model, after: list[str] | str, *, kernel: int | None = None, mode: str = "auto", batchnorm: bool = False,
-           noise: float = 0.0, seed: int = 0, verify: bool = True, **verify_options):
+           noise: float = 0.0, seed: int = 0, verify: bool = True, verify_mode: str = "full", **verify_options):
     """Net2DeeperNet: insert identity constructions after the named layers
-    (or a selector: "all", "stages", "last"). Returns (new ModelProto, report)."""
+    (or a selector: "all", "stages", "last"). `mode` is the construction
+    (see `options.DeepenMode`); `verify`, `verify_mode` and further keyword
+    arguments are as for `widen`. Returns (new ModelProto, report)."""
     from .passes import DeepenPass
     from .rewrites.deeper import DeepenOptions
 
     options = DeepenOptions(kernel=kernel, mode=mode, batchnorm=batchnorm, noise=noise, seed=seed)
     return _run_pass(model, DeepenPass(after if isinstance(after, str) else list(after), options), verify,
-                     verify_options)
+                     verify_mode, verify_options)
 
 
 def perturb(model, *, shrink: float = 0.4, fresh: float = 0.1, seed: int = 0, verify: bool = True,
-            **verify_options):
+            verify_mode: str = "full", **verify_options):
     """Shrink and perturb (Ash & Adams 2020): theta <- shrink * theta + fresh *
     theta_fresh for every weighted layer's weight and bias, theta_fresh drawn
     from PyTorch's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Not
@@ -178,14 +184,19 @@ def perturb(model, *, shrink: float = 0.4, fresh: float = 0.1, seed: int = 0, ve
     from .rewrites.perturb import PerturbOptions
 
     options = PerturbOptions(shrink=shrink, fresh=fresh, seed=seed)
-    return _run_pass(model, PerturbPass(options), verify, verify_options)
+    return _run_pass(model, PerturbPass(options), verify, verify_mode, verify_options)
 
 
-def _run_pass(model, grow, verify: bool, verify_options: dict):
+def _run_pass(model, grow, verify: bool, verify_mode: str, verify_options: dict):
     """Apply a pass (it works on a copy of a ModelProto; a file is loaded into
     memory) and verify the result against the input."""
-    from .errors import InternalError
+    from .errors import InternalError, UserError
+    from .options import VerifyMode, parse
     from .typeinfo import full_check_error
+
+    verify_mode = parse(VerifyMode, "verify_mode", verify_mode)
+    if "mode" in verify_options:
+        raise UserError("`mode` is not a verification option here: give `verify_mode`")
 
     given, model = model, _as_proto(model)
     from_file = isinstance(model, (str, Path))
@@ -199,7 +210,8 @@ def _run_pass(model, grow, verify: bool, verify_options: dict):
     if verify:
         from .region import verify_models
 
-        outcome = verify_models(str(model) if from_file else model, result.model, **verify_options)
+        outcome = verify_models(str(model) if from_file else model, result.model, mode=verify_mode,
+                                **verify_options)
         report["verification"] = outcome.to_dict()
         report["exact"] = grow.exact
         if grow.exact and not outcome.passed:

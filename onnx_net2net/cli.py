@@ -267,7 +267,7 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
                 raise
             outcome["internal"] = str(error)
 
-    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    external = ExternalData(args.external_data).as_flag
     try:
         with progress.bytes_bar("writing", handle.weight_bytes()) as advance:
             io.save(handle, args.output, external=external, protected=[source], before_commit=check,

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .editor import GraphEditor
 from .ir import GraphIR
 
 #: Ports of the layers' weights (and biases).
@@ -76,17 +77,15 @@ def fold_computed_weights(handle) -> list[dict]:
         GraphIR(handle)  # the model as given is checked before anything changes (its faults are the user's)
     ir = GraphIR(handle, infer_shapes=False)
     folded, leaves = [], set()
-    for index, port, subgraph in computed_weights(ir):
-        leaves |= {name for i in subgraph for name in ir.nodes[i].input if name in ir.initializers}
-        tensor = ir.nodes[index].input[port]
-        value = _evaluate(ir, subgraph, tensor)
-        name = ir.fresh_name(f"{tensor}_folded")
-        ir.graph.initializer.append(numpy_helper.from_array(value, name))
-        ir.initializers[name] = ir.graph.initializer[-1]
-        ir.nodes[index].input[port] = name
-        folded.append({"weight": name, "from": sorted({ir.nodes[i].op_type for i in subgraph})})
-    if folded:
-        _remove_dead_nodes(ir, leaves)
+    with GraphEditor(ir) as edit:
+        for index, port, subgraph in computed_weights(ir):
+            leaves |= {name for i in subgraph for name in ir.nodes[i].input if name in ir.initializers}
+            tensor = ir.nodes[index].input[port]
+            name = edit.add_initializer(_evaluate(ir, subgraph, tensor), edit.fresh_name(f"{tensor}_folded"))
+            edit.set_input(index, port, name)
+            folded.append({"weight": name, "from": sorted({ir.nodes[i].op_type for i in subgraph})})
+        if folded:
+            edit.remove_dead_nodes(leaves)
     return folded
 
 
@@ -101,25 +100,3 @@ def _evaluate(ir: GraphIR, subgraph: list[int], tensor: str) -> np.ndarray:
                               initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import))
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
-
-
-def _remove_dead_nodes(ir: GraphIR, leaves: set[str]) -> None:
-    """Drop nodes whose outputs nothing reads any more (the folded subgraphs),
-    and the initializers among `leaves` that nothing reads any more."""
-    outputs = {v.name for v in ir.graph.output}
-    while True:
-        read = outputs | {name for node in ir.graph.node for name in node.input}
-        read |= {name for node in ir.graph.node for attr in node.attribute for g in
-                 ([attr.g] if attr.HasField("g") else []) + list(attr.graphs) for n in g.node for name in n.input}
-        kept = [node for node in ir.graph.node if any(o in read for o in node.output if o)]
-        if len(kept) == len(ir.graph.node):
-            break
-        kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in kept]
-        del ir.graph.node[:]
-        ir.graph.node.extend(kept)
-    used = {name for node in ir.graph.node for name in node.input} | outputs | {v.name for v in ir.graph.input}
-    initializers = [t for t in ir.graph.initializer if t.name in used or t.name not in leaves]
-    if len(initializers) != len(ir.graph.initializer):
-        initializers = [onnx.TensorProto.FromString(t.SerializeToString()) for t in initializers]
-        del ir.graph.initializer[:]
-        ir.graph.initializer.extend(initializers)

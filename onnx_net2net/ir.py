@@ -11,9 +11,10 @@ over them), what type and shape inference gives each tensor (None where
 unknown).
 
 The index is a snapshot, not a copy: it holds references into the
-ModelProto. Rewrites change the model only through `editor.GraphEditor`,
-which edits the protos and marks the index stale; the next request builds a
-fresh index (`GraphIR(handle)`).
+ModelProto and is never written by the analysis. Rewrites change the model
+only through an `editor.GraphEditor` made on the index; once the editor has
+committed, the index no longer describes the model, and the next request
+builds a fresh one (`GraphIR(handle)`).
 """
 
 from __future__ import annotations

@@ -87,6 +87,11 @@ class ExternalData(Choice):
     YES = "yes"
     NO = "no"
 
+    @property
+    def as_flag(self) -> bool | None:
+        """`io.save`'s `external`: None lets the size decide."""
+        return {ExternalData.AUTO: None, ExternalData.YES: True, ExternalData.NO: False}[self]
+
 
 ChoiceT = TypeVar("ChoiceT", bound=Choice)
 

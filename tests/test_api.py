@@ -101,6 +101,21 @@ def test_widen_verify_options_are_passed_on():
     assert report["verification"]["outputs"][0]["shape"] == [5, 10]
 
 
+def test_growth_functions_take_a_verification_mode_apart_from_their_own_mode():
+    model = onnx.load(str(model_path("mlp")))
+    _, report = n2n.deepen(model, ["/0/Gemm"], mode="identity", verify_mode="region")
+    by_region = [note for note in report["verification"]["notes"] if note.startswith("region verification")]
+    assert report["verification"]["passed"] is True and by_region
+    _, report = n2n.widen(model, {"/2/Gemm": 40}, verify_mode="region")
+    assert any(note.startswith("region verification") for note in report["verification"]["notes"])
+    _, report = n2n.widen(model, {"/2/Gemm": 40})
+    assert not any(note.startswith("region verification") for note in report["verification"]["notes"])
+    with pytest.raises(n2n.UserError, match="verify_mode"):
+        n2n.widen(model, {"/2/Gemm": 40}, mode="region")
+    with pytest.raises(n2n.UserError, match="`verify_mode=partial`"):
+        n2n.widen(model, {"/2/Gemm": 40}, verify_mode="partial")
+
+
 def test_widen_raises_verification_failed_on_a_wrong_rewrite(monkeypatch):
     original = wider_module.widen_group
 

@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..coupling import WEIGHTED_LAYERS, layer_name
+from ..editor import GraphEditor
 from ..errors import GrowthRefused
 from ..ir import GraphIR
 
@@ -192,13 +193,10 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
                 renamed[name] = prefix + ("" if name.startswith("/") else "/") + name
                 copy.output[port] = renamed[name]
         copies.append(copy)
-    new_end = renamed[block.end]
-    for use in ir.uses(block.end):
-        ir.nodes[use.node].input[use.port] = new_end
-    nodes = list(ir.graph.node)
-    del ir.graph.node[:]
-    ir.graph.node.extend(nodes[:block.end_node + 1] + copies + nodes[block.end_node + 1:])
-    ir.graph.initializer.extend(initializers.values())
+    with GraphEditor(ir) as edit:
+        edit.redirect_uses(block.end, renamed[block.end])
+        edit.insert_before(block.end_node + 1, copies)
+        edit.add_initializers(initializers.values())
     return {"after": block.end, "mode": "fresh-block" if fresh_seed is not None else "block",
             "activation": "fresh block" if fresh_seed is not None else "block copy",
             "nodes": [c.name for c in copies], "initializers": list(initializers),

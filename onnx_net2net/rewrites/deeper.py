@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..coupling import ELEMENTWISE_UNARY, layer_name, layer_width
+from ..editor import GraphEditor
 from ..errors import GrowthRefused, option
 from ..ir import GraphIR, node_attr
 from ..options import DeepenMode
@@ -172,13 +173,13 @@ def insert(ir: GraphIR, insertion: Insertion, options: DeepenOptions) -> Inserte
     base = ir.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper")
     builder = _Builder(ir, base, options, insertion)
     out = builder.build()
-    for use in ir.uses(insertion.tensor):
-        ir.nodes[use.node].input[use.port] = out
-    _splice(ir, insertion.tensor, builder.nodes)
-    ir.graph.initializer.extend(builder.initializers)
-    return InsertedLayer(after=layer_name(ir, insertion.layer), mode=insertion.mode,
-                         activation=insertion.activation_name, nodes=[n.name for n in builder.nodes],
-                         initializers=[t.name for t in builder.initializers])
+    with GraphEditor(ir) as edit:
+        edit.redirect_uses(insertion.tensor, out)
+        edit.insert_after_producer(insertion.tensor, builder.nodes)
+        edit.add_initializers(builder.initializers)
+        return InsertedLayer(after=layer_name(ir, insertion.layer), mode=insertion.mode,
+                             activation=insertion.activation_name, nodes=[n.name for n in builder.nodes],
+                             initializers=[t.name for t in builder.initializers])
 
 
 class _Builder:
@@ -299,12 +300,3 @@ def _variance_for_unit_scale(eps: np.float32) -> np.float32:
             return var
         var = np.nextafter(var, np.float32(0.0) if total > 1 else np.float32(2.0), dtype=np.float32)
     return var
-
-
-def _splice(ir: GraphIR, tensor: str, new_nodes: list[onnx.NodeProto]) -> None:
-    """Insert `new_nodes` right after the producer of `tensor` (topological order)."""
-    producer = ir.producer_node(tensor)
-    position = 0 if producer is None else producer + 1
-    nodes = list(ir.graph.node)
-    del ir.graph.node[:]
-    ir.graph.node.extend(nodes[:position] + new_nodes + nodes[position:])

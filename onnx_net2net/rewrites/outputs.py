@@ -16,45 +16,29 @@ verification compares the sliced outputs with the original ones.
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from ..ir import GraphIR
+from ..editor import GraphEditor
 
 
-def slice_kept_outputs(ir: GraphIR, kept: dict, keep_positions) -> list[str]:
+def slice_kept_outputs(edit: GraphEditor, kept: dict, keep_positions) -> list[str]:
     """Rename each kept output's tensor and append the node that restores it.
 
     `keep_positions(placement)` gives the positions of original data on the
-    widened unit axis. Call after every index-based edit (it appends nodes).
+    widened unit axis.
     """
     written = []
     for output, placement in kept.items():
-        wide = ir.fresh_name(f"{output}/widened")
-        ir.initializers[wide] = None  # reserves the name for the next fresh_name
-        _rename(ir, output, wide)
+        wide = edit.fresh_name(f"{output}/widened")
+        edit.rename_tensor(output, wide)
         keep = np.asarray(keep_positions(placement), dtype=np.int64)
-        ir.graph.node.append(_restore(ir, wide, output, keep, placement.axis))
+        edit.append([_restore(edit, wide, output, keep, placement.axis)])
         written.append(output)
-    for name in [name for name, tensor in ir.initializers.items() if tensor is None]:
-        del ir.initializers[name]
     return written
 
 
-def _rename(ir: GraphIR, old: str, new: str) -> None:
-    for node in ir.graph.node:
-        for port, name in enumerate(node.input):
-            if name == old:
-                node.input[port] = new
-        for port, name in enumerate(node.output):
-            if name == old:
-                node.output[port] = new
-    for value in ir.graph.value_info:
-        if value.name == old:
-            value.name = new
-
-
-def _restore(ir: GraphIR, wide: str, output: str, keep: np.ndarray, axis: int):
-    prefix = ir.fresh_prefix(f"{output}/kept")
+def _restore(edit: GraphEditor, wide: str, output: str, keep: np.ndarray, axis: int):
+    prefix = edit.fresh_prefix(f"{output}/kept")
     if np.array_equal(keep, np.arange(keep[0], keep[0] + len(keep))):
         bounds = {f"{prefix}_{what}": np.array([value], np.int64)
                   for what, value in (("starts", keep[0]), ("ends", keep[0] + len(keep)), ("axes", axis))}
@@ -64,6 +48,5 @@ def _restore(ir: GraphIR, wide: str, output: str, keep: np.ndarray, axis: int):
         bounds = {f"{prefix}_indices": keep}
         node = helper.make_node("Gather", [wide, f"{prefix}_indices"], [output], name=prefix, axis=axis)
     for name, value in bounds.items():
-        ir.graph.initializer.append(numpy_helper.from_array(value, name))
-        ir.initializers[name] = ir.graph.initializer[-1]
+        edit.add_initializer(value, name)
     return node

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..coupling import layer_name, weighted_layers
+from ..editor import GraphEditor
 from ..ir import GraphIR, node_attr
-from .wider import _set_root
 
 #: Ash & Adams' code defaults.
 DEFAULT_SHRINK = 0.4
@@ -80,6 +80,7 @@ def perturb_model(ir: GraphIR, options: PerturbOptions) -> list[PerturbedLayer]:
     """Shrink and perturb every weighted layer of the model of `ir`, in place."""
     rng = np.random.default_rng(options.seed)
     order = {node: position for position, node in enumerate(ir.topological_order())}
+    edit = GraphEditor(ir)
     done: set = set()
     changes = []
     for layer in sorted(weighted_layers(ir), key=order.__getitem__):
@@ -99,7 +100,7 @@ def perturb_model(ir: GraphIR, options: PerturbOptions) -> list[PerturbedLayer]:
                 continue
             fresh = rng.uniform(-bound, bound, size=value.shape)
             mixed = options.shrink * value.astype(np.float64) + options.fresh * fresh
-            _set_root(ir, root, mixed.astype(value.dtype))
+            edit.set_constant(root, mixed.astype(value.dtype))
             record.tensors.append(tensor)
         changes.append(record)
     return changes

@@ -25,9 +25,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..editor import GraphEditor
 from ..ir import GraphIR, node_attr
 from ..routing import LABEL_BASE, RoutedGroup, assign, label_of, scaled_constant, simulate
-from .wider import GrownGroup, WidenOptions, _add_to_attribute, _store_constants
+from .wider import GrownGroup, WidenOptions
 from ..options import Init, Split
 
 
@@ -35,6 +36,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
                  layer_names: list[str]) -> GrownGroup:
     region = group.region
     rng = np.random.default_rng(options.seed)
+    edit = GraphEditor(ir)
     new = group.routings.get(width) or simulate(ir, region, width)
     source = assign(group, new, width, rng, replicate=options.init != Init.ZERO).source
     old_labels = group.old_routing.labels
@@ -56,7 +58,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
             if port < len(node.input) and node.input[port]:
                 values[(index, port)] = np.take(ir.const_value(node.input[port]), np.maximum(positions, 0), axis=0)
         if node.op_type == "Conv":
-            _add_to_attribute(node, "group", len(positions) - int(node_attr(node, "group", 1)))
+            edit.add_to_attribute(node, "group", len(positions) - int(node_attr(node, "group", 1)))
     for index, port in region.readers:
         tensor = ir.nodes[index].input[port]
         weight = values.get((index, 1), ir.const_value(ir.nodes[index].input[1]))  # a writer too: rows first
@@ -69,7 +71,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
         for port in range(1, len(node.input)):
             if node.input[port] and ir.is_const(node.input[port]):
                 values[(index, port)] = scaled_constant(ir, index, port, region.width, width)
-    weights = _store_constants(ir, values)
+    weights = edit.store_constants(values)
     return GrownGroup(layers=layer_names, old_width=region.width, new_width=width, tensors=sorted(region.tensors),
                       weights=weights)
 

@@ -19,87 +19,73 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from ..editor import GraphEditor
 from ..ir import GraphIR
 
 
-def apply_size_edits(ir: GraphIR, edits, added: int) -> list[str]:
-    """Rewire every edited size input; returns the names of the new sizes.
-    Call last in a rewrite: it inserts nodes, so node indices change."""
-    inserted: dict[int, list[onnx.NodeProto]] = {}
+def apply_size_edits(edit: GraphEditor, edits, added: int) -> list[str]:
+    """Rewire every edited size input; returns the names of the new sizes."""
+    ir = edit.ir
     written, replaced = [], set()
-    for edit in edits:
-        if edit.whole:
-            written.append(_freeze_input(ir, edit))
+    for change in edits:
+        if change.whole:
+            written.append(_freeze_input(edit, change))
             continue
-        if _replace_concat_pieces(ir, edit, edits, added, written, replaced, inserted):
+        if _replace_concat_pieces(edit, change, edits, added, written, replaced):
             continue
-        node = ir.nodes[edit.node]
-        original = node.input[edit.port]
-        length = _length(ir, original, edit)
+        original = ir.nodes[change.node].input[change.port]
+        length = _length(ir, original, change)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(original, onnx.TensorProto.INT64))
         mask, values = np.zeros(length, dtype=bool), np.zeros(length, dtype=dtype)
-        for index, base, per_unit in edit.entries:
+        for index, base, per_unit in change.entries:
             mask[index], values[index] = True, base + per_unit * added
-        prefix = ir.fresh_prefix(f"{original}/grown")
+        prefix = edit.fresh_prefix(f"{original}/grown")
         names = [f"{prefix}_mask", f"{prefix}_values", prefix]
         for name, array in zip(names, (mask, values)):
-            ir.graph.initializer.append(numpy_helper.from_array(array, name))
-            ir.initializers[name] = ir.graph.initializer[-1]
-        inserted.setdefault(edit.node, []).append(
-            helper.make_node("Where", [names[0], names[1], original], [names[2]], name=names[2]))
-        node.input[edit.port] = names[2]
+            edit.add_initializer(array, name)
+        edit.insert_before(change.node, [
+            helper.make_node("Where", [names[0], names[1], original], [names[2]], name=names[2])])
+        edit.set_input(change.node, change.port, names[2])
         written.append(names[2])
-    for name in [name for name, tensor in ir.initializers.items() if tensor is None]:
-        del ir.initializers[name]  # names reserved by _copy_for
-    if inserted:
-        nodes = []
-        for index, node in enumerate(ir.graph.node):
-            nodes += inserted.get(index, []) + [node]
-        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
-        del ir.graph.node[:]
-        ir.graph.node.extend(nodes)
     return written
 
 
-def _freeze_input(ir: GraphIR, edit) -> str:
+def _freeze_input(edit: GraphEditor, change) -> str:
     """A size used as data becomes a constant holding its old value."""
-    node = ir.nodes[edit.node]
-    original = node.input[edit.port]
+    ir = edit.ir
+    original = ir.nodes[change.node].input[change.port]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(original, onnx.TensorProto.INT64))
     shape = ir.shape(original) or ()
-    value = np.array([base for _, base, _ in edit.entries], dtype=dtype).reshape(shape)
-    name = ir.fresh_name(f"{original}/frozen")
-    ir.graph.initializer.append(numpy_helper.from_array(value, name))
-    ir.initializers[name] = ir.graph.initializer[-1]
-    node.input[edit.port] = name
+    value = np.array([base for _, base, _ in change.entries], dtype=dtype).reshape(shape)
+    name = edit.add_initializer(value, edit.fresh_name(f"{original}/frozen"))
+    edit.set_input(change.node, change.port, name)
     return name
 
 
-def _copy_for(ir: GraphIR, producer: int, readers: list, size: str, inserted: dict) -> onnx.NodeProto:
+def _copy_for(edit: GraphEditor, producer: int, readers: list, size: str) -> onnx.NodeProto:
     """A copy of the Concat computing `size`, read by `readers` instead."""
-    name = ir.fresh_prefix(f"{size}/grown")
-    ir.initializers[name] = None  # reserves the name until the IR is rebuilt
+    name = edit.fresh_prefix(f"{size}/grown")
     copy = onnx.NodeProto()
-    copy.CopyFrom(ir.nodes[producer])
+    copy.CopyFrom(edit.ir.nodes[producer])
     copy.name, copy.output[0] = name, name
     for node, port in readers:
-        ir.nodes[node].input[port] = name
-    first = min(node for node, _ in readers)
-    inserted.setdefault(first, []).append(copy)
+        edit.set_input(node, port, name)
+    edit.insert_before(min(node for node, _ in readers), [copy])
     return copy
 
 
-def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, replaced: set,
-                           inserted: dict) -> bool:
+def _replace_concat_pieces(edit: GraphEditor, change, edits, added: int, written: list, replaced: set) -> bool:
     """Replace the edited entries' one-element pieces of the Concat that
     computes the size, when every reader of it wants the same entries."""
-    size = ir.nodes[edit.node].input[edit.port]
+    ir = edit.ir
+    size = ir.nodes[change.node].input[change.port]
     if size in replaced:
         return True  # an earlier sink reading this size wanted the same entries
     readers = {(use.node, use.port) for use in ir.uses(size)}
-    wanting = {(e.node, e.port) for e in edits if ir.nodes[e.node].input[e.port] == size and e.entries == edit.entries}
+    wanting = {(e.node, e.port) for e in edits
+               if ir.nodes[e.node].input[e.port] == size and e.entries == change.entries}
     producer = ir.producer_node(size)
     if producer is None or ir.nodes[producer].op_type != "Concat":
         return False
@@ -112,19 +98,17 @@ def _replace_concat_pieces(ir: GraphIR, edit, edits, added: int, written: list, 
         starts.append(position)
         position += int(shape[0])
     pieces = {}
-    for index, base, per_unit in edit.entries:
+    for index, base, per_unit in change.entries:
         piece = max(p for p, start in enumerate(starts) if start <= index)
         if ir.shape(concat.input[piece]) != (1,) or starts[piece] != index:
             return False
         pieces[piece] = base + per_unit * added
     if not readers <= wanting:
-        concat = _copy_for(ir, producer, sorted(wanting), size, inserted)
+        concat = _copy_for(edit, producer, sorted(wanting), size)
         replaced.add(concat.output[0])  # the edited sinks read the copy now
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(size, onnx.TensorProto.INT64))
     for piece, value in pieces.items():
-        name = ir.fresh_prefix(f"{size}/grown")
-        ir.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=dtype), name))
-        ir.initializers[name] = ir.graph.initializer[-1]
+        name = edit.add_initializer(np.array([value], dtype=dtype), edit.fresh_prefix(f"{size}/grown"))
         concat.input[piece] = name
         written.append(name)
     replaced.add(size)

@@ -34,10 +34,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
-from ..io import set_tensor_values
+from ..editor import GraphEditor
 from ..ir import GraphIR
 from ..options import Init, Split
 
@@ -228,20 +227,21 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         node, port = norm.epsilon
         epsilon = ir.const_value(ir.nodes[node].input[port])
         new_values[(node, port)] = (epsilon.astype(np.float64) * ratio).astype(epsilon.dtype)
-    record.weights = _store_constants(ir, new_values)
-    _apply_value_edits(ir, group, q - n)
-    for edit in group.attribute_edits:
-        _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
-    _scale_norm_epsilons(ir, group, mapping.variance_ratio)
-    if group.size_edits:
-        from .sizes import apply_size_edits
+    with GraphEditor(ir) as edit:
+        record.weights = edit.store_constants(new_values)
+        _apply_value_edits(edit, group, q - n)
+        for change in group.attribute_edits:
+            edit.add_to_attribute(ir.nodes[change.node], change.name, change.per_unit * (q - n))
+        _scale_norm_epsilons(ir, group, mapping.variance_ratio)
+        if group.size_edits:
+            from .sizes import apply_size_edits
 
-        record.size_inputs = apply_size_edits(ir, group.size_edits, q - n)
-    if group.kept_outputs:
-        from .outputs import slice_kept_outputs
+            record.size_inputs = apply_size_edits(edit, group.size_edits, q - n)
+        if group.kept_outputs:
+            from .outputs import slice_kept_outputs
 
-        record.sliced_outputs = slice_kept_outputs(ir, group.kept_outputs,
-                                                   lambda placement: original_positions(placement, mapping))
+            record.sliced_outputs = slice_kept_outputs(edit, group.kept_outputs,
+                                                       lambda placement: original_positions(placement, mapping))
     return record
 
 
@@ -382,90 +382,16 @@ def _zero_sum_noise(shape, axis, slots, mapping: UnitMapping, scale: float, rng)
     return noise
 
 
-def _store_constants(ir: GraphIR, new_values: dict) -> list[str]:
-    """Write edited constants back, in place when every reader wants the same
-    edit, otherwise as a fresh initializer for the readers that differ."""
-    written = []
-    by_root = defaultdict(list)
-    for (node, port), value in new_values.items():
-        by_root[ir.const_root(ir.nodes[node].input[port])].append((node, port, value))
-    for root, edits in by_root.items():
-        readers = _constant_readers(ir, root)
-        edited = {(node, port) for node, port, _ in edits}
-        first = edits[0][2]
-        uniform = all(v.shape == first.shape and np.array_equal(v, first) for _, _, v in edits)
-        if uniform and readers <= edited:
-            _set_root(ir, root, first)
-            written.append(_root_name(ir, root))
-            continue
-        for node, port, value in edits:
-            written.append(_add_clone(ir, node, port, value))
-    return written
-
-
-def _constant_readers(ir: GraphIR, root) -> set[tuple[int, int]]:
-    """Every (node, port) reading the constant, through Identity chains."""
-    kind, key = root
-    start = key if kind == "init" else ir.nodes[key].output[0]
-    readers, frontier = set(), [start]
-    while frontier:
-        tensor = frontier.pop()
-        if tensor in ir.graph_outputs:
-            readers.add((-1, -1))
-        for use in ir.uses(tensor):
-            node = ir.nodes[use.node]
-            if node.op_type == "Identity":
-                frontier.append(node.output[0])
-            else:
-                readers.add((use.node, use.port))
-    return readers
-
-
-def _set_root(ir: GraphIR, root, value: np.ndarray) -> None:
-    kind, key = root
-    if kind == "init":
-        set_tensor_values(ir.initializers[key], value)
-    else:
-        for attr in ir.nodes[key].attribute:
-            if attr.name == "value":
-                attr.t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(attr.t).dtype), attr.t.name))
-                return
-        raise NotImplementedError("Constant node without a tensor value")
-
-
-def _root_name(ir: GraphIR, root) -> str:
-    kind, key = root
-    return key if kind == "init" else ir.nodes[key].output[0]
-
-
-def _add_clone(ir: GraphIR, node: int, port: int, value: np.ndarray) -> str:
-    original = ir.nodes[node].input[port]
-    dtype = ir.const_value(original).dtype
-    name = ir.fresh_name(f"{original}/widened")
-    tensor = numpy_helper.from_array(value.astype(dtype), name)
-    ir.graph.initializer.append(tensor)
-    ir.initializers[name] = ir.graph.initializer[-1]
-    ir.nodes[node].input[port] = name
-    return name
-
-
-def _apply_value_edits(ir: GraphIR, group: UnitGroup, added: int) -> None:
+def _apply_value_edits(edit: GraphEditor, group: UnitGroup, added: int) -> None:
+    ir = edit.ir
     grouped = defaultdict(list)
-    for edit in group.value_edits:
-        grouped[(edit.node, edit.port)].append(edit)
+    for change in group.value_edits:
+        grouped[(change.node, change.port)].append(change)
     values = {}
-    for (node, port), edits in grouped.items():
+    for (node, port), changes in grouped.items():
         value = ir.const_value(ir.nodes[node].input[port]).copy()
         flat = value.reshape(-1)
-        for edit in edits:
-            flat[edit.index] += edit.per_unit * added
+        for change in changes:
+            flat[change.index] += change.per_unit * added
         values[(node, port)] = value
-    _store_constants(ir, values)
-
-
-def _add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            attr.i += delta
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, 1 + delta))
+    edit.store_constants(values)

@@ -1,0 +1,243 @@
+"""The one place that changes a model's graph.
+
+Rewrites read the graph through the index (`ir.GraphIR`) and change it only
+through a `GraphEditor` on that index:
+
+- names: `fresh_name`/`fresh_prefix` give names no node, tensor or
+  initializer uses, counting the ones this editor handed out already;
+- constants: `add_initializer` adds one, `set_constant` replaces a constant's
+  value in place (an initializer or a `Constant` node, keeping its dtype),
+  `store_constants` writes edited values back, in place when every reader
+  wants the same value and as fresh initializers for the readers that differ;
+- wiring: `set_input`, `redirect_uses`, `rename_tensor`, `add_to_attribute`;
+- node order: `insert_before`, `insert_after_producer`, `append` queue new
+  nodes beside the node positions of the index; `commit` (on leaving the
+  `with` block) rebuilds the node list once, so the graph stays in
+  topological order whatever the number of insertions; `remove_dead_nodes`
+  drops what nothing reads any more.
+
+Node indices always refer to the index the editor was made on. After
+`commit` the index no longer describes the model: the next request builds a
+fresh `GraphIR`. Type declarations are not edited here: the pass runs each
+rewrite inside `typeinfo.kept_consistent`, which redeclares what changed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .io import set_tensor_values
+from .ir import GraphIR
+
+
+class GraphEditor:
+    """Edits to the model indexed by `ir`, applied in topological order."""
+
+    def __init__(self, ir: GraphIR):
+        self.ir = ir
+        self._reserved: set[str] = set()
+        self._before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self._appended: list[onnx.NodeProto] = []
+
+    def __enter__(self) -> GraphEditor:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+
+    # -- names ----------------------------------------------------------------
+
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base1`, `base2`, ...: the first name not in use."""
+        taken, name, k = self._taken(), base, 1
+        while name in taken:
+            name, k = f"{base}{k}", k + 1
+        self._reserved.add(name)
+        return name
+
+    def fresh_prefix(self, base: str) -> str:
+        """`base0`, `base1`, ...: the first that starts no name in use."""
+        taken, k = self._taken(), 0
+        while any(name.startswith(f"{base}{k}") for name in taken):
+            k += 1
+        self._reserved.add(f"{base}{k}")
+        return f"{base}{k}"
+
+    def _taken(self) -> set[str]:
+        return self.ir.taken_names() | self._reserved
+
+    # -- constants ------------------------------------------------------------
+
+    def add_initializer(self, value: np.ndarray, name: str) -> str:
+        """Add `value` as initializer `name` (a name from `fresh_name`)."""
+        self.ir.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self.ir.initializers[name] = self.ir.graph.initializer[-1]
+        self._reserved.add(name)
+        return name
+
+    def add_initializers(self, tensors) -> None:
+        """Add ready TensorProtos (their names fresh)."""
+        for tensor in tensors:
+            self.ir.graph.initializer.append(tensor)
+            self.ir.initializers[tensor.name] = self.ir.graph.initializer[-1]
+            self._reserved.add(tensor.name)
+
+    def set_constant(self, root, value: np.ndarray) -> None:
+        """Replace the value of a constant root (`ir.const_root`), keeping its dtype."""
+        kind, key = root
+        if kind == "init":
+            set_tensor_values(self.ir.initializers[key], value)
+            return
+        for attr in self.ir.nodes[key].attribute:
+            if attr.name == "value":
+                dtype = numpy_helper.to_array(attr.t).dtype
+                attr.t.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), attr.t.name))
+                return
+        raise NotImplementedError("Constant node without a tensor value")
+
+    def store_constants(self, new_values: dict) -> list[str]:
+        """Write edited constants back: `new_values[(node, port)]` is the value
+        that input should read. In place when every reader of the constant
+        wants the same value, otherwise as a fresh initializer for the readers
+        that differ. Returns the names written."""
+        written = []
+        by_root = defaultdict(list)
+        for (node, port), value in new_values.items():
+            by_root[self.ir.const_root(self.ir.nodes[node].input[port])].append((node, port, value))
+        for root, edits in by_root.items():
+            readers = self._constant_readers(root)
+            edited = {(node, port) for node, port, _ in edits}
+            first = edits[0][2]
+            uniform = all(v.shape == first.shape and np.array_equal(v, first) for _, _, v in edits)
+            if uniform and readers <= edited:
+                self.set_constant(root, first)
+                written.append(self._root_name(root))
+                continue
+            for node, port, value in edits:
+                written.append(self._add_clone(node, port, value))
+        return written
+
+    def _constant_readers(self, root) -> set[tuple[int, int]]:
+        """Every (node, port) reading the constant, through Identity chains
+        ((-1, -1) when it is a graph output)."""
+        readers, frontier = set(), [self._root_name(root)]
+        while frontier:
+            tensor = frontier.pop()
+            if tensor in self.ir.graph_outputs:
+                readers.add((-1, -1))
+            for use in self.ir.uses(tensor):
+                node = self.ir.nodes[use.node]
+                if node.op_type == "Identity":
+                    frontier.append(node.output[0])
+                else:
+                    readers.add((use.node, use.port))
+        return readers
+
+    def _root_name(self, root) -> str:
+        kind, key = root
+        return key if kind == "init" else self.ir.nodes[key].output[0]
+
+    def _add_clone(self, node: int, port: int, value: np.ndarray) -> str:
+        original = self.ir.nodes[node].input[port]
+        dtype = self.ir.const_value(original).dtype
+        name = self.add_initializer(value.astype(dtype), self.fresh_name(f"{original}/widened"))
+        self.set_input(node, port, name)
+        return name
+
+    # -- wiring ---------------------------------------------------------------
+
+    def set_input(self, node: int, port: int, tensor: str) -> None:
+        self.ir.nodes[node].input[port] = tensor
+
+    def redirect_uses(self, tensor: str, new: str) -> None:
+        """Every node reading `tensor` (as indexed) reads `new` instead."""
+        for use in self.ir.uses(tensor):
+            if use.port >= 0:
+                self.set_input(use.node, use.port, new)
+
+    def rename_tensor(self, old: str, new: str) -> None:
+        """Rename tensor `old` wherever nodes (queued ones too) and
+        declarations name it."""
+        queued = [node for nodes in self._before.values() for node in nodes] + self._appended
+        for node in list(self.ir.graph.node) + queued:
+            node.input[:] = [new if name == old else name for name in node.input]
+            node.output[:] = [new if name == old else name for name in node.output]
+        for value in self.ir.graph.value_info:
+            if value.name == old:
+                value.name = new
+
+    @staticmethod
+    def add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
+        """Add `delta` to an integer attribute (absent: its default 1)."""
+        for attr in node.attribute:
+            if attr.name == name:
+                attr.i += delta
+                return
+        node.attribute.append(onnx.helper.make_attribute(name, 1 + delta))
+
+    # -- node order -----------------------------------------------------------
+
+    def insert_before(self, node: int, nodes: list[onnx.NodeProto]) -> None:
+        """Queue `nodes` to run right before node `node` of the index."""
+        self._before[node].extend(nodes)
+
+    def insert_after_producer(self, tensor: str, nodes: list[onnx.NodeProto]) -> None:
+        """Queue `nodes` right after the node producing `tensor` (first in
+        the graph when a graph input or constant)."""
+        producer = self.ir.producer_node(tensor)
+        self.insert_before(0 if producer is None else producer + 1, nodes)
+
+    def append(self, nodes: list[onnx.NodeProto]) -> None:
+        """Queue `nodes` after every node of the graph."""
+        self._appended.extend(nodes)
+
+    def commit(self) -> None:
+        """Apply the queued insertions in one rebuild of the node list."""
+        if not self._before and not self._appended:
+            return
+        old = list(self.ir.graph.node)
+        order = []
+        for index, node in enumerate(old):
+            order += self._before.pop(index, []) + [node]
+        order += self._before.pop(len(old), []) + self._appended
+        self._replace_nodes(order)
+        self._appended = []
+
+    def remove_dead_nodes(self, removable_initializers: set[str]) -> None:
+        """Drop nodes whose outputs nothing reads any more, and those of
+        `removable_initializers` that nothing reads any more."""
+        graph = self.ir.graph
+        outputs = {v.name for v in graph.output}
+        while True:
+            read = outputs | _names_read(graph)
+            kept = [node for node in graph.node if any(o in read for o in node.output if o)]
+            if len(kept) == len(graph.node):
+                break
+            self._replace_nodes(kept)
+        used = _names_read(graph) | outputs | {v.name for v in graph.input}
+        kept = [t for t in graph.initializer if t.name in used or t.name not in removable_initializers]
+        if len(kept) != len(graph.initializer):
+            kept = [onnx.TensorProto.FromString(t.SerializeToString()) for t in kept]
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+
+    def _replace_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+        # Copies first: clearing the repeated field would detach messages still in it.
+        copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+        del self.ir.graph.node[:]
+        self.ir.graph.node.extend(copies)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of `graph` reads, subgraphs' reads included."""
+    read = {name for node in graph.node for name in node.input}
+    for node in graph.node:
+        for attr in node.attribute:
+            for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                read |= {name for inner in subgraph.node for name in inner.input}
+    return read
