@@ -28,7 +28,7 @@ import numpy as np
 from ..editor import GraphEditor
 from ..ir import GraphIR, node_attr
 from ..routing import LABEL_BASE, RoutedGroup, assign, label_of, scaled_constant, simulate
-from .wider import GrownGroup, WidenOptions
+from .wider import GrownGroup, WidenOptions, random_fractions
 from ..options import Init, Split
 
 
@@ -112,8 +112,7 @@ def _split_reader(ir: GraphIR, index: int, weight: np.ndarray, old: np.ndarray, 
         if len(group) == 1:
             continue
         if options.split == Split.RANDOM:
-            draws = rng.uniform(0.25, 1.75, size=(len(group),) + moved.shape[1:])
-            fractions = draws / draws.sum(axis=0, keepdims=True)
+            fractions = random_fractions(rng, (len(group),) + moved.shape[1:])
         else:
             fractions = np.full((len(group),) + moved.shape[1:], 1.0 / len(group))
         moved[group] = moved[group] * fractions

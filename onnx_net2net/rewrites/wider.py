@@ -363,9 +363,16 @@ def _split_factors(shape, axis, slots, mapping: UnitMapping, split, rng) -> np.n
     copies_of = g if mapping.is_average is None else np.where(mapping.is_average, -1, g)
     for unit in np.nonzero(counts > 1)[0]:
         positions = np.stack([np.nonzero(slots == j)[0] for j in np.nonzero(copies_of == unit)[0]])
-        draws = rng.uniform(0.25, 1.75, size=positions.shape + moved.shape[1:])
-        moved[positions] = draws / draws.sum(axis=0, keepdims=True)
+        moved[positions] = random_fractions(rng, positions.shape + moved.shape[1:])
     return factors
+
+
+def random_fractions(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """`split="random"`: fractions that sum to one over axis 0 (the copies of
+    a unit), each drawn from U(0.25, 1.75) before normalising, so no copy
+    gets less than 1/7 of another's share."""
+    draws = rng.uniform(0.25, 1.75, size=shape)
+    return draws / draws.sum(axis=0, keepdims=True)
 
 
 def _zero_sum_noise(shape, axis, slots, mapping: UnitMapping, scale: float, rng) -> np.ndarray:
