@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "save", "inspect", "widen", "deepen", "perturb", "verify",
-    "WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "PassResult", "WidenOptions",
+    "WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "VerifiedPass", "PassResult", "WidenOptions",
     "DeepenOptions", "PerturbOptions",
     "UserError", "GrowthRefused", "VerificationFailed", "InternalError",
 ]
@@ -36,7 +36,7 @@ from .errors import GrowthRefused, InternalError, UserError, VerificationFailed 
 
 def __getattr__(name):
     # Lazy: importing the package stays cheap (no onnxruntime/networkx until used).
-    if name in ("WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "PassResult"):
+    if name in ("WidenPass", "DeepenPass", "AlignPass", "PerturbPass", "Pipeline", "VerifiedPass", "PassResult"):
         from . import passes
 
         return getattr(passes, name)

@@ -210,27 +210,17 @@ def cmd_grow(args) -> int:
 
     plan = load_plan(args.plan)
     args.plan_object = plan
-    after_step = _verify_step(args) if plan.verify_each or args.verify_each else None
-    return _grow(args, plan.pipeline(), after_step=after_step)
+    pipeline = plan.pipeline()
+    if plan.verify_each or args.verify_each:
+        def print_step(step, result) -> None:
+            print(f"{step.label}: {_shown(args, result.summary())}")
+
+        pipeline = pipeline.verified(keep_failures=args.save_on_failure, on_result=print_step,
+                                     **_verify_options(args))
+    return _grow(args, pipeline)
 
 
-def _verify_step(args):
-    """A Pipeline hook: verify each step against the model before it."""
-    from .verification import ReferenceRun, ours
-
-    def check(number, step, report, before, after) -> None:
-        reference = ReferenceRun(before.proto, base_dir=before.base_dir, **_verify_options(args))
-        with ours(f"the model after step {number + 1} ({step.name})"):
-            result = reference.compare(after.proto)
-        report["verification"] = result.to_dict()
-        print(f"step {number + 1} ({step.name}): {_shown(args, result.summary())}")
-        if not result.passed and step.exact and not args.save_on_failure:
-            raise VerificationFailed(f"step {number + 1}: {result.summary()}", report)
-
-    return check
-
-
-def _grow(args, grow_pass, *, after_step=None) -> int:
+def _grow(args, grow_pass) -> int:
     """Load, rewrite, check, verify against the input, write atomically, report."""
     from . import io
     from .progress import Progress
@@ -245,7 +235,7 @@ def _grow(args, grow_pass, *, after_step=None) -> int:
     _check_plan_layers(args, handle)
     try:
         with progress.stage("rewriting"):
-            report, broken = _rewrite(args, grow_pass, handle, after_step)
+            report, broken = _rewrite(args, grow_pass, handle)
     except InternalError as error:
         if not args.save_on_failure:
             raise
@@ -292,14 +282,14 @@ def _check_plan_layers(args, handle) -> None:
         plan.check_layers({layer_name(ir, i) for i in weighted_layers(ir)} | {n.name for n in ir.nodes})
 
 
-def _rewrite(args, grow_pass, handle, after_step) -> tuple[dict, str | None]:
+def _rewrite(args, grow_pass, handle) -> tuple[dict, str | None]:
     """Apply the pass in place; return its report and, when the input passed
     onnx's full check and the output does not, why (our bug)."""
     from .provenance import record_provenance
     from .typeinfo import full_check_error
 
     input_valid = full_check_error(handle) is None
-    report = grow_pass.apply(handle, after_step) if after_step else grow_pass.apply(handle)
+    report = grow_pass.apply(handle)
     report["command"] = sys.argv[1:] if args.argv is None else args.argv
     record_provenance(handle.proto, report)
     problem = full_check_error(handle) if input_valid else None

@@ -19,7 +19,7 @@ import onnx_ir.external_data
 import onnx_ir.passes
 
 from . import coupling, routing, typeinfo
-from .errors import GrowthRefused, UserError, option
+from .errors import GrowthRefused, UserError, VerificationFailed, option
 from .folding import fold_computed_weights
 from .io import ModelHandle, available_memory, from_proto, tensor_nbytes
 from .io import parameter_count as io_parameter_count
@@ -409,23 +409,28 @@ class Pipeline(_Pass):
         self.passes = list(passes)
         self.exact = all(p.exact for p in self.passes)
 
-    def apply(self, handle: ModelHandle, after_step=None) -> dict:
-        """Run the passes; `after_step(number, step, report, before, after)`
-        (optional) is called after each with the handles before and after it."""
+    def verified(self, *, keep_failures: bool = False, on_result=None, **verify_options) -> Pipeline:
+        """This pipeline with every step wrapped in a `VerifiedPass` (labelled
+        "step N (name)"), so each is checked against the model before it."""
+        steps = [VerifiedPass(step, label=f"step {number + 1} ({step.name})", keep_failures=keep_failures,
+                              on_result=on_result, **verify_options)
+                 for number, step in enumerate(self.passes)]
+        return Pipeline(steps)
+
+    def apply(self, handle: ModelHandle) -> dict:
+        """Run the passes in order; the report lists each step's report."""
         reports, inserted = [], 0
         for number, step in enumerate(self.passes):
-            before = handle.copy() if after_step is not None else None
             reports.append(self._apply_step(number, step, handle, MAX_INSERTIONS - inserted))
             inserted += sum(1 for change in reports[-1]["changes"] if "after" in change)
-            if after_step is not None:
-                after_step(number, step, reports[-1], before, handle)
         return {"pass": self.name, "steps": reports, "changes": [c for r in reports for c in r["changes"]]}
 
     def _apply_step(self, number: int, step: _Pass, handle: ModelHandle, budget: int) -> dict:
         """One step; a refusal says which step, after which others (the model
         has changed since the first)."""
-        if isinstance(step, DeepenPass):
-            step.budget = budget
+        deepen = getattr(step, "step", step)  # a VerifiedPass wraps its step
+        if isinstance(deepen, DeepenPass):
+            deepen.budget = budget
         try:
             return step.apply(handle)
         except (GrowthRefused, UserError) as error:
@@ -435,8 +440,45 @@ class Pipeline(_Pass):
             where = f"step {number + 1} ({step.name})" + (f", after step(s) {before}" if before else "")
             raise type(error)(f"{where}: {error}") from None
         finally:
-            if isinstance(step, DeepenPass):
-                step.budget = MAX_INSERTIONS
+            if isinstance(deepen, DeepenPass):
+                deepen.budget = MAX_INSERTIONS
+
+
+class VerifiedPass(_Pass):
+    """A pass followed by verification: its result is compared in onnxruntime
+    with the model before it (`verification.ReferenceRun`), and the outcome is
+    the report's "verification".
+
+    Args:
+        step: the pass to run.
+        label: how errors name the step (default: its name).
+        keep_failures: record a failed verification instead of raising
+            `VerificationFailed` (a pass that is not exact never raises).
+        on_result: optional `on_result(pass, result)` called after each check
+            (the CLI prints it).
+        **verify_options: for `ReferenceRun` (inputs, tolerances, provider).
+    """
+
+    def __init__(self, step: _Pass, *, label: str | None = None, keep_failures: bool = False, on_result=None,
+                 **verify_options):
+        self.step, self.label = step, label or step.name
+        self.name, self.exact = step.name, step.exact
+        self.keep_failures, self.on_result, self.verify_options = keep_failures, on_result, verify_options
+
+    def apply(self, handle: ModelHandle) -> dict:
+        from .verification import ReferenceRun, ours
+
+        before = handle.copy()
+        report = self.step.apply(handle)
+        reference = ReferenceRun(before.proto, base_dir=before.base_dir, **self.verify_options)
+        with ours(f"the model after {self.label}"):
+            result = reference.compare(handle.proto)
+        report["verification"] = result.to_dict()
+        if self.on_result is not None:
+            self.on_result(self, result)
+        if self.exact and not result.passed and not self.keep_failures:
+            raise VerificationFailed(f"{self.label}: {result.summary()}", report)
+        return report
 
 
 # ----------------------------------------------------------------------------

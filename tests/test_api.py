@@ -187,6 +187,33 @@ def test_pass_options():
         n2n.DeepenPass([])
 
 
+class _CorruptedWiden(n2n.WidenPass):
+    """Widens, then doubles a weight: an exact pass whose result is wrong."""
+
+    def apply(self, handle):
+        report = super().apply(handle)
+        tensor = next(t for t in handle.proto.graph.initializer if len(t.dims) == 2)
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(2), tensor.name))
+        return report
+
+
+def test_verified_pass_checks_each_step_against_the_model_before_it():
+    model = onnx.load(str(model_path("mlp")))
+    seen = []
+    pipeline = n2n.Pipeline([n2n.WidenPass({"/0/Gemm": 64}), n2n.DeepenPass(["/2/Gemm"])]).verified(
+        on_result=lambda step, result: seen.append((step.label, result.passed)))
+    result = pipeline(model)
+    assert seen == [("step 1 (widen)", True), ("step 2 (deepen)", True)]
+    assert all(step["verification"]["passed"] for step in result.report["steps"])
+    assert_same_function(model, result.model)
+
+    broken = n2n.Pipeline([n2n.DeepenPass(["/2/Gemm"]), _CorruptedWiden({"/0/Gemm": 64})]).verified()
+    with pytest.raises(n2n.VerificationFailed, match=r"^step 2 \(widen\): FAILED"):
+        broken(model)
+    kept = n2n.VerifiedPass(_CorruptedWiden({"/0/Gemm": 64}), keep_failures=True)(model)
+    assert kept.report["verification"]["passed"] is False
+
+
 def test_factor_with_nothing_growable_is_refused():
     model = dense_sandwich(unary("Softmax"))
     with pytest.raises(n2n.GrowthRefused, match="no layer"):
