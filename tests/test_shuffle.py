@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnx_net2net as n2n
-from onnx_net2net import coupling, io, routing
+from onnx_net2net import analysis, io
 from onnx_net2net.ir import GraphIR
 
 from helpers import H, init, make_model, node, rand, widen_exact
@@ -63,7 +63,7 @@ def shuffle_stage(blocks: int, split: str = "sizes", seed: int = 0, h: int = H_W
 
 def _group(model, layer: str):
     ir = GraphIR(io.ModelHandle(proto=model))
-    return ir, coupling.find_group(ir, coupling.find_layer(ir, layer))
+    return ir, analysis.find_group(ir, analysis.find_layer(ir, layer))
 
 
 @pytest.mark.parametrize("split", ["sizes", "num_outputs", "slices"])
@@ -83,8 +83,8 @@ def test_the_stage_is_one_routing_region(split):
 def test_every_routable_width_is_exact(split, blocks):
     model = shuffle_stage(blocks, split)
     ir, group = _group(model, "a")
-    assert isinstance(group, routing.RoutedGroup)
-    valid = routing.valid_widths(ir, group)
+    assert isinstance(group, analysis.RoutedGroup)
+    valid = analysis.valid_widths(ir, group)
     assert valid, "some width must route"
     for width in valid:
         grown, _ = widen_exact(model, {"branch2": width}, split="random", seed=width)
@@ -97,7 +97,7 @@ def test_every_routable_width_is_exact(split, blocks):
 def test_a_width_that_cannot_route_is_refused_with_the_ones_that_can():
     model = shuffle_stage(5)
     ir, group = _group(model, "a")
-    valid = routing.valid_widths(ir, group)
+    valid = analysis.valid_widths(ir, group)
     invalid = [w for w in range(H_WIDTH + 1, 2 * H_WIDTH + 1) if w not in valid]
     assert invalid, "a deep stage with 4 channels per branch does not route every width"
     with pytest.raises(n2n.UserError, match=f"width {invalid[0]} would change where they go.*widths that route"):
@@ -142,7 +142,7 @@ def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
     split = str(rng.choice(["sizes", "num_outputs", "slices"]))
     model = shuffle_stage(blocks, split, seed=seed, h=h)
     ir, group = _group(model, "a")
-    valid = routing.valid_widths(ir, group)
+    valid = analysis.valid_widths(ir, group)
     for width in rng.choice(valid, size=min(3, len(valid)), replace=False):
         widen_exact(model, {f"branch{blocks}": int(width)},
                     split=str(rng.choice(["equal", "random"])), seed=seed)

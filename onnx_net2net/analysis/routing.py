@@ -3,7 +3,7 @@
 ShuffleNetV2 concatenates two branches, interleaves their channels (Reshape
 [N, 2, C/2, H, W] -> Transpose -> Reshape), and the next block splits the
 result in halves: one half passes on untouched, the other feeds a branch.
-Units here are not one space copied everywhere (coupling.py's model): each
+Units here are not one space copied everywhere (units.py's model): each
 channel is *routed*, and where it ends (which later convolution reads it)
 depends on the width. So the whole stage grows together:
 
@@ -11,11 +11,12 @@ depends on the width. So the whole stage grows together:
   (Concat, Split, Slice, Reshape, Transpose, per-channel ops such as Relu,
   BatchNormalization, depthwise Conv, pooling), the weighted layers writing
   into it (all of width h) and the weighted layers reading it;
-* the routing, found by running it: a small model of the region's routing
-  ops, fed with each channel's label as its value (per-channel ops become
-  identities), gives the label at every position a reader sees, at the old
-  width h and at a new width h'. Dynamic shapes (Shape -> Div -> Reshape,
-  Split by num_outputs) route exactly as they will at run time;
+* the routing, found by running it (routing_simulation.py): a small model
+  of the region's routing ops, fed with each channel's label as its value
+  (per-channel ops become identities), gives the label at every position a
+  reader sees, at the old width h and at a new width h'. Dynamic shapes
+  (Shape -> Div -> Reshape, Split by num_outputs) route exactly as they
+  will at run time;
 * the fate of a channel: the set of reading layers it reaches. At width h',
   every old channel is given a new slot of its writer with the same fate (a
   copy keeps its function), extra slots of a fate copy channels of that fate
@@ -33,48 +34,19 @@ import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
-from .coupling import ELEMENTWISE_UNARY, UnitGroup, layer_width, seed_placement
-from .ir import GraphIR, node_attr
+from ..ir import GraphIR, node_attr
+from ..ops import ELEMENTWISE_UNARY
+from .layers import layer_width, seed_placement
+from .refusal import Refusal, RefusalKind
+from .routing_simulation import Region, Routing, label_of, simulate, simulate_many
+from .units import UnitGroup, constant_nbytes
 
-LABEL_BASE = 1 << 12      # label of channel c of writer k: k * LABEL_BASE + c + 1 (exact in float32)
+
 _ROUTING = frozenset("Concat Split Slice Reshape Transpose Flatten Squeeze Unsqueeze".split())
+
+
 _PER_CHANNEL = frozenset("BatchNormalization MaxPool AveragePool GlobalAveragePool GlobalMaxPool".split())
-
-
-class RoutingRefused(Exception):
-    """Not a region this module can grow, or not at this width (the reason)."""
-
-
-@dataclass
-class Region:
-    """The tensors, writers, readers and routing ops of a channel routing region."""
-
-    writers: list[int]                      # weighted layers writing channels into the region
-    readers: list[tuple[int, int]]          # (node, port) of weighted layers reading a region tensor
-    routing: list[int]                      # routing and per-channel nodes, in topological order
-    support: list[int]                      # nodes computing their shape inputs (Shape, Gather, ...)
-    tensors: set[str]
-    width: int                              # the writers' width
-    reader_tensors: set[str] = field(default_factory=set)
-
-    def per_channel_tensors(self, ir: GraphIR) -> dict[int, str]:
-        """Per-channel ops with parameters -> the region tensor they read."""
-        found = {}
-        for index in self.routing:
-            node = ir.nodes[index]
-            if node.op_type in ("BatchNormalization", "Conv"):
-                found[index] = node.input[0]
-        return found
-
-
-@dataclass
-class Routing:
-    """Labels along axis 1 of each watched tensor, at some width."""
-
-    labels: dict[str, np.ndarray]
 
 
 @dataclass
@@ -87,12 +59,45 @@ class RoutedGroup(UnitGroup):
     feasible: dict[int, str | None] = field(default_factory=dict)     # width -> why not (None: it routes)
     routings: dict[int, Routing] = field(default_factory=dict)         # width -> its routing, once run
 
+    @property
+    def exact_only(self) -> bool:
+        """Routing regions grow exactly only (no random-pad, no noise)."""
+        return True
 
-#: Regions found per IR view (a view never changes; a rewrite builds a new one).
+    def width_refusal(self, ir: GraphIR, width: int) -> str | None:
+        """Why the region cannot grow to `width` (None: every channel still
+        reaches the layers it reached)."""
+        if why := check_width(ir, self, width):
+            return (f"its channels are routed to later layers (shuffles, slices) and width {width} would change "
+                    f"where they go ({why}); {describe_valid_widths(ir, self)}")
+        return None
+
+    def next_width(self, ir: GraphIR, wanted: int) -> int | None:
+        """The first width that routes from `wanted` up, else down."""
+        return nearest_width(ir, self, wanted)
+
+    def aligned_width(self, ir: GraphIR, multiple: int) -> int | None:
+        """The nearest width that routes and is a multiple of `multiple`."""
+        aligned = -(-self.width // multiple) * multiple
+        return aligned if aligned == self.width else nearest_width(ir, self, aligned, multiple)
+
+    def grown_weight_bytes(self, ir: GraphIR, size: int) -> float:
+        """Its writers and readers grow in proportion to the width."""
+        layers = self.region.writers + [node for node, _ in self.region.readers]
+        return sum(constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * size / self.size
+
+    def step_notes(self, ir: GraphIR) -> list[str]:
+        notes = [f"channel routing region: its {len(self.producers)} layers grow together (shuffles or "
+                 "slices route each channel to later layers, and every one must still reach the same layers)"]
+        if self.step != 1:
+            notes.append(describe_valid_widths(ir, self))
+        return notes
+
+
 _REGIONS: "weakref.WeakKeyDictionary[GraphIR, list[RoutedGroup]]" = weakref.WeakKeyDictionary()
 
 
-def find_routed_group(ir: GraphIR, layer: int) -> tuple[UnitGroup | None, str | None]:
+def find_routed_group(ir: GraphIR, layer: int) -> tuple[RoutedGroup | None, Refusal | None]:
     """The routing region of `layer`, or (None, why it cannot grow as one)."""
     known = _REGIONS.setdefault(ir, [])
     for group in known:
@@ -101,8 +106,8 @@ def find_routed_group(ir: GraphIR, layer: int) -> tuple[UnitGroup | None, str | 
     try:
         region = _discover(ir, layer)
         old = simulate(ir, region, region.width)
-    except RoutingRefused as refused:
-        return None, str(refused)
+    except Refusal as refusal:
+        return None, refusal
     group = RoutedGroup(seed=layer, size=region.width, region=region, old_routing=old,
                         producers=list(region.writers),
                         passthrough=[i for i in region.per_channel_tensors(ir) if ir.nodes[i].op_type == "Conv"])
@@ -111,7 +116,8 @@ def find_routed_group(ir: GraphIR, layer: int) -> tuple[UnitGroup | None, str | 
         group.placements[ir.nodes[writer].output[0]] = seed_placement(ir, writer)
     step = _step(ir, group)
     if step is None:
-        return None, f"no width up to {min(2 * region.width, region.width + MAX_WIDTHS_LISTED)} routes"
+        return None, Refusal(f"no width up to {min(2 * region.width, region.width + MAX_WIDTHS_LISTED)} routes",
+                             RefusalKind.NOT_ROUTABLE)
     group.step = step
     known.append(group)
     return group, None
@@ -134,19 +140,19 @@ def prefetch(ir: GraphIR, group: RoutedGroup, widths) -> None:
     for width in wanted:
         new = found[width]
         try:
-            if isinstance(new, RoutingRefused):
+            if isinstance(new, Refusal):
                 raise new
             assign(group, new, width, np.random.default_rng(0))
             group.routings[width] = new
             group.feasible[width] = None
-        except RoutingRefused as refused:
+        except Refusal as refused:
             group.feasible[width] = str(refused)
 
 
-def _simulate_or_refusal(ir: GraphIR, region: Region, width: int) -> Routing | RoutingRefused:
+def _simulate_or_refusal(ir: GraphIR, region: Region, width: int) -> Routing | Refusal:
     try:
         return simulate(ir, region, width)
-    except RoutingRefused as refused:
+    except Refusal as refused:
         return refused
 
 
@@ -167,9 +173,9 @@ def _step(ir: GraphIR, group: RoutedGroup) -> int | None:
     return None if first is None else first - h
 
 
-#: Widths decided per routing run while searching for the smallest step.
 _PREFETCH_CHUNK = 8
-#: Widths tried when listing the valid ones (each is a run of the routing).
+
+
 MAX_WIDTHS_LISTED = 128
 
 
@@ -220,7 +226,7 @@ def _discover(ir: GraphIR, seed: int) -> Region:
     elif _is_routing(ir, seed):
         writers, routing = set(), {seed}
     else:
-        raise RoutingRefused("not a plain convolution, dense layer or depthwise convolution")
+        raise Refusal("not a plain convolution, dense layer or depthwise convolution", RefusalKind.NOT_ROUTABLE)
     readers, tensors, width = [], set(), layer_width(ir, seed) if writers else None
     queue = [ir.nodes[seed].output[0]] + ([ir.nodes[seed].input[0]] if routing else [])
     while queue:
@@ -229,23 +235,23 @@ def _discover(ir: GraphIR, seed: int) -> Region:
             continue
         tensors.add(tensor)
         if tensor in ir.graph_outputs or tensor in ir.graph_inputs:
-            raise RoutingRefused("reaches a graph input or output")
+            raise Refusal("reaches a graph input or output", RefusalKind.NOT_ROUTABLE)
         producer = ir.producer_node(tensor)
         if producer is not None and producer not in writers and producer not in routing:
             if _is_writer(ir, producer) and ir.nodes[producer].output[0] == tensor:
                 width = width or layer_width(ir, producer)
                 if layer_width(ir, producer) != width:
-                    raise RoutingRefused("writers of different widths")
+                    raise Refusal("writers of different widths", RefusalKind.NOT_ROUTABLE)
                 writers.add(producer)
             elif _is_routing(ir, producer):
                 routing.add(producer)
                 queue += _data_inputs(ir, producer) + [o for o in ir.nodes[producer].output if o]
             else:
-                raise RoutingRefused(f"{ir.nodes[producer].op_type} writes into the region")
+                raise Refusal(f"{ir.nodes[producer].op_type} writes into the region", RefusalKind.NOT_ROUTABLE)
         for use in ir.uses(tensor):
             node = ir.nodes[use.node]
             if use.port < 0:
-                raise RoutingRefused("read inside a subgraph")
+                raise Refusal("read inside a subgraph", RefusalKind.NOT_ROUTABLE)
             if node.op_type in ("Shape", "Size"):
                 continue
             if _is_reader(ir, use.node, use.port):
@@ -254,9 +260,9 @@ def _discover(ir: GraphIR, seed: int) -> Region:
                 routing.add(use.node)
                 queue += _data_inputs(ir, use.node) + [o for o in node.output if o]
             else:
-                raise RoutingRefused(f"{node.op_type} reads the region")
+                raise Refusal(f"{node.op_type} reads the region", RefusalKind.NOT_ROUTABLE)
     if not writers or not readers:
-        raise RoutingRefused("no layer writes or reads the region")
+        raise Refusal("no layer writes or reads the region", RefusalKind.NOT_ROUTABLE)
     order = {index: position for position, index in enumerate(ir.topological_order())}
     routing_sorted = sorted(routing, key=order.__getitem__)
     support = _support_nodes(ir, routing_sorted, tensors)
@@ -307,209 +313,17 @@ def _support_nodes(ir: GraphIR, routing: list[int], tensors: set[str]) -> set[in
     while stack:
         producer = ir.producer_node(stack.pop())
         if producer is None:
-            raise RoutingRefused("a shape input comes from a graph input")
+            raise Refusal("a shape input comes from a graph input", RefusalKind.NOT_ROUTABLE)
         if producer in support or producer in routing:
             continue
         support.add(producer)
         node = ir.nodes[producer]
         if node.op_type in ("Shape", "Size"):
             if node.input[0] not in tensors:
-                raise RoutingRefused("a shape input reads a tensor outside the region")
+                raise Refusal("a shape input reads a tensor outside the region", RefusalKind.NOT_ROUTABLE)
             continue
         stack += [name for name in node.input if name and not ir.is_const(name)]
     return support
-
-
-# ----------------------------------------------------------------------------
-# Simulation: run the routing on channel labels
-
-
-def simulate(ir: GraphIR, region: Region, width: int) -> Routing:
-    """Labels along axis 1 of every tensor a reader or per-channel op sees,
-    with every writer at `width` channels."""
-    graph = _simulation_graph(ir, region, width)
-    values = _run_simulation(ir, [graph], f"at width {width}")
-    return _routing(graph, values, width)
-
-
-def simulate_many(ir: GraphIR, region: Region, widths: list[int]) -> dict[int, Routing | RoutingRefused]:
-    """`simulate` at many widths with one onnxruntime session: the routing
-    graph once per width (names suffixed), side by side in one model. If the
-    combined model fails, each width runs alone (so one failing width cannot
-    hide the others)."""
-    results, graphs = {}, []
-    for width in widths:
-        try:
-            graphs.append(_simulation_graph(ir, region, width, suffix=f"@w{width}"))
-        except RoutingRefused as refused:
-            results[width] = refused
-    if len(graphs) > 1:
-        try:
-            values = _run_simulation(ir, graphs, "together")
-        except RoutingRefused:
-            values = None
-        if values is not None:
-            start = 0
-            for graph in graphs:
-                count = len(graph["watched"])
-                results[graph["width"]] = _routing_or_refusal(graph, values[start:start + count])
-                start += count
-            return results
-    for graph in graphs:
-        try:
-            results[graph["width"]] = _routing(graph, _run_simulation(ir, [graph], f"at width {graph['width']}"),
-                                               graph["width"])
-        except RoutingRefused as refused:
-            results[graph["width"]] = refused
-    return results
-
-
-def _routing_or_refusal(graph: dict, values: list) -> Routing | RoutingRefused:
-    try:
-        return _routing(graph, values, graph["width"])
-    except RoutingRefused as refused:
-        return refused
-
-
-def _simulation_graph(ir: GraphIR, region: Region, width: int, suffix: str = "") -> dict:
-    """The routing region at `width` as nodes, constants, inputs and feeds;
-    every name carries `suffix` (so several widths fit in one model)."""
-    watched = sorted({ir.nodes[node].input[port] for node, port in region.readers}
-                     | set(region.per_channel_tensors(ir).values()))
-    nodes, inits = [], {}
-    for index in sorted(region.routing + region.support):
-        nodes.append(_simulation_node(ir, index, region, width, inits))
-    inputs, feeds = [], {}
-    for number, writer in enumerate(region.writers):
-        name = ir.nodes[writer].output[0]
-        shape = ir.shape(name)
-        if shape is None or any(d is None for d in shape[2:]):
-            raise RoutingRefused("the spatial size of a writer's output is unknown")
-        dims = [shape[0] or 1, width] + list(shape[2:])
-        labels = number * LABEL_BASE + np.arange(width, dtype=np.float32) + 1
-        feeds[name + suffix] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(dims) - 2)),
-                                               dims).astype(np.float32)
-        inputs.append(helper.make_tensor_value_info(name + suffix, onnx.TensorProto.FLOAT, dims))
-    if suffix:
-        for node in nodes:
-            node.input[:] = [n + suffix if n else n for n in node.input]
-            node.output[:] = [n + suffix if n else n for n in node.output]
-            node.name = node.name + suffix if node.name else node.name
-        inits = {k + suffix: v for k, v in inits.items()}
-    return dict(width=width, nodes=nodes, inits=inits, inputs=inputs, feeds=feeds, watched=watched,
-                outputs=[name + suffix for name in watched])
-
-
-def _run_simulation(ir: GraphIR, graphs: list[dict], where: str) -> list:
-    nodes = [n for g in graphs for n in g["nodes"]]
-    inputs = [i for g in graphs for i in g["inputs"]]
-    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for g in graphs for name in g["outputs"]]
-    inits = [numpy_helper.from_array(v, k) for g in graphs for k, v in g["inits"].items()]
-    graph = helper.make_graph(nodes, "routing", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import), ir_version=ir.handle.proto.ir_version)
-    feeds = {k: v for g in graphs for k, v in g["feeds"].items()}
-    try:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        # Labels are only moved, never combined: optimisations cannot change them and cost most of the time.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run([o.name for o in outputs], feeds)
-    except Exception as error:  # noqa: BLE001 - any failure means: this width does not route
-        raise RoutingRefused(f"the routing does not run {where} ({type(error).__name__})") from None
-
-
-def _routing(graph: dict, values: list, width: int) -> Routing:
-    labels = {}
-    for name, value in zip(graph["watched"], values):
-        if value.ndim < 2 or value.shape[1] == 0:
-            raise RoutingRefused(f"at width {width}, a reader gets no channels")
-        along = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
-        if not np.all(along == along[:, :1]):
-            raise RoutingRefused("a routing op mixes positions")
-        labels[name] = along[:, 0].astype(np.int64)
-    return Routing(labels)
-
-
-def _simulation_node(ir: GraphIR, index: int, region: Region, width: int, inits: dict) -> onnx.NodeProto:
-    """The node as it routes labels: per-channel ops keep positions only;
-    constant shape inputs take their values at `width`."""
-    node = ir.nodes[index]
-    if node.op_type in ("BatchNormalization", "Dropout") or node.op_type in ELEMENTWISE_UNARY:
-        return helper.make_node("Identity", [node.input[0]], [node.output[0]])
-    if node.op_type in ("Conv", "AveragePool"):  # depthwise conv / average: same positions as a MaxPool
-        kernel = node_attr(node, "kernel_shape") or list(ir.const_value(node.input[1]).shape[2:])
-        attrs = {k: node_attr(node, k) for k in ("strides", "pads", "dilations", "auto_pad", "ceil_mode")
-                 if node_attr(node, k) is not None}
-        return helper.make_node("MaxPool", [node.input[0]], [node.output[0]], kernel_shape=kernel, **attrs)
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    for port, name in enumerate(copy.input):
-        if port == 0 or not name or not ir.is_const(name):
-            continue
-        value = scaled_constant(ir, index, port, region.width, width)
-        const_name = f"{name}@{index}.{port}"
-        inits[const_name] = value
-        copy.input[port] = const_name
-    return copy
-
-
-def scaled_constant(ir: GraphIR, index: int, port: int, old: int, new: int) -> np.ndarray:
-    """A routing op's constant shape input at writer width `new`: entries that
-    count channels (Reshape dims, Split sizes, Slice bounds on axis 1) scale."""
-    node = ir.nodes[index]
-    value = ir.const_value(node.input[port]).copy()
-    if old == new or node.op_type in ("Transpose", "Squeeze", "Unsqueeze") or value.dtype.kind not in "iu":
-        return value
-    if node.op_type == "Reshape":
-        return _scaled_reshape(ir, index, value, old, new)
-    if node.op_type == "Split":
-        return np.array([_scale(int(v), old, new) for v in value], dtype=value.dtype)
-    if node.op_type == "Slice" and port in (1, 2):
-        axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(value))
-        rank = len(ir.shape(node.input[0]) or ())
-        out = value.copy()
-        length = (ir.shape(node.input[0]) or (None, None))[1]
-        for k, axis in enumerate(axes):
-            if int(axis) % max(rank, 1) == 1:
-                bound = int(value[k])
-                if bound < 0:
-                    raise RoutingRefused("a slice bound counted from the end")
-                if length is None or bound <= length:  # larger ends are clamped: they stay
-                    out[k] = _scale(bound, old, new)
-        return out
-    return value
-
-
-def _scaled_reshape(ir: GraphIR, index: int, value: np.ndarray, old: int, new: int) -> np.ndarray:
-    """Reshape target dims covering the input's channel axis, at the new width."""
-    from .coupling import _reshape_segments
-
-    node = ir.nodes[index]
-    src, dst = ir.shape(node.input[0]), ir.shape(node.output[0])
-    segments = _reshape_segments(src, dst) if src and dst else None
-    if segments is None:
-        raise RoutingRefused("a reshape with unknown shapes")
-    out = value.copy()
-    for (i0, i1), (j0, j1) in segments:
-        if not i0 <= 1 < i1:
-            continue
-        if j1 - j0 == 1:
-            if int(value[j0]) > 0:
-                out[j0] = _scale(int(value[j0]), old, new)
-        else:
-            last = j1 - 1  # [groups, C / groups]: the groups stay, the last dim grows
-            if int(value[last]) > 0:
-                out[last] = _scale(int(value[last]), old, new)
-    return out
-
-
-def _scale(count: int, old: int, new: int) -> int:
-    if count * new % old:
-        raise RoutingRefused(f"{count} channels do not scale from width {old} to {new}")
-    return count * new // old
 
 
 # ----------------------------------------------------------------------------
@@ -545,7 +359,7 @@ def assign(group: RoutedGroup, new: Routing, width: int, rng: np.random.Generato
         for fate, channels in by_fate_old.items():
             slots = by_fate_new.get(fate, [])
             if len(slots) < len(channels):
-                raise RoutingRefused(f"at width {width}, {len(slots)} channels reach what {len(channels)} did")
+                raise Refusal(f"at width {width}, {len(slots)} channels reach what {len(channels)} did", RefusalKind.NOT_ROUTABLE)
             chosen[slots[:len(channels)]] = channels
             extra = slots[len(channels):]
             if extra and fate and replicate:
@@ -562,7 +376,3 @@ def _fates_from(region: Region, routing: Routing) -> dict[int, frozenset]:
         for label in labels:
             found.setdefault(int(label), set()).add(tensor)
     return {label: frozenset(tensors) for label, tensors in found.items()}
-
-
-def label_of(number: int, channel: int) -> int:
-    return number * LABEL_BASE + channel + 1

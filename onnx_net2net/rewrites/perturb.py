@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..coupling import layer_name, weighted_layers
+from ..analysis import layer_name, weighted_layers
 from ..ir import GraphIR, node_attr
-from .wider import _set_root
+from .wider import set_root
 
 #: Ash & Adams' code defaults.
 DEFAULT_SHRINK = 0.4
@@ -99,7 +99,7 @@ def perturb_model(ir: GraphIR, options: PerturbOptions) -> list[PerturbedLayer]:
                 continue
             fresh = rng.uniform(-bound, bound, size=value.shape)
             mixed = options.shrink * value.astype(np.float64) + options.fresh * fresh
-            _set_root(ir, root, mixed.astype(value.dtype))
+            set_root(ir, root, mixed.astype(value.dtype))
             record.tensors.append(tensor)
         changes.append(record)
     return changes

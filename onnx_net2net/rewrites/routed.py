@@ -1,4 +1,4 @@
-"""Widen a channel routing region (channel shuffles; see onnx_net2net.routing).
+"""Widen a channel routing region (channel shuffles; see onnx_net2net.analysis.routing).
 
 With the assignment source_k(j) (new slot j of writer k carries old channel
 source_k(j), or nothing when -1):
@@ -25,10 +25,11 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..analysis.routing import RoutedGroup, assign
+from ..analysis.routing_simulation import LABEL_BASE, label_of, scaled_constant, simulate
 from ..ir import GraphIR, node_attr
-from ..routing import LABEL_BASE, RoutedGroup, assign, label_of, scaled_constant, simulate
-from .wider import GrownGroup, WidenOptions, _add_to_attribute, _store_constants
 from ..options import Init, Split
+from .wider import GrownGroup, WidenOptions, add_to_attribute, store_constants
 
 
 def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOptions,
@@ -56,7 +57,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
             if port < len(node.input) and node.input[port]:
                 values[(index, port)] = np.take(ir.const_value(node.input[port]), np.maximum(positions, 0), axis=0)
         if node.op_type == "Conv":
-            _add_to_attribute(node, "group", len(positions) - int(node_attr(node, "group", 1)))
+            add_to_attribute(node, "group", len(positions) - int(node_attr(node, "group", 1)))
     for index, port in region.readers:
         tensor = ir.nodes[index].input[port]
         weight = values.get((index, 1), ir.const_value(ir.nodes[index].input[1]))  # a writer too: rows first
@@ -69,7 +70,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
         for port in range(1, len(node.input)):
             if node.input[port] and ir.is_const(node.input[port]):
                 values[(index, port)] = scaled_constant(ir, index, port, region.width, width)
-    weights = _store_constants(ir, values)
+    weights = store_constants(ir, values)
     return GrownGroup(layers=layer_names, old_width=region.width, new_width=width, tensors=sorted(region.tensors),
                       weights=weights)
 

@@ -36,9 +36,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
+from ..analysis import Placement, UnitGroup
 from ..io import set_tensor_values
 from ..ir import GraphIR
+from ..ops import WEIGHTED_LAYERS
 from ..options import Init, Split
 
 #: The +/- magnitude of `split="zero-sum"`, relative to each consumer weight's
@@ -228,10 +229,10 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         node, port = norm.epsilon
         epsilon = ir.const_value(ir.nodes[node].input[port])
         new_values[(node, port)] = (epsilon.astype(np.float64) * ratio).astype(epsilon.dtype)
-    record.weights = _store_constants(ir, new_values)
+    record.weights = store_constants(ir, new_values)
     _apply_value_edits(ir, group, q - n)
     for edit in group.attribute_edits:
-        _add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
+        add_to_attribute(ir.nodes[edit.node], edit.name, edit.per_unit * (q - n))
     _scale_norm_epsilons(ir, group, mapping.variance_ratio)
     if group.size_edits:
         from .sizes import apply_size_edits
@@ -382,7 +383,7 @@ def _zero_sum_noise(shape, axis, slots, mapping: UnitMapping, scale: float, rng)
     return noise
 
 
-def _store_constants(ir: GraphIR, new_values: dict) -> list[str]:
+def store_constants(ir: GraphIR, new_values: dict) -> list[str]:
     """Write edited constants back, in place when every reader wants the same
     edit, otherwise as a fresh initializer for the readers that differ."""
     written = []
@@ -395,7 +396,7 @@ def _store_constants(ir: GraphIR, new_values: dict) -> list[str]:
         first = edits[0][2]
         uniform = all(v.shape == first.shape and np.array_equal(v, first) for _, _, v in edits)
         if uniform and readers <= edited:
-            _set_root(ir, root, first)
+            set_root(ir, root, first)
             written.append(_root_name(ir, root))
             continue
         for node, port, value in edits:
@@ -421,7 +422,7 @@ def _constant_readers(ir: GraphIR, root) -> set[tuple[int, int]]:
     return readers
 
 
-def _set_root(ir: GraphIR, root, value: np.ndarray) -> None:
+def set_root(ir: GraphIR, root, value: np.ndarray) -> None:
     kind, key = root
     if kind == "init":
         set_tensor_values(ir.initializers[key], value)
@@ -460,10 +461,10 @@ def _apply_value_edits(ir: GraphIR, group: UnitGroup, added: int) -> None:
         for edit in edits:
             flat[edit.index] += edit.per_unit * added
         values[(node, port)] = value
-    _store_constants(ir, values)
+    store_constants(ir, values)
 
 
-def _add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
+def add_to_attribute(node: onnx.NodeProto, name: str, delta: int) -> None:
     for attr in node.attribute:
         if attr.name == name:
             attr.i += delta
