@@ -19,7 +19,16 @@ import onnx_ir.external_data
 import onnx_ir.passes
 
 from . import typeinfo
-from .analysis import Refusal, UnitGroup, find_group, find_layer, layer_name, layer_width, shares_space, weighted_layers
+from .analysis import (
+    Refusal,
+    UnitGroup,
+    find_group,
+    find_layer,
+    layer_name,
+    layer_width,
+    shares_space,
+    weighted_layers,
+)
 from .errors import GrowthRefused, UserError, option
 from .folding import fold_computed_weights
 from .io import ModelHandle, available_memory, from_proto

@@ -15,7 +15,14 @@ Modules, each importing only those listed before it:
 
 from __future__ import annotations
 
-from .layers import find_layer, layer_name, layer_output_placement, layer_width, seed_placement, weighted_layers
+from .layers import (
+    find_layer,
+    layer_name,
+    layer_output_placement,
+    layer_width,
+    seed_placement,
+    weighted_layers,
+)
 from .refusal import Refusal, RefusalKind
 from .routing import RoutedGroup, describe_valid_widths, nearest_width, valid_widths
 from .search import find_group, shares_space

@@ -42,7 +42,6 @@ from .refusal import Refusal, RefusalKind
 from .routing_simulation import Region, Routing, label_of, simulate, simulate_many
 from .units import UnitGroup, constant_nbytes
 
-
 _ROUTING = frozenset("Concat Split Slice Reshape Transpose Flatten Squeeze Unsqueeze".split())
 
 
@@ -94,7 +93,7 @@ class RoutedGroup(UnitGroup):
         return notes
 
 
-_REGIONS: "weakref.WeakKeyDictionary[GraphIR, list[RoutedGroup]]" = weakref.WeakKeyDictionary()
+_REGIONS: weakref.WeakKeyDictionary[GraphIR, list[RoutedGroup]] = weakref.WeakKeyDictionary()
 
 
 def find_routed_group(ir: GraphIR, layer: int) -> tuple[RoutedGroup | None, Refusal | None]:

@@ -26,7 +26,6 @@ from ..ops import ELEMENTWISE_UNARY
 from .refusal import Refusal, RefusalKind
 from .shape_algebra import reshape_segments
 
-
 LABEL_BASE = 1 << 12      # label of channel c of writer k: k * LABEL_BASE + c + 1 (exact in float32)
 
 

@@ -33,7 +33,6 @@ from .rules import rule_for
 from .units import UnitGroup
 from .walk import Walk
 
-
 MAX_LAYOUT_TRIES = 8
 #: Refusals at ops that only move channels: the layer may belong to a routing
 #: region (channel shuffles) that grows as a whole (see routing.py).

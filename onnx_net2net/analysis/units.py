@@ -50,7 +50,7 @@ class Placement:
     def block(self) -> int:
         return self.length // self.outer
 
-    def on_axis(self, axis: int, rank: int) -> "Placement":
+    def on_axis(self, axis: int, rank: int) -> Placement:
         return replace(self, axis=axis, rank=rank)
 
     def growth(self) -> int:

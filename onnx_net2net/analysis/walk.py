@@ -17,14 +17,14 @@ answer. The walk never changes the model.
 from __future__ import annotations
 
 import math
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import numpy as np
 
 from ..ir import GraphIR
 from .refusal import Refusal, RefusalKind
 from .units import Placement, UnitGroup, WeightEdit
-
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
 #: tensors and edits to the walk's group, or refuses.

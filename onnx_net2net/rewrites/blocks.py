@@ -30,7 +30,6 @@ from ..analysis import Refusal, RefusalKind, layer_name
 from ..ir import GraphIR
 from ..ops import WEIGHTED_LAYERS
 
-
 #: Ops a branch may end with after its last layer (bias, dropout, casts, and
 #: the reshapes around a Gemm on flattened tokens): zero in, zero out.
 _LAYOUT = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})

@@ -33,7 +33,6 @@ from ..ir import GraphIR, node_attr
 from ..ops import ELEMENTWISE_UNARY
 from ..options import DeepenMode
 
-
 #: Activations f with f(f(x)) = f(x): the identity layer can repeat them.
 IDEMPOTENT = frozenset({"Relu", "Clip"})
 _NOT_ACTIVATIONS = frozenset({"Identity", "Cast", "CastLike", "Dropout", "Bernoulli"})

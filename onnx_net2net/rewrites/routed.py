@@ -26,7 +26,12 @@ from collections import defaultdict
 import numpy as np
 
 from ..analysis.routing import RoutedGroup, assign
-from ..analysis.routing_simulation import LABEL_BASE, label_of, scaled_constant, simulate
+from ..analysis.routing_simulation import (
+    LABEL_BASE,
+    label_of,
+    scaled_constant,
+    simulate,
+)
 from ..ir import GraphIR, node_attr
 from ..options import Init, Split
 from .wider import GrownGroup, WidenOptions, add_to_attribute, store_constants

@@ -140,13 +140,13 @@ class UnitMapping:
         return len(self.g)
 
     @classmethod
-    def tile(cls, n: int, q: int) -> "UnitMapping":
+    def tile(cls, n: int, q: int) -> UnitMapping:
         """Every unit copied q/n times: g(j) = j mod n."""
         g = np.arange(q, dtype=np.int64) % n
         return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
 
     @classmethod
-    def average(cls, n: int, q: int, extras: str = "mean") -> "UnitMapping":
+    def average(cls, n: int, q: int, extras: str = "mean") -> UnitMapping:
         """LEMON: each unit copied q // n times, then q % n units that carry
         the mean of the units (or zero, for an RMS norm)."""
         tiled = q // n * n
@@ -160,7 +160,7 @@ class UnitMapping:
         return 1.0 if self.is_average is None else float((~self.is_average).sum()) / self.new
 
     @classmethod
-    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> "UnitMapping":
+    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> UnitMapping:
         per_old, per_added = n // blocks, (q - n) // blocks
         g, is_new = [], []
         for block in range(blocks):
@@ -170,7 +170,7 @@ class UnitMapping:
         g = np.concatenate(g).astype(np.int64)
         return cls(g, np.concatenate(is_new), np.bincount(g, minlength=n))
 
-    def block(self, index: int, blocks: int) -> "UnitMapping":
+    def block(self, index: int, blocks: int) -> UnitMapping:
         """The mapping restricted to one block, in the block's local numbering."""
         per_new, per_old = self.new // blocks, self.old // blocks
         window = slice(index * per_new, (index + 1) * per_new)
