@@ -86,6 +86,7 @@ class RoutedGroup(UnitGroup):
         return sum(constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * size / self.size
 
     def step_notes(self, ir: GraphIR) -> list[str]:
+        """The notes `inspect` gives a routing region (and its valid widths)."""
         notes = [f"channel routing region: its {len(self.producers)} layers grow together (shuffles or "
                  "slices route each channel to later layers, and every one must still reach the same layers)"]
         if self.step != 1:

@@ -245,6 +245,7 @@ def _scale_count(count: int, old: int, new: int) -> int:
 
 
 def label_of(number: int, channel: int) -> int:
+    """The label of channel `channel` of writer `number`."""
     return number * LABEL_BASE + channel + 1
 
 

@@ -48,9 +48,11 @@ class Placement:
 
     @property
     def block(self) -> int:
+        """Positions per repeat of the space."""
         return self.length // self.outer
 
     def on_axis(self, axis: int, rank: int) -> Placement:
+        """The same units on another axis (and rank)."""
         return replace(self, axis=axis, rank=rank)
 
     def growth(self) -> int:
@@ -169,10 +171,12 @@ class UnitGroup:
 
     @property
     def feature_step(self) -> int:
+        """The step in features of the seed layer."""
         return self.step * self.features_per_unit
 
     @property
     def ok(self) -> bool:
+        """Whether the group can grow exactly."""
         return self.refusal is None
 
     # -- the group protocol (shared with routing.RoutedGroup) ----------------
@@ -224,6 +228,7 @@ class UnitGroup:
 
 
 def axis_only(placement: Placement) -> Placement:
+    """The placement on a parameter vector: the unit axis alone (axis 0, rank 1)."""
     return Placement(axis=0, rank=1, length=placement.length, offset=placement.offset,
                      inner=placement.inner, outer=placement.outer)
 

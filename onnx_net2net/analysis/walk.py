@@ -53,12 +53,14 @@ class Walk:
         self.inputs = set(ir.graph_inputs)
 
     def run(self, tensor: str, placement: Placement) -> None:
+        """Walk from `tensor` until every tensor carrying the units is visited."""
         self.add(tensor, placement)
         while self.queue:
             tensor, placement = self.queue.pop(0)
             self.visit(tensor, placement)
 
     def add(self, tensor: str, placement: Placement) -> None:
+        """Queue a tensor carrying the units, refusing a second, different layout."""
         shape = self.ir.shapes.get(tensor)  # as inferred; no extra inference here
         if shape is not None and (len(shape) != placement.rank or
                                   shape[placement.axis] not in (None, placement.length)):
@@ -73,6 +75,7 @@ class Walk:
         self.queue.append((tensor, placement))
 
     def visit(self, tensor: str, placement: Placement) -> None:
+        """Hand the tensor's producer and readers to their rules."""
         if tensor in self.outputs and self.keep_outputs:
             self.group.kept_outputs[tensor] = placement
         elif tensor in self.outputs:
@@ -94,6 +97,7 @@ class Walk:
             self.dispatch(use.node, "in", use.port, placement)
 
     def dispatch(self, index: int, side: str, port: int, placement: Placement) -> None:
+        """Apply node `index`'s rule once per side and port."""
         key = (index, side, port)
         if key in self.visited_ports:
             return
@@ -113,12 +117,14 @@ class Walk:
         raise Refusal.at_op(self.ir, index, reason, kind, retry)
 
     def shape(self, index: int, tensor: str) -> tuple:
+        """The tensor's inferred shape (refused when unknown)."""
         shape = self.ir.shape(tensor)
         if shape is None:
             self.refuse(index, f"the shape of '{tensor}' is unknown")
         return shape
 
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
+        """The constant's value (refused when computed or quantized)."""
         value = self.ir.const_value(tensor)
         producer = self.ir.producer_node(tensor) if value is None else None
         if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
@@ -129,6 +135,7 @@ class Walk:
         return value
 
     def weight(self, index: int, port: int, axis: int, placement: Placement, role: str, groups: int = 1) -> None:
+        """Record the edit of the constant at `node.input[port]` along `axis`."""
         node = self.ir.nodes[index]
         if port >= len(node.input) or not node.input[port]:
             return
@@ -146,6 +153,7 @@ class Walk:
         group.step = step
 
     def same_on_ports(self, index: int, placement: Placement, inputs=(0,), outputs=(0,)) -> None:
+        """The units sit the same way on these input and output ports."""
         node = self.ir.nodes[index]
         for port in inputs:
             if port < len(node.input) and node.input[port]:
@@ -155,6 +163,7 @@ class Walk:
                 self.add(node.output[port], placement)
 
     def require_channel_axis(self, index: int, placement: Placement, allow_blocks: bool = False) -> None:
+        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved."""
         if placement.axis != 1 or placement.rank < 3:
             self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
         if placement.outer != 1 or (placement.inner != 1 and not allow_blocks):

@@ -32,6 +32,7 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
 
 
 def softmax(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Per unit on every axis but the normalised one."""
     node = walk.ir.nodes[index]
     opset = _opset(walk.ir)
     axis = int(node_attr(node, "axis", -1 if opset >= 13 else 1)) % placement.rank

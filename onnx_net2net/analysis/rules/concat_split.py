@@ -26,6 +26,7 @@ from ..walk import Walk
 
 
 def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: the units at the offset of the inputs before them."""
     ir = walk.ir
     node = ir.nodes[index]
     rank = placement.rank
@@ -98,6 +99,7 @@ def _slice_root(ir: GraphIR, tensor: str, unit_axis: int) -> str | None:
 
 
 def split(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: the output holding the units (or every output of a repeated space); its sizes grow."""
     ir = walk.ir
     node = ir.nodes[index]
     axis = node_attr(node, "axis", 0) % placement.rank
@@ -158,6 +160,7 @@ def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement]) -> N
 
 
 def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: a range holding all the units or none; bounds after them move."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:

@@ -18,6 +18,7 @@ from ..walk import Walk
 
 
 def unary(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """y = f(x) per element: the units stay where they are."""
     node = walk.ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, f"the units reach its parameter input {port}")
@@ -28,6 +29,7 @@ def unary(walk: Walk, index: int, side: str, port: int, placement: Placement) ->
 
 
 def pool(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Pooling per channel: the units must be on the channel axis."""
     node = walk.ir.nodes[index]
     walk.require_channel_axis(index, placement, allow_blocks=True)
     if len(node.output) > 1 and node.output[1] and walk.ir.uses(node.output[1]):
@@ -65,4 +67,5 @@ def elementwise(walk: Walk, index: int, side: str, port: int, placement: Placeme
 
 def shape_op(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
     # The shape is read at run time, so it follows the new width by itself.
+    """Shape / Size: read at run time, so they follow the new width by themselves."""
     walk.group.dynamic_shapes = True

@@ -30,6 +30,7 @@ from ..walk import Walk
 
 
 def transpose(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """The unit axis moves by the permutation."""
     node = walk.ir.nodes[index]
     perm = node_attr(node, "perm") or list(reversed(range(placement.rank)))
     if side == "in":
@@ -39,6 +40,7 @@ def transpose(walk: Walk, index: int, side: str, port: int, placement: Placement
 
 
 def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Reshape and its kin: the placement mapped through the reshape; a literal target dim grows."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:
@@ -110,6 +112,7 @@ def _update_shape_input(walk: Walk, index: int, out_placement: Placement) -> Non
 
 
 def pad(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Padding must leave the unit axis alone."""
     node = walk.ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its pads")
@@ -132,6 +135,7 @@ def pad(walk: Walk, index: int, side: str, port: int, placement: Placement) -> N
 
 
 def gather(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along another axis the unit axis moves; a constant table gathered is an embedding (a producer)."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:
@@ -176,6 +180,7 @@ def _gather_as_reshape(walk: Walk, index: int, side: str, placement: Placement, 
 
 
 def expand(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Broadcasting must leave the unit axis alone; a literal target dim on it grows."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:
@@ -198,6 +203,7 @@ def expand(walk: Walk, index: int, side: str, port: int, placement: Placement) -
 
 
 def resize(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Resizing must leave the unit axis alone; a literal size on it grows."""
     node = walk.ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its scales or sizes")

@@ -19,6 +19,7 @@ from ..walk import Walk
 
 
 def batchnorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Per-channel normalisation: its parameters are copied like a producer's."""
     node = walk.ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach a statistics input")
@@ -36,6 +37,7 @@ def batchnorm(walk: Walk, index: int, side: str, port: int, placement: Placement
 
 
 def reduce(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """The units pass on the kept axes; a mean / max / min over them needs tiling."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:

@@ -26,6 +26,7 @@ from .attention import batched_matmul
 
 
 def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """A producer on its output channels, a consumer on its input channels."""
     ir = walk.ir
     node = ir.nodes[index]
     if side == "in" and port != 0:
@@ -78,6 +79,7 @@ def _depthwise(walk: Walk, index: int, side: str, placement: Placement, multipli
 
 
 def conv_transpose(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """A producer on its output channels (weight axis 1), a consumer on its input channels."""
     node = walk.ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its weights or bias")
@@ -96,6 +98,7 @@ def conv_transpose(walk: Walk, index: int, side: str, port: int, placement: Plac
 
 
 def gemm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """A producer on its output columns, a consumer on its contracted axis."""
     node = walk.ir.nodes[index]
     trans_a, trans_b = int(node_attr(node, "transA", 0)), int(node_attr(node, "transB", 0))
     if side == "in" and port != 0:
@@ -117,6 +120,7 @@ def gemm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
 
 
 def matmul(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """x @ W: a producer on W's last axis, a consumer on its contracted axis; rows pass through."""
     ir = walk.ir
     node = ir.nodes[index]
     if not ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
