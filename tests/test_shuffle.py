@@ -1,13 +1,15 @@
 """Channel shuffles (ShuffleNetV2 stages) built with onnx.helper: the stage's
-branch layers grow together as one routing region (onnx_net2net.routing)."""
+branch layers grow together as one routing region (onnx_net2net.analysis.routing)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper
 
 import onnx_net2net as n2n
 from onnx_net2net import analysis, io
+from onnx_net2net.analysis import RefusalKind
 from onnx_net2net.ir import GraphIR
 
 from helpers import H, init, make_model, node, rand, widen_exact
@@ -118,6 +120,20 @@ def test_align_and_zero_init_keep_the_old_weights():
     assert report["verification"]["passed"]
     head_old, head_new = init(model, "head_w"), init(grown, "head_w")
     assert np.count_nonzero(head_new) == np.count_nonzero(head_old)  # new slots are read with weight 0
+
+
+def test_a_shuffle_that_cannot_route_says_why_both_ways():
+    """The walk refuses the shuffle, the routing region is tried and refused
+    too: the message gives both reasons, the refusal both kinds."""
+    model = shuffle_stage(1)
+    model.graph.node.append(helper.make_node("Softmax", ["out1"], ["s"], axis=1))
+    model.graph.output.append(helper.make_tensor_value_info("s", 1, [1, 2 * H_WIDTH, SIDE, SIDE]))
+    _, group = _group(model, "a")
+    assert not group.ok and str(group.refusal).startswith("Reshape Reshape#")
+    assert "a channel shuffle (Reshape -> Transpose -> Reshape)" in str(group.refusal)
+    assert str(group.refusal).endswith("; as a routing region: Softmax reads the region")
+    assert group.refusal.has_kind(RefusalKind.CHANNEL_SHUFFLE) and group.refusal.op == "Reshape"
+    assert group.refusal.causes[-1].kind == RefusalKind.NOT_ROUTABLE  # after the structured layouts tried
 
 
 def test_noise_is_refused_on_a_shuffle_stage():
