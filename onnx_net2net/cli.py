@@ -275,7 +275,7 @@ def _grow(args, grow_pass) -> int:
 def _check_plan_layers(args, handle) -> None:
     plan = getattr(args, "plan_object", None)
     if plan is not None:
-        from .coupling import layer_name, weighted_layers
+        from .analysis import layer_name, weighted_layers
         from .ir import GraphIR
 
         ir = GraphIR(handle)

@@ -1,6 +1,6 @@
 """`inspect`: every weighted layer and what can be done to it, exactly.
 
-`ok: true` is a promise. The static analysis (coupling and insertion plans)
+`ok: true` is a promise. The static analysis (unit groups and insertion plans)
 decides what is possible; for models small enough to run cheaply, each
 possible rewrite is also tried once (widen by one step, deepen once) and
 verified in onnxruntime, so a promise is never made on analysis alone.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import onnx
 
-from . import coupling, routing
-from .errors import GrowthRefused, UserError
+from .analysis import Refusal, RefusalKind, UnitGroup, layer_name, layer_width
+from .errors import UserError
 from .folding import computed_weights, fold_computed_weights
 from .io import ModelHandle
 from .ir import GraphIR
@@ -49,7 +49,7 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     # Each layer's own walk decides its promise (a layer can be a partial
     # producer in another layer's group and still be refused on its own), except
     # where the layer's whole output carries an ok group already walked
-    # (coupling.shares_space: seeding from it gives that same group).
+    # (analysis.shares_space: seeding from it gives that same group).
     groups = groups_by_layer(ir)
     if reference is not None:
         _widen_trials(ir, groups, reference, handle)
@@ -96,14 +96,14 @@ def _widen_trials(ir: GraphIR, groups: dict, reference: ReferenceRun, handle: Mo
             trials.setdefault(key, []).append(group)
 
     def widen(members):
-        widths = {coupling.layer_name(ir, g[0].seed): g[0].width + g[0].feature_step for g in members}
+        widths = {layer_name(ir, g[0].seed): g[0].width + g[0].feature_step for g in members}
         return lambda: WidenPass(widths)(handle.copy()).model
 
     failures = _batched(list(trials.values()), reference, widen)
     for members, failure in zip(trials.values(), failures):
         if failure:
             for group in members:
-                group.refusal = coupling.Refusal(None, failure)
+                group.refusal = Refusal(failure, RefusalKind.TRIAL_FAILED)
 
 
 def _deepen_statuses(ir: GraphIR, layers: list[int], reference, handle: ModelHandle) -> dict[int, dict]:
@@ -111,14 +111,14 @@ def _deepen_statuses(ir: GraphIR, layers: list[int], reference, handle: ModelHan
     for index in layers:
         try:
             deeper.plan(ir, index, deeper.DeepenOptions())
-        except GrowthRefused as refused:
+        except Refusal as refused:
             statuses[index] = {"ok": False, "reason": str(refused)}
             continue
         statuses[index] = {"ok": True, "reason": None}
         planned.append(index)
     if reference is not None and planned:
         def deepen(members):
-            return lambda: DeepenPass([coupling.layer_name(ir, i) for i in members])(handle.copy()).model
+            return lambda: DeepenPass([layer_name(ir, i) for i in members])(handle.copy()).model
 
         for index, failure in zip(planned, _batched(planned, reference, deepen)):
             if failure:
@@ -137,29 +137,24 @@ def _batched(items: list, reference: ReferenceRun, build) -> list[str | None]:
     return [_try(reference, build([item])) for item in items]
 
 
-def _describe(ir: GraphIR, index: int, group: coupling.UnitGroup, deepen: dict) -> dict:
+def _describe(ir: GraphIR, index: int, group: UnitGroup, deepen: dict) -> dict:
     node = ir.nodes[index]
-    names = sorted(coupling.layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
+    names = sorted(layer_name(ir, p) for p in group.producers + group.passthrough) if group.ok else []
     widen = {"ok": group.ok, "reason": None if group.ok else str(group.refusal), "step": group.feature_step,
              "group": names, "note": _widen_note(group, ir) if group.ok else None}
     return {
-        "name": coupling.layer_name(ir, index),
+        "name": layer_name(ir, index),
         "op": node.op_type,
         "weight": node.input[1] if len(node.input) > 1 else None,
-        "width": coupling.layer_width(ir, index),
+        "width": layer_width(ir, index),
         "widen": widen,
         "deepen": deepen,
     }
 
 
-def _widen_note(group: coupling.UnitGroup, ir: GraphIR) -> str | None:
+def _widen_note(group: UnitGroup, ir: GraphIR) -> str | None:
     """Why the step is what it is, when that is not obvious."""
-    notes = []
-    if isinstance(group, routing.RoutedGroup):
-        notes.append(f"channel routing region: its {len(group.producers)} layers grow together (shuffles or "
-                     "slices route each channel to later layers, and every one must still reach the same layers)")
-        if group.step != 1:
-            notes.append(routing.describe_valid_widths(ir, group))
+    notes = group.step_notes(ir)
     if group.unit_width > 1:
         notes.append(f"whole attention heads of {group.unit_width}")
     if group.repeats > 1:

@@ -1,6 +1,6 @@
 """Rewrites as passes: a model in, the model and whether it changed out.
 
-Each pass resolves the user's layer names, asks the coupling analysis for the
+Each pass resolves the user's layer names, asks the analysis for the
 groups, applies the rewrite and returns a report. Passes compose in a
 `Pipeline`, take an `onnx.ModelProto` (never modified: the pass works on a
 copy) or a `ModelHandle` (modified in place, which is what lets the CLI avoid
@@ -18,15 +18,26 @@ import onnx_ir
 import onnx_ir.external_data
 import onnx_ir.passes
 
-from . import coupling, routing, typeinfo
+from . import typeinfo
+from .analysis import (
+    Refusal,
+    UnitGroup,
+    find_group,
+    find_layer,
+    layer_name,
+    layer_width,
+    shares_space,
+    weighted_layers,
+)
 from .errors import GrowthRefused, UserError, VerificationFailed, option
 from .folding import fold_computed_weights
-from .io import ModelHandle, available_memory, from_proto, tensor_nbytes
+from .io import ModelHandle, available_memory, from_proto
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
 from .options import DeepenMode, Fill, Init, Split, parse
-from .rewrites import deeper, perturb, routed, wider
+from .rewrites import blocks, deeper, perturb
 from .rewrites.deeper import DeepenOptions
+from .rewrites.grow import grow_group
 from .rewrites.perturb import PerturbOptions
 from .rewrites.wider import WidenOptions
 
@@ -125,10 +136,9 @@ class WidenPass(_Pass):
             _check_memory(ir, group, width)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
-            names = [coupling.layer_name(ir, p) for p in group.producers + group.passthrough]
-            grow = routed.widen_routed if isinstance(group, routing.RoutedGroup) else wider.widen_group
+            names = [layer_name(ir, p) for p in group.producers + group.passthrough]
             with typeinfo.kept_consistent(handle):
-                changes.append(asdict(grow(ir, group, width, options, names)))
+                changes.append(asdict(grow_group(group, ir, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
@@ -141,7 +151,7 @@ class WidenPass(_Pass):
                     width = self._factor_width(ir, group)
                     if width is not None:
                         self._check_options(group)
-                        requests.append((coupling.layer_name(ir, group.seed), width))
+                        requests.append((layer_name(ir, group.seed), width))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
             return requests
@@ -157,45 +167,23 @@ class WidenPass(_Pass):
             by_group.setdefault(key, (name, width))
         return list(by_group.values())
 
-    def _factor_width(self, ir: GraphIR, group: coupling.UnitGroup) -> int | None:
+    def _factor_width(self, ir: GraphIR, group: UnitGroup) -> int | None:
         if group.width * group.features_per_unit * self.factor >= MAX_UNITS:
-            raise UserError(f"factor {self.factor:g}: layer '{coupling.layer_name(ir, group.seed)}' would grow to "
+            raise UserError(f"factor {self.factor:g}: layer '{layer_name(ir, group.seed)}' would grow to "
                             f"{group.width * self.factor:.3g} units; widths are limited to {MAX_UNITS - 1}")
-        wanted = math.ceil(group.width * self.factor)
-        if isinstance(group, routing.RoutedGroup):
-            return routing.nearest_width(ir, group, wanted)
-        step = group.feature_step
-        return group.width + step * math.ceil((wanted - group.width) / step)
+        return group.next_width(ir, math.ceil(group.width * self.factor))
 
-    def _check_options(self, group: coupling.UnitGroup) -> None:
-        if isinstance(group, routing.RoutedGroup) and (self.options.init == "random-pad" or self.options.added_noise):
+    def _check_options(self, group: UnitGroup) -> None:
+        if group.exact_only and (self.options.init == "random-pad" or self.options.added_noise):
             raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
 
 
-def _check_width(ir: GraphIR, name: str, group: coupling.UnitGroup, width: int) -> None:
+def _check_width(ir: GraphIR, name: str, group: UnitGroup, width: int) -> None:
     """Refuse, naming the valid widths, a width the group cannot take."""
     if width <= group.width:
         raise UserError(f"layer '{name}': new width {width} is not larger than its width {group.width}")
-    if isinstance(group, routing.RoutedGroup):
-        if why := routing.check_width(ir, group, width):
-            raise UserError(f"layer '{name}': its channels are routed to later layers (shuffles, slices) and "
-                            f"width {width} would change where they go ({why}); "
-                            f"{routing.describe_valid_widths(ir, group)}")
-        return
-    if (width - group.width) % group.feature_step:
-        raise UserError(f"layer '{name}': width must be {group.width} + a multiple of "
-                        f"{group.feature_step}{_why_step(group)}")
-
-
-def _why_step(group: coupling.UnitGroup) -> str:
-    why = " (whole attention heads" if group.unit_width > 1 else ""
-    if group.repeats > 1:
-        why += f"{' in' if why else ' (the same units in'} each of its {group.repeats} parts"
-    why += ")" if why else ""
-    if group.tile and not group.average_expansion:
-        why += (f" (statistics are taken over the units, so every unit must be copied equally often; "
-                f"LEMON's average expansion does not apply: {group.average_blocker})")
-    return why
+    if why := group.width_refusal(ir, width):
+        raise UserError(f"layer '{name}': {why}")
 
 
 SELECTORS = ("all", "stages", "last")
@@ -258,7 +246,7 @@ class DeepenPass(_Pass):
                 continue
             try:
                 insertion = deeper.plan(ir, layer, self.options)
-            except GrowthRefused as refused:
+            except Refusal as refused:
                 raise GrowthRefused(f"layer '{name}' cannot be deepened: {refused}") from None
             options = DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm,
                                     self.options.noise, self.options.seed + number)
@@ -270,13 +258,11 @@ class DeepenPass(_Pass):
 
     def _select(self, ir: GraphIR) -> list[str]:
         order = {node: position for position, node in enumerate(ir.topological_order())}
-        layers = sorted(coupling.weighted_layers(ir), key=order.__getitem__)
+        layers = sorted(weighted_layers(ir), key=order.__getitem__)
         possible, blocks_seen = [], set()
         for layer in layers:
             try:
                 if self.options.mode.copies_a_block:
-                    from .rewrites import blocks
-
                     end = blocks.plan_block(ir, layer).end
                     if end in blocks_seen:
                         continue  # one copy per block, whichever of its layers names it
@@ -284,7 +270,7 @@ class DeepenPass(_Pass):
                 else:
                     deeper.plan(ir, layer, self.options)
                 possible.append(layer)
-            except GrowthRefused:
+            except Refusal:
                 continue
         if self.selector == "last":
             possible = possible[-1:]
@@ -292,15 +278,13 @@ class DeepenPass(_Pass):
             possible = _stage_ends(ir, layers, set(possible))
         if not possible:
             raise GrowthRefused(f"no layer matches after = '{self.selector}' (see `inspect`)")
-        return [coupling.layer_name(ir, layer) for layer in possible]
+        return [layer_name(ir, layer) for layer in possible]
 
 
 def _insert_block(ir: GraphIR, layer: int, name: str, fresh_seed: int | None) -> dict:
-    from .rewrites import blocks
-
     try:
         block = blocks.plan_block(ir, layer)
-    except GrowthRefused as refused:
+    except Refusal as refused:
         raise GrowthRefused(f"layer '{name}' cannot be deepened by a block: {refused}") from None
     return blocks.insert_block(ir, block, name, fresh_seed)
 
@@ -309,7 +293,7 @@ def _stage_ends(ir: GraphIR, layers: list[int], possible: set[int]) -> list[int]
     """The last deepenable layer of each run of consecutive equal-width layers."""
     ends, run = [], []
     for layer in layers + [None]:
-        if run and (layer is None or coupling.layer_width(ir, layer) != coupling.layer_width(ir, run[-1])):
+        if run and (layer is None or layer_width(ir, layer) != layer_width(ir, run[-1])):
             candidates = [member for member in run if member in possible]
             ends += candidates[-1:]
             run = []
@@ -340,13 +324,9 @@ class AlignPass(_Pass):
         for group in analyse_groups(ir):
             if not group.ok:
                 continue
-            if isinstance(group, routing.RoutedGroup):
-                aligned = -(-group.width // self.multiple) * self.multiple
-                target = aligned if aligned == group.width else routing.nearest_width(ir, group, aligned, self.multiple)
-            else:
-                target = _next_aligned(group.width, group.feature_step, self.multiple)
+            target = group.aligned_width(ir, self.multiple)
             if target is not None and target != group.width:
-                widths[coupling.layer_name(ir, group.seed)] = target
+                widths[layer_name(ir, group.seed)] = target
         if not widths:
             return {"pass": self.name, "options": self._options(), "changes": [],
                     "parameters": {"before": parameter_count(handle), "after": parameter_count(handle)}}
@@ -358,16 +338,6 @@ class AlignPass(_Pass):
 
     def _options(self) -> dict:
         return {"options": {"multiple": self.multiple, "fill": self.fill, "seed": self.seed}}
-
-
-def _next_aligned(size: int, step: int, multiple: int) -> int | None:
-    """The smallest width >= size that is a multiple of `multiple` and reachable
-    in steps of `step` (None if there is none below a sane bound)."""
-    target = -(-size // multiple) * multiple
-    for candidate in range(target, size + multiple * max(step, 1) * 8 + 1, multiple):
-        if (candidate - size) % step == 0:
-            return candidate
-    return None
 
 
 class PerturbPass(_Pass):
@@ -485,7 +455,7 @@ class VerifiedPass(_Pass):
 # Analysis helpers shared with `inspect`
 
 
-def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[coupling.UnitGroup]:
+def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[UnitGroup]:
     """The group of every weighted layer, each group once (in layer order)."""
     unique = {}
     for group in groups_by_layer(ir, keep_outputs).values():
@@ -493,35 +463,35 @@ def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[coupling.Uni
     return list(unique.values())
 
 
-def groups_by_layer(ir: GraphIR, keep_outputs: bool = False) -> dict[int, coupling.UnitGroup]:
+def groups_by_layer(ir: GraphIR, keep_outputs: bool = False) -> dict[int, UnitGroup]:
     """Every weighted layer's group, one walk per group: a layer whose whole
-    output carries an ok group already found (`coupling.shares_space`) gets
+    output carries an ok group already found (`analysis.shares_space`) gets
     that group instead of a walk of its own (on a transformer's residual
     stream, 2 x layers producers share one walk instead of one each)."""
     seen = {}
-    for layer in coupling.weighted_layers(ir):
+    for layer in weighted_layers(ir):
         if layer in seen:
             continue
-        group = coupling.find_group(ir, layer, keep_outputs=keep_outputs)
+        group = find_group(ir, layer, keep_outputs=keep_outputs)
         seen[layer] = group
         if group.ok:
             for member in group.producers + group.passthrough:
-                if coupling.shares_space(ir, group, member):
+                if shares_space(ir, group, member):
                     seen.setdefault(member, group)
-    return {layer: seen[layer] for layer in coupling.weighted_layers(ir)}
+    return {layer: seen[layer] for layer in weighted_layers(ir)}
 
 
 def _layer(ir: GraphIR, name: str) -> int:
-    index = coupling.find_layer(ir, name)
+    index = find_layer(ir, name)
     if index is None:
-        known = [coupling.layer_name(ir, i) for i in coupling.weighted_layers(ir)]
+        known = [layer_name(ir, i) for i in weighted_layers(ir)]
         hint = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
         raise UserError(f"unknown layer '{name}' (layers: {hint or 'none'})")
     return index
 
 
-def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> coupling.UnitGroup:
-    group = coupling.find_group(ir, _layer(ir, name), keep_outputs=keep_outputs)
+def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> UnitGroup:
+    group = find_group(ir, _layer(ir, name), keep_outputs=keep_outputs)
     if not group.ok:
         raise GrowthRefused(f"layer '{name}' cannot be widened exactly: {group.refusal}")
     return group
@@ -530,16 +500,9 @@ def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> coupling.Un
 MAX_UNITS = 1 << 31
 
 
-def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
+def _check_memory(ir: GraphIR, group: UnitGroup, width: int) -> None:
     """Refuse, before allocating, a widening that cannot fit in memory."""
-    needed = 0.0
-    for edit in group.weight_edits:
-        nbytes = _constant_nbytes(ir, ir.nodes[edit.node].input[edit.port])
-        length = edit.placement.length
-        needed += nbytes / max(length, 1) * (length + edit.placement.growth() * (width - group.size))
-    if isinstance(group, routing.RoutedGroup):  # its writers and readers grow in proportion
-        layers = group.region.writers + [node for node, _ in group.region.readers]
-        needed = sum(_constant_nbytes(ir, ir.nodes[layer].input[1]) for layer in layers) * width / group.size
+    needed = group.grown_weight_bytes(ir, width)
     available = available_memory()
     if width * group.features_per_unit >= MAX_UNITS:
         raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "
@@ -547,19 +510,6 @@ def _check_memory(ir: GraphIR, group: coupling.UnitGroup, width: int) -> None:
     if available and needed * 3 > available:
         raise UserError(f"widening to {width * group.features_per_unit} needs about {needed / 2**30:.3g} GiB for the new weights, "
                         f"more than this machine can hold ({available / 2**30:.1f} GiB available)")
-
-
-def _constant_nbytes(ir: GraphIR, tensor: str) -> int:
-    root = ir.const_root(tensor)
-    if root is None:
-        return 0
-    kind, key = root
-    if kind == "init":
-        return tensor_nbytes(ir.initializers[key])
-    for attr in ir.nodes[key].attribute:
-        if attr.name == "value":
-            return tensor_nbytes(attr.t)
-    return 0
 
 
 def parameter_count(handle: ModelHandle) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from .ir import GraphIR, node_attr
+from .ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY
 
 #: Ops that compute sizes from sizes (entries are followed through them).
 SIZE_OPS = frozenset("""
@@ -466,8 +467,6 @@ def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> tuple[set[tuple[int, int
     size inputs (sinks), or be a scalar used as data by an elementwise op (Swin's
     `head_dim ** -0.5` from x.shape), which is frozen at its old value; any
     other use is refused."""
-    from .coupling import ELEMENTWISE_NARY, ELEMENTWISE_UNARY
-
     frontier = [ir.nodes[i].output[0] for i in range(len(ir.nodes))
                 if ir.nodes[i].op_type in ("Shape", "Size") and ir.nodes[i].input[0] in ev.placements]
     sinks, seen, frozen = set(), set(), []

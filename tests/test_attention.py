@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import onnx_net2net as n2n
 from onnx_net2net.ir import GraphIR
-from onnx_net2net import coupling, io
+from onnx_net2net import analysis, io
 
 from helpers import H, init, make_model, node, rand, widen_exact
 
@@ -92,7 +92,7 @@ def test_fused_qkv_is_one_head_space_repeated_three_times(style):
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     assert layer["width"] == 3 * D
     assert layer["widen"]["step"] == 3 * HEAD  # one head more in each of q, k and v
-    group = coupling.find_group(GraphIR(io.ModelHandle(proto=model)), 0)
+    group = analysis.find_group(GraphIR(io.ModelHandle(proto=model)), 0)
     assert (group.size, group.unit_width, group.repeats) == (HEADS, HEAD, 3)
 
 

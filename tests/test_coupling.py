@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import onnx_net2net as n2n
-from onnx_net2net import coupling
+from onnx_net2net import analysis
 from onnx_net2net.io import from_proto
 from onnx_net2net.ir import GraphIR
 from helpers import (H, attr, conv_sandwich, dense_sandwich, init, make_model, model_path, node, node_weight, rand,
@@ -16,7 +16,7 @@ from test_widen import concat_model, flatten_gemm_model, residual_model
 
 def group_of(model, layer):
     ir = GraphIR(from_proto(model))
-    return ir, coupling.find_group(ir, coupling.find_layer(ir, layer))
+    return ir, analysis.find_group(ir, analysis.find_layer(ir, layer))
 
 
 def names(ir, indices):

@@ -328,7 +328,7 @@ def _cnn_rank1_conv_weight() -> bytes:
 @pytest.mark.parametrize("case", ["gemm-without-weight", "transB-without-type", "conv-weight-rank-1"])
 def test_models_breaking_their_op_schema_are_refused(case):
     """Found by test_mutated_models (known bug unchecked-nodes): `inspect` and `widen` on these crash in
-    coupling.py (IndexError, TypeError): exit code 3 where a one-line refusal (exit 2) is due."""
+    the analysis (then coupling.py; IndexError, TypeError): exit code 3 where a one-line refusal (exit 2) is due."""
     data = {"gemm-without-weight": lambda: _dense(_one_input_gemm),
             "transB-without-type": lambda: _dense(_typeless_trans_b),
             "conv-weight-rank-1": _cnn_rank1_conv_weight}[case]()

@@ -9,7 +9,7 @@ import pytest
 
 import onnx_net2net as n2n
 from onnx_net2net import cli
-from onnx_net2net.coupling import weighted_layers
+from onnx_net2net.analysis import weighted_layers
 from onnx_net2net.io import from_proto
 from onnx_net2net.ir import GraphIR
 from helpers import conv_sandwich, dense_sandwich, max_rel_error, model_path, unary
@@ -100,7 +100,7 @@ def test_cli_perturb_reports_and_exits_zero(tmp_path, capsys):
 
 
 def layer_names(path):
-    from onnx_net2net.coupling import layer_name
+    from onnx_net2net.analysis import layer_name
 
     ir = GraphIR(from_proto(onnx.load(str(path))))
     return [layer_name(ir, i) for i in weighted_layers(ir)]

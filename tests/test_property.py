@@ -126,26 +126,26 @@ def _grow(generated, what: str, call, known=lambda error: False):
 def _own_group_differs(model, layer: dict) -> bool:
     """Bug partial-member: the layer is reported with another layer's group, and
     its own group (the one widening it by name uses) is refused or differs."""
-    from onnx_net2net import coupling
+    from onnx_net2net import analysis
     from onnx_net2net.io import from_proto
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(from_proto(model))
-    own = coupling.find_group(ir, coupling.find_layer(ir, layer["name"]))
+    own = analysis.find_group(ir, analysis.find_layer(ir, layer["name"]))
     if not own.ok:
         return True
-    names = sorted(coupling.layer_name(ir, p) for p in own.producers)
+    names = sorted(analysis.layer_name(ir, p) for p in own.producers)
     return (own.width, own.feature_step, names) != (layer["width"], layer["widen"]["step"], layer["widen"]["group"])
 
 
 def _is_channels_last_batchnorm(model, name: str, error) -> bool:
     """Bug channels-last-batchnorm: BatchNormalization put on axis 1 after a MatMul on the last axis."""
-    from onnx_net2net import coupling
+    from onnx_net2net import analysis
     from onnx_net2net.io import from_proto
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(from_proto(model))
-    node = ir.nodes[coupling.find_layer(ir, name)]
+    node = ir.nodes[analysis.find_layer(ir, name)]
     return node.op_type == "MatMul" and ir.rank(node.output[0]) != 2 and "BatchNormalization" in str(error)
 
 

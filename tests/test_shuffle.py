@@ -1,13 +1,15 @@
 """Channel shuffles (ShuffleNetV2 stages) built with onnx.helper: the stage's
-branch layers grow together as one routing region (onnx_net2net.routing)."""
+branch layers grow together as one routing region (onnx_net2net.analysis.routing)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper
 
 import onnx_net2net as n2n
-from onnx_net2net import coupling, io, routing
+from onnx_net2net import analysis, io
+from onnx_net2net.analysis import RefusalKind
 from onnx_net2net.ir import GraphIR
 
 from helpers import H, init, make_model, node, rand, widen_exact
@@ -63,7 +65,7 @@ def shuffle_stage(blocks: int, split: str = "sizes", seed: int = 0, h: int = H_W
 
 def _group(model, layer: str):
     ir = GraphIR(io.ModelHandle(proto=model))
-    return ir, coupling.find_group(ir, coupling.find_layer(ir, layer))
+    return ir, analysis.find_group(ir, analysis.find_layer(ir, layer))
 
 
 @pytest.mark.parametrize("split", ["sizes", "num_outputs", "slices"])
@@ -83,8 +85,8 @@ def test_the_stage_is_one_routing_region(split):
 def test_every_routable_width_is_exact(split, blocks):
     model = shuffle_stage(blocks, split)
     ir, group = _group(model, "a")
-    assert isinstance(group, routing.RoutedGroup)
-    valid = routing.valid_widths(ir, group)
+    assert isinstance(group, analysis.RoutedGroup)
+    valid = analysis.valid_widths(ir, group)
     assert valid, "some width must route"
     for width in valid:
         grown, _ = widen_exact(model, {"branch2": width}, split="random", seed=width)
@@ -97,7 +99,7 @@ def test_every_routable_width_is_exact(split, blocks):
 def test_a_width_that_cannot_route_is_refused_with_the_ones_that_can():
     model = shuffle_stage(5)
     ir, group = _group(model, "a")
-    valid = routing.valid_widths(ir, group)
+    valid = analysis.valid_widths(ir, group)
     invalid = [w for w in range(H_WIDTH + 1, 2 * H_WIDTH + 1) if w not in valid]
     assert invalid, "a deep stage with 4 channels per branch does not route every width"
     with pytest.raises(n2n.UserError, match=f"width {invalid[0]} would change where they go.*widths that route"):
@@ -118,6 +120,20 @@ def test_align_and_zero_init_keep_the_old_weights():
     assert report["verification"]["passed"]
     head_old, head_new = init(model, "head_w"), init(grown, "head_w")
     assert np.count_nonzero(head_new) == np.count_nonzero(head_old)  # new slots are read with weight 0
+
+
+def test_a_shuffle_that_cannot_route_says_why_both_ways():
+    """The walk refuses the shuffle, the routing region is tried and refused
+    too: the message gives both reasons, the refusal both kinds."""
+    model = shuffle_stage(1)
+    model.graph.node.append(helper.make_node("Softmax", ["out1"], ["s"], axis=1))
+    model.graph.output.append(helper.make_tensor_value_info("s", 1, [1, 2 * H_WIDTH, SIDE, SIDE]))
+    _, group = _group(model, "a")
+    assert not group.ok and str(group.refusal).startswith("Reshape Reshape#")
+    assert "a channel shuffle (Reshape -> Transpose -> Reshape)" in str(group.refusal)
+    assert str(group.refusal).endswith("; as a routing region: Softmax reads the region")
+    assert group.refusal.has_kind(RefusalKind.CHANNEL_SHUFFLE) and group.refusal.op == "Reshape"
+    assert group.refusal.causes[-1].kind == RefusalKind.NOT_ROUTABLE  # after the structured layouts tried
 
 
 def test_noise_is_refused_on_a_shuffle_stage():
@@ -142,7 +158,7 @@ def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
     split = str(rng.choice(["sizes", "num_outputs", "slices"]))
     model = shuffle_stage(blocks, split, seed=seed, h=h)
     ir, group = _group(model, "a")
-    valid = routing.valid_widths(ir, group)
+    valid = analysis.valid_widths(ir, group)
     for width in rng.choice(valid, size=min(3, len(valid)), replace=False):
         widen_exact(model, {f"branch{blocks}": int(width)},
                     split=str(rng.choice(["equal", "random"])), seed=seed)

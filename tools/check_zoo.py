@@ -260,30 +260,30 @@ def check(path: Path, limit: int | None, keep_outputs: bool = False) -> dict:
 def _with_kept_outputs(handle, layers: list[dict]) -> list[dict]:
     """Layers refused only because their units reach a graph output, analysed
     again with keep_output_shapes (the outputs are sliced back)."""
-    from onnx_net2net import coupling
+    from onnx_net2net import analysis
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(handle)
     for layer in layers:
         if layer["widen"]["ok"] or "graph output" not in (layer["widen"]["reason"] or ""):
             continue
-        group = coupling.find_group(ir, coupling.find_layer(ir, layer["name"]), keep_outputs=True)
+        group = analysis.find_group(ir, analysis.find_layer(ir, layer["name"]), keep_outputs=True)
         layer["widen"] = {"ok": group.ok, "reason": None if group.ok else str(group.refusal),
-                          "step": group.feature_step, "group": [coupling.layer_name(ir, p) for p in group.producers]}
+                          "step": group.feature_step, "group": [analysis.layer_name(ir, p) for p in group.producers]}
     return layers
 
 
 def _routable(handle, name: str, width: int) -> int:
     """For a channel-shuffle stage whose valid widths are irregular, the first
     valid width from `width` up (else down; the note in `inspect` lists them)."""
-    from onnx_net2net import coupling, routing
+    from onnx_net2net import analysis
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(handle)
-    group = coupling.find_group(ir, coupling.find_layer(ir, name))
-    if not isinstance(group, routing.RoutedGroup):
+    group = analysis.find_group(ir, analysis.find_layer(ir, name))
+    if not group.exact_only:  # a unit group's widths are regular: `width` is one of its steps
         return width
-    return routing.nearest_width(ir, group, width) or width
+    return group.next_width(ir, width) or width
 
 
 def _try(reference, build, what: str) -> list[str]:

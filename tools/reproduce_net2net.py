@@ -67,7 +67,7 @@ import sys
 import sysconfig
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -737,6 +737,11 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None, help="run only these models")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default %(default)s)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    p.add_argument("--grid", type=float, nargs="+", default=None, metavar="LR",
+                   help="override the peak learning rates tried for every arm (the same grid for all arms)")
+    p.add_argument("--budget", type=int, default=None, metavar="T",
+                   help="override T, the random-init students' budget (grown students get T/3), e.g. a longer "
+                        "check of a model whose random-init student has not converged at its default T")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
@@ -755,6 +760,10 @@ def main(argv=None) -> int:
         exp = settle(EXPERIMENTS[name], args.quick)
         if args.seeds:
             exp = replace(exp, seeds=args.seeds, tune_seeds=min(exp.tune_seeds, args.seeds))
+        if args.budget:
+            exp = replace(exp, T=args.budget)
+        if args.grid:
+            exp = replace(exp, grid=tuple(args.grid))
         try:
             with no_network():
                 data = load_dataset(exp.dataset)

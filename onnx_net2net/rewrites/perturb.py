@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..coupling import layer_name, weighted_layers
+from ..analysis import layer_name, weighted_layers
 from ..editor import GraphEditor
 from ..ir import GraphIR, node_attr
 

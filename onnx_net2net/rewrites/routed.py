@@ -1,4 +1,4 @@
-"""Widen a channel routing region (channel shuffles; see onnx_net2net.routing).
+"""Widen a channel routing region (channel shuffles; see onnx_net2net.analysis.routing).
 
 With the assignment source_k(j) (new slot j of writer k carries old channel
 source_k(j), or nothing when -1):
@@ -25,11 +25,17 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..analysis.routing import RoutedGroup, assign
+from ..analysis.routing_simulation import (
+    LABEL_BASE,
+    label_of,
+    scaled_constant,
+    simulate,
+)
 from ..editor import GraphEditor
 from ..ir import GraphIR, node_attr
-from ..routing import LABEL_BASE, RoutedGroup, assign, label_of, scaled_constant, simulate
-from .wider import GrownGroup, WidenOptions, random_fractions
 from ..options import Init, Split
+from .wider import GrownGroup, WidenOptions, random_fractions
 
 
 def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOptions,

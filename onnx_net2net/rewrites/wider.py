@@ -35,9 +35,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from ..coupling import WEIGHTED_LAYERS, Placement, UnitGroup
+from ..analysis import Placement, UnitGroup
 from ..editor import GraphEditor
 from ..ir import GraphIR
+from ..ops import WEIGHTED_LAYERS
 from ..options import Init, Split
 
 #: The +/- magnitude of `split="zero-sum"`, relative to each consumer weight's
@@ -138,13 +139,13 @@ class UnitMapping:
         return len(self.g)
 
     @classmethod
-    def tile(cls, n: int, q: int) -> "UnitMapping":
+    def tile(cls, n: int, q: int) -> UnitMapping:
         """Every unit copied q/n times: g(j) = j mod n."""
         g = np.arange(q, dtype=np.int64) % n
         return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
 
     @classmethod
-    def average(cls, n: int, q: int, extras: str = "mean") -> "UnitMapping":
+    def average(cls, n: int, q: int, extras: str = "mean") -> UnitMapping:
         """LEMON: each unit copied q // n times, then q % n units that carry
         the mean of the units (or zero, for an RMS norm)."""
         tiled = q // n * n
@@ -158,7 +159,7 @@ class UnitMapping:
         return 1.0 if self.is_average is None else float((~self.is_average).sum()) / self.new
 
     @classmethod
-    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> "UnitMapping":
+    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> UnitMapping:
         per_old, per_added = n // blocks, (q - n) // blocks
         g, is_new = [], []
         for block in range(blocks):
@@ -168,7 +169,7 @@ class UnitMapping:
         g = np.concatenate(g).astype(np.int64)
         return cls(g, np.concatenate(is_new), np.bincount(g, minlength=n))
 
-    def block(self, index: int, blocks: int) -> "UnitMapping":
+    def block(self, index: int, blocks: int) -> UnitMapping:
         """The mapping restricted to one block, in the block's local numbering."""
         per_new, per_old = self.new // blocks, self.old // blocks
         window = slice(index * per_new, (index + 1) * per_new)

@@ -11,7 +11,7 @@ mean square becomes s times smaller and the same epsilon and Scale rule holds.
 The extras carry the mean (or zero) only if every op from the producers up to
 each norm keeps them there: sums, shared (broadcast) scales, layout ops and
 producers whose extra rows are the mean of their rows. This module decides
-that for a group found by coupling.py, for fused norms (LayerNormalization,
+that for a group found by the walk (search.py), for fused norms (LayerNormalization,
 RMSNormalization) and for norms written out as ops:
 
     LayerNorm: mu = ReduceMean(x); d = x - mu; v = ReduceMean(d^2)
@@ -29,8 +29,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .coupling import Placement, UnitGroup
-from .ir import GraphIR, node_attr
+from ..ir import GraphIR, node_attr
+from .units import Placement, UnitGroup
 
 
 @dataclass(frozen=True)

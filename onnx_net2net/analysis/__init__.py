@@ -1,0 +1,37 @@
+"""The unit-space analysis: which tensors and weights grow together, or why not.
+
+Modules, each importing only those listed before it:
+
+* refusal.py: `Refusal`, the one error type of the analysis and rewrites;
+* units.py: `Placement`, the edits and `UnitGroup` (the group protocol);
+* layers.py: weighted layers, their names and widths;
+* shape_algebra.py: units through reshapes, slice bounds (pure functions);
+* walk.py: the walk over the tensors carrying a unit space;
+* rules/: the op rules the walk dispatches to, by op family;
+* normalisation.py: LEMON's average expansion for normalised units;
+* routing_simulation.py, routing.py: channel routing regions (shuffles);
+* search.py: `find_group`, composing layouts, norms and routing.
+"""
+
+from __future__ import annotations
+
+from .layers import (
+    find_layer,
+    layer_name,
+    layer_output_placement,
+    layer_width,
+    seed_placement,
+    weighted_layers,
+)
+from .refusal import Refusal, RefusalKind
+from .routing import RoutedGroup, describe_valid_widths, nearest_width, valid_widths
+from .search import find_group, shares_space
+from .shape_algebra import map_through_reshape, reshape_segments
+from .units import AttributeEdit, Placement, UnitGroup, ValueEdit, WeightEdit
+
+__all__ = [
+    "AttributeEdit", "Placement", "Refusal", "RefusalKind", "RoutedGroup", "UnitGroup", "ValueEdit", "WeightEdit",
+    "describe_valid_widths", "find_group", "find_layer", "layer_name", "layer_output_placement", "layer_width",
+    "map_through_reshape", "nearest_width", "reshape_segments", "seed_placement", "shares_space", "valid_widths",
+    "weighted_layers",
+]

@@ -1,0 +1,48 @@
+"""Rules for attention: products of two computed tensors, and softmax.
+
+Q K^T and softmax(..) V contract their last two axes: they are per unit only
+on their batch axes, such as the head axis once Q, K and V are viewed as
+[B, heads, T, head size]. The units (whole heads) pass from every operand to
+the output there, and are refused on the two contracted axes. A softmax is
+per unit on every axis but the one it normalises.
+"""
+
+from __future__ import annotations
+
+from ...ir import GraphIR, node_attr
+from ..units import Placement
+from ..walk import Walk
+
+
+def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """A product of two computed tensors (attention) is per unit only on its
+    batch axes (e.g. the head axis of Q K^T and of softmax(..) V)."""
+    node = walk.ir.nodes[index]
+    from_end = placement.rank - placement.axis
+    if from_end <= 2:
+        walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis")
+    for name in list(node.input) + list(node.output):
+        shape = walk.shape(index, name)
+        axis = len(shape) - from_end
+        if axis < 0 or (shape[axis] == 1 and placement.length != 1):
+            continue
+        if shape[axis] != placement.length:
+            walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")
+        walk.add(name, placement.on_axis(axis, len(shape)))
+
+
+def softmax(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Per unit on every axis but the normalised one."""
+    node = walk.ir.nodes[index]
+    opset = _opset(walk.ir)
+    axis = int(node_attr(node, "axis", -1 if opset >= 13 else 1)) % placement.rank
+    if axis == placement.axis or (opset < 13 and placement.axis >= axis):
+        walk.refuse(index, "it normalises over the unit axis")
+    walk.same_on_ports(index, placement)
+
+
+def _opset(ir: GraphIR) -> int:
+    for opset in ir.handle.proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1

@@ -1,0 +1,260 @@
+"""Rules for Concat, Split and Slice: the units at an offset of a longer axis.
+
+Along the unit axis, Concat puts each input at the offset of the sizes
+before it (`offset + k`); Split and Slice take a range [start, end) that must
+hold all the units (or none of them): the units then sit at `offset -
+start`. Once q - n units are added, constants that count positions move:
+split sizes grow by the placement's growth per unit, and Slice bounds after
+the units move right by it (bounds counted from the end move by themselves,
+except those before the units).
+
+A space repeated k times (q | k | v of a fused projection, or Swin's patch
+merging of strided slices) is split into, sliced from or concatenated to
+its repeats whole: every repeat holds the same units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ...ir import GraphIR, node_attr
+from ..shape_algebra import clamp
+from ..units import Placement, ValueEdit
+from ..walk import Walk
+
+
+def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: the units at the offset of the inputs before them."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    rank = placement.rank
+    axis = node_attr(node, "axis") % rank
+    if axis != placement.axis:
+        walk.same_on_ports(index, placement, inputs=range(len(node.input)))
+        return
+    if _concat_of_one_space(walk, index, side, placement):
+        return
+    if placement.outer != 1:
+        walk.refuse(index, "concatenation of interleaved features")
+    sizes = [walk.shape(index, name)[axis] for name in node.input]
+    if any(size is None for size in sizes):
+        walk.refuse(index, "an input's size on the concatenation axis is unknown")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    total = int(starts[-1])
+    if side == "in":
+        walk.add(node.output[0], replace(placement, offset=placement.offset + int(starts[port]), length=total))
+        return
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    for source, name in enumerate(node.input):
+        if starts[source] <= lo and hi <= starts[source + 1]:
+            walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
+            return
+    walk.refuse(index, "the units span several concatenated inputs")
+
+
+def _concat_of_one_space(walk: Walk, index: int, side: str, placement: Placement) -> bool:
+    """Swin's patch merging: strided slices of one tensor (all slicing other
+    axes) concatenated along the unit axis hold the same units k times: the
+    output is the space repeated k times (outer = k)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    roots = {_slice_root(ir, name, placement.axis) for name in node.input}
+    if len(node.input) < 2 or len(roots) != 1 or None in roots:
+        return False
+    # Slices that do not touch the unit axis keep its length (also where shape inference lost it).
+    shapes = [ir.shape(name) for name in node.input]
+    length = placement.length if side == "in" else placement.block
+    sizes = {length if shape is None or shape[placement.axis] is None else shape[placement.axis] for shape in shapes}
+    count = len(node.input)
+    if side == "in":
+        if placement.outer != 1 or sizes != {placement.length}:
+            return False
+        for name in node.input:
+            walk.add(name, placement)
+        walk.add(node.output[0], replace(placement, outer=count, length=placement.length * count))
+        return True
+    if placement.outer != count or sizes != {placement.block}:
+        return False
+    for name in node.input:
+        walk.add(name, replace(placement, outer=1, length=placement.block))
+    return True
+
+
+def _slice_root(ir: GraphIR, tensor: str, unit_axis: int) -> str | None:
+    """The tensor a chain of Slices (none on `unit_axis`) starts from, or None."""
+    producer = ir.producer_node(tensor)
+    if producer is None or ir.nodes[producer].op_type != "Slice":
+        return None
+    while producer is not None and ir.nodes[producer].op_type == "Slice":
+        node = ir.nodes[producer]
+        axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        rank = ir.rank(node.input[0])
+        if axes is None or rank is None or unit_axis in [int(a) % rank for a in axes]:
+            return None
+        tensor = node.input[0]
+        producer = ir.producer_node(tensor)
+    return tensor
+
+
+def split(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: the output holding the units (or every output of a repeated space); its sizes grow."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    axis = node_attr(node, "axis", 0) % placement.rank
+    if axis != placement.axis:
+        walk.same_on_ports(index, placement, outputs=range(len(node.output)))
+        return
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its split sizes")
+    sizes = [walk.shape(index, name)[axis] for name in node.output]
+    if any(size is None for size in sizes):
+        walk.refuse(index, "an output's size on the split axis is unknown")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    source = ir.nodes[index].input[0]
+    known = walk.group.placements.get(source)
+    if side == "out" and known is not None and _split_pieces(walk, index, known, sizes, starts).get(port) == placement:
+        return  # reached again from a piece of a repeated space already mapped from the input
+    if side == "out":
+        walk.add(source, replace(placement, offset=placement.offset + int(starts[port]), length=int(starts[-1])))
+        _split_size_edits(walk, index, {port: placement})
+        return
+    pieces = _split_pieces(walk, index, placement, sizes, starts)
+    for piece, piece_placement in pieces.items():
+        walk.add(node.output[piece], piece_placement)
+    _split_size_edits(walk, index, pieces)
+
+
+def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, starts) -> dict[int, Placement]:
+    """The outputs of a Split that carry the units, with their placements:
+    the one output holding all of them, or, for a space repeated once per
+    output (q | k | v of a fused projection), every output."""
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    if placement.outer == 1:
+        for piece in range(len(sizes)):
+            if starts[piece] <= lo and hi <= starts[piece + 1]:
+                return {piece: replace(placement, offset=lo - int(starts[piece]), length=sizes[piece])}
+    per_piece, uneven = divmod(placement.outer, len(sizes))
+    if not uneven and all(size == placement.block * per_piece for size in sizes):
+        return {piece: replace(placement, outer=per_piece, length=size) for piece, size in enumerate(sizes)}
+    fills_blocks = placement.offset == 0 and hi == placement.block
+    equal = len(set(sizes)) == 1 and placement.block % len(sizes) == 0
+    retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
+    walk.refuse(index, "the units span several split outputs", retry)
+
+
+def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement]) -> None:
+    """Grow the sizes of the outputs that gain units (an even split of a space
+    repeated in every output stays even by itself)."""
+    node = walk.ir.nodes[index]
+    if len(node.input) > 1 and node.input[1]:
+        walk.const(index, node.input[1], "split sizes")
+        for piece, placement in pieces.items():
+            walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
+        return
+    if node_attr(node, "split") is not None:
+        walk.refuse(index, "its split sizes are an attribute (opset < 13); re-export at opset 13 or later")
+    if len(pieces) != len(node.output):
+        walk.refuse(index, "it splits evenly and the units are in one output only (the split would become uneven)")
+
+
+def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along the unit axis: a range holding all the units or none; bounds after them move."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its slice bounds")
+    if len(node.input) < 3:
+        walk.refuse(index, "Slice with attribute bounds (opset < 10)")
+    rank = placement.rank
+    if not (ir.is_const(node.input[1]) and ir.is_const(node.input[2])):
+        _slice_with_runtime_bounds(walk, index, placement)
+        return
+    starts = walk.const(index, node.input[1], "starts")
+    ends = walk.const(index, node.input[2], "ends")
+    axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+    steps = walk.const(index, node.input[4], "steps") if len(node.input) > 4 and node.input[4] else np.ones(len(starts))
+    axes = [int(a) % rank for a in axes]
+    if placement.axis not in axes:
+        walk.same_on_ports(index, placement)
+        return
+    k = axes.index(placement.axis)
+    if steps[k] != 1:
+        walk.refuse(index, "it slices the unit axis with a step")
+    in_length = placement.length if side == "in" else walk.shape(index, node.input[0])[placement.axis]
+    first, last = int(starts[k]), int(ends[k])
+    start, end = clamp(first, in_length), clamp(last, in_length)
+    growth = placement.growth()
+    known = walk.group.placements.get(node.input[0])
+    if side == "out" and known is not None and known.outer > 1:
+        if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
+            return  # reached again from one part of a repeated space already mapped from the input
+    if side == "out":
+        walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
+        return
+    lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
+    if placement.outer != 1:
+        walk.add(node.output[0], _slice_of_repeats(walk, index, k, first, last, placement))
+        return
+    if start <= lo and hi <= end:
+        walk.add(node.output[0], replace(placement, offset=lo - start, length=end - start))
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
+    elif end <= lo:
+        # The slice lies before the units: only bounds counted from the end move.
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, True)
+    elif hi <= start:
+        # The slice lies after the units: it moves right with them.
+        _shift_slice_bounds(walk, index, k, first, last, in_length, growth, False, False)
+    else:
+        span = end - start
+        fills = lo == 0 and hi == placement.length
+        retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
+            and start % span == 0 else ()
+        walk.refuse(index, "it cuts through the units", retry)
+
+
+def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> None:
+    """Bounds read at run time (`pos[:, :T]`) on other axes than the unit axis:
+    the units pass; runtime_shapes checks the bounds do not change with them."""
+    node = walk.ir.nodes[index]
+    if len(node.input) < 4 or not node.input[3]:
+        walk.refuse(index, "its bounds are read at run time and its axes are implicit")
+    axes = walk.const(index, node.input[3], "axes")
+    if placement.axis in [int(a) % placement.rank for a in axes]:
+        walk.refuse(index, "it slices the unit axis with bounds read at run time")
+    walk.same_on_ports(index, placement)
+
+
+def _slice_of_repeats(walk: Walk, index: int, k: int, first: int, last: int, placement: Placement,
+                      record: bool = True) -> Placement:
+    """A Slice taking whole repeats of a repeated space (q, k or v of a fused
+    projection): the output holds those repeats; bounds move by the growth of
+    the repeats before them."""
+    block, length, per_repeat = placement.block, placement.length, placement.inner
+    if first < 0 or last < 0:
+        walk.refuse(index, "it slices a repeated space with bounds counted from the end")
+    start, end = min(first, length), min(last, length)
+    if start % block or end % block or end <= start:
+        walk.refuse(index, "it cuts through the repeats of the units")
+    if record:
+        if start:
+            walk.group.value_edits.append(ValueEdit(index, 1, k, start // block * per_repeat))
+        if last <= length:  # a larger end is clamped to the new length as well
+            walk.group.value_edits.append(ValueEdit(index, 2, k, end // block * per_repeat))
+    return replace(placement, outer=(end - start) // block, length=end - start)
+
+
+def _shift_slice_bounds(walk: Walk, index: int, k: int, first: int, last: int, length: int, growth: int,
+                        start_before_units: bool, end_before_units: bool) -> None:
+    """Keep a Slice's bounds on the same data once `growth` positions per unit
+    are inserted: a bound before the units keeps its absolute position, one
+    after them moves right (bounds counted from the end move by themselves)."""
+    for port, value, units_after in ((1, first, start_before_units), (2, last, end_before_units)):
+        if value < 0 and not units_after:
+            continue  # counted from the end, and the units are before it: moves by itself
+        if value < 0:
+            walk.group.value_edits.append(ValueEdit(index, port, k, -growth))
+        elif not units_after and value <= length:
+            walk.group.value_edits.append(ValueEdit(index, port, k, growth))

@@ -1,0 +1,235 @@
+"""Rules for ops that move positions: Transpose, Reshape and its kin, Gather,
+Expand, Resize, Tile, Pad.
+
+* Transpose moves the unit axis by its permutation;
+* Reshape / Flatten / Squeeze / Unsqueeze map the placement through the
+  reshape (shape_algebra.map_through_reshape); a literal target dim on the
+  unit axis grows by the placement's growth per unit;
+* Gather along another axis moves the unit axis by the index rank; a Gather
+  of a constant table along another axis is an embedding (a producer); a
+  Gather of every position in order only moves the axis;
+* Expand, Resize, Tile and Pad must leave the unit axis alone (a literal
+  Expand target or Resize size on it grows with the units).
+
+Sizes read at run time (Shape -> ... -> Reshape) are checked by
+runtime_shapes, called by the search once the walk is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ...ir import GraphIR, node_attr
+from ...runtime_shapes import pad_output_shape, reshape_output_shape
+from ..refusal import RefusalKind
+from ..shape_algebra import map_through_reshape, unit_layout_hints
+from ..units import Placement, ValueEdit, axis_only
+from ..walk import Walk
+
+
+def transpose(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """The unit axis moves by the permutation."""
+    node = walk.ir.nodes[index]
+    perm = node_attr(node, "perm") or list(reversed(range(placement.rank)))
+    if side == "in":
+        walk.add(node.output[0], placement.on_axis(list(perm).index(placement.axis), placement.rank))
+    else:
+        walk.add(node.input[0], placement.on_axis(int(perm[placement.axis]), placement.rank))
+
+
+def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Reshape and its kin: the placement mapped through the reshape; a literal target dim grows."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its shape input")
+    src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
+    src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
+    moved, refusal = map_through_reshape(placement, src, dst)
+    if moved is None:
+        reason, kind = refusal.reason, refusal.kind
+        if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
+            reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
+                      "channels (the other concatenated branch)")
+            kind = RefusalKind.CHANNEL_SHUFFLE
+        walk.refuse(index, reason, unit_layout_hints(placement, src, dst), kind)
+    walk.add(dst_name, moved)
+    if node.op_type == "Reshape":
+        out_placement = moved if side == "in" else placement
+        _update_shape_input(walk, index, out_placement)
+
+
+def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
+    """The inferred shape, with the dims of a Reshape's output that ONNX shape
+    inference left unknown filled in from its target computed at run time."""
+    ir = walk.ir
+    shape = ir.shape(tensor)
+    producer = ir.producer_node(tensor)
+    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type in ("Reshape", "Pad"):
+        node = ir.nodes[producer]
+        computed = (reshape_output_shape if node.op_type == "Reshape" else pad_output_shape)(ir, producer)
+        if computed is not None and (shape is None or len(shape) == len(computed)):
+            shape = tuple(c if c is not None else (None if shape is None else d)
+                          for c, d in zip(computed, shape or computed))
+    if shape is None:
+        walk.refuse(index, f"the shape of '{tensor}' is unknown")
+    return shape
+
+
+def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:
+    """Reshape [.., C, ..] -> [.., g, C/g, ..], then a Transpose swapping those two axes."""
+    if index is None or ir.nodes[index].op_type != "Reshape":
+        return False
+    src, dst = ir.shape(ir.nodes[index].input[0]), ir.shape(ir.nodes[index].output[0])
+    uses = ir.uses(ir.nodes[index].output[0])
+    if src is None or dst is None or len(dst) != len(src) + 1 or len(uses) != 1:
+        return False
+    transpose = ir.nodes[uses[0].node]
+    perm = node_attr(transpose, "perm")
+    if transpose.op_type != "Transpose" or perm is None:
+        return False
+    swapped = [axis for axis, source in enumerate(perm) if axis != source]
+    return len(swapped) == 2 and swapped[1] == swapped[0] + 1
+
+
+def _update_shape_input(walk: Walk, index: int, out_placement: Placement) -> None:
+    """Record the edit of the literal dim of a Reshape's target shape."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    shape_name = node.input[1]
+    axis = out_placement.axis
+    value = ir.const_value(shape_name)
+    if value is not None:
+        if int(value[axis]) > 0:
+            walk.group.value_edits.append(ValueEdit(index, 1, axis, out_placement.growth()))
+        elif int(value[axis]) == 0:
+            walk.refuse(index, "its target shape copies the unit axis from the input (0) across a move")
+        return
+    # A target computed at run time: runtime_shapes checks (and edits) its entries.
+    walk.group.dynamic_shapes = True
+
+
+def pad(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Padding must leave the unit axis alone."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its pads")
+    pads = node_attr(node, "pads")
+    if pads is None and not walk.ir.is_const(node.input[1]):
+        walk.same_on_ports(index, placement)  # pads read at run time: runtime_shapes checks the unit axis's
+        return
+    if pads is None:
+        pads = walk.const(index, node.input[1], "pads").tolist()
+    rank = placement.rank
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % rank for a in walk.const(index, node.input[3], "axes")]
+    count = len(axes)
+    if placement.axis in axes:
+        k = axes.index(placement.axis)
+        if pads[k] != 0 or pads[k + count] != 0:
+            walk.refuse(index, "it pads the unit axis")
+    walk.same_on_ports(index, placement)
+
+
+def gather(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Along another axis the unit axis moves; a constant table gathered is an embedding (a producer)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units are used as indices")
+    in_rank = len(walk.shape(index, node.input[0]))
+    axis = int(node_attr(node, "axis", 0)) % in_rank
+    index_rank = len(walk.shape(index, node.input[1]))
+    if side == "in" and placement.axis == axis or side == "out" and axis <= placement.axis < axis + index_rank:
+        _gather_as_reshape(walk, index, side, placement, axis, in_rank, index_rank)
+        return
+    if side == "in":
+        moved = placement.axis if placement.axis < axis else placement.axis - 1 + index_rank
+        walk.add(node.output[0], placement.on_axis(moved, in_rank - 1 + index_rank))
+    else:
+        moved = placement.axis if placement.axis < axis else placement.axis + 1 - index_rank
+        if ir.is_const(node.input[0]):
+            # An embedding table: its columns are the units (a producer).
+            walk.weight(index, 0, moved, axis_only(placement), "copy")
+            walk.group.producers.append(index)
+        else:
+            walk.add(node.input[0], placement.on_axis(moved, in_rank))
+
+
+def _gather_as_reshape(walk: Walk, index: int, side: str, placement: Placement, axis: int, in_rank: int,
+                       index_rank: int) -> None:
+    """A Gather of every position in order (indices arange(L) in a shape with
+    one non-1 axis, as exporters write `as_strided`) only moves the axis: the
+    units move with it and the indices are copied like a producer's entries
+    (a copied index reads the copied unit)."""
+    node = walk.ir.nodes[index]
+    indices = walk.ir.const_value(node.input[1])
+    length = placement.length
+    if (indices is None or indices.size != length or not np.array_equal(indices.reshape(-1), np.arange(length))
+            or sum(d != 1 for d in indices.shape) != 1):
+        walk.refuse(index, "it gathers along the unit axis")
+    if placement.offset or placement.outer != 1 or walk.group.size * placement.inner != length:
+        walk.refuse(index, "it gathers part of an axis that holds other data besides the units")
+    k = next(i for i, d in enumerate(indices.shape) if d != 1)
+    walk.weight(index, 1, k, replace(placement, axis=k, rank=index_rank), "copy")
+    walk.add(node.input[0], placement.on_axis(axis, in_rank))
+    walk.add(node.output[0], placement.on_axis(axis + k, in_rank - 1 + index_rank))
+
+
+def expand(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Broadcasting must leave the unit axis alone; a literal target dim on it grows."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its shape input")
+    from_end = placement.rank - placement.axis
+    in_shape = walk.shape(index, node.input[0])
+    out_shape = walk.shape(index, node.output[0])
+    in_axis = len(in_shape) - from_end
+    if in_axis < 0 or in_shape[in_axis] != placement.length and side == "out":
+        walk.refuse(index, "it broadcasts along the unit axis")
+    walk.add(node.input[0], placement.on_axis(in_axis, len(in_shape)))
+    walk.add(node.output[0], placement.on_axis(len(out_shape) - from_end, len(out_shape)))
+    target = ir.const_value(node.input[1])
+    if target is None:
+        walk.group.dynamic_shapes = True
+        return
+    position = len(target) - from_end
+    if position >= 0 and int(target[position]) > 1:
+        walk.group.value_edits.append(ValueEdit(index, 1, position, placement.growth()))
+
+
+def resize(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Resizing must leave the unit axis alone; a literal size on it grows."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scales or sizes")
+    scales = walk.ir.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = walk.ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size:
+        if scales.size <= placement.axis or scales[placement.axis] != 1:
+            walk.refuse(index, "it resizes the unit axis")
+    elif sizes is not None and sizes.size:
+        if sizes.size <= placement.axis or int(sizes[placement.axis]) != placement.length:
+            walk.refuse(index, "it resizes the unit axis")
+        walk.group.value_edits.append(ValueEdit(index, 3, placement.axis, placement.growth()))
+    elif len(node.input) > 3 and node.input[3] and (len(node.input) < 3 or not node.input[2]
+                                                     or walk.ir.shape(node.input[2]) == (0,)):
+        pass  # sizes computed at run time: runtime_shapes checks their unit-axis entry follows
+    else:
+        walk.refuse(index, "its scales are not constant")
+    walk.same_on_ports(index, placement)
+
+
+def tile(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Tile repeats whole axes: per unit when the unit axis is repeated once."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its repeats")
+    repeats = walk.ir.const_value(node.input[1])
+    if repeats is not None and int(repeats[placement.axis]) != 1:
+        walk.refuse(index, "it repeats the unit axis")
+    walk.same_on_ports(index, placement)  # repeats read at run time: checked by runtime_shapes

@@ -1,0 +1,170 @@
+"""The walk: every tensor carrying a unit space, found op by op.
+
+Starting from the seed layer's output with its placement, the walk visits
+each tensor carrying the units once, and hands every node that reads or
+writes it to that op's rule (rules/), telling the rule the side ("in" or
+"out"), the port and the placement where the units arrived. A rule adds the
+node's other tensors that carry the space (with their placements) and the
+edits the rewrite must make, or refuses. Walking in both directions finds
+every producer (the weighted layers whose outputs are the space, which
+copy units) and every consumer (the layers reading it, which split).
+
+Anything the walk does not understand exactly stops it with a `Refusal`
+that names the op and the reason: a refusal is always preferred to a wrong
+answer. The walk never changes the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NoReturn
+
+import numpy as np
+
+from ..ir import GraphIR
+from .refusal import Refusal, RefusalKind
+from .units import Placement, UnitGroup, WeightEdit
+
+#: An op rule: (walk, node index, side, port, placement) -> None; it adds
+#: tensors and edits to the walk's group, or refuses.
+Rule = Callable[["Walk", int, str, int, Placement], None]
+
+
+class Walk:
+    """Breadth-first walk over (tensor, placement), dispatching to op rules.
+
+    Args:
+        ir: the graph.
+        group: the group being filled in (placements, edits, step...).
+        rule_for: the rule of an op type (None: not known to act per unit).
+        keep_outputs: graph outputs may carry the units (`kept_outputs`).
+    """
+
+    def __init__(self, ir: GraphIR, group: UnitGroup, rule_for: Callable[[str], Rule | None],
+                 keep_outputs: bool = False):
+        self.rule_for = rule_for
+        self.keep_outputs = keep_outputs
+        self.ir = ir
+        self.group = group
+        self.queue: list[tuple[str, Placement]] = []
+        self.visited_ports: set[tuple[int, str, int]] = set()
+        self.outputs = set(ir.graph_outputs)
+        self.inputs = set(ir.graph_inputs)
+
+    def run(self, tensor: str, placement: Placement) -> None:
+        """Walk from `tensor` until every tensor carrying the units is visited."""
+        self.add(tensor, placement)
+        while self.queue:
+            tensor, placement = self.queue.pop(0)
+            self.visit(tensor, placement)
+
+    def add(self, tensor: str, placement: Placement) -> None:
+        """Queue a tensor carrying the units, refusing a second, different layout."""
+        shape = self.ir.shapes.get(tensor)  # as inferred; no extra inference here
+        if shape is not None and (len(shape) != placement.rank or
+                                  shape[placement.axis] not in (None, placement.length)):
+            raise Refusal(f"tensor '{tensor}' does not have the layout the walk expects "
+                          f"({placement.length} positions on axis {placement.axis} of {shape})")
+        known = self.group.placements.get(tensor)
+        if known is not None:
+            if known != placement:
+                raise Refusal(f"tensor '{tensor}' carries the units in two different layouts")
+            return
+        self.group.placements[tensor] = placement
+        self.queue.append((tensor, placement))
+
+    def visit(self, tensor: str, placement: Placement) -> None:
+        """Hand the tensor's producer and readers to their rules."""
+        if tensor in self.outputs and self.keep_outputs:
+            self.group.kept_outputs[tensor] = placement
+        elif tensor in self.outputs:
+            raise Refusal(f"the units reach graph output '{tensor}' (its shape would change)")
+        if tensor in self.inputs:
+            raise Refusal(f"the units reach graph input '{tensor}' (its shape would change)")
+        if self.ir.is_const(tensor):
+            # A constant carrying the units (a class token, a learned table):
+            # its entries are copied like a producer's.
+            for use in self.ir.uses(tensor):
+                self.group.weight_edits.append(WeightEdit(use.node, use.port, placement.axis, placement, "copy"))
+        producer = None if self.ir.is_const(tensor) else self.ir.producer.get(tensor)
+        if producer is not None:
+            self.dispatch(producer[0], "out", producer[1], placement)
+        for use in self.ir.uses(tensor):
+            if use.port < 0:
+                raise Refusal.at_layer(self.ir, use.node,
+                                       f"{self.ir.nodes[use.node].op_type} reads '{tensor}' inside a subgraph")
+            self.dispatch(use.node, "in", use.port, placement)
+
+    def dispatch(self, index: int, side: str, port: int, placement: Placement) -> None:
+        """Apply node `index`'s rule once per side and port."""
+        key = (index, side, port)
+        if key in self.visited_ports:
+            return
+        self.visited_ports.add(key)
+        node = self.ir.nodes[index]
+        rule = self.rule_for(node.op_type)
+        if rule is None or node.domain not in ("", "ai.onnx"):
+            self.refuse(index, "this op is not known to act on each unit separately")
+        self.group.ops.add(node.op_type)
+        rule(self, index, side, port, placement)
+
+    # -- helpers for rules --------------------------------------------------
+
+    def refuse(self, index: int, reason: str, retry: tuple[tuple[int, int], ...] = (),
+               kind: RefusalKind = RefusalKind.UNSUPPORTED) -> NoReturn:
+        """Stop the walk: node `index` cannot carry the units exactly."""
+        raise Refusal.at_op(self.ir, index, reason, kind, retry)
+
+    def shape(self, index: int, tensor: str) -> tuple:
+        """The tensor's inferred shape (refused when unknown)."""
+        shape = self.ir.shape(tensor)
+        if shape is None:
+            self.refuse(index, f"the shape of '{tensor}' is unknown")
+        return shape
+
+    def const(self, index: int, tensor: str, what: str) -> np.ndarray:
+        """The constant's value (refused when computed or quantized)."""
+        value = self.ir.const_value(tensor)
+        producer = self.ir.producer_node(tensor) if value is None else None
+        if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
+            self.refuse(index, f"its {what} '{tensor}' is quantized (DequantizeLinear): the consumers' weights "
+                               "would have to be divided by the copy count, which int8 values cannot hold exactly")
+        if value is None:
+            self.refuse(index, f"its {what} '{tensor}' is not a constant")
+        return value
+
+    def weight(self, index: int, port: int, axis: int, placement: Placement, role: str, groups: int = 1) -> None:
+        """Record the edit of the constant at `node.input[port]` along `axis`."""
+        node = self.ir.nodes[index]
+        if port >= len(node.input) or not node.input[port]:
+            return
+        self.const(index, node.input[port], "weight")
+        self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role, groups))
+
+    def require_blocks(self, index: int, placement: Placement, blocks: int) -> None:
+        """The space must split into `blocks` equal blocks (grouped convolution)."""
+        group = self.group
+        if placement.offset or placement.inner != 1 or placement.outer != 1 or placement.length != group.size:
+            self.refuse(index, f"grouped convolution (group={blocks}) over part of a concatenation")
+        step = math.lcm(group.step, blocks)
+        if group.size % step:
+            self.refuse(index, f"grouped convolutions with {group.step} and {blocks} groups do not nest")
+        group.step = step
+
+    def same_on_ports(self, index: int, placement: Placement, inputs=(0,), outputs=(0,)) -> None:
+        """The units sit the same way on these input and output ports."""
+        node = self.ir.nodes[index]
+        for port in inputs:
+            if port < len(node.input) and node.input[port]:
+                self.add(node.input[port], placement)
+        for port in outputs:
+            if port < len(node.output) and node.output[port]:
+                self.add(node.output[port], placement)
+
+    def require_channel_axis(self, index: int, placement: Placement, allow_blocks: bool = False) -> None:
+        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved."""
+        if placement.axis != 1 or placement.rank < 3:
+            self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
+        if placement.outer != 1 or (placement.inner != 1 and not allow_blocks):
+            self.refuse(index, "the units are interleaved with other data on the channel axis")
