@@ -192,7 +192,7 @@ def _run_pass(model, grow, verify: bool, verify_mode: str, verify_options: dict)
     memory) and verify the result against the input."""
     from .errors import InternalError, UserError
     from .options import VerifyMode, parse
-    from .typeinfo import full_check_error
+    from .skeleton import full_check_error
 
     verify_mode = parse(VerifyMode, "verify_mode", verify_mode)
     if "mode" in verify_options:

@@ -286,7 +286,7 @@ def _rewrite(args, grow_pass, handle) -> tuple[dict, str | None]:
     """Apply the pass in place; return its report and, when the input passed
     onnx's full check and the output does not, why (our bug)."""
     from .provenance import record_provenance
-    from .typeinfo import full_check_error
+    from .skeleton import full_check_error
 
     input_valid = full_check_error(handle) is None
     report = grow_pass.apply(handle)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import typeinfo
+from . import skeleton
 from .errors import InternalError, ModelLoadError, first_line
 from .io import ModelHandle
 
@@ -217,11 +217,11 @@ class GraphIR:
         return None if shape is None else len(shape)
 
     def _infer_shapes(self) -> None:
-        light = typeinfo.light_model(self.handle)
+        light = skeleton.light_model(self.handle)
         if not self.handle.checked:
             _check_once(self.handle, light)
         try:
-            inferred = typeinfo.infer(light)
+            inferred = skeleton.infer(light)
         except Exception as exc:  # noqa: BLE001 - onnx raises InferenceError and bare RuntimeErrors
             message = first_line(exc)
             if self.handle.rewritten:

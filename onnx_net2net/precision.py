@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .sessions import make_session, run_session
+
 LOW_PRECISION_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -36,8 +38,6 @@ def upcast(model: onnx.ModelProto) -> onnx.ModelProto:
 def upcast_outputs(model, feeds: dict[str, np.ndarray], providers: list[str], base_dir: Path | None = None
                    ) -> list[np.ndarray]:
     """Run the upcast model on the same feeds (low-precision feeds upcast)."""
-    from .verification import make_session, run_session
-
     session = make_session(upcast(_in_memory(model, base_dir)), providers)
     wanted = {i.name for i in session.get_inputs()}
     upcast_feeds = {name: (value.astype(np.float32) if value.dtype == np.float16 else value)

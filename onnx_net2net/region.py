@@ -77,8 +77,9 @@ from onnx import TensorProto
 
 from . import io
 from .errors import UserError
-from .verification import (InputSpec, ModelRunError, ReferenceRun, VerificationReport, choose_providers,
-                           compare_arrays, make_inputs, make_session, plain_onnxruntime_error, tolerance_for)
+from .sessions import ModelRunError, make_session, plain_onnxruntime_error
+from .verification import (InputSpec, ReferenceRun, VerificationReport, choose_providers, compare_arrays,
+                           make_inputs, tolerance_for)
 
 #: `auto` chooses region verification above this many bytes of weights.
 AUTO_REGION_BYTES = 1 << 30
@@ -450,9 +451,9 @@ def _region_weight_bytes(graph: _Graph, region: set[int]) -> int:
 
 
 def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
-    """The model without its large weights (`typeinfo.light_model`), graph
+    """The model without its large weights (`skeleton.light_model`), graph
     inputs pinned to the shapes verification feeds, ready for shape inference."""
-    from .typeinfo import light_model
+    from .skeleton import light_model
 
     model = light_model(handle)
     for value in model.graph.input[:len(handle.graph.input)]:

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
 import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .errors import InternalError, UserError, first_line, option
+from .sessions import ModelRunError, make_session, run_session
 
 #: Exact rewrites of trained models measure up to ~1e-5 here (fp32 sums in a
 #: different order, fractions like 1/3); a wrong rewrite moves outputs by
@@ -163,49 +162,6 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
             raise UserError(f"unknown or unavailable provider(s): {', '.join(unknown)}")
         return requested
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
-
-
-def make_session(model: onnx.ModelProto | str | Path, providers: list[str], base_dir: Path | None = None):
-    """A session with graph optimisation off; `base_dir` is where the external
-    data of an in-memory model lives.
-
-    Raises:
-        ModelRunError: onnxruntime cannot load the model (the reason in plain words).
-    """
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(4)  # failures reach the user as our one line, not onnxruntime's log
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    if base_dir is not None and not isinstance(model, (str, Path)):
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(source, options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        raise ModelRunError(f"onnxruntime cannot load the model: {plain_onnxruntime_error(exc)}") from None
-
-
-class ModelRunError(UserError):
-    """onnxruntime cannot load or run a model (the user's; see `ours`)."""
-
-
-def plain_onnxruntime_error(exc: BaseException) -> str:
-    """onnxruntime's message without its C++ source locations, and in plain
-    words where the cause is a known one."""
-    import onnxruntime as ort
-
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if match := re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text):
-        return (f"the model's IR version {match[1]} is newer than onnxruntime {ort.__version__} supports "
-                f"(up to IR version {match[2]}): upgrade onnxruntime or re-export with an older onnx")
-    if match := re.search(r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", text):
-        return (f"the model uses opset {match[1]} of {match[2]}, newer than onnxruntime {ort.__version__} "
-                f"supports (up to opset {match[3]}): upgrade onnxruntime or export at an older opset")
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = re.sub(r"\S+\.(?:h|cc|cpp):\d+ (?:[\w:<>,&*\s]+\([^)]*\) )?", "", text)
-    return text[:300]
 
 
 @contextlib.contextmanager
@@ -475,13 +431,6 @@ def verify_models(reference, candidate, **options) -> VerificationReport:
     """Run both models on the same inputs and compare every output
     (options as for `ReferenceRun`)."""
     return ReferenceRun(reference, **options).compare(candidate)
-
-
-def run_session(session, feeds):
-    try:
-        return [np.asarray(x) for x in session.run(None, feeds)]
-    except Exception as exc:  # noqa: BLE001
-        raise ModelRunError(f"onnxruntime failed to run the model: {plain_onnxruntime_error(exc)}") from None
 
 
 def stderr_note(message: str) -> None:

@@ -106,7 +106,7 @@ def _known_unchecked_nodes(handle) -> bool:
     """The model breaks the ONNX op schemas (onnx.checker says so, or a Conv/Gemm/MatMul weight has the wrong rank)."""
     if "unchecked-nodes" not in KNOWN_BUGS:
         return False
-    from onnx_net2net.typeinfo import light_model
+    from onnx_net2net.skeleton import light_model
 
     try:
         onnx.checker.check_model(light_model(handle))

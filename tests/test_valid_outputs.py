@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_net2net as n2n
 from onnx_net2net import cli
-from onnx_net2net.verification import make_session, plain_onnxruntime_error, ModelRunError
+from onnx_net2net.sessions import make_session, plain_onnxruntime_error, ModelRunError
 from helpers import H, make_model, mlp_model, model_path, rand
 
 

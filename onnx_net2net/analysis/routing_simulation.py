@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from ..ir import GraphIR, node_attr
 from ..ops import ELEMENTWISE_UNARY
+from ..sessions import ModelRunError, make_session, run_session
 from .refusal import Refusal, RefusalKind
 from .shape_algebra import reshape_segments
 
@@ -143,16 +144,10 @@ def _run_simulation(ir: GraphIR, graphs: list[dict], where: str) -> list:
     model = helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import), ir_version=ir.handle.proto.ir_version)
     feeds = {k: v for g in graphs for k, v in g["feeds"].items()}
     try:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        # Labels are only moved, never combined: optimisations cannot change them and cost most of the time.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run([o.name for o in outputs], feeds)
-    except Exception as error:  # noqa: BLE001 - any failure means: this width does not route
-        raise _refused(f"the routing does not run {where} ({type(error).__name__})") from None
+        session = make_session(model, ["CPUExecutionProvider"])
+        return run_session(session, feeds, [o.name for o in outputs])
+    except ModelRunError as error:  # any failure means: this width does not route
+        raise _refused(f"the routing does not run {where} ({error.kind})") from None
 
 
 def _routing(graph: dict, values: list, width: int) -> Routing:
