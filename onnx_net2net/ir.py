@@ -110,6 +110,8 @@ class GraphIR:
         (so an already sorted graph keeps its order); ModelLoadError on a cycle."""
         import networkx as nx
 
+        if all(producer < consumer for producer, consumer in self.dag.edges):
+            return list(range(len(self.nodes)))  # already sorted (the usual case): the same order, found in O(E)
         try:
             return list(nx.lexicographical_topological_sort(self.dag))
         except nx.NetworkXUnfeasible:
