@@ -34,32 +34,10 @@ from onnx import TensorProto, numpy_helper
 
 from .errors import ModelLoadError
 from .protoparse import parse_model_file
-from .safety import (
-    check_input_file,
-    check_model_header,
-    check_tensors,
-    check_text,
-    first_line,
-    resolve_external,
-    sniff_text,
-    tensor_label,
-)
-from .saving import (
-    EXTERNAL_DATA_THRESHOLD,
-    INLINE_TENSOR_BYTES,
-    check_output_path,
-    copy_fields,
-    save,
-)
-from .storage import (
-    PACKED_BITS,
-    all_tensors,
-    copy_metadata,
-    element_count,
-    external_info,
-    is_external,
-    tensor_nbytes,
-)
+from .safety import (check_input_file, check_model_header, check_tensors, check_text, first_line, resolve_external,
+                     sniff_text, tensor_label)
+from .saving import EXTERNAL_DATA_THRESHOLD, INLINE_TENSOR_BYTES, check_output_path, copy_fields, save
+from .storage import PACKED_BITS, all_tensors, copy_metadata, element_count, external_info, is_external, tensor_nbytes
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "INLINE_TENSOR_BYTES", "ModelHandle", "available_memory", "check_output_path",
            "copy_fields", "from_proto", "load", "parameter_count", "save", "set_tensor_values", "tensor_nbytes"]

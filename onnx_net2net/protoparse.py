@@ -12,11 +12,7 @@ import onnx
 from .errors import ModelLoadError
 
 _MODEL_GRAPH_KEY = 7 << 3 | 2        # ModelProto.graph, length-delimited
-
-
 _GRAPH_INITIALIZER_KEY = 5 << 3 | 2  # GraphProto.initializer, length-delimited
-
-
 _MERGE_BATCH = 16 << 20
 
 

@@ -18,14 +18,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ModelLoadError, UnsafePathError
-from .storage import (
-    KNOWN_TYPES,
-    all_tensors,
-    element_bits,
-    element_count,
-    external_info,
-    is_external,
-)
+from .storage import KNOWN_TYPES, all_tensors, element_bits, element_count, external_info, is_external
 
 
 def check_input_file(path: Path) -> None:
@@ -71,8 +64,6 @@ class _BadText(Exception):
 
 
 _STRING = 9  # FieldDescriptor.TYPE_STRING
-
-
 _MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
 
 

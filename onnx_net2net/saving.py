@@ -21,13 +21,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ModelLoadError, UserError
-from .storage import (
-    all_tensors,
-    copy_metadata,
-    external_info,
-    is_external,
-    tensor_nbytes,
-)
+from .storage import all_tensors, copy_metadata, external_info, is_external, tensor_nbytes
 
 if TYPE_CHECKING:
     from .io import ModelHandle
@@ -35,12 +29,8 @@ if TYPE_CHECKING:
 
 #: Above this many bytes of weights an output is written with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
 #: Tensors smaller than this stay inline even in an external-data output.
 INLINE_TENSOR_BYTES = 1024
-
-
 _COPY_CHUNK = 64 << 20
 
 
