@@ -33,9 +33,9 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ModelLoadError
-from .protoparse import parse_model_file
-from .safety import (check_input_file, check_model_header, check_tensors, check_text, first_line, resolve_external,
-                     sniff_text, tensor_label)
+from .protoparse import Payload, parse_model_file
+from .safety import (check_input_file, check_model_header, check_raw_length, check_tensor_header, check_tensors,
+                     check_text, first_line, resolve_external, sniff_text, tensor_label)
 from .saving import EXTERNAL_DATA_THRESHOLD, INLINE_TENSOR_BYTES, check_output_path, copy_fields, save
 from .storage import PACKED_BITS, all_tensors, copy_metadata, element_count, external_info, is_external, tensor_nbytes
 
@@ -44,6 +44,8 @@ __all__ = ["EXTERNAL_DATA_THRESHOLD", "INLINE_TENSOR_BYTES", "ModelHandle", "ava
 
 
 PROTOBUF_LIMIT = 2**31 - 1
+#: `load(lazy=True)` leaves inline tensors of at least this many bytes in the file until they are read.
+LAZY_TENSOR_BYTES = 1 << 16
 
 
 @dataclass
@@ -60,6 +62,13 @@ class ModelHandle:
             once, on the first graph index built over the handle).
         rewritten: a rewrite has changed the model since (from then on, a
             model that does not check is our bug, not the user's).
+        deferred: for a model loaded with `lazy=True`, the inline tensors
+            whose bytes were left in the model file: payload offset -> the
+            tensor as stored, without its raw_data. In `proto` such a tensor
+            is an external reference to the model file itself (so every
+            reader of external data reads it); `save` writes it back inline,
+            as it was, copying its bytes from file to file.
+        deferred_location: the model file's name, the location of those references.
     """
 
     proto: onnx.ModelProto
@@ -67,6 +76,8 @@ class ModelHandle:
     path: Path | None = None
     checked: bool = False
     rewritten: bool = False
+    deferred: dict = field(default_factory=dict, repr=False)
+    deferred_location: str | None = None
     _data_sizes: dict = field(default_factory=dict, repr=False)
     _resolved: dict = field(default_factory=dict, repr=False)  # location -> checked real path
 
@@ -75,7 +86,18 @@ class ModelHandle:
         return self.proto.graph
 
     def has_external_data(self) -> bool:
-        return any(is_external(t) for t in all_tensors(self.proto))
+        """Whether weights live in external data files (deferred inline ones do not count)."""
+        return any(is_external(t) and self.deferred_metadata(t) is None for t in all_tensors(self.proto))
+
+    def deferred_metadata(self, tensor: TensorProto) -> TensorProto | None:
+        """The stored form (without raw_data) of an inline tensor whose bytes
+        `load(lazy=True)` left in the model file, or None for any other tensor."""
+        if not self.deferred or not is_external(tensor):
+            return None
+        info = external_info(tensor)
+        if info.get("location") != self.deferred_location:
+            return None
+        return self.deferred.get(int(info.get("offset", -1)))
 
     def array(self, tensor: TensorProto) -> np.ndarray:
         """The values of `tensor`, read from its external file if needed."""
@@ -132,18 +154,25 @@ class ModelHandle:
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
         return ModelHandle(proto=proto, base_dir=self.base_dir, path=self.path, checked=self.checked,
-                           rewritten=self.rewritten)
+                           rewritten=self.rewritten, deferred=self.deferred, deferred_location=self.deferred_location)
 
     def inlined(self, *, copy: bool = False) -> ModelHandle:
         """The model with every external weight read into its proto (into a
         copy with `copy`), through the same checked reads as `array`."""
         target = self.copy() if copy else self
         for tensor in all_tensors(target.proto):
-            if is_external(tensor):
-                data = self.external_bytes(tensor)
+            if not is_external(tensor):
+                continue
+            data = self.external_bytes(tensor)
+            stored = self.deferred_metadata(tensor)
+            if stored is not None:  # back to exactly what the file holds
+                name = tensor.name
+                tensor.CopyFrom(stored)
+                tensor.name = name
+            else:
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
-                tensor.raw_data = data
+            tensor.raw_data = data
         return ModelHandle(proto=target.proto, path=self.path, checked=self.checked, rewritten=self.rewritten)
 
 
@@ -165,8 +194,15 @@ def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     tensor.name = name
 
 
-def load(path: str | os.PathLike) -> ModelHandle:
+def load(path: str | os.PathLike, *, lazy: bool = False) -> ModelHandle:
     """Load a model file, checking it can be trusted before reading any weight.
+
+    Args:
+        path: the model file.
+        lazy: leave the bytes of inline tensors of `LAZY_TENSOR_BYTES` or more
+            in the file (see `ModelHandle.deferred`): the model costs the
+            memory of its graph, a rewrite reads the tensors it changes, and
+            `save` copies the others from file to file.
 
     Raises:
         ModelLoadError: the file is missing, not ONNX, unsupported, or its
@@ -174,8 +210,9 @@ def load(path: str | os.PathLike) -> ModelHandle:
     """
     path = Path(path)
     check_input_file(path)
+    payloads = []
     try:
-        proto = parse_model_file(path)
+        proto = parse_model_file(path, lazy_bytes=LAZY_TENSOR_BYTES if lazy else None, payloads=payloads)
     except Exception as exc:  # protobuf raises several unrelated types
         kind = sniff_text(path)
         if kind:
@@ -184,8 +221,28 @@ def load(path: str | os.PathLike) -> ModelHandle:
     check_text(proto, path)
     check_model_header(proto, path)
     handle = ModelHandle(proto=proto, base_dir=path.resolve().parent, path=path)
+    if payloads:
+        _defer(handle, payloads)
     check_tensors(handle.proto, handle.base_dir, handle._data_sizes)
     return handle
+
+
+def _defer(handle: ModelHandle, payloads: list[Payload]) -> None:
+    """Turn the tensors whose raw_data the parse skipped into references to
+    the model file itself, after the checks an inline tensor gets."""
+    handle.deferred_location = Path(os.path.realpath(handle.path)).name
+    for payload in payloads:
+        tensor = handle.graph.initializer[payload.index]
+        check_tensor_header(tensor)
+        check_raw_length(tensor, payload.length)
+        stored = TensorProto()
+        stored.CopyFrom(tensor)
+        handle.deferred[payload.offset] = stored
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", handle.deferred_location), ("offset", payload.offset),
+                           ("length", payload.length)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
 
 
 def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ModelHandle:

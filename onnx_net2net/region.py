@@ -143,7 +143,9 @@ def verify_grown(source: str | os.PathLike, grown: io.ModelHandle, staged: str |
                  mode: str = "auto", announce=None, **options) -> VerificationReport:
     """Verify a rewritten model (`grown`, in memory, its untouched external
     weights still references into the source's data) against its source;
-    full verification runs the written file `staged`."""
+    full verification runs the written file `staged`. The source is loaded
+    as `grown` was (lazily when its inline weights were deferred), so the
+    untouched weights of both refer to the same bytes and are never read."""
     from .verification import ours
 
     def full() -> VerificationReport:
@@ -153,7 +155,8 @@ def verify_grown(source: str | os.PathLike, grown: io.ModelHandle, staged: str |
 
     if choose_mode(mode, grown.weight_bytes()) == "full":
         return full()
-    return verify_pair(io.load(source), grown, full, mode=mode, announce=announce, candidate_is_ours=True, **options)
+    reference = io.load(source, lazy=bool(grown.deferred))
+    return verify_pair(reference, grown, full, mode=mode, announce=announce, candidate_is_ours=True, **options)
 
 
 def verify_models(reference, candidate, *, mode: str = "full", **options) -> VerificationReport:

@@ -119,7 +119,7 @@ def check_tensors(proto: onnx.ModelProto, base_dir: Path | None, data_sizes: dic
     them; external references are checked before any byte of them is read."""
     base = base_dir.resolve() if base_dir is not None else None
     for tensor in all_tensors(proto):
-        _check_tensor_header(tensor)
+        check_tensor_header(tensor)
         if is_external(tensor):
             _check_external_tensor(tensor, base, data_sizes)
         else:
@@ -130,7 +130,7 @@ def tensor_label(tensor: TensorProto) -> str:
     return f"tensor '{printable(tensor.name) or '<unnamed>'}'"
 
 
-def _check_tensor_header(tensor: TensorProto) -> None:
+def check_tensor_header(tensor: TensorProto) -> None:
     if tensor.data_type not in KNOWN_TYPES:
         raise ModelLoadError(f"{tensor_label(tensor)} has unknown data type {tensor.data_type}")
     if any(dim < 0 for dim in tensor.dims):
@@ -149,6 +149,17 @@ _TYPED_FIELDS = {
 }
 
 
+def check_raw_length(tensor: TensorProto, got: int) -> None:
+    """`got` bytes of raw data are what the tensor's type and shape need."""
+    bits = element_bits(tensor.data_type)
+    if bits is None:
+        return
+    expected = (element_count(tensor) * bits + 7) // 8
+    if got != expected:
+        raise ModelLoadError(f"{tensor_label(tensor)}: shape {list(tensor.dims)} needs {expected} bytes of "
+                             f"data, the model holds {got}")
+
+
 def _check_inline_tensor(tensor: TensorProto) -> None:
     """The data held in the model matches the tensor's shape (numpy would fail later otherwise)."""
     count = element_count(tensor)
@@ -156,11 +167,7 @@ def _check_inline_tensor(tensor: TensorProto) -> None:
     if _has_raw(tensor):
         if bits is None:
             return
-        expected = (count * bits + 7) // 8
-        got = len(tensor.raw_data)
-        if got != expected:
-            raise ModelLoadError(f"{tensor_label(tensor)}: shape {list(tensor.dims)} needs {expected} bytes of "
-                                 f"data, the model holds {got}")
+        check_raw_length(tensor, len(tensor.raw_data))
         return
     field_name, per_element = _TYPED_FIELDS.get(tensor.data_type, (None, 1))
     if field_name is None:

@@ -137,8 +137,10 @@ def write_model(handle: ModelHandle, model_file: BinaryIO, data_file: BinaryIO |
                 entry = out_tensor.external_data.add()
                 entry.key, entry.value = key, value
         elif is_external(tensor):
-            copy_metadata(tensor, out_tensor)
-            out_tensor.raw_data = handle.external_bytes(tensor)
+            _write_inline_from_file(handle, tensor, model_file)
+            if progress is not None:
+                progress(tensor_nbytes(tensor))
+            continue
         else:
             out_tensor.CopyFrom(tensor)
         model_file.write(piece.SerializeToString())
@@ -167,23 +169,82 @@ def copy_fields(src, dst, skip: str) -> None:
             getattr(dst, descriptor.name).extend(value)
 
 
+_MODEL_GRAPH_TAG = bytes([7 << 3 | 2])        # ModelProto.graph
+_GRAPH_INITIALIZER_TAG = bytes([5 << 3 | 2])  # GraphProto.initializer
+_TENSOR_RAW_DATA_TAG = bytes([9 << 3 | 2])    # TensorProto.raw_data
+_RAW_DATA_FIELD = 9
+
+
+def _write_inline_from_file(handle: ModelHandle, tensor: TensorProto, model_file: BinaryIO) -> None:
+    """Write an initializer whose bytes are in a file as an inline tensor,
+    copying the bytes from file to file.
+
+    The piece is what `SerializeToString` gives for a ModelProto holding only
+    this initializer, with raw_data set: protobuf writes known fields in field
+    number order (unknown ones last), so the fields before raw_data, raw_data
+    itself, and the fields after it can be written one after the other, and
+    only the raw_data bytes are never in memory. The tensor is written as it
+    was stored when `load(lazy=True)` deferred it, else with the fields an
+    inlined external tensor keeps (`copy_metadata`).
+    """
+    stored = handle.deferred_metadata(tensor)
+    metadata = TensorProto()
+    if stored is not None:
+        metadata.CopyFrom(stored)
+        metadata.name = tensor.name
+    else:
+        copy_metadata(tensor, metadata)
+    before, after = _fields_around_raw_data(metadata)
+    length = tensor_nbytes(tensor)
+    raw_header = _TENSOR_RAW_DATA_TAG + _varint(length)
+    tensor_length = len(before) + len(raw_header) + length + len(after)
+    initializer = _GRAPH_INITIALIZER_TAG + _varint(tensor_length)
+    model_file.write(_MODEL_GRAPH_TAG + _varint(len(initializer) + tensor_length) + initializer + before + raw_header)
+    _copy_external(handle, tensor, model_file)
+    model_file.write(after)
+
+
+def _fields_around_raw_data(metadata: TensorProto) -> tuple[bytes, bytes]:
+    """The serialized fields numbered below raw_data's, and those above it (unknown fields last)."""
+    before, after = TensorProto(), TensorProto()
+    before.CopyFrom(metadata)
+    after.CopyFrom(metadata)
+    for descriptor, _ in metadata.ListFields():
+        (after if descriptor.number < _RAW_DATA_FIELD else before).ClearField(descriptor.name)
+    before.DiscardUnknownFields()
+    return before.SerializeToString(), after.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _copy_external(handle: ModelHandle, tensor: TensorProto, out: BinaryIO) -> int:
+    """Append an external tensor's stored bytes to `out`, in the kernel where possible."""
+    length = tensor_nbytes(tensor)
+    offset = int(external_info(tensor).get("offset", 0))
+    with open(handle.external_path(tensor), "rb") as src:
+        if _copy_in_kernel(src, offset, out, length):
+            return length
+        src.seek(offset)
+        remaining = length
+        while remaining:
+            chunk = src.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise ModelLoadError(f"external data of '{tensor.name}' ended early")
+            out.write(chunk)
+            remaining -= len(chunk)
+    return length
+
+
 def _write_tensor_bytes(handle: ModelHandle, tensor: TensorProto, data_file: BinaryIO) -> int:
     if is_external(tensor):
-        info = external_info(tensor)
-        length = tensor_nbytes(tensor)
-        with open(handle.external_path(tensor), "rb") as src:
-            offset = int(info.get("offset", 0))
-            if _copy_in_kernel(src, offset, data_file, length):
-                return length
-            src.seek(offset)
-            remaining = length
-            while remaining:
-                chunk = src.read(min(_COPY_CHUNK, remaining))
-                if not chunk:
-                    raise ModelLoadError(f"external data of '{tensor.name}' ended early")
-                data_file.write(chunk)
-                remaining -= len(chunk)
-        return length
+        return _copy_external(handle, tensor, data_file)
     if tensor.raw_data:
         data_file.write(tensor.raw_data)
         return len(tensor.raw_data)
