@@ -25,6 +25,7 @@ before trust), `storage` (tensor sizes and external references) and `saving`
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,10 +189,21 @@ def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
     """Replace the data (and dims) of `tensor` in place, keeping its name and type."""
     name, data_type = tensor.name, tensor.data_type
     array = np.ascontiguousarray(values).reshape(np.shape(values))  # (ascontiguousarray makes 0-d 1-d)
-    new = numpy_helper.from_array(array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type), copy=False), name)
+    array = array.astype(onnx.helper.tensor_dtype_to_np_dtype(data_type), copy=False)
     tensor.Clear()
-    tensor.CopyFrom(new)
+    if array.dtype in _PLAIN_DTYPES and sys.byteorder == "little":
+        # What numpy_helper.from_array stores for these types, without
+        # building a second TensorProto and copying it in (for large weights).
+        tensor.dims.extend(array.shape)
+        tensor.data_type = data_type
+        tensor.raw_data = array.tobytes()
+    else:
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
     tensor.name = name
+
+
+_PLAIN_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32,
+                                                np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
 
 
 def load(path: str | os.PathLike, *, lazy: bool = False) -> ModelHandle:

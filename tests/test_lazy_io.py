@@ -184,3 +184,18 @@ def test_lazy_load_reports_a_short_payload_as_the_eager_load_does(tmp_path):
             io.load(path, lazy=lazy)
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "needs" in messages[0]
+
+
+@pytest.mark.parametrize("shape, axis", [((2100, 2200), 1), ((2200, 2100), 0), ((3, 1500, 1500), 1)])
+def test_split_scaling_in_blocks_equals_one_float64_product(shape, axis):
+    """The consumer's split is computed a block of rows at a time for large
+    weights: the same float32 values as one float64 product rounded once."""
+    from onnx_net2net.rewrites.wider import scaled_once
+
+    rng = np.random.default_rng(1)
+    value = rng.standard_normal(shape).astype(np.float32)
+    factor_shape = [1] * len(shape)
+    factor_shape[axis] = shape[axis]
+    for factors in (1.0 / rng.integers(1, 4, shape[axis]).reshape(factor_shape), rng.uniform(0.2, 1, shape)):
+        expected = (value.astype(np.float64) * factors).astype(np.float32)
+        np.testing.assert_array_equal(scaled_once(value, factors), expected)
