@@ -18,7 +18,9 @@ fresh index (`GraphIR(handle)`).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,7 @@ class GraphIR:
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[Use]] = {}
         self._index_nodes()
-        self.dag = self._build_dag()
+        self._link_nodes()
         self._order = self._topological_sort()
         self.shapes: dict[str, tuple | None] = {}
         self.dtypes: dict[str, int] = {}
@@ -86,7 +88,23 @@ class GraphIR:
             if name not in known:
                 raise ModelLoadError(f"graph output '{name}' is not produced by any node")
 
-    def _build_dag(self):
+    def _link_nodes(self) -> None:
+        """Each node's successors and predecessors (node indices), from the
+        producer and consumer index: plain sets, not a networkx graph (building
+        one per GraphIR cost seconds on graphs rebuilt for every trial)."""
+        count = len(self.nodes)
+        self._successors: list[set[int]] = [set() for _ in range(count)]
+        self._predecessors: list[set[int]] = [set() for _ in range(count)]
+        for tensor, uses in self.consumers.items():
+            entry = self.producer.get(tensor)
+            if entry is None:
+                continue
+            for use in uses:
+                self._successors[entry[0]].add(use.node)
+                self._predecessors[use.node].add(entry[0])
+
+    @cached_property
+    def dag(self):
         """The node graph: networkx DiGraph over node indices, each edge
         (producer, consumer) carrying the tensors that flow along it."""
         import networkx as nx
@@ -106,26 +124,33 @@ class GraphIR:
 
     def _topological_sort(self) -> list[int]:
         """Topological order, smallest node index first among the ready ones
-        (so an already sorted graph keeps its order); ModelLoadError on a cycle."""
-        import networkx as nx
+        (so an already sorted graph keeps its order; the order of
+        networkx.lexicographical_topological_sort); ModelLoadError on a cycle."""
+        waiting = [len(p) for p in self._predecessors]
+        ready = [index for index, count in enumerate(waiting) if count == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            index = heapq.heappop(ready)
+            order.append(index)
+            for successor in self._successors[index]:
+                waiting[successor] -= 1
+                if waiting[successor] == 0:
+                    heapq.heappush(ready, successor)
+        if len(order) != len(self.nodes):
+            import networkx as nx
 
-        try:
-            return list(nx.lexicographical_topological_sort(self.dag))
-        except nx.NetworkXUnfeasible:
             source, target = nx.find_cycle(self.dag)[0][:2]
-            raise ModelLoadError(f"graph has a cycle through node {self.label(target)}") from None
+            raise ModelLoadError(f"graph has a cycle through node {self.label(target)}")
+        return order
 
     def ancestors(self, node: int) -> set[int]:
         """The nodes `node` is computed from (not itself)."""
-        import networkx as nx
-
-        return nx.ancestors(self.dag, node)
+        return _reachable(self._predecessors, node)
 
     def descendants(self, node: int) -> set[int]:
         """The nodes computed from `node` (not itself)."""
-        import networkx as nx
-
-        return nx.descendants(self.dag, node)
+        return _reachable(self._successors, node)
 
     def topological_order(self) -> list[int]:
         return list(self._order)
@@ -318,6 +343,18 @@ def _check_once(handle: ModelHandle, light: onnx.ModelProto) -> None:
             raise InternalError(f"a rewrite produced an invalid model: {first_line(exc)}") from None
         raise ModelLoadError(f"invalid model: {first_line(exc)[:300]}") from None
     handle.checked = True
+
+
+def _reachable(edges: list[set[int]], start: int) -> set[int]:
+    """The nodes reachable from `start` along `edges` (not `start` itself, unless on a cycle)."""
+    seen: set[int] = set()
+    frontier = list(edges[start])
+    while frontier:
+        index = frontier.pop()
+        if index not in seen:
+            seen.add(index)
+            frontier.extend(edges[index])
+    return seen
 
 
 def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
