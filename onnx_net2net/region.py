@@ -56,8 +56,9 @@ Conditions and limits (stated, not hidden):
   to full verification.
 * In `widen`/`deepen`/`grow`, region mode checks the rewritten model in memory
   (its untouched external weights are references into the input's data file,
-  equal by location without being read); the streamed copy of untouched
-  weights into the output is checked by length, not by value.
+  and its untouched large inline weights, loaded lazily, references into the
+  input model file: equal by location without being read); the streamed copy
+  of untouched weights into the output is checked by length, not by value.
 
 Where the code is: `region_diff` (the graph index, the diff and its closure:
 `find_region`), `region_run` (boundary types and values, extraction, running
