@@ -97,8 +97,8 @@ def _parse_tensor_lazily(f: BinaryIO, end: int, tensor: onnx.TensorProto, lazy_b
                          index: int) -> Payload | None:
     """Parse a TensorProto without reading its raw_data when that holds at
     least `lazy_bytes`; its Payload, or None when the tensor was parsed whole
-    (small, no raw_data, a raw_data given twice, or external data fields too:
-    such tensors keep exactly what a whole parse gives)."""
+    (small, no raw_data, a raw_data given twice, external data fields too, or
+    a string tensor: such tensors keep exactly what a whole parse gives)."""
     start = f.tell()
     metadata = bytearray()
     found = []
@@ -113,7 +113,8 @@ def _parse_tensor_lazily(f: BinaryIO, end: int, tensor: onnx.TensorProto, lazy_b
     if f.tell() != end:
         raise ModelLoadError("a tensor runs past its declared length")
     tensor.ParseFromString(bytes(metadata))
-    whole = len(found) != 1 or found[0][1] < lazy_bytes or tensor.HasField("data_location") or tensor.external_data
+    whole = (len(found) != 1 or found[0][1] < lazy_bytes or tensor.HasField("data_location")
+             or len(tensor.external_data) > 0 or tensor.data_type == onnx.TensorProto.STRING)
     if whole:
         f.seek(start)
         tensor.ParseFromString(_read_exactly(f, end - start))
