@@ -199,3 +199,28 @@ def test_split_scaling_in_blocks_equals_one_float64_product(shape, axis):
     for factors in (1.0 / rng.integers(1, 4, shape[axis]).reshape(factor_shape), rng.uniform(0.2, 1, shape)):
         expected = (value.astype(np.float64) * factors).astype(np.float32)
         np.testing.assert_array_equal(scaled_once(value, factors), expected)
+
+
+def _length_delimited(tag: int, payload: bytes) -> bytes:
+    length, size = bytearray(), len(payload)
+    while True:
+        length.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            return bytes([tag]) + bytes(length) + payload
+
+
+def test_lazy_parse_keeps_protobuf_semantics_for_a_repeated_raw_data(tmp_path):
+    """A raw_data field given twice: protobuf keeps the last; so does the lazy parse."""
+    model = big_mlp(layers=1)
+    weight = TensorProto()
+    weight.CopyFrom(model.graph.initializer[0])
+    del model.graph.initializer[0]
+    zeros = numpy_helper.from_array(np.zeros((HIDDEN, HIDDEN), np.float32), weight.name)
+    twice = zeros.SerializeToString() + TensorProto(raw_data=weight.raw_data).SerializeToString()
+    initializer = _length_delimited(7 << 3 | 2, _length_delimited(5 << 3 | 2, twice))  # ModelProto.graph.initializer
+    path = tmp_path / "twice.onnx"
+    path.write_bytes(model.SerializeToString() + initializer)
+    lazy, eager = io.load(path, lazy=True), io.load(path)
+    assert lazy.inlined(copy=True).proto.SerializeToString() == eager.proto.SerializeToString()
+    np.testing.assert_array_equal(lazy.array(lazy.graph.initializer[-1]), numpy_helper.to_array(weight))
