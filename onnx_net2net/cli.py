@@ -230,7 +230,7 @@ def _grow(args, grow_pass) -> int:
     verify_options = _verify_options(args) if not args.no_verify else None
     progress = Progress.for_model(source.stat().st_size if source.is_file() else 0)
     with progress.stage(f"loading {source}"):
-        handle = io.load(source)
+        handle = io.load(source, lazy=True)  # weights stay in the file until the rewrite reads them
     progress.include(handle.weight_bytes())
     _check_plan_layers(args, handle)
     try:

@@ -104,16 +104,19 @@ class GraphEditor:
         """Write edited constants back: `new_values[(node, port)]` is the value
         that input should read. In place when every reader of the constant
         wants the same value, otherwise as a fresh initializer for the readers
-        that differ. Returns the names written."""
+        that differ. Returns the names written. `new_values` is emptied: each
+        array is released once it is written (large weights, one at a time)."""
         written = []
         by_root = defaultdict(list)
         for (node, port), value in new_values.items():
             by_root[self.ir.const_root(self.ir.nodes[node].input[port])].append((node, port, value))
-        for root, edits in by_root.items():
+        new_values.clear()
+        for root in list(by_root):
+            edits = by_root.pop(root)
             readers = self._constant_readers(root)
             edited = {(node, port) for node, port, _ in edits}
             first = edits[0][2]
-            uniform = all(v.shape == first.shape and np.array_equal(v, first) for _, _, v in edits)
+            uniform = all(v is first or (v.shape == first.shape and np.array_equal(v, first)) for _, _, v in edits)
             if uniform and readers <= edited:
                 self.set_constant(root, first)
                 written.append(self._root_name(root))

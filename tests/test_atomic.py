@@ -27,7 +27,7 @@ TAG = ".onnx_net2net-"
 # Runs the CLI with a SIGKILL planted at MOMENT; argv[1] is the moment, the rest the CLI arguments.
 KILLER = textwrap.dedent('''
     import os, signal, sys
-    from onnx_net2net import cli, io
+    from onnx_net2net import cli, saving
 
     moment, args = sys.argv[1], sys.argv[2:]
 
@@ -47,14 +47,14 @@ KILLER = textwrap.dedent('''
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    original_write = io._write_model
+    original_write = saving.write_model
     def write_model(handle, model_file, data_file, data_name, *rest):
         if moment == "model-bytes":
             model_file = Dying(model_file, 200)
         elif moment == "data-bytes":
             data_file = Dying(data_file, 20000)
         return original_write(handle, model_file, data_file, data_name, *rest)
-    io._write_model = write_model
+    saving.write_model = write_model
 
     if moment == "mismatch":
         from onnx_net2net import verification
@@ -73,7 +73,7 @@ KILLER = textwrap.dedent('''
             original_replace(src, dst)
             if str(dst).endswith(".data"):
                 die()
-        io.os.replace = replace
+        saving.os.replace = replace
     sys.exit(cli.main(args))
 ''')
 

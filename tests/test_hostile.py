@@ -529,12 +529,12 @@ def test_internal_error_says_it_is_a_bug(good, folder, capsys, monkeypatch, comm
 
 
 def test_internal_error_while_saving_leaves_nothing(good, folder, capsys, monkeypatch):
-    from onnx_net2net import io
+    from onnx_net2net import saving
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk gremlin")
 
-    monkeypatch.setattr(io, "_write_model", broken)
+    monkeypatch.setattr(saving, "write_model", broken)
     before = snapshot(folder)
     code, out, err = _main(["widen", good, "--layer", "fc1=10", "-o", folder / "out.onnx"], capsys)
     assert code == 3 and "disk gremlin" in err and len(err.strip().splitlines()) == 1, err

@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnx_net2net as n2n
-from onnx_net2net import cli, io, region
+from onnx_net2net import cli, io, region, region_diff
 from helpers import H, make_model, model_path, rand
 
 REWRITES = [
@@ -176,8 +176,8 @@ class ReadSpy:
         for method in ("external_bytes", "array"):
             original = getattr(io.ModelHandle, method)
             monkeypatch.setattr(io.ModelHandle, method, self._wrap(original))
-        original_reader = region._byte_reader
-        monkeypatch.setattr(region, "_byte_reader", lambda h, t: self.names.append(t.name) or original_reader(h, t))
+        original_reader = region_diff.byte_reader
+        monkeypatch.setattr(region_diff, "byte_reader", lambda h, t: self.names.append(t.name) or original_reader(h, t))
 
     def _wrap(self, original):
         def spy(handle, tensor):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -217,7 +218,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
     new_values = {}
     for (node, port), edits in by_input.items():
         value = ir.const_value(ir.nodes[node].input[port])
-        edit_context = _EditContext(options, rng, float(np.std(value)) if value.size else 0.0,
+        edit_context = _EditContext(options, rng, value,
                                     is_layer_weight=port == 1 and ir.nodes[node].op_type in WEIGHTED_LAYERS,
                                     zero_incoming=zero_incoming)
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
@@ -269,9 +270,14 @@ def _scale_norm_epsilons(ir: GraphIR, group: UnitGroup, ratio: float) -> None:
 class _EditContext:
     options: WidenOptions
     rng: np.random.Generator
-    reference_std: float
+    original: np.ndarray  # the constant before its edits
     is_layer_weight: bool
     zero_incoming: bool
+
+    @cached_property
+    def reference_std(self) -> float:
+        """The std of the original constant (computed only for the options that scale noise by it)."""
+        return float(np.std(self.original)) if self.original.size else 0.0
 
 
 def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditContext) -> np.ndarray:
@@ -299,11 +305,14 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
         return value
     if edit.role == "split":
         split = Split.EQUAL if options.split == Split.ZERO_SUM else options.split
-        split_value = value.astype(np.float64) * _split_factors(value.shape, axis, slots, mapping, split, context.rng)
+        factors = _split_factors(value.shape, axis, slots, mapping, split, context.rng)
         if options.zero_sum_scale and np.issubdtype(value.dtype, np.floating):
+            split_value = value.astype(np.float64) * factors
             scale = options.zero_sum_scale * context.reference_std
             split_value += _zero_sum_noise(value.shape, axis, slots, mapping, scale, context.rng)
-        value = split_value.astype(value.dtype)  # one rounding, not two
+            value = split_value.astype(value.dtype)  # one rounding, not two
+        else:
+            value = scaled_once(value, factors)
     if options.added_noise > 0 and np.issubdtype(value.dtype, np.floating):
         copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
         replicated = in_space & (copies > 1) if edit.role == "split" else new.reshape(-1)
@@ -349,6 +358,24 @@ def _apply_grouped_edit(value: np.ndarray, edit, mapping: UnitMapping, context: 
     pieces = [_apply_edit(value[k * rows:(k + 1) * rows], local, mapping.block(k, groups), context)
               for k in range(groups)]
     return np.concatenate(pieces, axis=0)
+
+
+_SCALE_BLOCK_BYTES = 16 << 20
+
+
+def scaled_once(value: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """`(value.astype(float64) * factors).astype(value.dtype)` (one rounding),
+    a block of leading-axis rows at a time: the same values without a float64
+    copy of the whole tensor."""
+    if value.ndim == 0 or value.nbytes <= _SCALE_BLOCK_BYTES:
+        return (value.astype(np.float64) * factors).astype(value.dtype)
+    out = np.empty(np.broadcast_shapes(value.shape, factors.shape), dtype=value.dtype)
+    rows = max(1, _SCALE_BLOCK_BYTES // max(1, value[0].size * 8))
+    for start in range(0, value.shape[0], rows):
+        block = slice(start, start + rows)
+        block_factors = factors if factors.shape[0] == 1 else factors[block]
+        out[block] = value[block].astype(np.float64) * block_factors
+    return out
 
 
 def _split_factors(shape, axis, slots, mapping: UnitMapping, split, rng) -> np.ndarray:
