@@ -157,16 +157,16 @@ def test_cli_widen_reads_only_the_grown_weights(source, tmp_path, monkeypatch, c
 
 
 def test_cli_region_verification_catches_a_corrupted_rewrite(source, tmp_path, monkeypatch, capsys):
-    from onnx_net2net.rewrites import wider
+    from onnx_net2net import editor
 
-    original = wider.set_tensor_values
+    original = editor.set_tensor_values
 
     def corrupt(tensor, values):
         if tensor.name == "fc2.weight":
             values = np.asarray(values) + 0.5
         original(tensor, values)
 
-    monkeypatch.setattr(wider, "set_tensor_values", corrupt)
+    monkeypatch.setattr(editor, "set_tensor_values", corrupt)
     code = cli.main(["widen", str(source), "--layer", "fc1=240", "-o", str(tmp_path / "out.onnx"),
                      "--verify", "region"])
     assert code != 0
