@@ -237,10 +237,11 @@ class GraphEditor:
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of `graph` reads, subgraphs' reads included."""
+    """Every tensor name a node of `graph` reads, its subgraphs' reads (and
+    outputs) included, at any depth (an If in a Loop body reads outer names too)."""
     read = {name for node in graph.node for name in node.input}
     for node in graph.node:
         for attr in node.attribute:
             for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                read |= {name for inner in subgraph.node for name in inner.input}
+                read |= _names_read(subgraph) | {value.name for value in subgraph.output}
     return read

@@ -119,3 +119,24 @@ def test_set_constant_keeps_a_constant_nodes_dtype():
     grown = edited(model, edits)
     np.testing.assert_allclose(run(grown, {"x": X})[0], X + 3.0, rtol=1e-6)
     assert helper.get_attribute_value(grown.graph.node[0].attribute[0]).data_type == onnx.TensorProto.FLOAT16
+
+
+def test_remove_dead_nodes_keeps_a_tensor_read_only_in_a_nested_subgraph():
+    """`t` is read only by an If inside another If's branch: its producer stays."""
+    def branch(name, inner):
+        return helper.make_graph(inner, name, [], [helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT,
+                                                                                 [2, 4])])
+
+    leaf = [H("Identity", ["t"], ["inner_then_out"])]
+    inner = H("If", ["c"], ["outer_then_out"], name="inner_if",
+              then_branch=branch("inner_then", leaf),
+              else_branch=branch("inner_else", [H("Identity", ["x"], ["inner_else_out"])]))
+    nodes = [H("Neg", ["x"], ["t"], name="producer"),
+             H("If", ["c"], ["y"], name="outer_if", then_branch=branch("outer_then", [inner]),
+               else_branch=branch("outer_else", [H("Identity", ["x"], ["outer_else_out"])]))]
+    model = make_model(nodes, [("x", [2, 4]), helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                       [("y", [2, 4])])
+
+    grown = edited(model, lambda edit, ir: edit.remove_dead_nodes(set()))
+    assert [n.name for n in grown.graph.node] == ["producer", "outer_if"]
+    np.testing.assert_allclose(run(grown, {"x": X, "c": np.array(True)})[0], -X)
