@@ -143,20 +143,6 @@ class GraphIR:
         return ({n.name for n in self.nodes} | set(self.initializers) | set(self.producer)
                 | {v.name for v in self.graph.input})
 
-    def fresh_name(self, base: str) -> str:
-        """`base`, or `base1`, `base2`, ... whichever is not taken."""
-        taken, name, k = self.taken_names(), base, 1
-        while name in taken:
-            name, k = f"{base}{k}", k + 1
-        return name
-
-    def fresh_prefix(self, base: str) -> str:
-        """`base0`, `base1`, ...: the first that starts no name in use."""
-        taken, k = self.taken_names(), 0
-        while any(name.startswith(f"{base}{k}") for name in taken):
-            k += 1
-        return f"{base}{k}"
-
     def uses(self, tensor: str) -> list[Use]:
         return self.consumers.get(tensor, [])
 

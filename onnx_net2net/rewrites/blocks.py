@@ -160,7 +160,8 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
     replace), biases zero, LayerNorm scales one and shifts zero. Constants
     that are not parameters (shapes, masks, scales) are copied as they are.
     """
-    prefix = ir.fresh_prefix(f"{prefix_base}/block")
+    edit = GraphEditor(ir)
+    prefix = edit.fresh_prefix(f"{prefix_base}/block")
     renamed = {block.start: block.end}
     zero_inputs = set()
     for layer in block.zeroed:
@@ -193,7 +194,7 @@ def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | 
                 renamed[name] = prefix + ("" if name.startswith("/") else "/") + name
                 copy.output[port] = renamed[name]
         copies.append(copy)
-    with GraphEditor(ir) as edit:
+    with edit:
         edit.redirect_uses(block.end, renamed[block.end])
         edit.insert_before(block.end_node + 1, copies)
         edit.add_initializers(initializers.values())

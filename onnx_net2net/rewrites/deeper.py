@@ -171,10 +171,11 @@ def _identity_groups(layer: onnx.NodeProto, width: int) -> int:
 
 def insert(ir: GraphIR, insertion: Insertion, options: DeepenOptions) -> InsertedLayer:
     """Insert the planned identity construction into the model of `ir`."""
-    base = ir.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper")
+    edit = GraphEditor(ir)
+    base = edit.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper")
     builder = _Builder(ir, base, options, insertion)
     out = builder.build()
-    with GraphEditor(ir) as edit:
+    with edit:
         edit.redirect_uses(insertion.tensor, out)
         edit.insert_after_producer(insertion.tensor, builder.nodes)
         edit.add_initializers(builder.initializers)
