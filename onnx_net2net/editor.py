@@ -42,6 +42,7 @@ class GraphEditor:
         self._reserved: set[str] = set()
         self._before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
         self._appended: list[onnx.NodeProto] = []
+        self._rebuilt = False  # the node list was rebuilt: the index's node positions no longer hold
 
     def __enter__(self) -> GraphEditor:
         return self
@@ -106,6 +107,7 @@ class GraphEditor:
         wants the same value, otherwise as a fresh initializer for the readers
         that differ. Returns the names written. `new_values` is emptied: each
         array is released once it is written (large weights, one at a time)."""
+        self._check_index()
         written = []
         by_root = defaultdict(list)
         for (node, port), value in new_values.items():
@@ -155,6 +157,7 @@ class GraphEditor:
     # -- wiring ---------------------------------------------------------------
 
     def set_input(self, node: int, port: int, tensor: str) -> None:
+        self._check_index()
         self.ir.nodes[node].input[port] = tensor
 
     def redirect_uses(self, tensor: str, new: str) -> None:
@@ -187,6 +190,7 @@ class GraphEditor:
 
     def insert_before(self, node: int, nodes: list[onnx.NodeProto]) -> None:
         """Queue `nodes` to run right before node `node` of the index."""
+        self._check_index()
         self._before[node].extend(nodes)
 
     def insert_after_producer(self, tensor: str, nodes: list[onnx.NodeProto]) -> None:
@@ -211,9 +215,16 @@ class GraphEditor:
         self._replace_nodes(order)
         self._appended = []
 
+    def _check_index(self) -> None:
+        if self._rebuilt:
+            raise RuntimeError("the node list was rebuilt (commit, remove_dead_nodes): node indices of this "
+                               "index no longer hold; edit through a fresh GraphIR and GraphEditor")
+
     def remove_dead_nodes(self, removable_initializers: set[str]) -> None:
         """Drop nodes whose outputs nothing reads any more, and those of
-        `removable_initializers` that nothing reads any more."""
+        `removable_initializers` that nothing reads any more. Queued
+        insertions are committed first (what they read stays)."""
+        self.commit()
         graph = self.ir.graph
         outputs = {v.name for v in graph.output}
         while True:
@@ -234,6 +245,7 @@ class GraphEditor:
         copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
         del self.ir.graph.node[:]
         self.ir.graph.node.extend(copies)
+        self._rebuilt = True
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

@@ -2,6 +2,7 @@
 small graph and the result is checked by running it in onnxruntime."""
 
 import numpy as np
+import pytest
 import onnx
 from onnx import helper
 
@@ -140,3 +141,23 @@ def test_remove_dead_nodes_keeps_a_tensor_read_only_in_a_nested_subgraph():
     grown = edited(model, lambda edit, ir: edit.remove_dead_nodes(set()))
     assert [n.name for n in grown.graph.node] == ["producer", "outer_if"]
     np.testing.assert_allclose(run(grown, {"x": X, "c": np.array(True)})[0], -X)
+
+
+def test_remove_dead_nodes_commits_queued_nodes_first_and_then_refuses_stale_indices():
+    """A tensor read only by a queued node survives dead-node removal; after
+    the node list is rebuilt, index-based edits are refused, not misplaced."""
+    handle = io.from_proto(chain())
+    ir = GraphIR(handle)
+    edit = GraphEditor(ir)
+    relu, second = index_of(ir, "relu"), index_of(ir, "L2")
+    edit.insert_before(second, [H("Neg", ["r"], ["r_neg"], name="neg")])
+    edit.set_input(second, 0, "r_neg")
+    edit.remove_dead_nodes(set())
+    assert [n.name for n in handle.proto.graph.node] == ["L1", "relu", "neg", "L2"]
+    np.testing.assert_allclose(run(handle.proto, {"x": X})[0],
+                               np.maximum(X @ onnx.numpy_helper.to_array(ir.initializers["W"]).T, 0) * -1
+                               @ onnx.numpy_helper.to_array(ir.initializers["W"]).T, rtol=1e-5)
+    for late_edit in (lambda: edit.set_input(relu, 0, "x"), lambda: edit.insert_before(relu, []),
+                      lambda: edit.store_constants({})):
+        with pytest.raises(RuntimeError, match="rebuilt"):
+            late_edit()
