@@ -535,10 +535,20 @@ _OPTION = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 def _shown(args, message: str) -> str:
     """A library message with its options as this command's user wrote them:
-    flags ("`factor=0.5`" as "--factor 0.5"), or a plan's keys ("factor = 0.5")."""
+    flags ("`factor=0.5`" as "--factor 0.5"), or a plan's keys ("factor = 0.5")
+    for what a plan holds (`grow`'s verification options stay flags)."""
+    keys = set()
     if getattr(args, "plan", None):
-        return _OPTION.sub(lambda m: m[1] if m[2] is None else f"{m[1]} = {m[2]}", message)
-    return _OPTION.sub(lambda m: _flag(m[1]) + ("" if m[2] is None else f" {m[2]}"), message)
+        from .plans import key_names
+
+        keys = key_names()
+
+    def shown(match) -> str:
+        if match[1] in keys:
+            return match[1] if match[2] is None else f"{match[1]} = {match[2]}"
+        return _flag(match[1]) + ("" if match[2] is None else f" {match[2]}")
+
+    return _OPTION.sub(shown, message)
 
 
 def _flag(name: str) -> str:

@@ -54,6 +54,11 @@ _STEP_KEYS = {
 }
 
 
+def key_names() -> set[str]:
+    """Every key a plan file may hold ([plan] and [[steps]] of any op)."""
+    return set(_PLAN_KEYS).union(*_STEP_KEYS.values())
+
+
 class Plan:
     """A parsed plan: its passes and whether to verify after each step."""
 

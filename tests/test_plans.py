@@ -165,3 +165,11 @@ def _awkward_cnn() -> onnx.ModelProto:
                               [helper.make_tensor_value_info("out", 1, [2, 10])],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_grow_notes_name_verification_options_as_flags(tmp_path):
+    """`input_shapes` is no plan key: grow's note names the flag it has."""
+    result = run_cli("grow", MODELS / "cnn.onnx", "-o", tmp_path / "g.onnx", "--plan",
+                     ROOT / "passes" / "widen-2x.toml", "--verify-each")
+    assert result.returncode == 0, result.stderr
+    assert "--input-shapes input:[...]" in result.stderr and "input_shapes =" not in result.stderr
