@@ -9,7 +9,8 @@ through a `GraphEditor` on that index:
   value in place (an initializer or a `Constant` node, keeping its dtype),
   `store_constants` writes edited values back, in place when every reader
   wants the same value and as fresh initializers for the readers that differ;
-- wiring: `set_input`, `redirect_uses`, `rename_tensor`, `add_to_attribute`;
+- wiring and attributes: `set_input`, `redirect_uses`, `rename_tensor`,
+  `add_to_attribute`, `scale_attribute`;
 - node order: `insert_before`, `insert_after_producer`, `append` queue new
   nodes beside the node positions of the index; `commit` (on leaving the
   `with` block) rebuilds the node list once, so the graph stays in
@@ -185,6 +186,16 @@ class GraphEditor:
                 attr.i += delta
                 return
         node.attribute.append(onnx.helper.make_attribute(name, 1 + delta))
+
+    @staticmethod
+    def scale_attribute(node: onnx.NodeProto, name: str, factor: float, default: float) -> None:
+        """Multiply a float attribute by `factor` (absent: its `default`),
+        rounded to float32 as onnx stores it."""
+        for attr in node.attribute:
+            if attr.name == name:
+                attr.f = float(np.float32(attr.f * factor))
+                return
+        node.attribute.append(onnx.helper.make_attribute(name, float(np.float32(default * factor))))
 
     # -- node order -----------------------------------------------------------
 

@@ -103,13 +103,17 @@ def _replace_concat_pieces(edit: GraphEditor, change, edits, added: int, written
         if ir.shape(concat.input[piece]) != (1,) or starts[piece] != index:
             return False
         pieces[piece] = base + per_unit * added
+    copy = None
     if not readers <= wanting:
-        concat = _copy_for(edit, producer, sorted(wanting), size)
-        replaced.add(concat.output[0])  # the edited sinks read the copy now
+        copy = _copy_for(edit, producer, sorted(wanting), size)
+        replaced.add(copy.output[0])  # the edited sinks read the copy now
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ir.dtypes.get(size, onnx.TensorProto.INT64))
     for piece, value in pieces.items():
         name = edit.add_initializer(np.array([value], dtype=dtype), edit.fresh_prefix(f"{size}/grown"))
-        concat.input[piece] = name
+        if copy is None:
+            edit.set_input(producer, piece, name)
+        else:
+            copy.input[piece] = name  # queued, not in the index
         written.append(name)
     replaced.add(size)
     return True

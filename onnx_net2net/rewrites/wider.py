@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
-import onnx
 
 from ..analysis import Placement, UnitGroup
 from ..editor import GraphEditor
@@ -234,7 +233,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         _apply_value_edits(edit, group, q - n)
         for change in group.attribute_edits:
             edit.add_to_attribute(ir.nodes[change.node], change.name, change.per_unit * (q - n))
-        _scale_norm_epsilons(ir, group, mapping.variance_ratio)
+        _scale_norm_epsilons(edit, group, mapping.variance_ratio)
         if group.size_edits:
             from .sizes import apply_size_edits
 
@@ -253,17 +252,12 @@ def original_positions(placement: Placement, mapping: UnitMapping) -> np.ndarray
     return np.flatnonzero((slots < 0) | ~mapping.is_new[np.maximum(slots, 0)])
 
 
-def _scale_norm_epsilons(ir: GraphIR, group: UnitGroup, ratio: float) -> None:
+def _scale_norm_epsilons(edit: GraphEditor, group: UnitGroup, ratio: float) -> None:
     """epsilon * s keeps (var + eps) in proportion when the variance became s * var."""
     if ratio == 1.0:
         return
     for index in group.norms:
-        for attr in ir.nodes[index].attribute:
-            if attr.name == "epsilon":
-                attr.f = float(np.float32(attr.f * ratio))
-                break
-        else:
-            ir.nodes[index].attribute.append(onnx.helper.make_attribute("epsilon", float(np.float32(1e-5 * ratio))))
+        edit.scale_attribute(edit.ir.nodes[index], "epsilon", ratio, default=1e-5)
 
 
 @dataclass
