@@ -162,10 +162,14 @@ class GraphEditor:
         self.ir.nodes[node].input[port] = tensor
 
     def redirect_uses(self, tensor: str, new: str) -> None:
-        """Every node reading `tensor` (as indexed) reads `new` instead."""
-        for use in self.ir.uses(tensor):
-            if use.port >= 0:
-                self.set_input(use.node, use.port, new)
+        """Every node reading `tensor` (as indexed) reads `new` instead. A
+        read inside a subgraph cannot be redirected: callers refuse those
+        first, and one reaching here raises rather than keep the old value."""
+        uses = self.ir.uses(tensor)
+        if any(use.port < 0 for use in uses):
+            raise NotImplementedError(f"'{tensor}' is read inside a subgraph: its uses cannot be redirected")
+        for use in uses:
+            self.set_input(use.node, use.port, new)
 
     def rename_tensor(self, old: str, new: str) -> None:
         """Rename tensor `old` wherever nodes (queued ones too) and

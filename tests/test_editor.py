@@ -161,3 +161,17 @@ def test_remove_dead_nodes_commits_queued_nodes_first_and_then_refuses_stale_ind
                       lambda: edit.store_constants({})):
         with pytest.raises(RuntimeError, match="rebuilt"):
             late_edit()
+
+
+def test_redirect_uses_refuses_a_tensor_read_inside_a_subgraph():
+    """A subgraph's read would silently keep the old tensor: refused instead."""
+    branch = helper.make_graph([H("Identity", ["h"], ["b_out"])], "b", [],
+                               [helper.make_tensor_value_info("b_out", onnx.TensorProto.FLOAT, [2, 4])])
+    nodes = [H("Neg", ["x"], ["h"], name="neg"), H("Relu", ["h"], ["r"], name="relu"),
+             H("If", ["c"], ["y"], name="if", then_branch=branch, else_branch=branch)]
+    model = make_model(nodes, [("x", [2, 4]), helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                       [("y", [2, 4]), ("r", [2, 4])])
+    ir = GraphIR(io.from_proto(model))
+    with pytest.raises(NotImplementedError, match="inside a subgraph"):
+        GraphEditor(ir).redirect_uses("h", "x")
+    assert list(ir.nodes[index_of(ir, "relu")].input) == ["h"]
