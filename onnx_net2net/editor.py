@@ -173,7 +173,10 @@ class GraphEditor:
 
     def rename_tensor(self, old: str, new: str) -> None:
         """Rename tensor `old` wherever nodes (queued ones too) and
-        declarations name it."""
+        declarations name it; not inside subgraphs (a read there raises), nor
+        graph inputs and outputs (the caller produces `old` again)."""
+        if any(use.port < 0 for use in self.ir.uses(old)):
+            raise NotImplementedError(f"'{old}' is read inside a subgraph: it cannot be renamed")
         queued = [node for nodes in self._before.values() for node in nodes] + self._appended
         for node in list(self.ir.graph.node) + queued:
             node.input[:] = [new if name == old else name for name in node.input]

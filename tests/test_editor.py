@@ -163,7 +163,7 @@ def test_remove_dead_nodes_commits_queued_nodes_first_and_then_refuses_stale_ind
             late_edit()
 
 
-def test_redirect_uses_refuses_a_tensor_read_inside_a_subgraph():
+def test_redirect_and_rename_refuse_a_tensor_read_inside_a_subgraph():
     """A subgraph's read would silently keep the old tensor: refused instead."""
     branch = helper.make_graph([H("Identity", ["h"], ["b_out"])], "b", [],
                                [helper.make_tensor_value_info("b_out", onnx.TensorProto.FLOAT, [2, 4])])
@@ -174,4 +174,6 @@ def test_redirect_uses_refuses_a_tensor_read_inside_a_subgraph():
     ir = GraphIR(io.from_proto(model))
     with pytest.raises(NotImplementedError, match="inside a subgraph"):
         GraphEditor(ir).redirect_uses("h", "x")
+    with pytest.raises(NotImplementedError, match="inside a subgraph"):
+        GraphEditor(ir).rename_tensor("h", "h_wide")
     assert list(ir.nodes[index_of(ir, "relu")].input) == ["h"]
