@@ -332,3 +332,17 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys
     err = capsys.readouterr().err
     assert "factor = 0.5: must be larger than 1" in err and "--factor" not in err
     assert not out.exists()
+
+
+def test_grow_verify_each_names_the_failing_step_exit_1(tmp_path, capsys, monkeypatch):
+    corrupt_first_weight(monkeypatch, deeper, "insert")
+    out = tmp_path / "grown.onnx"
+    plan = ROOT / "passes" / "wider-and-deeper.toml"
+    code, stdout, err = run_cli(capsys, "grow", model_path("cnn"), "-o", out, "--plan", plan, "--verify-each")
+    assert code == 1 and not out.exists()
+    assert "step 1 (widen): PASSED" in stdout and "step 2 (deepen): FAILED" in stdout
+    failures = [line for line in err.splitlines() if "FAILED" in line]
+    assert len(failures) == 1 and "step 2 (deepen): FAILED" in failures[0] and "nothing written" in err
+    code, stdout, _ = run_cli(capsys, "grow", model_path("cnn"), "-o", out, "--plan", plan, "--verify-each",
+                              "--save-on-failure")
+    assert code == 1 and out.exists()
