@@ -193,3 +193,18 @@ def test_char_lm_grows_exactly_and_trains_through_onnx2torch():
         buffers = [b for _, b in student.named_buffers() if b.is_floating_point() and b.ndim >= 2]
         assert all(float(b.min()) <= -1e8 for b in buffers)   # only the causal masks stay constant
         assert len(names) > 10
+
+
+def test_overrides_are_checked_before_anything_runs(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_net2net", SCRIPT)
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, tool)  # its dataclasses look their module up
+    spec.loader.exec_module(tool)
+    for argv in (["--budget", "2"], ["--grid", "0.1", "0"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.parse_args(argv)
+        assert exit_info.value.code == 2
+    args = tool.parse_args(["--budget", "300", "--grid", "0.1", "0.01"])
+    assert args.budget == 300 and args.grid == [0.1, 0.01]

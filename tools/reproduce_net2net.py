@@ -744,7 +744,14 @@ def parse_args(argv=None):
                         "check of a model whose random-init student has not converged at its default T")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: must be at least 1")
+    if args.budget is not None and args.budget < 3:
+        p.error(f"--budget {args.budget}: must be at least 3 (grown students get T/3 steps)")
+    if args.grid is not None and not all(lr > 0 for lr in args.grid):
+        p.error(f"--grid {' '.join(map(str, args.grid))}: learning rates must be positive")
+    return args
 
 
 def main(argv=None) -> int:
@@ -760,7 +767,7 @@ def main(argv=None) -> int:
         exp = settle(EXPERIMENTS[name], args.quick)
         if args.seeds:
             exp = replace(exp, seeds=args.seeds, tune_seeds=min(exp.tune_seeds, args.seeds))
-        if args.budget:
+        if args.budget is not None:
             exp = replace(exp, T=args.budget)
         if args.grid:
             exp = replace(exp, grid=tuple(args.grid))
