@@ -50,6 +50,7 @@ Usage::
     python tools/reproduce_net2net.py                        # everything (CPU time: docs/experiments/results.md)
     python tools/reproduce_net2net.py --only mnist1d-mlp     # one model
     python tools/reproduce_net2net.py --quick --out /tmp/q   # tiny budgets, 1 seed: ~1-2 minutes
+    python tools/reproduce_net2net.py --only char-lm --budget 3000 --grid 0.003 0.001   # T and LR grid overridden
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
