@@ -18,9 +18,10 @@ through a `GraphEditor` on that index:
   drops what nothing reads any more.
 
 Node indices always refer to the index the editor was made on. After
-`commit` the index no longer describes the model: the next request builds a
-fresh `GraphIR`. Type declarations are not edited here: the pass runs each
-rewrite inside `typeinfo.kept_consistent`, which redeclares what changed.
+`commit` (or `remove_dead_nodes`) the index no longer describes the model:
+index-based edits raise, and the next request builds a fresh `GraphIR`.
+Type declarations are not edited here: the pass runs each rewrite inside
+`typeinfo.kept_consistent`, which redeclares what changed.
 """
 
 from __future__ import annotations
