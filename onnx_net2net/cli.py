@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except VerificationFailed as failed:
         message = _shown(args, str(failed))
-        print(message if message.startswith("FAILED") else f"FAILED: {message}", file=sys.stderr)
+        print(message if "FAILED" in message else f"FAILED: {message}", file=sys.stderr)
         print("nothing written (use --save-on-failure to keep the output)", file=sys.stderr)
         return EXIT_MISMATCH
     except InternalError as error:
