@@ -33,12 +33,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .protoparse import Payload, parse_model_file
 from .safety import (check_input_file, check_model_header, check_raw_length, check_tensor_header, check_tensors,
-                     check_text, first_line, resolve_external, sniff_text, tensor_label)
+                     check_text, resolve_external, sniff_text, tensor_label)
 from .saving import EXTERNAL_DATA_THRESHOLD, INLINE_TENSOR_BYTES, check_output_path, copy_fields, save
-from .storage import PACKED_BITS, all_tensors, copy_metadata, element_count, external_info, is_external, tensor_nbytes
+from .storage import (FLOAT_TYPES, PACKED_BITS, all_tensors, copy_metadata, element_count, external_info, is_external,
+                      tensor_nbytes)
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "INLINE_TENSOR_BYTES", "ModelHandle", "available_memory", "check_output_path",
            "copy_fields", "from_proto", "load", "parameter_count", "save", "set_tensor_values", "tensor_nbytes"]
@@ -106,7 +107,7 @@ class ModelHandle:
             try:
                 return numpy_helper.to_array(tensor)
             except Exception as exc:  # noqa: BLE001 - onnx/numpy raise ValueError, TypeError, KeyError...
-                raise ModelLoadError(f"{tensor_label(tensor)}: its data cannot be read ({first_line(exc)})") from None
+                raise ModelLoadError(f"{tensor_label(tensor)}: its data cannot be read ({first_line(exc, 200)})") from None
         if self.base_dir is None:
             raise ModelLoadError(f"tensor '{tensor.name}' has external data but the model has no folder")
         info = external_info(tensor)
@@ -177,12 +178,9 @@ class ModelHandle:
         return ModelHandle(proto=target.proto, path=self.path, checked=self.checked, rewritten=self.rewritten)
 
 
-_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
-
-
 def parameter_count(graph: onnx.GraphProto) -> int:
     """Number of floating-point weight elements (initializers)."""
-    return sum(element_count(t) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
+    return sum(element_count(t) for t in graph.initializer if t.data_type in FLOAT_TYPES)
 
 
 def set_tensor_values(tensor: TensorProto, values: np.ndarray) -> None:
@@ -229,7 +227,7 @@ def load(path: str | os.PathLike, *, lazy: bool = False) -> ModelHandle:
         kind = sniff_text(path)
         if kind:
             raise ModelLoadError(f"{path}: not an ONNX model ({kind}, not a binary ONNX protobuf)") from None
-        raise ModelLoadError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({first_line(exc, 200)})") from None
     check_text(proto, path)
     check_model_header(proto, path)
     handle = ModelHandle(proto=proto, base_dir=path.resolve().parent, path=path)

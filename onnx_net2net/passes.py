@@ -398,7 +398,9 @@ class Pipeline(_Pass):
     def _apply_step(self, number: int, step: _Pass, handle: ModelHandle, budget: int) -> dict:
         """One step; a refusal says which step, after which others (the model
         has changed since the first)."""
-        deepen = getattr(step, "step", step)  # a VerifiedPass wraps its step
+        deepen = step
+        while isinstance(deepen, VerifiedPass):
+            deepen = deepen.step
         if isinstance(deepen, DeepenPass):
             deepen.budget = budget
         try:

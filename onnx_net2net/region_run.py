@@ -32,7 +32,8 @@ CONE_WEIGHT_LIMIT = 64 << 20
 IN_MEMORY_BYTES = 1 << 20
 #: Integer initializers this small keep their values in the shape-inference skeleton (shape constants).
 SMALL_TENSOR_BYTES = 4096
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
+#: Float types random boundary values are drawn in (numpy has no bfloat16: those are computed instead).
+_RANDOM_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16}
 
 
 def _shape_skeleton(handle: io.ModelHandle, spec: InputSpec) -> onnx.ModelProto:
@@ -186,7 +187,7 @@ def boundary_values(old: io.ModelHandle, region: Region, types: dict, spec: Inpu
             values[name] = graph_inputs[name]
         elif name not in dynamic:
             static.append(name)
-        elif elem in _FLOAT_TYPES and dims is not None:
+        elif elem in _RANDOM_FLOAT_TYPES and dims is not None:
             random_args.append(_Spec._Arg(name, _ORT_TYPE[elem], dims))
         else:
             structural.append(name)

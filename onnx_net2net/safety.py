@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .errors import ModelLoadError, UnsafePathError
+from .errors import ModelLoadError, UnsafePathError, first_line
 from .storage import KNOWN_TYPES, all_tensors, element_bits, element_count, external_info, is_external
 
 
@@ -177,7 +177,7 @@ def _check_inline_tensor(tensor: TensorProto) -> None:
                 numpy_helper.to_array(tensor)
             except Exception as exc:  # noqa: BLE001
                 raise ModelLoadError(f"{tensor_label(tensor)}: its data does not match its type and shape "
-                                     f"({first_line(exc)})") from None
+                                     f"({first_line(exc, 200)})") from None
         return
     got = len(getattr(tensor, field_name))
     expected = count * per_element
@@ -266,8 +266,3 @@ def printable(text: str, limit: int = 120) -> str:
     """Text safe for a one-line message (control characters escaped, length capped)."""
     shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text[:limit])
     return shown + ("..." if len(text) > limit else "")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -21,6 +21,8 @@ PACKED_BITS = {TensorProto.UINT4: 4, TensorProto.INT4: 4, TensorProto.FLOAT4E2M1
                 TensorProto.UINT2: 2, TensorProto.INT2: 2}
 
 
+#: The floating-point element types (weights; what counts as a parameter).
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
 KNOWN_TYPES = frozenset(value for name, value in TensorProto.DataType.items() if name != "UNDEFINED")
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..ir import GraphIR, node_attr
+from ..storage import FLOAT_TYPES
 from .units import Placement, UnitGroup
 
 
@@ -144,10 +145,9 @@ def _blocks_extras(ir: GraphIR, group: UnitGroup, index: int, ends: set[int]) ->
 
 
 def _float_cast(node) -> bool:
-    return node.op_type == "Cast" and node_attr(node, "to") in _FLOAT_TYPES
+    return node.op_type == "Cast" and node_attr(node, "to") in FLOAT_TYPES
 
 
-_FLOAT_TYPES = frozenset((1, 10, 11, 16))  # float, float16, double, bfloat16
 
 
 def _fills_axis(group: UnitGroup, placement: Placement) -> bool:

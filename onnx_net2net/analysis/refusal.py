@@ -64,6 +64,11 @@ class Refusal(Exception):
         return f"{where}: {self.reason}" if where else self.reason
 
     @classmethod
+    def not_deepenable(cls, reason: str) -> Refusal:
+        """No identity layer (or block copy) can be inserted here: why."""
+        return cls(reason, RefusalKind.NOT_DEEPENABLE)
+
+    @classmethod
     def at_op(cls, ir, index: int, reason: str, kind: RefusalKind = RefusalKind.UNSUPPORTED,
               retry: tuple[tuple[int, int], ...] = ()) -> Refusal:
         """A refusal by node `index` of `ir` (a GraphIR) acting as its op."""

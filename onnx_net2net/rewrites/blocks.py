@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..analysis import Refusal, RefusalKind, layer_name
+from ..analysis import Refusal, layer_name
 from ..editor import GraphEditor
 from ..ir import GraphIR
 from ..ops import WEIGHTED_LAYERS
@@ -65,9 +65,9 @@ def plan_block(ir: GraphIR, layer: int) -> Block:
     last = adds[-1][0]
     start, end = ir.nodes[first].input[first_port], ir.nodes[last].output[0]
     if end in ir.graph_outputs:
-        raise _not_deepenable(f"the block's output '{end}' is a graph output")
+        raise Refusal.not_deepenable(f"the block's output '{end}' is a graph output")
     if any(use.port < 0 for use in ir.uses(end)):
-        raise _not_deepenable(f"the block's output '{end}' is read inside a subgraph")
+        raise Refusal.not_deepenable(f"the block's output '{end}' is read inside a subgraph")
     zeroed = [_branch_layer(ir, ir.nodes[node].input[1 - port]) for node, port in adds]
     return Block(start, end, last, _between(ir, start, last), zeroed)
 
@@ -102,7 +102,7 @@ def _residual_add_after(ir: GraphIR, layer: int) -> tuple[int, int]:
         if node.op_type not in _BRANCH_TAIL:
             break
         tensor = node.output[0]
-    raise _not_deepenable("it is not the last layer of a branch added to a residual stream")
+    raise Refusal.not_deepenable("it is not the last layer of a branch added to a residual stream")
 
 
 def _stream_operand(ir: GraphIR, add: int) -> int | None:
@@ -149,7 +149,7 @@ def _branch_layer(ir: GraphIR, tensor: str) -> int:
         if len(data) != 1:
             break
         tensor = data[0]
-    raise _not_deepenable(f"the branch ending in '{tensor}' does not end with a weighted layer")
+    raise Refusal.not_deepenable(f"the branch ending in '{tensor}' does not end with a weighted layer")
 
 
 def insert_block(ir: GraphIR, block: Block, prefix_base: str, fresh_seed: int | None = None) -> dict:
@@ -250,7 +250,3 @@ def _bias_after(ir: GraphIR, layer: int) -> str | None:
         if node.op_type == "Add" and ir.is_const(node.input[1 - uses[0].port]):
             return node.input[1 - uses[0].port]
     return None
-
-
-def _not_deepenable(reason: str) -> Refusal:
-    return Refusal(reason, RefusalKind.NOT_DEEPENABLE)

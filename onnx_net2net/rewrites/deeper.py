@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..analysis import Refusal, RefusalKind, layer_name, layer_width
+from ..analysis import Refusal, layer_name, layer_width
 from ..editor import GraphEditor
 from ..errors import option
 from ..ir import GraphIR, node_attr
@@ -88,19 +88,19 @@ def plan(ir: GraphIR, layer: int, options: DeepenOptions) -> Insertion:
     node = ir.nodes[layer]
     kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}.get(node.op_type)
     if kind is None:
-        raise _not_deepenable(f"{node.op_type} layers cannot be deepened yet")
+        raise Refusal.not_deepenable(f"{node.op_type} layers cannot be deepened yet")
     pre, after, activation, name = _follow_activation(ir, node.output[0])
     mode = _choose_mode(options.mode, activation, name)
     tensor = pre if mode == DeepenMode.BEFORE_ACTIVATION else after
     if tensor in ir.graph_outputs:
-        raise _not_deepenable(f"'{tensor}' is a graph output: the identity would rename it")
+        raise Refusal.not_deepenable(f"'{tensor}' is a graph output: the identity would rename it")
     for use in ir.uses(tensor):
         if use.port < 0:
-            raise _not_deepenable(f"'{tensor}' is read inside a subgraph")
+            raise Refusal.not_deepenable(f"'{tensor}' is read inside a subgraph")
     if kind == "gemm" and ir.rank(tensor) not in (None, 2):
-        raise _not_deepenable(f"'{tensor}' is not a matrix")
+        raise Refusal.not_deepenable(f"'{tensor}' is not a matrix")
     if options.batchnorm and kind == "matmul" and ir.rank(tensor) != 2:
-        raise _not_deepenable(f"{option('batchnorm')} needs the units on axis 1, and '{tensor}' has them on its last axis "
+        raise Refusal.not_deepenable(f"{option('batchnorm')} needs the units on axis 1, and '{tensor}' has them on its last axis "
                             f"(rank {ir.rank(tensor)})")
     return Insertion(layer, kind, mode, tensor, activation, name, layer_width(ir, layer))
 
@@ -149,11 +149,11 @@ def _choose_mode(requested: DeepenMode, activation: list[int], name: str) -> Dee
     if requested == DeepenMode.AUTO:
         return DeepenMode.IDENTITY if idempotent else DeepenMode.PRELU
     if requested == DeepenMode.IDENTITY and not idempotent:
-        raise _not_deepenable(
+        raise Refusal.not_deepenable(
             f"{option('mode', DeepenMode.IDENTITY)} is not exact after {name}: {name}({name}(x)) != {name}(x); "
             f"use {option('mode')} before-activation, prelu or residual")
     if requested == DeepenMode.BEFORE_ACTIVATION and not activation:
-        raise _not_deepenable(f"{option('mode', DeepenMode.BEFORE_ACTIVATION)} needs an activation after the layer, "
+        raise Refusal.not_deepenable(f"{option('mode', DeepenMode.BEFORE_ACTIVATION)} needs an activation after the layer, "
                             "and it has none")
     return requested
 
@@ -302,7 +302,3 @@ def _variance_for_unit_scale(eps: np.float32) -> np.float32:
             return var
         var = np.nextafter(var, np.float32(0.0) if total > 1 else np.float32(2.0), dtype=np.float32)
     return var
-
-
-def _not_deepenable(reason: str) -> Refusal:
-    return Refusal(reason, RefusalKind.NOT_DEEPENABLE)

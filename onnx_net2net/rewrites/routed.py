@@ -78,6 +78,7 @@ def widen_routed(ir: GraphIR, group: RoutedGroup, width: int, options: WidenOpti
             if node.input[port] and ir.is_const(node.input[port]):
                 values[(index, port)] = scaled_constant(ir, index, port, region.width, width)
     weights = edit.store_constants(values)
+    edit.commit()  # nothing is queued today; a later insertion must not be lost
     return GrownGroup(layers=layer_names, old_width=region.width, new_width=width, tensors=sorted(region.tensors),
                       weights=weights)
 
