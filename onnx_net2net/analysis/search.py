@@ -24,12 +24,12 @@ from dataclasses import replace
 
 from ..ir import GraphIR
 from ..ops import WEIGHTED_LAYERS
-from ..runtime_shapes import check_sizes
 from .layers import layer_width, seed_placement
 from .normalisation import average_expansion_blocker
 from .refusal import Refusal, RefusalKind
 from .routing import find_routed_group
 from .rules import rule_for
+from .runtime_shapes import check_sizes
 from .units import UnitGroup
 from .walk import Walk
 
@@ -121,10 +121,7 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_ou
 def _check_runtime_sizes(ir: GraphIR, group: UnitGroup) -> None:
     """Sizes read at run time from grown tensors (and size inputs computed at
     run time on the group's ops) must follow the units (see runtime_shapes)."""
-    edits, refusal = check_sizes(ir, group)
-    if refusal is not None:
-        raise Refusal.at_op(ir, refusal.node, refusal.reason, RefusalKind.RUNTIME_SIZE)
-    group.size_edits = edits
+    group.size_edits = check_sizes(ir, group)
 
 
 def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:

@@ -22,8 +22,8 @@ from dataclasses import replace
 import numpy as np
 
 from ...ir import GraphIR, node_attr
-from ...runtime_shapes import pad_output_shape, reshape_output_shape
 from ..refusal import RefusalKind
+from ..runtime_shapes import pad_output_shape, reshape_output_shape
 from ..shape_algebra import map_through_reshape, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk

@@ -23,7 +23,7 @@ from fractions import Fraction
 import numpy as np
 import onnx
 
-from .ir import GraphIR, node_attr
+from ..ir import GraphIR, node_attr
 
 #: Ops that compute sizes from sizes (entries are followed through them).
 SIZE_OPS = frozenset("""
@@ -63,18 +63,6 @@ class SizeEdit:
     #: the input is a size used as data (a scale computed from a width): it is
     #: replaced as a whole by a constant of its shape holding the old values
     whole: bool = False
-
-
-@dataclass(frozen=True)
-class SizeRefusal:
-    node: int
-    reason: str
-
-
-class Refuse(Exception):
-    def __init__(self, node: int, reason: str):
-        super().__init__(reason)
-        self.refusal = SizeRefusal(node, reason)
 
 
 class SizeEvaluator:

@@ -41,9 +41,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from .ir import GraphIR, node_attr
-from .ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY
-from .size_evaluator import SINK_PORTS, SIZE_OPS, Refuse, SizeEdit, SizeEvaluator, SizeRefusal
+from ..ir import GraphIR, node_attr
+from ..ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY
+from .refusal import Refusal, RefusalKind
+from .size_evaluator import SINK_PORTS, SIZE_OPS, SizeEdit, SizeEvaluator
 
 
 def reshape_output_shape(ir: GraphIR, index: int) -> tuple | None:
@@ -82,17 +83,21 @@ def pad_output_shape(ir: GraphIR, index: int) -> tuple | None:
                  else d + pads[k].base + pads[k + rank].base for k, d in enumerate(source))
 
 
-def check_sizes(ir: GraphIR, group) -> tuple[list[SizeEdit], SizeRefusal | None]:
+def check_sizes(ir: GraphIR, group) -> list[SizeEdit]:
     """Every size input touched by the growth of `group`: the edits that keep
-    them right, or the first size that cannot be kept right."""
+    them right.
+
+    Raises:
+        Refusal: (kind RUNTIME_SIZE) the first size that cannot be kept right.
+    """
     evaluator = SizeEvaluator(ir, group.placements, group.value_edits)
-    try:
-        sinks, frozen = _dependent_sinks(ir, evaluator)
-        sinks |= _group_sinks(ir, group)
-        edits = [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)] + frozen
-    except Refuse as refused:
-        return [], refused.refusal
-    return edits, None
+    sinks, frozen = _dependent_sinks(ir, evaluator)
+    sinks |= _group_sinks(ir, group)
+    return [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)] + frozen
+
+
+def _refused(ir: GraphIR, index: int, reason: str) -> Refusal:
+    return Refusal.at_op(ir, index, reason, RefusalKind.RUNTIME_SIZE)
 
 
 def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> tuple[set[tuple[int, int]], list[SizeEdit]]:
@@ -123,7 +128,7 @@ def _dependent_sinks(ir: GraphIR, ev: SizeEvaluator) -> tuple[set[tuple[int, int
                 frozen.append(SizeEdit(use.node, use.port, tuple((k, e.base, 0) for k, e in enumerate(values)),
                                        whole=True))
             else:
-                raise Refuse(use.node, f"it uses '{tensor}' as data, a size read at run time from a tensor "
+                raise _refused(ir, use.node, f"it uses '{tensor}' as data, a size read at run time from a tensor "
                                         "whose width changes with the units")
     return sinks, frozen
 
@@ -154,14 +159,14 @@ def _sink_edits(ir: GraphIR, ev: SizeEvaluator, group, index: int, port: int) ->
     what = SINK_PORTS[node.op_type][port]
     actual = ev.port_entries(index, port)
     if actual is None:
-        raise Refuse(index, f"its {what} '{node.input[port]}' is computed at run time in a way not followed")
+        raise _refused(ir, index, f"its {what} '{node.input[port]}' is computed at run time in a way not followed")
     required = _REQUIRED[node.op_type](ir, ev, group, index, port, actual)
     replaced = []
     for k, (entry, need) in enumerate(zip(actual, required)):
         if need is _ANY or entry.slope == need:
             continue
         if entry.base is None:
-            raise Refuse(index, f"entry {k} of its {what} is read at run time and does not follow the units "
+            raise _refused(ir, index, f"entry {k} of its {what} is read at run time and does not follow the units "
                                  f"(it would have to grow by {need} per unit)" if need else
                                  f"entry {k} of its {what} changes with the units, but this op's data does not")
         replaced.append((k, entry.base, int(need)))
@@ -188,7 +193,7 @@ def _required_reshape(ir, ev, group, index, port, actual):
         elif entry.base == 0 and not entry.depends and not int(node_attr(node, "allowzero", 0)):
             # copies the input's dim k
             if Fraction(in_growth if k == in_axis else 0) != need:
-                raise Refuse(index, f"entry {k} of its shape copies the input's dim (0), which does not follow "
+                raise _refused(ir, index, f"entry {k} of its shape copies the input's dim (0), which does not follow "
                                      "the units there")
             required.append(_ANY)
         else:
@@ -210,7 +215,7 @@ def _required_from_end(ir, ev, group, index, port, actual):
         elif node.op_type == "Expand" and entry.base == 1 and not entry.depends:
             required.append(_ANY)  # broadcasting 1 keeps the input's (grown) dim
         elif entry.base is not None and entry.base != placement.length:
-            raise Refuse(index, f"it changes the unit axis ({placement.length} -> {entry.base} positions)")
+            raise _refused(ir, index, f"it changes the unit axis ({placement.length} -> {entry.base} positions)")
         else:
             required.append(Fraction(placement.growth()))
     return required
@@ -220,7 +225,7 @@ def _required_tile(ir, ev, group, index, port, actual):
     node = ir.nodes[index]
     axis, _ = _unit_axis(group, node.input[0])
     if axis is not None and axis < len(actual) and (actual[axis].base != 1 or actual[axis].depends):
-        raise Refuse(index, "it repeats the unit axis (or its repeats there are not known to be 1)")
+        raise _refused(ir, index, "it repeats the unit axis (or its repeats there are not known to be 1)")
     return [Fraction(0)] * len(actual)
 
 
@@ -230,12 +235,12 @@ def _required_slice(ir, ev, group, index, port, actual):
     node = ir.nodes[index]
     axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(actual))
     if axes is None:
-        raise Refuse(index, "its axes are not constant")
+        raise _refused(ir, index, "its axes are not constant")
     axis, _ = _unit_axis(group, node.input[0])
     rank = ir.rank(node.input[0])
     for k, a in enumerate(axes):
         if axis is not None and rank is not None and int(a) % rank == axis:
-            raise Refuse(index, "it slices the unit axis with bounds read at run time")
+            raise _refused(ir, index, "it slices the unit axis with bounds read at run time")
     return [Fraction(0)] * len(actual)
 
 
@@ -247,13 +252,13 @@ def _required_pad(ir, ev, group, index, port, actual):
     if len(node.input) > 3 and node.input[3]:
         value = ir.const_value(node.input[3])
         if value is None or rank is None:
-            raise Refuse(index, "its axes are not constant")
+            raise _refused(ir, index, "its axes are not constant")
         axes = [int(a) % rank for a in value]
     axis, _ = _unit_axis(group, node.input[0])
     if axis in axes:
         k, count = axes.index(axis), len(axes)
         if len(actual) != 2 * count or any(actual[i].base != 0 or actual[i].depends for i in (k, k + count)):
-            raise Refuse(index, "it may pad the unit axis (its pads there are read at run time and not known "
+            raise _refused(ir, index, "it may pad the unit axis (its pads there are read at run time and not known "
                                  "to be 0)")
     return [Fraction(0)] * len(actual)
 
