@@ -215,7 +215,7 @@ def cmd_grow(args) -> int:
         def print_step(step, result) -> None:
             print(f"{step.label}: {_shown(args, result.summary())}")
 
-        pipeline = pipeline.verified(keep_failures=args.save_on_failure, on_result=print_step,
+        pipeline = pipeline.verified(mode=args.verify_mode, keep_failures=args.save_on_failure, on_result=print_step,
                                      **_verify_options(args))
     return _grow(args, pipeline)
 

@@ -34,7 +34,7 @@ from .folding import fold_computed_weights
 from .io import ModelHandle, available_memory, from_proto
 from .io import parameter_count as io_parameter_count
 from .ir import GraphIR
-from .options import DeepenMode, Fill, Init, Split, parse
+from .options import DeepenMode, Fill, Init, Split, VerifyMode, parse
 from .rewrites import blocks, deeper, perturb
 from .rewrites.deeper import DeepenOptions
 from .rewrites.grow import grow_group
@@ -379,11 +379,12 @@ class Pipeline(_Pass):
         self.passes = list(passes)
         self.exact = all(p.exact for p in self.passes)
 
-    def verified(self, *, keep_failures: bool = False, on_result=None, **verify_options) -> Pipeline:
+    def verified(self, *, mode: str = "full", keep_failures: bool = False, on_result=None,
+                 **verify_options) -> Pipeline:
         """This pipeline with every step wrapped in a `VerifiedPass` (labelled
         "step N (name)"), so each is checked against the model before it."""
-        steps = [VerifiedPass(step, label=f"step {number + 1} ({step.name})", keep_failures=keep_failures,
-                              on_result=on_result, **verify_options)
+        steps = [VerifiedPass(step, mode=mode, label=f"step {number + 1} ({step.name})",
+                              keep_failures=keep_failures, on_result=on_result, **verify_options)
                  for number, step in enumerate(self.passes)]
         return Pipeline(steps)
 
@@ -423,6 +424,8 @@ class VerifiedPass(_Pass):
 
     Args:
         step: the pass to run.
+        mode: "full" (both whole models), "region" (only the part the step
+            changed, see `onnx_net2net.region`) or "auto".
         label: how errors name the step (default: its name).
         keep_failures: record a failed verification instead of raising
             `VerificationFailed` (a pass that is not exact never raises).
@@ -431,20 +434,26 @@ class VerifiedPass(_Pass):
         **verify_options: for `ReferenceRun` (inputs, tolerances, provider).
     """
 
-    def __init__(self, step: _Pass, *, label: str | None = None, keep_failures: bool = False, on_result=None,
-                 **verify_options):
+    def __init__(self, step: _Pass, *, mode: str = "full", label: str | None = None, keep_failures: bool = False,
+                 on_result=None, **verify_options):
         self.step, self.label = step, label or step.name
+        self.mode = parse(VerifyMode, "verify_mode", mode)
         self.name, self.exact = step.name, step.exact
         self.keep_failures, self.on_result, self.verify_options = keep_failures, on_result, verify_options
 
     def apply(self, handle: ModelHandle) -> dict:
+        from .region import verify_pair
         from .verification import ReferenceRun, ours
 
         before = handle.copy()
         report = self.step.apply(handle)
-        reference = ReferenceRun(before.proto, base_dir=before.base_dir, **self.verify_options)
+
+        def full():
+            reference = ReferenceRun(before.proto, base_dir=before.base_dir, **self.verify_options)
+            return reference.compare(handle.proto)
+
         with ours(f"the model after {self.label}"):
-            result = reference.compare(handle.proto)
+            result = verify_pair(before, handle, full, mode=self.mode, candidate_is_ours=True, **self.verify_options)
         report["verification"] = result.to_dict()
         if self.on_result is not None:
             self.on_result(self, result)

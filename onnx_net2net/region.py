@@ -75,7 +75,7 @@ from __future__ import annotations
 import os
 
 from . import io
-from .errors import UserError
+from .options import VerifyMode, parse
 from .region_diff import Region, RegionUnavailable, find_region
 from .region_run import boundary_values, extract, verify_region
 from .verification import ReferenceRun, VerificationReport
@@ -86,7 +86,7 @@ AUTO_REGION_BYTES = 1 << 30
 AUTO_MEMORY_SHARE = 1 / 3
 #: ... unless the region holds more than this share of the weights (full is then as cheap).
 AUTO_REGION_SHARE = 0.5
-MODES = ("auto", "full", "region")
+MODES = tuple(str(mode) for mode in VerifyMode)
 
 
 def choose_mode(mode: str, weight_bytes: int) -> str:
@@ -102,8 +102,7 @@ def verify_pair(old: io.ModelHandle, new: io.ModelHandle, full, *, mode: str = "
                 **options) -> VerificationReport:
     """Verify by `mode` ('auto', 'full', 'region'); `full()` runs full
     verification (the caller knows the paths). Region falls back to it, with a note."""
-    if mode not in MODES:
-        raise UserError(f"--verify {mode}: choose one of {', '.join(MODES)}")
+    mode = parse(VerifyMode, "verify_mode", mode)
     weight_bytes = max(old.weight_bytes(), new.weight_bytes())
     if choose_mode(mode, weight_bytes) == "full":
         return full()

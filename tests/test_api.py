@@ -214,6 +214,19 @@ def test_verified_pass_checks_each_step_against_the_model_before_it():
     assert kept.report["verification"]["passed"] is False
 
 
+def test_verified_steps_can_check_only_the_region_each_step_changed():
+    model = onnx.load(str(model_path("mlp")))
+    pipeline = n2n.Pipeline([n2n.WidenPass({"/0/Gemm": 64}), n2n.DeepenPass(["/2/Gemm"])]).verified(mode="region")
+    result = pipeline(model)
+    for step in result.report["steps"]:
+        assert step["verification"]["passed"]
+        assert any(note.startswith("region verification") for note in step["verification"]["notes"])
+    broken = n2n.VerifiedPass(_CorruptedWiden({"/0/Gemm": 64}), mode="region", keep_failures=True)(model)
+    assert broken.report["verification"]["passed"] is False
+    with pytest.raises(n2n.UserError, match="`verify_mode=partial`"):
+        n2n.VerifiedPass(n2n.WidenPass({"/0/Gemm": 64}), mode="partial")
+
+
 def test_factor_with_nothing_growable_is_refused():
     model = dense_sandwich(unary("Softmax"))
     with pytest.raises(n2n.GrowthRefused, match="no layer"):
