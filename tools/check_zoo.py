@@ -274,15 +274,13 @@ def _with_kept_outputs(handle, layers: list[dict]) -> list[dict]:
 
 
 def _routable(handle, name: str, width: int) -> int:
-    """For a channel-shuffle stage whose valid widths are irregular, the first
-    valid width from `width` up (else down; the note in `inspect` lists them)."""
+    """The first valid width from `width` up (a channel-shuffle stage's valid
+    widths are irregular: else down; the note in `inspect` lists them)."""
     from onnx_net2net import analysis
     from onnx_net2net.ir import GraphIR
 
     ir = GraphIR(handle)
     group = analysis.find_group(ir, analysis.find_layer(ir, name))
-    if not group.exact_only:  # a unit group's widths are regular: `width` is one of its steps
-        return width
     return group.next_width(ir, width) or width
 
 
