@@ -128,10 +128,12 @@ def _fits(weight_bytes: int) -> bool:
 
 def verify_files(reference: str | os.PathLike, candidate: str | os.PathLike, *, mode: str = "auto",
                  announce=None, **options) -> VerificationReport:
-    """`verify REFERENCE CANDIDATE --verify MODE`: any pair of model files."""
+    """`verify REFERENCE CANDIDATE --verify MODE`: any pair of model files.
+    Both load lazily: in region mode a weight outside the region is compared
+    by its bytes in chunks (or by its location) and never held whole."""
     from . import verification
 
-    old, new = io.load(reference), io.load(candidate)
+    old, new = io.load(reference, lazy=True), io.load(candidate, lazy=True)
 
     def full() -> VerificationReport:
         return verification.verify_models(str(reference), str(candidate), announce=announce, **options)

@@ -224,3 +224,28 @@ def test_lazy_parse_keeps_protobuf_semantics_for_a_repeated_raw_data(tmp_path):
     lazy, eager = io.load(path, lazy=True), io.load(path)
     assert lazy.inlined(copy=True).proto.SerializeToString() == eager.proto.SerializeToString()
     np.testing.assert_array_equal(lazy.array(lazy.graph.initializer[-1]), numpy_helper.to_array(weight))
+
+
+def test_cli_verify_region_holds_no_untouched_weight_whole(source, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.onnx"
+    assert cli.main(["widen", str(source), "--layer", "fc1=240", "-o", str(out), "--no-verify"]) == 0
+    from onnx_net2net import region
+
+    spy, handles = ReadSpy(monkeypatch), []
+    original = region.verify_pair
+
+    def recording(old, new, *args, **kwargs):
+        handles.extend([old, new])
+        return original(old, new, *args, **kwargs)
+
+    monkeypatch.setattr(region, "verify_pair", recording)
+    code = cli.main(["verify", str(source), str(out), "--verify", "region"])
+    assert code == 0, capsys.readouterr()
+    untouched = {"fc3.weight"}
+    assert all(untouched <= deferred_names(handle) for handle in handles)  # never loaded whole
+    assert set(spy.names) <= {"fc1.weight", "fc2.weight"}, spy.names  # only the changed region's weights
+    corrupted = onnx.load(out)
+    weight = next(t for t in corrupted.graph.initializer if t.name == "fc2.weight")
+    weight.raw_data = (numpy_helper.to_array(weight) + np.float32(0.5)).tobytes()
+    onnx.save(corrupted, tmp_path / "bad.onnx")
+    assert cli.main(["verify", str(source), str(tmp_path / "bad.onnx"), "--verify", "region"]) == 1
