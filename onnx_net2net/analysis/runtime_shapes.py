@@ -3,18 +3,9 @@
 Exporters write sizes that depend on the input as small integer programs:
 `Shape(x) -> Gather -> Unsqueeze -> Concat -> Reshape`, `Div` for a head
 size, `Shape(x)[0:2]` concatenated with constants for a `Resize`. When a unit
-group grows by D units, every tensor t of the group gains `growth(t) * D`
-positions on its unit axis, so an entry of a size vector is an *affine*
-function of D:
-
-    entry(D) = base + slope * D
-
-`Shape(t)[axis]` has base = the current length and slope = growth(t); other
-dims have slope 0 (their base is unknown for a symbolic batch). Gather,
-Slice, Concat, (Un)squeeze, Cast, Identity and a 1-D Reshape move entries;
-Add / Sub add them; Mul and Div by a constant scale them; a floor division
-that does not divide base and slope exactly makes the slope *irregular*
-(known now, but not affine in D).
+group grows by D units, each entry of a size vector is an affine function
+base + slope * D of D, or irregular (`size_evaluator` states the algebra and
+computes the entries).
 
 A *size sink* is a port that reads sizes: Reshape's shape, Expand's shape,
 Tile's repeats, Slice's starts / ends, Resize's sizes. The walk tells each
@@ -27,8 +18,6 @@ base + required * D (a `SizeEdit`: the rewrite feeds the sink
 for every input of the original model. Anything else is refused, and so is a
 size that depends on D reaching any op that is neither a size op nor a sink
 (it would be used as data).
-
-The evaluator of entries is `size_evaluator.SizeEvaluator`.
 
 Example, nanoGPT's `y.view(B, T, D)` after the heads with D read from the
 residual stream: widening the heads needs slope `head size` at entry 2, the
