@@ -329,3 +329,27 @@ def per_channel(op, spatial_rank: int, name: str = "pc"):
         inits[name] = value
         return [H(op, [t, name], [t + "_" + name], name=f"{op}_{name}")], t + "_" + name
     return middle
+
+
+class ReadSpy:
+    """Records the name of every weight read from outside the ModelProto
+    (external data, or inline bytes a lazy load left in the file) through a
+    ModelHandle; with `streamed`, also every chunked byte comparison of region
+    verification."""
+
+    def __init__(self, monkeypatch, *, streamed: bool = False):
+        from onnx_net2net import io, region_diff
+
+        self.names = []
+        for method in ("external_bytes", "array"):
+            monkeypatch.setattr(io.ModelHandle, method, self._wrap(getattr(io.ModelHandle, method)))
+        if streamed:
+            reader = region_diff.byte_reader
+            monkeypatch.setattr(region_diff, "byte_reader", lambda h, t: self.names.append(t.name) or reader(h, t))
+
+    def _wrap(self, original):
+        def spy(handle, tensor):
+            if tensor.data_location == TensorProto.EXTERNAL or handle.deferred_metadata(tensor) is not None:
+                self.names.append(tensor.name)
+            return original(handle, tensor)
+        return spy

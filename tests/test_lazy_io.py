@@ -16,7 +16,7 @@ from onnx_net2net.errors import ModelLoadError
 from onnx_net2net.passes import DeepenPass, WidenPass
 from onnx_net2net.rewrites.deeper import DeepenOptions
 from onnx_net2net.rewrites.wider import WidenOptions
-from helpers import assert_same_function
+from helpers import ReadSpy, assert_same_function
 
 HIDDEN = 160  # 160 x 160 float32 = 100 KiB: above io.LAZY_TENSOR_BYTES; the biases stay below
 
@@ -127,23 +127,6 @@ def test_lazy_rewrite_equals_eager_rewrite(source, tmp_path, grow, exact):
     assert outputs[0].read_bytes() == outputs[1].read_bytes()
     if exact:
         assert_same_function(onnx.load(source), onnx.load(outputs[1]))
-
-
-class ReadSpy:
-    """Records every tensor whose bytes are read through a ModelHandle."""
-
-    def __init__(self, monkeypatch):
-        self.names = []
-        for method in ("external_bytes", "array"):
-            original = getattr(io.ModelHandle, method)
-            monkeypatch.setattr(io.ModelHandle, method, self._wrap(original))
-
-    def _wrap(self, original):
-        def spy(handle, tensor):
-            if handle.deferred_metadata(tensor) is not None:
-                self.names.append(tensor.name)
-            return original(handle, tensor)
-        return spy
 
 
 @pytest.mark.parametrize("verify", [["--no-verify"], ["--verify", "region"], ["--verify", "full"]])

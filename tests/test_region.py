@@ -10,8 +10,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnx_net2net as n2n
-from onnx_net2net import cli, io, region, region_diff
-from helpers import H, make_model, model_path, rand
+from onnx_net2net import cli, io, region
+from helpers import H, ReadSpy, make_model, model_path, rand
 
 REWRITES = [
     ("mlp", "widen", "/2/Gemm"),
@@ -168,30 +168,11 @@ def save_external(model, path):
               location=path.name + ".data", size_threshold=0)
 
 
-class ReadSpy:
-    """Records every external tensor read through io.ModelHandle, and every streamed comparison."""
-
-    def __init__(self, monkeypatch):
-        self.names = []
-        for method in ("external_bytes", "array"):
-            original = getattr(io.ModelHandle, method)
-            monkeypatch.setattr(io.ModelHandle, method, self._wrap(original))
-        original_reader = region_diff.byte_reader
-        monkeypatch.setattr(region_diff, "byte_reader", lambda h, t: self.names.append(t.name) or original_reader(h, t))
-
-    def _wrap(self, original):
-        def spy(handle, tensor):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                self.names.append(tensor.name)
-            return original(handle, tensor)
-        return spy
-
-
 def test_widen_external_data_reads_only_the_region(tmp_path, monkeypatch, capsys):
     source = tmp_path / "src" / "mlp.onnx"
     source.parent.mkdir()
     save_external(deep_mlp(), source)
-    spy = ReadSpy(monkeypatch)
+    spy = ReadSpy(monkeypatch, streamed=True)
     original = region.verify_region
     monkeypatch.setattr(region, "verify_region", lambda *a, **k: spy.names.clear() or original(*a, **k))
     code = cli.main(["widen", str(source), "--layer", "fc2=96", "-o", str(tmp_path / "out.onnx"),

@@ -38,21 +38,23 @@ def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
     if groups == 1:
         if placement.inner != 1 and side == "out":
             walk.refuse(index, "the units are blocks of channels")
-        if side == "in":
-            walk.weight(index, 1, 1, axis_only(placement), "split")
-        else:
-            walk.weight(index, 1, 0, axis_only(placement), "copy")
-            walk.weight(index, 2, 0, axis_only(placement), "copy")
-            walk.group.producers.append(index)
+        _split_or_copy(walk, index, side, placement, input_axis=1, output_axis=0)
         return
     if groups == channels_in and groups == walk.shape(index, node.input[0])[1]:
         _depthwise(walk, index, side, placement, weight.shape[0] // groups)
         return
     walk.require_blocks(index, placement, groups)
+    _split_or_copy(walk, index, side, placement, input_axis=1, output_axis=0, groups=groups)
+
+
+def _split_or_copy(walk: Walk, index: int, side: str, placement: Placement, *, input_axis: int, output_axis: int,
+                   groups: int = 1) -> None:
+    """A consumer splits its weight along its input axis; a producer copies
+    its weight along its output axis and its bias."""
     if side == "in":
-        walk.weight(index, 1, 1, axis_only(placement), "split", groups)
+        walk.weight(index, 1, input_axis, axis_only(placement), "split", groups)
     else:
-        walk.weight(index, 1, 0, axis_only(placement), "copy")
+        walk.weight(index, 1, output_axis, axis_only(placement), "copy")
         walk.weight(index, 2, 0, axis_only(placement), "copy")
         walk.group.producers.append(index)
 
@@ -89,12 +91,7 @@ def conv_transpose(walk: Walk, index: int, side: str, port: int, placement: Plac
         walk.refuse(index, "grouped transposed convolution is not supported yet")
     if node_attr(node, "output_shape") is not None:
         walk.refuse(index, "explicit output_shape attribute")
-    if side == "in":
-        walk.weight(index, 1, 0, axis_only(placement), "split")
-    else:
-        walk.weight(index, 1, 1, axis_only(placement), "copy")
-        walk.weight(index, 2, 0, axis_only(placement), "copy")
-        walk.group.producers.append(index)
+    _split_or_copy(walk, index, side, placement, input_axis=0, output_axis=1)
 
 
 def gemm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
