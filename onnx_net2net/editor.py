@@ -41,7 +41,7 @@ class GraphEditor:
 
     def __init__(self, ir: GraphIR):
         self.ir = ir
-        self._reserved: set[str] = set()
+        self._taken_names: set[str] | None = None  # the index's names plus those handed out, built once
         self._before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
         self._appended: list[onnx.NodeProto] = []
         self._rebuilt = False  # the node list was rebuilt: the index's node positions no longer hold
@@ -60,7 +60,7 @@ class GraphEditor:
         taken, name, k = self._taken(), base, 1
         while name in taken:
             name, k = f"{base}{k}", k + 1
-        self._reserved.add(name)
+        self._reserve(name)
         return name
 
     def fresh_prefix(self, base: str) -> str:
@@ -68,11 +68,16 @@ class GraphEditor:
         taken, k = self._taken(), 0
         while any(name.startswith(f"{base}{k}") for name in taken):
             k += 1
-        self._reserved.add(f"{base}{k}")
+        self._reserve(f"{base}{k}")
         return f"{base}{k}"
 
     def _taken(self) -> set[str]:
-        return self.ir.taken_names() | self._reserved
+        if self._taken_names is None:
+            self._taken_names = self.ir.taken_names()
+        return self._taken_names
+
+    def _reserve(self, name: str) -> None:
+        self._taken().add(name)
 
     # -- constants ------------------------------------------------------------
 
@@ -80,7 +85,7 @@ class GraphEditor:
         """Add `value` as initializer `name` (a name from `fresh_name`)."""
         self.ir.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         self.ir.initializers[name] = self.ir.graph.initializer[-1]
-        self._reserved.add(name)
+        self._reserve(name)
         return name
 
     def add_initializers(self, tensors) -> None:
@@ -88,7 +93,7 @@ class GraphEditor:
         for tensor in tensors:
             self.ir.graph.initializer.append(tensor)
             self.ir.initializers[tensor.name] = self.ir.graph.initializer[-1]
-            self._reserved.add(tensor.name)
+            self._reserve(tensor.name)
 
     def set_constant(self, root, value: np.ndarray) -> None:
         """Replace the value of a constant root (`ir.const_root`), keeping its dtype."""
