@@ -44,14 +44,15 @@ Conditions and limits (stated, not hidden):
   shape differs between the two regions, or the graph inputs/outputs differ,
   region mode falls back to full verification (with a note).
 * A group spanning the whole network (a transformer's residual stream) makes R
-  the whole model: region mode then costs what full verification costs. The
-  block-by-block check would be block_new(E(x)) = E(block_old(x)) with E the
-  stream's expansion map: for tiling E(x) = x[..., m] with m the unit mapping
-  (new unit j copies old unit m[j]); for LEMON E(x) copies the old units and
-  the extra units carry the mean over the old units (or zero, per the scheme).
-  It is NOT implemented here: `auto` picks full for such rewrites (region
-  weights above `AUTO_REGION_SHARE` of the model) and `region` still checks
-  the whole-model region exactly, at full cost.
+  the whole model. Its time is then what full verification costs, but not its
+  memory: a region holding more than `region_blocks.BLOCK_WEIGHT_BYTES` of
+  weights runs block by block (cut between the stream's blocks, one session
+  per block, freed before the next), and at each cut the candidate's stream
+  is checked to be E(reference's), E the expansion map: tiling (new unit j
+  copies old unit m[j]) or LEMON (copies, plus extra units carrying the mean
+  over the old units, or zero for RMSNorm). See `region_blocks`. `auto` still
+  picks full for such rewrites when the model fits in memory (region weights
+  above `AUTO_REGION_SHARE` of the model): full is then as cheap.
 * Nodes with subgraphs (If, Loop, Scan) in the region: region mode falls back
   to full verification.
 * In `widen`/`deepen`/`grow`, region mode checks the rewritten model in memory
@@ -61,9 +62,10 @@ Conditions and limits (stated, not hidden):
   of untouched weights into the output is checked by length, not by value.
 
 Where the code is: `region_diff` (the graph index, the diff and its closure:
-`find_region`), `region_run` (boundary types and values, extraction, running
-both regions and comparing: `verify_region`), this module (choosing a mode and
-the entry points).
+`find_region`), `region_extract` (a standalone model of some nodes, reading
+only their weights), `region_run` (boundary types and values, running both
+regions and comparing: `verify_region`), `region_blocks` (a large region in
+pieces), this module (choosing a mode and the entry points).
 
 Choosing (`--verify auto`): region when the model's weights exceed
 `AUTO_REGION_BYTES` (1 GiB) or a third of the memory available now, unless
@@ -77,7 +79,8 @@ import os
 from . import io
 from .options import VerifyMode, parse
 from .region_diff import Region, RegionUnavailable, find_region
-from .region_run import boundary_values, extract, verify_region
+from .region_extract import extract
+from .region_run import boundary_values, verify_region
 from .verification import ReferenceRun, VerificationReport
 
 #: `auto` chooses region verification above this many bytes of weights.

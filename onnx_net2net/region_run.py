@@ -19,8 +19,10 @@ from onnx import TensorProto
 
 from . import io
 from .errors import UserError
+from .region_blocks import BLOCK_WEIGHT_BYTES, plan_blocks, run_blocks
 from .region_diff import (IndexedGraph, Region, RegionUnavailable, concrete_dims, elem_type, find_region, has_subgraph,
-                          node_inputs, region_weight_bytes, shape_constant, stored_bytes)
+                          node_inputs, region_weight_bytes, shape_constant)
+from .region_extract import extract
 from .sessions import make_session, run_session
 from .skeleton import light_model
 from .verification import (InputSpec, VerificationReport, choose_providers, compare_arrays, make_inputs, ours,
@@ -28,8 +30,6 @@ from .verification import (InputSpec, VerificationReport, choose_providers, comp
 
 #: Weights upstream of structural boundary tensors that may be read to compute them.
 CONE_WEIGHT_LIMIT = 64 << 20
-#: Inline weights this large reach onnxruntime as arrays, not through the protobuf.
-IN_MEMORY_BYTES = 1 << 20
 #: Integer initializers this small keep their values in the shape-inference skeleton (shape constants).
 SMALL_TENSOR_BYTES = 4096
 #: Float types random boundary values are drawn in (numpy has no bfloat16: those are computed instead).
@@ -65,18 +65,6 @@ def _pinned(value: onnx.ValueInfoProto, spec: InputSpec) -> onnx.ValueInfoProto:
     return pinned
 
 
-def _inline(handle: io.ModelHandle, source: TensorProto, target: TensorProto) -> None:
-    del target.external_data[:]
-    target.data_location = TensorProto.DEFAULT
-    target.raw_data = _stored_bytes_external(handle, source)
-
-
-def _stored_bytes_external(handle, tensor) -> bytes:
-    if tensor.data_location == TensorProto.EXTERNAL:
-        return handle.external_bytes(tensor)
-    return stored_bytes(handle, tensor)
-
-
 def _value_types(handle: io.ModelHandle, spec: InputSpec) -> dict[str, onnx.TypeProto]:
     """Every tensor's type as shape inference (with data propagation) sees it."""
     skeleton = _shape_skeleton(handle, spec)
@@ -89,64 +77,6 @@ def _value_types(handle: io.ModelHandle, spec: InputSpec) -> dict[str, onnx.Type
     for tensor in handle.graph.initializer:
         types[tensor.name] = onnx.helper.make_tensor_type_proto(tensor.data_type, tensor.dims)
     return types
-
-
-def extract(handle: io.ModelHandle, nodes: list[int], inputs: list[str], outputs: list[str],
-            types: dict[str, onnx.TypeProto], replaced: dict | None = None, *,
-            keep_external: bool = False, in_memory: dict | None = None) -> onnx.ModelProto:
-    """A standalone model of the given nodes (some `replaced` by others):
-    boundary inputs as graph inputs, and only the weights those nodes read:
-    inline (read here), or with `keep_external` still referring to the
-    model's data file (locations io.load checked), for onnxruntime to read
-    with the handle's folder as base: nothing else of the model is read.
-    With `in_memory` (a dict), large inline weights become placeholders and
-    their arrays go into the dict, for `sessions.make_session` to hand over as
-    they are (no protobuf copy, serialisation or parse of them)."""
-    source = handle.graph
-    chosen = [(replaced or {}).get(i, source.node[i]) for i in nodes]
-    graph = onnx.helper.make_graph(chosen, "region", [], [])
-    read = {n for node in chosen for n in node_inputs(node)}
-    for name in inputs:
-        if name in read:
-            graph.input.append(_value_info(name, types.get(name)))
-    for name in outputs:
-        graph.output.append(_value_info(name, types.get(name), keep_shape=False))
-    for tensor in source.initializer:
-        if tensor.name not in read:
-            continue
-        weight = graph.initializer.add()
-        external = tensor.data_location == TensorProto.EXTERNAL
-        if in_memory is not None and not external and io.tensor_nbytes(tensor) >= IN_MEMORY_BYTES:
-            _placeholder(tensor, weight)
-            in_memory[tensor.name] = handle.array(tensor)
-            continue
-        weight.CopyFrom(tensor)
-        if external and not keep_external:
-            _inline(handle, tensor, weight)
-    model = onnx.helper.make_model(graph, opset_imports=list(handle.proto.opset_import),
-                                   ir_version=handle.proto.ir_version)
-    model.functions.extend(handle.proto.functions)
-    return model
-
-
-def _placeholder(tensor: TensorProto, target: TensorProto) -> None:
-    """An initializer with no data: onnxruntime gets its values as an OrtValue."""
-    target.name, target.data_type = tensor.name, tensor.data_type
-    target.dims.extend(tensor.dims)
-    target.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "in-memory.region"), ("offset", "0"), ("length", str(io.tensor_nbytes(tensor)))):
-        entry = target.external_data.add()
-        entry.key, entry.value = key, value
-
-
-def _value_info(name: str, type_proto: onnx.TypeProto | None, keep_shape: bool = True) -> onnx.ValueInfoProto:
-    value = onnx.ValueInfoProto(name=name)
-    if type_proto is None or elem_type(type_proto) == TensorProto.UNDEFINED:
-        raise RegionUnavailable(f"the type of boundary tensor '{name}' is unknown")
-    value.type.CopyFrom(type_proto)
-    if not keep_shape:
-        value.type.tensor_type.ClearField("shape")
-    return value
 
 
 class _Spec:
@@ -274,14 +204,17 @@ _ORT_NAME = {TensorProto.FLOAT: "float", TensorProto.DOUBLE: "double", TensorPro
 def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec | None = None,
                   atol: float | None = None, rtol: float | None = None, providers: list[str] | None = None,
                   announce=None, region: Region | None = None, base_dir=None, allow_nonfinite: bool = False,
-                  upcast: bool = True, candidate_is_ours: bool = False) -> VerificationReport:
+                  upcast: bool = True, candidate_is_ours: bool = False,
+                  block_bytes: int | None = None) -> VerificationReport:
     """Compare the changed region of two models on the same boundary values.
 
     Tolerances default by each boundary output's type, as in full
     verification; non-finite reference values fail unless allowed.
 
     Raises RegionUnavailable when the pair cannot be decided by its region
-    (the caller then runs full verification). `base_dir` and `upcast` are
+    (the caller then runs full verification). A region holding more than
+    `block_bytes` of weights (default `region_blocks.BLOCK_WEIGHT_BYTES`) runs
+    block by block (`region_blocks`). `base_dir` and `upcast` are
     accepted for symmetry with ReferenceRun and unused: handles know their
     folders, and a region's low-precision outputs are reported natively."""
     spec = inputs or InputSpec()
@@ -300,6 +233,12 @@ def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec
     types_new.update({name: types_old[name] for name in region.inputs if name in types_old})
     feeds = boundary_values(old, region, types_old, spec, announce)
     providers = choose_providers(providers)
+    blocks = _blocks(old, new, region, block_bytes)
+    if len(blocks) > 1:
+        run = run_blocks(old, new, region, blocks, types_old, types_new, feeds, providers, rtol=rtol, atol=atol,
+                         allow_nonfinite=allow_nonfinite, candidate_is_ours=candidate_is_ours, announce=announce)
+        return VerificationReport(all(o.passed for o in run.outputs), run.provider, atol_fp32, rtol_fp32,
+                                  run.outputs, [_describe(region)] + run.notes())
     reference, provider = _run_region(old, region.old_nodes, region, types_old, feeds, providers)
     with ours() if candidate_is_ours else contextlib.nullcontext():
         candidate, _ = _run_region(new, region.new_nodes, region, types_new, feeds, providers)
@@ -311,6 +250,14 @@ def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec
                for name, a, b in zip(region.outputs, reference, candidate)]
     return VerificationReport(all(o.passed for o in outputs), provider, atol_fp32, rtol_fp32, outputs,
                               [_describe(region)])
+
+
+def _blocks(old: io.ModelHandle, new: io.ModelHandle, region: Region, block_bytes: int | None) -> list:
+    """The region's blocks when it holds more than `block_bytes` of weights, else one."""
+    limit = BLOCK_WEIGHT_BYTES if block_bytes is None else block_bytes
+    if max(region.old_weight_bytes, region.new_weight_bytes) <= limit:
+        return [None]
+    return plan_blocks(old, new, region, limit)
 
 
 def _run_region(handle, nodes, region: Region, types, feeds, providers) -> tuple[list[np.ndarray], str]:

@@ -11,6 +11,9 @@ The benchmark builds its own models (seeded) in ``--workdir`` (default
                   ``mlp:30x2048`` (many small layers, 503 MB: 7 %);
 * ``mlp-ext:GB``  MatMul + Add + Relu layers, every weight in one external
                   data file, e.g. ``mlp-ext:3`` (45 x 4096 x 4096, 2.8 GB);
+* ``stream-ext:GB`` a residual MLP (blocks s + W2 relu(W1 s), external data):
+                  widening its stream changes every weight, so region
+                  verification runs block by block, e.g. ``stream-ext:1``;
 * ``llama:N``     Hugging Face LLaMA with N layers (hidden 64, random weights),
                   exported by torch.onnx's dynamo exporter: 135 nodes at N=2,
                   ~1,750 at N=32 (needs torch + transformers; skipped without);
@@ -136,8 +139,7 @@ def mlp_spec(name: str, kind: str, size: str) -> dict:
 
 def build_mlp(workdir: Path, name: str, kind: str, size: str) -> BenchModel:
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     spec = mlp_spec(name, kind, size)
     hidden, layers, out, op, external = spec["hidden"], spec["layers"], spec["out"], spec["op"], spec["external"]
@@ -151,27 +153,9 @@ def build_mlp(workdir: Path, name: str, kind: str, size: str) -> BenchModel:
         return model
 
     rng = np.random.default_rng(spec["seed"])
-    nodes, initializers = [], []
-    data_file = None
-    tmp_model, tmp_data = path.with_suffix(".onnx.partial"), data_path(path).with_suffix(".partial")
-    if external:
-        data_file = open(tmp_data, "wb")
-
-    def add_tensor(tname: str, array: "np.ndarray") -> None:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if data_file is None or array.nbytes < 1024:
-            initializers.append(numpy_helper.from_array(array, tname))
-            return
-        position = data_file.tell()
-        offset = position + (-position) % 65536  # aligned, so onnxruntime may map it
-        data_file.write(b"\0" * (offset - position))
-        data_file.write(memoryview(array).cast("B"))
-        tensor = TensorProto(name=tname, data_type=TensorProto.FLOAT, dims=list(array.shape))
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", data_path(path).name), ("offset", offset), ("length", array.nbytes)):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, str(value)
-        initializers.append(tensor)
+    nodes = []
+    writer = WeightWriter(path, external)
+    add_tensor, initializers = writer.add, writer.initializers
 
     x = "x"
     for i in range(layers):
@@ -200,19 +184,104 @@ def build_mlp(workdir: Path, name: str, kind: str, size: str) -> BenchModel:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", hidden])],
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", out])],
         initializer=initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tools/bench.py")
-    proto.ir_version = 9
-    if data_file is not None:
-        data_file.flush()
-        os.fsync(data_file.fileno())
-        data_file.close()
-        os.replace(tmp_data, data_path(path))
-    onnx.save(proto, tmp_model)
-    os.replace(tmp_model, path)
-    del proto, graph, initializers
-    onnx.checker.check_model(str(path))
-    model.size_bytes = sum(p.stat().st_size for p in model.files())
+    return writer.save(model, graph)
+
+
+class WeightWriter:
+    """Initializers of a generated model: inline, or appended to one external data file (64 KiB aligned)."""
+
+    def __init__(self, path: Path, external: bool):
+        self.path, self.initializers = path, []
+        self.tmp_model, self.tmp_data = path.with_suffix(".onnx.partial"), data_path(path).with_suffix(".partial")
+        self.data_file = open(self.tmp_data, "wb") if external else None
+
+    def add(self, name: str, array) -> None:
+        import numpy as np
+        from onnx import TensorProto, numpy_helper
+
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if self.data_file is None or array.nbytes < 1024:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return
+        position = self.data_file.tell()
+        offset = position + (-position) % 65536  # aligned, so onnxruntime may map it
+        self.data_file.write(b"\0" * (offset - position))
+        self.data_file.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_path(self.path).name), ("offset", offset), ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.initializers.append(tensor)
+
+    def save(self, model: "BenchModel", graph) -> "BenchModel":
+        """Write the model (and its data file) atomically, check it, record its size."""
+        import onnx
+        from onnx import helper
+
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tools/bench.py")
+        proto.ir_version = 9
+        if self.data_file is not None:
+            self.data_file.flush()
+            os.fsync(self.data_file.fileno())
+            self.data_file.close()
+            os.replace(self.tmp_data, data_path(self.path))
+        onnx.save(proto, self.tmp_model)
+        os.replace(self.tmp_model, self.path)
+        del proto, graph
+        onnx.checker.check_model(str(self.path))
+        model.size_bytes = sum(p.stat().st_size for p in model.files())
+        return model
+
+
+def build_stream(workdir: Path, name: str, size: str) -> BenchModel:
+    """A residual MLP, external data: x -> proj -> B blocks of s + W2 relu(W1 s) -> head.
+
+    Widening `proj` widens the stream every block reads and writes: the
+    changed region is the whole model (region verification runs block by block)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    hidden = _hidden_for(float(size) * GB)
+    blocks = max(2, round(float(size) * GB / (2 * hidden * hidden * 4)))
+    path = workdir / f"stream-ext_h{hidden}_b{blocks}.onnx"
+    model = BenchModel(name, "stream-ext", path, True, "proj", hidden + hidden // 2, hidden,
+                       params=dict(hidden=hidden, blocks=blocks))
+    if all(p.exists() for p in model.files()):
+        model.size_bytes = sum(p.stat().st_size for p in model.files())
+        return model
+    rng = np.random.default_rng(0)
+    writer = WeightWriter(path, True)
+
+    def weight(rows, cols, gain=1.0):
+        return rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(gain * math.sqrt(1.0 / rows))
+
+    writer.add("proj.weight", weight(64, hidden))
+    nodes, stream = [helper.make_node("MatMul", ["x", "proj.weight"], ["s0"], name="proj")], "s0"
+    for k in range(blocks):
+        writer.add(f"up{k}.weight", weight(hidden, hidden, 2.0))
+        writer.add(f"down{k}.weight", weight(hidden, hidden, 0.3))
+        nodes += [helper.make_node("MatMul", [stream, f"up{k}.weight"], [f"u{k}"], name=f"up{k}"),
+                  helper.make_node("Relu", [f"u{k}"], [f"r{k}"], name=f"relu{k}"),
+                  helper.make_node("MatMul", [f"r{k}", f"down{k}.weight"], [f"d{k}"], name=f"down{k}"),
+                  helper.make_node("Add", [stream, f"d{k}"], [f"s{k + 1}"], name=f"add{k}")]
+        stream = f"s{k + 1}"
+    writer.add("head.weight", weight(hidden, 16))
+    nodes.append(helper.make_node("MatMul", [stream, "head.weight"], ["y"], name="head"))
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              initializer=writer.initializers)
+    writer.save(model, graph)
+    grown = grown_path(path)
+    subprocess.run([sys.executable, "-m", "onnx_net2net", "widen", str(path), "-o", str(grown), "--layer",
+                    f"proj={model.width}", "--no-verify", "--external-data", "yes"], check=True, cwd=REPO,
+                   env=_child_env(), capture_output=True)
     return model
+
+
+def grown_path(model: Path) -> Path:
+    """The stream model widened once (by `build_stream`), for the `verify` case."""
+    return model.with_name(model.stem + ".widened.onnx")
 
 
 def build_cnn(workdir: Path) -> BenchModel:
@@ -394,6 +463,8 @@ def _generate(spec: str, workdir: Path) -> BenchModel | None:
         if not size:
             raise SystemExit(f"{spec}: give a size in GB, e.g. {kind}:0.5")
         return build_mlp(workdir, spec, kind, size)
+    if kind == "stream-ext":
+        return build_stream(workdir, spec, size or "1")
     if kind == "cnn":
         return build_cnn(workdir)
     if kind == "llama":
@@ -402,7 +473,7 @@ def _generate(spec: str, workdir: Path) -> BenchModel | None:
         return build_shufflenet(workdir, spec)
     if kind in ("repo", *REPO_ALIASES):
         return repo_model(spec)
-    raise SystemExit(f"unknown model '{spec}' (mlp:GB, mlp:LxH, mlp-ext:GB, cnn, llama:LAYERS, shufflenet, "
+    raise SystemExit(f"unknown model '{spec}' (mlp:GB, mlp:LxH, mlp-ext:GB, stream-ext:GB, cnn, llama:LAYERS, shufflenet, "
                      f"repo:FILE:LAYER=WIDTH, "
                      f"{', '.join(REPO_ALIASES)})")
 
@@ -533,19 +604,27 @@ def cases_for(model: BenchModel, full: bool) -> list[tuple[str, list[str], bool]
     floor = ("floor:io", [py, "-c", FLOOR_IO, str(model.path), "{out}", "1" if model.external else "0"], True)
     if model.kind == "llama":
         return [floor, ("inspect --no-trial", cli + ["inspect", str(model.path), "--no-trial"], False)]
+    if model.kind == "stream-ext":
+        verify = cli + ["verify", str(model.path), str(grown_path(model.path)), "--verify"]
+        return [floor, *cases_for_widen(model, cli), ("verify --verify full", verify + ["full"], False),
+                ("verify --verify region", verify + ["region"], False)]
     if model.kind == "shufflenet":
         return [floor, ("inspect --no-trial", cli + ["inspect", str(model.path), "--no-trial"], False),
                 ("inspect", cli + ["inspect", str(model.path)], False)]
-    widen = cli + ["widen", str(model.path), "-o", "{out}", "--layer", f"{model.layer}={model.width}"]
-    cases = [floor, ("widen --no-verify", widen + ["--no-verify"], True),
-             ("widen --verify full", widen + ["--verify", "full"], True),
-             ("widen --verify region", widen + ["--verify", "region"], True)]
+    cases = [floor, *cases_for_widen(model, cli)]
     if full:
         deepen = cli + ["deepen", str(model.path), "-o", "{out}", "--after", model.layer]
         cases[1:1] = [("floor:ort", [py, "-c", FLOOR_ORT, str(model.path)], False),
                       ("startup", cli + ["--version"], False)]
         cases += [("deepen --no-verify", deepen + ["--no-verify"], True), ("deepen", deepen, True)]
     return cases
+
+
+def cases_for_widen(model: BenchModel, cli: list[str]) -> list[tuple[str, list[str], bool]]:
+    widen = cli + ["widen", str(model.path), "-o", "{out}", "--layer", f"{model.layer}={model.width}"]
+    return [("widen --no-verify", widen + ["--no-verify"], True),
+            ("widen --verify full", widen + ["--verify", "full"], True),
+            ("widen --verify region", widen + ["--verify", "region"], True)]
 
 
 def measure_model(model: BenchModel, workdir: Path, repeat: int, timeout: float, log, full: bool = False
