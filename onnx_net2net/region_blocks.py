@@ -63,8 +63,6 @@ from .verification import OutputComparison, compare_arrays, ours, tolerance_for
 
 #: A block is closed once it holds this many bytes of weights.
 BLOCK_WEIGHT_BYTES = 256 << 20
-#: Rows of a cut tensor used to match new units to old ones (all rows confirm the match).
-_MATCH_ROWS = 64
 
 
 @dataclass
@@ -257,7 +255,7 @@ def describe_expansion(old: np.ndarray, new: np.ndarray, rtol: float | None = No
     rtol, atol = tolerance_for(old.dtype, rtol, atol)
     a = np.moveaxis(old, axes[0], -1).reshape(-1, old.shape[axes[0]]).astype(np.float64)
     b = np.moveaxis(new, axes[0], -1).reshape(-1, new.shape[axes[0]]).astype(np.float64)
-    kinds = [_unit_source(a, b[:, j], rtol, atol) for j in range(b.shape[1])]
+    kinds = _unit_sources(a, b, rtol, atol)
     if any(k is None for k in kinds):
         unit = kinds.index(None)
         return f"not a tiling or LEMON expansion (new unit {unit} matches no old unit, mean or zero)"
@@ -269,21 +267,27 @@ def describe_expansion(old: np.ndarray, new: np.ndarray, rtol: float | None = No
     return text + "".join(f" + {count} {kind} unit(s)" for kind, count in sorted(extras.items()))
 
 
-def _unit_source(old: np.ndarray, column: np.ndarray, rtol: float, atol: float) -> int | str | None:
-    """The old unit this new unit copies, 'mean' or 'zero' (LEMON's extras), or None."""
-    def close(reference):
-        return bool(np.all(np.abs(column - reference) <= atol + rtol * np.abs(reference)))
+def _unit_sources(old: np.ndarray, new: np.ndarray, rtol: float, atol: float) -> list[int | str | None]:
+    """For each new unit (column): the old unit it copies, 'mean' or 'zero' (LEMON's extras), or None.
 
-    sample = column[:_MATCH_ROWS]
-    distance = np.abs(old[:_MATCH_ROWS] - sample[:, None]).max(axis=0)
-    for unit in np.argsort(distance, kind="stable")[:2]:
-        if close(old[:, unit]):
-            return int(unit)
-    if close(old.mean(axis=1)):
-        return "mean"
-    if close(np.zeros_like(column)):
-        return "zero"
-    return None
+    Candidates are the old units nearest in the first row (a sorted search,
+    not a q x n comparison); every row then confirms."""
+    def close(reference):
+        return np.all(np.abs(new - reference) <= atol + rtol * np.abs(reference), axis=0)
+
+    order = np.argsort(old[0], kind="stable")
+    position = np.searchsorted(old[0][order], new[0])
+    sources: list[int | str | None] = [None] * new.shape[1]
+    for offset in (0, -1, 1, -2, 2):
+        candidate = order[np.clip(position + offset, 0, len(order) - 1)]
+        for unit in np.flatnonzero(close(old[:, candidate])):
+            if sources[unit] is None:
+                sources[unit] = int(candidate[unit])
+    for name, reference in (("mean", old.mean(axis=1, keepdims=True)), ("zero", np.zeros((len(old), 1)))):
+        for unit in np.flatnonzero(close(reference)):
+            if sources[unit] is None:
+                sources[unit] = name
+    return sources
 
 
 __all__ = ["BLOCK_WEIGHT_BYTES", "Block", "BlockRun", "plan_blocks", "run_blocks", "describe_expansion"]
