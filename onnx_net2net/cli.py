@@ -187,7 +187,16 @@ def cmd_deepen(args) -> int:
 
     options = DeepenOptions(kernel=args.kernel, mode=args.mode, batchnorm=args.batchnorm, noise=args.noise,
                             seed=args.seed)
-    return _grow(args, DeepenPass(args.after, options))
+    return _grow(args, DeepenPass(_after(args.after), options))
+
+
+def _after(names: list[str]) -> list[str] | str:
+    """`--after all|stages|last` (alone) is a selector, as in the API and plans; else layer names."""
+    from .passes import SELECTORS
+
+    if any(name in SELECTORS for name in names) and len(names) > 1:
+        raise UserError(f"--after {' / '.join(SELECTORS)} selects layers by itself: give it alone")
+    return names[0] if names[0] in SELECTORS else names
 
 
 def cmd_align(args) -> int:
@@ -440,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     deepen = _add_growth_command(commands, "deepen", cmd_deepen, "Net2DeeperNet: more layers, same function",
                                  "Insert layers initialised to the identity after named layers.")
     deepen.add_argument("--after", action="append", required=True, metavar="NAME",
-                        help="insert after this layer (and its activation); repeatable")
+                        help="insert after this layer (and its activation); repeatable; or one selector: all "
+                             "(every deepenable layer), stages (the last one of each run of equal-width layers), "
+                             "last")
     deepen.add_argument("--kernel", type=int, help="odd kernel size of a new conv (default: the layer's)")
     deepen.add_argument("--mode", choices=DeepenMode.spellings(),
                         default="auto",

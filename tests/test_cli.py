@@ -174,6 +174,27 @@ def test_deepen_mode_and_kernel(tmp_path, capsys):
     assert_same_function(model_path("cnn1d"), out)
 
 
+@pytest.mark.parametrize("selector", ["all", "stages", "last"])
+def test_deepen_after_a_selector_matches_the_api(tmp_path, capsys, selector):
+    import onnx_net2net as n2n
+
+    out, report_path = tmp_path / "deep.onnx", tmp_path / "report.json"
+    code, stdout, _ = run_cli(capsys, "deepen", model_path("resnet_block"), "--after", selector, "-o", out,
+                              "--report", report_path)
+    assert code == 0, stdout
+    _, api_report = n2n.deepen(str(model_path("resnet_block")), selector, verify=False)
+    after = [c["after"] for c in json.loads(report_path.read_text())["changes"]]
+    assert after == [c["after"] for c in api_report["changes"]] and after
+    assert (len(after) == 1) == (selector == "last")
+    assert_same_function(model_path("resnet_block"), out)
+
+
+def test_deepen_selector_with_names_is_exit_2(tmp_path, capsys):
+    out = tmp_path / "deep.onnx"
+    code, _, err = run_cli(capsys, "deepen", model_path("cnn"), "--after", "all", "--after", "/0/Conv", "-o", out)
+    assert code == 2 and "give it alone" in err and not out.exists()
+
+
 def test_deepen_refused_identity_after_tanh_exit_2(tmp_path, capsys):
     out = tmp_path / "deep.onnx"
     code, _, err = run_cli(capsys, "deepen", model_path("mlp"), "--after", "/2/Gemm", "--mode", "identity", "-o", out)
