@@ -139,9 +139,15 @@ class GraphIR:
         return f"'{node.name}'" if node.name else f"{node.op_type}#{index}"
 
     def taken_names(self) -> set[str]:
-        """Every node, initializer, tensor and graph input name in use."""
-        return ({n.name for n in self.nodes} | set(self.initializers) | set(self.producer)
-                | {v.name for v in self.graph.input})
+        """Every node, initializer, tensor and graph input name in use, names
+        defined inside subgraphs (If/Loop/Scan bodies) included: a fresh name in
+        the main graph must not be shadowed by, or shadow, one of theirs."""
+        names = ({n.name for n in self.nodes} | set(self.initializers) | set(self.producer)
+                 | {v.name for v in self.graph.input})
+        for node in self.nodes:
+            for subgraph in _subgraphs(node):
+                names |= _names_defined_in(subgraph)
+        return names
 
     def uses(self, tensor: str) -> list[Use]:
         return self.consumers.get(tensor, [])
@@ -321,4 +327,20 @@ def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
             for inner in graph.node:
                 names.update(n for n in inner.input if n and n not in local)
                 names.update(outer_scope_reads(inner) - local)
+    return names
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
+def _names_defined_in(graph: onnx.GraphProto) -> set[str]:
+    """Node, tensor, initializer and input names a subgraph (and its own subgraphs) defines."""
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(o for o in node.output if o)
+        for subgraph in _subgraphs(node):
+            names |= _names_defined_in(subgraph)
+    names.discard("")
     return names

@@ -177,3 +177,24 @@ def test_redirect_and_rename_refuse_a_tensor_read_inside_a_subgraph():
     with pytest.raises(NotImplementedError, match="inside a subgraph"):
         GraphEditor(ir).rename_tensor("h", "h_wide")
     assert list(ir.nodes[index_of(ir, "relu")].input) == ["h"]
+
+
+def test_fresh_names_avoid_names_defined_only_inside_subgraphs():
+    """An If branch defines 'W/widened' locally: a new main-graph tensor of that
+    name would clash with it (ONNX names are unique across nested scopes)."""
+    model = chain()
+    branch = helper.make_graph([H("Identity", ["W"], ["W/widened"], name="W/widened_node")], "branch", [],
+                               [helper.make_tensor_value_info("W/widened", onnx.TensorProto.FLOAT, [4, 4])])
+    model.graph.node.append(H("If", ["flag"], ["w_out"], name="pick", then_branch=branch, else_branch=branch))
+    model.graph.input.append(helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, []))
+    model.graph.output.append(helper.make_tensor_value_info("w_out", onnx.TensorProto.FLOAT, [4, 4]))
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0])
+
+    def differing(edit, ir):
+        written = edit.store_constants({(index_of(ir, "L2"), 1): 2 * weight})
+        assert written and written[0] != "W/widened"
+
+    grown = edited(model, differing)
+    y, w_out = run(grown, {"x": X, "flag": np.array(True)})
+    np.testing.assert_allclose(w_out, weight)
+    np.testing.assert_allclose(y, np.maximum(X @ weight.T, 0) @ (2 * weight).T, rtol=1e-5)
