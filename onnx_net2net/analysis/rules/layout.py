@@ -11,6 +11,11 @@ Expand, Resize, Tile, Pad.
 * Expand, Resize, Tile and Pad must leave the unit axis alone (a literal
   Expand target or Resize size on it grows with the units).
 
+Positions are not units: a reshape that flattens the spatial axes of a
+convolution's output [N, C, H, W] into tokens [N, C, H*W] (a patch stem, as
+MLP-Mixer's token mixing reads them) gives H*W positions whose number is
+fixed by the input's size; a group reaching them is refused as such.
+
 Sizes read at run time (Shape -> ... -> Reshape) are checked by
 runtime_shapes, called by the search once the walk is done.
 """
@@ -49,6 +54,8 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
     moved, refusal = map_through_reshape(placement, src, dst)
     if moved is None:
+        if side == "out":
+            _refuse_spatial_positions(walk, index, placement, src, dst_name)
         reason, kind = refusal.reason, refusal.kind
         if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
             reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
@@ -59,6 +66,26 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
+
+
+def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat: tuple, input_name: str) -> None:
+    """Refuse when the units on a reshape's output (`flat`) are the positions
+    flattened from the spatial axes (2 and on) of a convolution's output, its
+    input `input_name` (the tokens of a patch stem): their number is fixed by
+    the input's size."""
+    ir = walk.ir
+    producer = ir.producer_node(input_name)
+    spatial = ir.shape(input_name)
+    if producer is None or ir.nodes[producer].op_type not in ("Conv", "ConvTranspose") or spatial is None:
+        return
+    axis = placement.axis
+    merged = tuple(spatial[axis:axis + len(spatial) - len(flat) + 1])
+    if (len(flat) >= len(spatial) or axis < 2 or None in merged or int(np.prod(merged)) != flat[axis]
+            or tuple(spatial[:axis]) != tuple(flat[:axis])):
+        return
+    walk.refuse(index, f"the units are the {flat[axis]} positions (tokens) flattened from the spatial axes "
+                       f"{list(merged)} of {ir.nodes[producer].op_type} {ir.label(producer)}: their number is fixed "
+                       "by the input's size")
 
 
 def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
