@@ -23,6 +23,7 @@ from typing import NoReturn
 import numpy as np
 
 from ..ir import GraphIR
+from .quantized import dequantized_constant, quantized_reason
 from .refusal import Refusal, RefusalKind
 from .units import Placement, UnitGroup, WeightEdit
 
@@ -126,10 +127,9 @@ class Walk:
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         """The constant's value (refused when computed or quantized)."""
         value = self.ir.const_value(tensor)
-        producer = self.ir.producer_node(tensor) if value is None else None
-        if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
-            self.refuse(index, f"its {what} '{tensor}' is quantized (DequantizeLinear): the consumers' weights "
-                               "would have to be divided by the copy count, which int8 values cannot hold exactly")
+        quantized = dequantized_constant(self.ir, tensor) if value is None else None
+        if quantized is not None:
+            self.refuse(index, quantized_reason(self.ir, quantized, tensor, what))
         if value is None:
             self.refuse(index, f"its {what} '{tensor}' is not a constant")
         return value
