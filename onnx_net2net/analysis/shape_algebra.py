@@ -12,6 +12,12 @@ A reshape of `src` into `dst` pairs runs of axes with equal element counts
 * the exact inverse (unflattening [.., F, ..] into [.., d_0, .., d_k, ..]):
   the units land on the axis d_j whose trailing product prod(d_j+1..d_k)
   divides their block, the leading ones matching their repeats;
+* heads merged with a batch of unknown size B just before them, [.., B,
+  H*d, ..] -> [.., B*H, d, ..] or [.., B, H, ..] -> [.., B*H, ..] (PyTorch's
+  legacy `nn.MultiheadAttention`), and the inverse splits: row-major order
+  puts head h of batch element b at b*H + h, so the units stay whole and
+  apart, H per batch element (`Placement.batch`); the other dims must be
+  known and equal on both sides (`_batch_merge`);
 * anything else (regrouping the unit axis) is refused.
 
 `unit_layout_hints` proposes unit layouts (whole heads, repeated spaces)
@@ -20,6 +26,9 @@ Pure functions of shapes: no graph, no walk.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,6 +43,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
     length, merges of the unit axis with its neighbours (flattening), and the
     exact inverse of such a merge.
     """
+    merged = _batch_merge(placement, src, dst)
+    if merged is not None:
+        return merged
     segments = reshape_segments(src, dst)
     if segments is None:
         # Unknown leading dims (a dynamic batch merged with the sequence, as
@@ -41,12 +53,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
         from_end = placement.rank - placement.axis
         if from_end <= _common_known_suffix(src, dst):
             return placement.on_axis(len(dst) - from_end, len(dst)), None
-        unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
-        if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
-            return None, Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} merges the unit axis into an "
-                                 "axis of unknown size (with the batch, as MobileViT's unfold does): the units would "
-                                 "not stay apart")
-        return None, Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+        segments = _known_suffix_segments(src, dst)  # [T, B, H, d] -> [T*B, H*d]: H, d keep their block
+        if not any(i0 <= placement.axis < i1 for (i0, i1), _ in segments):
+            return None, _unknown_dims_refusal(placement, src, dst)
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
             continue
@@ -73,6 +82,71 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
             return _unflatten(placement, dst, j0, j1)
         return None, Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} regroups the unit axis")
     return None, Refusal("the unit axis is not in the reshape")
+
+
+def _unknown_dims_refusal(placement: Placement, src: tuple, dst: tuple) -> Refusal:
+    """Why a reshape with unknown dims cannot be followed on the unit axis."""
+    unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
+    if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
+        return Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} merges the unit axis into an axis of "
+                       "unknown size (with the batch, as MobileViT's unfold does): the units would not stay apart")
+    return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+
+
+def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, Refusal | None] | None:
+    """Units merged into (or split out of) an unknown batch axis just before
+    them; None when the reshape is not of that form."""
+    a, same_rank = placement.axis, len(src) == len(dst)
+    if not placement.batch and a >= 1 and src[a - 1] is None and dst[a - 1] is None and src[a] is not None:
+        if placement.offset or placement.outer != 1 or placement.length != src[a]:
+            return None
+        if same_rank and _equal_known(src, dst, (a - 1, a)) and dst[a] and src[a] % dst[a] == 0 < src[a] - dst[a]:
+            width = dst[a]  # [.., B, H*d, ..] -> [.., B*H, d, ..]
+            if placement.inner % width:
+                return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS,
+                                     retry=((width // math.gcd(placement.inner, width), 1),))
+            return Placement(axis=a - 1, rank=len(dst), length=src[a] // width, inner=placement.inner // width,
+                             batch=True), None
+        if len(dst) == len(src) - 1 and src[:a - 1] == dst[:a - 1] and src[a + 1:] == dst[a:] and \
+                None not in src[a + 1:] and placement.length == src[a]:
+            return replace(placement, axis=a - 1, rank=len(dst), batch=True), None  # [.., B, H, ..] -> [.., B*H, ..]
+        return None
+    if not placement.batch or src[a] is not None or dst[a] is not None:
+        return None
+    if same_rank and a + 1 < len(src) and _equal_known(src, dst, (a, a + 1)) and src[a + 1] is not None and \
+            dst[a + 1] == src[a + 1] * placement.length:
+        width = src[a + 1]  # [.., B*H, d, ..] -> [.., B, H*d, ..]
+        return Placement(axis=a + 1, rank=len(dst), length=dst[a + 1], inner=placement.inner * width), None
+    if len(dst) == len(src) + 1 and dst[a + 1] == placement.length and src[:a] == dst[:a] and \
+            src[a + 1:] == dst[a + 2:] and None not in src[a + 1:]:
+        return replace(placement, axis=a + 1, rank=len(dst), batch=False), None  # [.., B*H, ..] -> [.., B, H, ..]
+    return None
+
+
+def _known_suffix_segments(src: tuple, dst: tuple) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Runs of trailing axes with equal known products, paired from the end
+    (row-major order keeps such a trailing block whatever comes before it)."""
+    segments, i, j = [], len(src), len(dst)
+    while i > 0 and j > 0 and src[i - 1] is not None and dst[j - 1] is not None:
+        i0, j0 = i - 1, j - 1
+        a, b = src[i0], dst[j0]
+        while a != b:
+            if a < b and i0 > 0 and src[i0 - 1] is not None:
+                i0 -= 1
+                a *= src[i0]
+            elif a > b and j0 > 0 and dst[j0 - 1] is not None:
+                j0 -= 1
+                b *= dst[j0]
+            else:
+                return segments
+        segments.append(((i0, i), (j0, j)))
+        i, j = i0, j0
+    return segments
+
+
+def _equal_known(src: tuple, dst: tuple, skip: tuple[int, ...]) -> bool:
+    """Every axis but `skip` has the same known length on both sides."""
+    return all(src[i] is not None and src[i] == dst[i] for i in range(len(src)) if i not in skip)
 
 
 def _common_known_suffix(src: tuple, dst: tuple) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..refusal import RefusalKind
-from ..runtime_shapes import pad_output_shape, reshape_output_shape
+from ..refined_shapes import refined_shape
 from ..shape_algebra import map_through_reshape, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk
@@ -61,7 +61,7 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
             reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
                       "channels (the other concatenated branch)")
             kind = RefusalKind.CHANNEL_SHUFFLE
-        walk.refuse(index, reason, unit_layout_hints(placement, src, dst), kind)
+        walk.refuse(index, reason, refusal.retry or unit_layout_hints(placement, src, dst), kind)
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
@@ -89,17 +89,9 @@ def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat
 
 
 def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
-    """The inferred shape, with the dims of a Reshape's output that ONNX shape
-    inference left unknown filled in from its target computed at run time."""
-    ir = walk.ir
-    shape = ir.shape(tensor)
-    producer = ir.producer_node(tensor)
-    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type in ("Reshape", "Pad"):
-        node = ir.nodes[producer]
-        computed = (reshape_output_shape if node.op_type == "Reshape" else pad_output_shape)(ir, producer)
-        if computed is not None and (shape is None or len(shape) == len(computed)):
-            shape = tuple(c if c is not None else (None if shape is None else d)
-                          for c, d in zip(computed, shape or computed))
+    """The inferred shape, with the dims shape inference left unknown computed
+    from sizes read at run time (refined_shapes)."""
+    shape = refined_shape(walk.ir, tensor)
     if shape is None:
         walk.refuse(index, f"the shape of '{tensor}' is unknown")
     return shape
