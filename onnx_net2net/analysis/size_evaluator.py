@@ -112,7 +112,7 @@ class SizeEvaluator:
         ir = self.ir
         value = ir.const_value(tensor)
         if value is not None:
-            if value.dtype.kind not in "iu" or value.ndim > 2:
+            if value.dtype.kind not in "iub" or value.ndim > 2:
                 return None
             if value.ndim == 2:
                 self.shapes[tensor] = value.shape
