@@ -111,8 +111,12 @@ def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> tuple[Placemen
                 None not in src[a + 1:] and placement.length == src[a]:
             return replace(placement, axis=a - 1, rank=len(dst), batch=True), None  # [.., B, H, ..] -> [.., B*H, ..]
         return None
-    if not placement.batch or src[a] is not None or dst[a] is not None:
+    if not placement.batch and a >= 1 and src[a - 1] is None and len(dst) == len(src) + 1 and dst[a] is None:
+        return _batch_merge_from_flat(placement, src, dst)
+    if not placement.batch or src[a] is not None:
         return None
+    if a < len(dst) and dst[a] is not None:
+        return _batch_split_both_ways(placement, src, dst)
     if same_rank and a + 1 < len(src) and _equal_known(src, dst, (a, a + 1)) and src[a + 1] is not None and \
             dst[a + 1] == src[a + 1] * placement.length:
         width = src[a + 1]  # [.., B*H, d, ..] -> [.., B, H*d, ..]
@@ -120,7 +124,34 @@ def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> tuple[Placemen
     if len(dst) == len(src) + 1 and dst[a + 1] == placement.length and src[:a] == dst[:a] and \
             src[a + 1:] == dst[a + 2:] and None not in src[a + 1:]:
         return replace(placement, axis=a + 1, rank=len(dst), batch=False), None  # [.., B*H, ..] -> [.., B, H, ..]
-    return None
+    return _batch_split_both_ways(placement, src, dst)
+
+
+def _batch_merge_from_flat(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, None] | None:
+    """[.., X*B, H*d, ..] -> [.., X, B*H, d, ..] (the inverse of
+    `_batch_split_both_ways`), X known. Shapes alone do not show that the
+    first axis is X*B: the walk accepts it only where the other side is
+    already known to hold the units merged with the batch (rules/layout.py)."""
+    a = placement.axis
+    width = dst[a + 1]
+    if placement.offset or placement.outer != 1 or placement.length != src[a] or width is None or dst[a - 1] is None:
+        return None
+    if src[a] % width or placement.inner % width or src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a + 2:] or \
+            None in src[a + 1:] or None in src[:a - 1]:
+        return None
+    return Placement(axis=a, rank=len(dst), length=src[a] // width, inner=placement.inner // width, batch=True), None
+
+
+def _batch_split_both_ways(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement, None] | None:
+    """[.., X, B*H, d, ..] -> [.., X*B, H*d, ..]: the batch joins the axis
+    before, the units the features after (row-major: (x*B + b, h*d + i))."""
+    a = placement.axis
+    if len(dst) != len(src) - 1 or a < 1 or a + 1 >= len(src) or src[a + 1] is None or dst[a - 1] is not None:
+        return None
+    if dst[a] != placement.length * src[a + 1] or src[:a - 1] != dst[:a - 1] or src[a + 2:] != dst[a + 1:] or \
+            None in src[a + 2:] or None in src[:a - 1]:
+        return None
+    return Placement(axis=a, rank=len(dst), length=dst[a], inner=placement.inner * src[a + 1]), None
 
 
 def _known_suffix_segments(src: tuple, dst: tuple) -> list[tuple[tuple[int, int], tuple[int, int]]]:

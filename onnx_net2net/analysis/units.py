@@ -57,6 +57,10 @@ class Placement:
         """Positions per repeat of the space."""
         return self.length // self.outer
 
+    def fits(self, dim: int | None) -> bool:
+        """Whether an axis of `dim` positions holds these units (unknown, for units merged with a batch)."""
+        return dim == self.length or (self.batch and dim is None)
+
     def on_axis(self, axis: int, rank: int) -> Placement:
         """The same units on another axis (and rank)."""
         return replace(self, axis=axis, rank=rank)
