@@ -39,10 +39,13 @@ def _unflatten(nodes: list) -> None:
               H("Transpose", ["p6"], ["p7"], perm=[3, 1, 2, 0, 4]), H("Squeeze", ["p7", "three"], ["packed"])]
 
 
-def legacy_attention(between=None):
+def legacy_attention(between=None, merged_products: bool = False):
     """x [T, B, E] -> in_proj -> attention (heads merged with the batch, then
     split out) -> out_proj -> + x -> head -> y. `between(nodes, inits)` may
-    add ops on q viewed as [B*heads, T, head size] ('qh' -> 'qh2')."""
+    add ops on q viewed as [B*heads, T, head size] ('qh' -> 'qh2').
+    `merged_products`: the attention products run on [B*heads, T, head size]
+    (need_weights=True), the context goes back by [T, B*heads, head size] ->
+    [T*B, E]."""
     rng = np.random.default_rng(0)
     inits = {"w_in": rand(rng, E, 3 * E), "b_in": rand(rng, 3 * E), "w_out": rand(rng, E, E), "b_out": rand(rng, E),
              "w_head": rand(rng, E, 3), "zero": _i64(0), "one_v": _i64(1), "two": _i64(2), "three": _i64(3),
@@ -64,11 +67,18 @@ def legacy_attention(between=None):
     if between is not None:
         between(nodes, inits)
         q = "qh2"
-    nodes += [H("Reshape", [q, "split_heads"], ["q4"]), H("Reshape", ["kh", "split_heads"], ["k4"]),
-              H("Reshape", ["vh", "split_heads"], ["v4"]), H("Transpose", ["k4"], ["kT"], perm=[0, 1, 3, 2]),
-              H("MatMul", ["q4", "kT"], ["scores"]), H("Mul", ["scores", "scale"], ["scaled"]),
-              H("Softmax", ["scaled"], ["probs"], axis=-1), H("MatMul", ["probs", "v4"], ["context"]),
-              H("Transpose", ["context"], ["context_t"], perm=[2, 0, 1, 3]),
+    if merged_products:
+        nodes += [H("Mul", [q, "scale"], ["qs"]), H("Transpose", ["kh"], ["kT"], perm=[0, 2, 1]),
+                  H("MatMul", ["qs", "kT"], ["scores"]), H("Softmax", ["scores"], ["probs"], axis=-1),
+                  H("MatMul", ["probs", "vh"], ["context"]),
+                  H("Transpose", ["context"], ["context_t"], perm=[1, 0, 2])]
+    else:
+        nodes += [H("Reshape", [q, "split_heads"], ["q4"]), H("Reshape", ["kh", "split_heads"], ["k4"]),
+                  H("Reshape", ["vh", "split_heads"], ["v4"]), H("Transpose", ["k4"], ["kT"], perm=[0, 1, 3, 2]),
+                  H("MatMul", ["q4", "kT"], ["scores"]), H("Mul", ["scores", "scale"], ["scaled"]),
+                  H("Softmax", ["scaled"], ["probs"], axis=-1), H("MatMul", ["probs", "v4"], ["context"]),
+                  H("Transpose", ["context"], ["context_t"], perm=[2, 0, 1, 3])]
+    nodes += [
               H("Mul", ["x_d0", "x_d1"], ["tb"]), H("Unsqueeze", ["tb", "zero"], ["tb_v"]),
               H("Concat", ["tb_v", "x_d2v"], ["merge"], axis=0), H("Reshape", ["context_t", "merge"], ["merged"]),
               H("Gemm", ["merged", "w_out", "b_out"], ["attn2"], name="out_proj"),
@@ -81,9 +91,9 @@ def _layer(model, name):
     return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)
 
 
-@pytest.mark.parametrize("heads", [3, 4])
-def test_heads_merged_with_a_dynamic_batch_grow_whole(heads):
-    model = legacy_attention()
+@pytest.mark.parametrize("heads, merged_products", [(3, False), (4, False), (3, True)])
+def test_heads_merged_with_a_dynamic_batch_grow_whole(heads, merged_products):
+    model = legacy_attention(merged_products=merged_products)
     layer = _layer(model, "in_proj")
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     assert layer["widen"]["step"] == 3 * HEAD
