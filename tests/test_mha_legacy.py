@@ -135,3 +135,21 @@ def test_a_separate_projection_merged_with_the_batch_grows_whole_heads():
 def test_an_op_mixing_the_merged_batch_axis_is_refused():
     reason = _layer(separate_projection(mix_batch=True), "q_proj")["widen"]["reason"]
     assert "ReduceMean" in reason and "merged with a batch of unknown size" in reason
+
+
+def test_units_merged_with_an_unknown_batch_map_both_ways():
+    from onnx_net2net.analysis import Placement, map_through_reshape
+
+    heads = Placement(axis=2, rank=3, length=E, inner=HEAD)  # [T, B, E]: whole heads
+    merged, _ = map_through_reshape(heads, (T, None, E), (T, None, HEAD))
+    assert merged == Placement(axis=1, rank=3, length=HEADS, inner=1, batch=True)
+    assert map_through_reshape(merged, (T, None, HEAD), (T, None, E))[0] == heads
+    split, _ = map_through_reshape(merged.on_axis(0, 3), (None, T, HEAD), (None, HEADS, T, HEAD))
+    assert split == Placement(axis=1, rank=4, length=HEADS)
+    assert map_through_reshape(split, (None, HEADS, T, HEAD), (None, T, HEAD))[0] == merged.on_axis(0, 3)
+    flat, _ = map_through_reshape(merged, (T, None, HEAD), (None, E))
+    assert flat == Placement(axis=1, rank=2, length=E, inner=HEAD)
+    assert map_through_reshape(flat, (None, E), (T, None, HEAD))[0] == merged
+    features = Placement(axis=2, rank=3, length=E)  # one unit per feature: a head is split across units
+    refused = map_through_reshape(features, (T, None, E), (T, None, HEAD))[1]
+    assert refused.retry == ((HEAD, 1),)

@@ -35,6 +35,9 @@ import numpy as np
 from .refusal import Refusal, RefusalKind
 from .units import Placement
 
+#: A placement mapped through a reshape, or the refusal (naming no node).
+Mapped = tuple[Placement | None, Refusal | None]
+
 
 def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, Refusal | None]:
     """Where the units land when a tensor of shape `src` is viewed as `dst`.
@@ -93,63 +96,94 @@ def _unknown_dims_refusal(placement: Placement, src: tuple, dst: tuple) -> Refus
     return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
 
 
-def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, Refusal | None] | None:
-    """Units merged into (or split out of) an unknown batch axis just before
-    them; None when the reshape is not of that form."""
-    a, same_rank = placement.axis, len(src) == len(dst)
-    if not placement.batch and a >= 1 and src[a - 1] is None and dst[a - 1] is None and src[a] is not None:
-        if placement.offset or placement.outer != 1 or placement.length != src[a]:
-            return None
-        if same_rank and _equal_known(src, dst, (a - 1, a)) and dst[a] and src[a] % dst[a] == 0 < src[a] - dst[a]:
-            width = dst[a]  # [.., B, H*d, ..] -> [.., B*H, d, ..]
-            if placement.inner % width:
-                return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS,
-                                     retry=((width // math.gcd(placement.inner, width), 1),))
-            return Placement(axis=a - 1, rank=len(dst), length=src[a] // width, inner=placement.inner // width,
-                             batch=True), None
-        if len(dst) == len(src) - 1 and src[:a - 1] == dst[:a - 1] and src[a + 1:] == dst[a:] and \
-                None not in src[a + 1:] and placement.length == src[a]:
-            return replace(placement, axis=a - 1, rank=len(dst), batch=True), None  # [.., B, H, ..] -> [.., B*H, ..]
-        return None
-    if not placement.batch and a >= 1 and src[a - 1] is None and len(dst) == len(src) + 1 and dst[a] is None:
-        return _batch_merge_from_flat(placement, src, dst)
-    if not placement.batch or src[a] is not None:
-        return None
-    if a < len(dst) and dst[a] is not None:
-        return _batch_split_both_ways(placement, src, dst)
-    if same_rank and a + 1 < len(src) and _equal_known(src, dst, (a, a + 1)) and src[a + 1] is not None and \
-            dst[a + 1] == src[a + 1] * placement.length:
-        width = src[a + 1]  # [.., B*H, d, ..] -> [.., B, H*d, ..]
-        return Placement(axis=a + 1, rank=len(dst), length=dst[a + 1], inner=placement.inner * width), None
-    if len(dst) == len(src) + 1 and dst[a + 1] == placement.length and src[:a] == dst[:a] and \
-            src[a + 1:] == dst[a + 2:] and None not in src[a + 1:]:
-        return replace(placement, axis=a + 1, rank=len(dst), batch=False), None  # [.., B*H, ..] -> [.., B, H, ..]
-    return _batch_split_both_ways(placement, src, dst)
+def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """Units merged into (or split out of) a batch axis of unknown size just
+    before them; None when the reshape is none of these forms."""
+    for case in (_heads_into_batch, _axis_into_batch, _flat_into_batch, _heads_out_of_batch, _axis_out_of_batch,
+                 _batch_out_both_ways):
+        found = case(placement, src, dst)
+        if found is not None:
+            return found
+    return None
 
 
-def _batch_merge_from_flat(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, None] | None:
+def _merges_before(placement: Placement, src: tuple, dst: tuple) -> bool:
+    """Plain units filling their axis, after an axis of unknown size in `src`."""
+    a = placement.axis
+    return (not placement.batch and a >= 1 and src[a - 1] is None and src[a] is not None and not placement.offset
+            and placement.outer == 1 and placement.length == src[a])
+
+
+def _heads_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B, H*d, ..] -> [.., B*H, d, ..]: units of whole rows of d."""
+    a = placement.axis
+    if not _merges_before(placement, src, dst) or len(src) != len(dst) or dst[a - 1] is not None:
+        return None
+    width = dst[a]
+    if not _equal_known(src, dst, (a - 1, a)) or not width or src[a] % width or src[a] <= width:
+        return None
+    if placement.inner % width:
+        return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS,
+                             retry=((width // math.gcd(placement.inner, width), 1),))
+    return Placement(axis=a - 1, rank=len(dst), length=src[a] // width, inner=placement.inner // width,
+                     batch=True), None
+
+
+def _axis_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B, H, ..] -> [.., B*H, ..]."""
+    a = placement.axis
+    if not _merges_before(placement, src, dst) or len(dst) != len(src) - 1 or dst[a - 1] is not None:
+        return None
+    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a:] or None in src[a + 1:]:
+        return None
+    return replace(placement, axis=a - 1, rank=len(dst), batch=True), None
+
+
+def _flat_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
     """[.., X*B, H*d, ..] -> [.., X, B*H, d, ..] (the inverse of
-    `_batch_split_both_ways`), X known. Shapes alone do not show that the
+    `_batch_out_both_ways`), X known. Shapes alone do not show that the
     first axis is X*B: the walk accepts it only where the other side is
     already known to hold the units merged with the batch (rules/layout.py)."""
     a = placement.axis
-    width = dst[a + 1]
-    if placement.offset or placement.outer != 1 or placement.length != src[a] or width is None or dst[a - 1] is None:
+    if not _merges_before(placement, src, dst) or len(dst) != len(src) + 1 or dst[a] is not None:
         return None
-    if src[a] % width or placement.inner % width or src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a + 2:] or \
-            None in src[a + 1:] or None in src[:a - 1]:
+    width = dst[a + 1]
+    if width is None or dst[a - 1] is None or src[a] % width or placement.inner % width:
+        return None
+    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a + 2:] or None in src[a + 1:] or None in src[:a - 1]:
         return None
     return Placement(axis=a, rank=len(dst), length=src[a] // width, inner=placement.inner // width, batch=True), None
 
 
-def _batch_split_both_ways(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement, None] | None:
+def _heads_out_of_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B*H, d, ..] -> [.., B, H*d, ..] (the inverse of `_heads_into_batch`)."""
+    a = placement.axis
+    if not placement.batch or len(src) != len(dst) or a + 1 >= len(src) or dst[a] is not None:
+        return None
+    width = src[a + 1]
+    if width is None or dst[a + 1] != width * placement.length or not _equal_known(src, dst, (a, a + 1)):
+        return None
+    return Placement(axis=a + 1, rank=len(dst), length=dst[a + 1], inner=placement.inner * width), None
+
+
+def _axis_out_of_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B*H, ..] -> [.., B, H, ..] (the inverse of `_axis_into_batch`)."""
+    a = placement.axis
+    if not placement.batch or len(dst) != len(src) + 1 or dst[a] is not None or dst[a + 1] != placement.length:
+        return None
+    if src[:a] != dst[:a] or src[a + 1:] != dst[a + 2:] or None in src[a + 1:]:
+        return None
+    return replace(placement, axis=a + 1, rank=len(dst), batch=False), None
+
+
+def _batch_out_both_ways(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
     """[.., X, B*H, d, ..] -> [.., X*B, H*d, ..]: the batch joins the axis
     before, the units the features after (row-major: (x*B + b, h*d + i))."""
     a = placement.axis
-    if len(dst) != len(src) - 1 or a < 1 or a + 1 >= len(src) or src[a + 1] is None or dst[a - 1] is not None:
+    if not placement.batch or len(dst) != len(src) - 1 or a < 1 or a + 1 >= len(src) or src[a + 1] is None:
         return None
-    if dst[a] != placement.length * src[a + 1] or src[:a - 1] != dst[:a - 1] or src[a + 2:] != dst[a + 1:] or \
-            None in src[a + 2:] or None in src[:a - 1]:
+    if dst[a - 1] is not None or dst[a] != placement.length * src[a + 1] or src[:a - 1] != dst[:a - 1] or \
+            src[a + 2:] != dst[a + 1:] or None in src[a + 2:] or None in src[:a - 1]:
         return None
     return Placement(axis=a, rank=len(dst), length=dst[a], inner=placement.inner * src[a + 1]), None
 
