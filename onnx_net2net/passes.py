@@ -497,7 +497,7 @@ def _layer(ir: GraphIR, name: str) -> int:
     index = find_layer(ir, name)
     quantized = [i for i in quantized_layers(ir) if layer_name(ir, i) == name or ir.nodes[i].name == name]
     if index is None and quantized:
-        raise GrowthRefused(str(quantized_layer_refusal(ir, quantized[0])))
+        raise GrowthRefused(f"layer '{name}' cannot be grown: {quantized_layer_refusal(ir, quantized[0]).reason}")
     if index is None:
         known = [layer_name(ir, i) for i in weighted_layers(ir)]
         hint = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
