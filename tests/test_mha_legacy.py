@@ -153,3 +153,15 @@ def test_units_merged_with_an_unknown_batch_map_both_ways():
     features = Placement(axis=2, rank=3, length=E)  # one unit per feature: a head is split across units
     refused = map_through_reshape(features, (T, None, E), (T, None, HEAD))[1]
     assert refused.retry == ((HEAD, 1),)
+
+
+def test_shapes_past_a_target_shape_inference_cannot_follow_are_computed():
+    from onnx_net2net.analysis.refined_shapes import refined_shape
+    from onnx_net2net.io import from_proto
+    from onnx_net2net.ir import GraphIR
+
+    ir = GraphIR(from_proto(legacy_attention()))
+    assert ir.shape("p5") is None and ir.shape("packed") is None  # ONNX's inference stops at the unflatten
+    assert refined_shape(ir, "p5") == (T, None, 3, E)
+    assert refined_shape(ir, "packed") == (3, T, None, E)
+    assert refined_shape(ir, "qh") == (None, T, HEAD)
