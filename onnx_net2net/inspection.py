@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 
 from .analysis import Refusal, RefusalKind, UnitGroup, layer_name, layer_width
+from .analysis.quantized import quantized_deepen_reason, quantized_layer_refusal, quantized_layers
 from .errors import UserError
 from .folding import computed_weights, fold_computed_weights
 from .io import ModelHandle
@@ -54,7 +55,9 @@ def inspect_model(handle: ModelHandle, *, trial: bool | None = None, inputs: Inp
     if reference is not None:
         _widen_trials(ir, groups, reference, handle)
     deepen = _deepen_statuses(ir, list(groups), reference, handle)
-    layers = [_describe(ir, index, group, deepen[index]) for index, group in groups.items()]
+    described = {index: _describe(ir, index, group, deepen[index]) for index, group in groups.items()}
+    described.update({index: _describe_quantized(ir, index) for index in quantized_layers(ir)})
+    layers = [described[index] for index in sorted(described)]
     report = {"model": name or (str(handle.path) if handle.path else handle.graph.name), "layers": layers}
     if folded:
         report["folded"] = folded  # weights computed from constants, folded before the analysis
@@ -149,6 +152,20 @@ def _describe(ir: GraphIR, index: int, group: UnitGroup, deepen: dict) -> dict:
         "width": layer_width(ir, index),
         "widen": widen,
         "deepen": deepen,
+    }
+
+
+def _describe_quantized(ir: GraphIR, index: int) -> dict:
+    """A layer whose weight is quantized (QDQ): listed, refused with the reason."""
+    node = ir.nodes[index]
+    reason = str(quantized_layer_refusal(ir, index))
+    return {
+        "name": layer_name(ir, index),
+        "op": node.op_type,
+        "weight": node.input[1],
+        "width": layer_width(ir, index),
+        "widen": {"ok": False, "reason": reason, "step": 1, "group": [], "note": None},
+        "deepen": {"ok": False, "reason": quantized_deepen_reason(ir, index)},
     }
 
 

@@ -57,4 +57,4 @@ def test_a_quantized_consumer_weight_is_refused_with_the_reason():
              H("MatMul", ["a", "w2"], ["y"], name="fc2")]
     model = make_model(nodes, [("x", ["N", 4])], ["y"], inits)
     layer = next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == "fc1")
-    assert "quantized (DequantizeLinear)" in layer["widen"]["reason"]
+    assert "quantized (int8 'w2_q' through DequantizeLinear, per-channel scales on axis 1)" in layer["widen"]["reason"]

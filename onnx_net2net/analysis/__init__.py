@@ -6,6 +6,9 @@ Modules, each importing only those listed before it:
 * units.py: `Placement`, the edits and `UnitGroup` (the group protocol);
 * layers.py: weighted layers, their names and widths;
 * shape_algebra.py: units through reshapes, slice bounds (pure functions);
+* size_evaluator.py, runtime_shapes.py: sizes computed at run time;
+* refined_shapes.py: shapes ONNX inference left unknown, computed;
+* quantized.py: quantized (QDQ) weights, refused with the reason;
 * walk.py: the walk over the tensors carrying a unit space;
 * rules/: the op rules the walk dispatches to, by op family;
 * normalisation.py: LEMON's average expansion for normalised units;

@@ -154,15 +154,24 @@ def _sink_edits(ir: GraphIR, ev: SizeEvaluator, group, index: int, port: int) ->
     for k, (entry, need) in enumerate(zip(actual, required)):
         if need is _ANY or entry.slope == need:
             continue
+        if need is _BATCH:
+            replaced.append((k, -1, 0))
+            continue
         if entry.base is None:
             raise _refused(ir, index, f"entry {k} of its {what} is read at run time and does not follow the units "
                                  f"(it would have to grow by {need} per unit)" if need else
                                  f"entry {k} of its {what} changes with the units, but this op's data does not")
         replaced.append((k, entry.base, int(need)))
+    if required.count(_BATCH) > 1 or _BATCH in required and any(e.base == -1 and not e.depends for e in actual):
+        raise _refused(ir, index, f"its {what} merges the units with a batch of unknown size on one axis, and another "
+                                  "entry is inferred (-1) too")
     return [SizeEdit(index, port, tuple(replaced))] if replaced else []
 
 
 _ANY = object()
+#: An axis holding the units times a batch of unknown size: its entry becomes -1,
+#: inferred from the element count (exact: every other entry is right).
+_BATCH = object()
 
 
 def _unit_axis(group, tensor: str):
@@ -172,22 +181,29 @@ def _unit_axis(group, tensor: str):
 
 def _required_reshape(ir, ev, group, index, port, actual):
     node = ir.nodes[index]
-    axis, growth = _unit_axis(group, node.output[0])
-    in_axis, in_growth = _unit_axis(group, node.input[0])
     required = []
     for k, entry in enumerate(actual):
-        need = Fraction(growth if k == axis else 0)
+        need = _reshape_need(group, node.output[0], k)
         if entry.base == -1 and not entry.depends:
             required.append(_ANY)  # inferred from the element count
         elif entry.base == 0 and not entry.depends and not int(node_attr(node, "allowzero", 0)):
             # copies the input's dim k
-            if Fraction(in_growth if k == in_axis else 0) != need:
+            if _reshape_need(group, node.input[0], k) != need:
                 raise _refused(ir, index, f"entry {k} of its shape copies the input's dim (0), which does not follow "
                                      "the units there")
             required.append(_ANY)
         else:
             required.append(need)
     return required
+
+
+def _reshape_need(group, tensor: str, k: int):
+    """What dim k of `tensor` gains per unit added: its growth on the unit axis
+    (_BATCH where the units are merged with a batch of unknown size), else 0."""
+    placement = group.placements.get(tensor)
+    if placement is None or placement.axis != k:
+        return Fraction(0)
+    return _BATCH if placement.batch else Fraction(placement.growth())
 
 
 def _required_from_end(ir, ev, group, index, port, actual):

@@ -12,6 +12,12 @@ A reshape of `src` into `dst` pairs runs of axes with equal element counts
 * the exact inverse (unflattening [.., F, ..] into [.., d_0, .., d_k, ..]):
   the units land on the axis d_j whose trailing product prod(d_j+1..d_k)
   divides their block, the leading ones matching their repeats;
+* heads merged with a batch of unknown size B just before them, [.., B,
+  H*d, ..] -> [.., B*H, d, ..] or [.., B, H, ..] -> [.., B*H, ..] (PyTorch's
+  legacy `nn.MultiheadAttention`), and the inverse splits: row-major order
+  puts head h of batch element b at b*H + h, so the units stay whole and
+  apart, H per batch element (`Placement.batch`); the other dims must be
+  known and equal on both sides (`_batch_merge`);
 * anything else (regrouping the unit axis) is refused.
 
 `unit_layout_hints` proposes unit layouts (whole heads, repeated spaces)
@@ -21,10 +27,16 @@ Pure functions of shapes: no graph, no walk.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 
 from .refusal import Refusal, RefusalKind
 from .units import Placement
+
+#: A placement mapped through a reshape, or the refusal (naming no node).
+Mapped = tuple[Placement | None, Refusal | None]
 
 
 def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[Placement | None, Refusal | None]:
@@ -34,6 +46,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
     length, merges of the unit axis with its neighbours (flattening), and the
     exact inverse of such a merge.
     """
+    merged = _batch_merge(placement, src, dst)
+    if merged is not None:
+        return merged
     segments = reshape_segments(src, dst)
     if segments is None:
         # Unknown leading dims (a dynamic batch merged with the sequence, as
@@ -41,12 +56,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
         from_end = placement.rank - placement.axis
         if from_end <= _common_known_suffix(src, dst):
             return placement.on_axis(len(dst) - from_end, len(dst)), None
-        unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
-        if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
-            return None, Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} merges the unit axis into an "
-                                 "axis of unknown size (with the batch, as MobileViT's unfold does): the units would "
-                                 "not stay apart")
-        return None, Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+        segments = _known_suffix_segments(src, dst)  # [T, B, H, d] -> [T*B, H*d]: H, d keep their block
+        if not any(i0 <= placement.axis < i1 for (i0, i1), _ in segments):
+            return None, _unknown_dims_refusal(placement, src, dst)
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
             continue
@@ -73,6 +85,133 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
             return _unflatten(placement, dst, j0, j1)
         return None, Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} regroups the unit axis")
     return None, Refusal("the unit axis is not in the reshape")
+
+
+def _unknown_dims_refusal(placement: Placement, src: tuple, dst: tuple) -> Refusal:
+    """Why a reshape with unknown dims cannot be followed on the unit axis."""
+    unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
+    if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
+        return Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} merges the unit axis into an axis of "
+                       "unknown size (with the batch, as MobileViT's unfold does): the units would not stay apart")
+    return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+
+
+def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """Units merged into (or split out of) a batch axis of unknown size just
+    before them; None when the reshape is none of these forms."""
+    for case in (_heads_into_batch, _axis_into_batch, _flat_into_batch, _heads_out_of_batch, _axis_out_of_batch,
+                 _batch_out_both_ways):
+        found = case(placement, src, dst)
+        if found is not None:
+            return found
+    return None
+
+
+def _merges_before(placement: Placement, src: tuple, dst: tuple) -> bool:
+    """Plain units filling their axis, after an axis of unknown size in `src`."""
+    a = placement.axis
+    return (not placement.batch and a >= 1 and src[a - 1] is None and src[a] is not None and not placement.offset
+            and placement.outer == 1 and placement.length == src[a])
+
+
+def _heads_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B, H*d, ..] -> [.., B*H, d, ..]: units of whole rows of d."""
+    a = placement.axis
+    if not _merges_before(placement, src, dst) or len(src) != len(dst) or dst[a - 1] is not None:
+        return None
+    width = dst[a]
+    if not _equal_known(src, dst, (a - 1, a)) or not width or src[a] % width or src[a] <= width:
+        return None
+    if placement.inner % width:
+        return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS,
+                             retry=((width // math.gcd(placement.inner, width), 1),))
+    return Placement(axis=a - 1, rank=len(dst), length=src[a] // width, inner=placement.inner // width,
+                     batch=True), None
+
+
+def _axis_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B, H, ..] -> [.., B*H, ..]."""
+    a = placement.axis
+    if not _merges_before(placement, src, dst) or len(dst) != len(src) - 1 or dst[a - 1] is not None:
+        return None
+    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a:] or None in src[a + 1:]:
+        return None
+    return replace(placement, axis=a - 1, rank=len(dst), batch=True), None
+
+
+def _flat_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., X*B, H*d, ..] -> [.., X, B*H, d, ..] (the inverse of
+    `_batch_out_both_ways`), X known. Shapes alone do not show that the
+    first axis is X*B: the walk accepts it only where the other side is
+    already known to hold the units merged with the batch (rules/layout.py)."""
+    a = placement.axis
+    if not _merges_before(placement, src, dst) or len(dst) != len(src) + 1 or dst[a] is not None:
+        return None
+    width = dst[a + 1]
+    if width is None or dst[a - 1] is None or src[a] % width or placement.inner % width:
+        return None
+    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a + 2:] or None in src[a + 1:] or None in src[:a - 1]:
+        return None
+    return Placement(axis=a, rank=len(dst), length=src[a] // width, inner=placement.inner // width, batch=True), None
+
+
+def _heads_out_of_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B*H, d, ..] -> [.., B, H*d, ..] (the inverse of `_heads_into_batch`)."""
+    a = placement.axis
+    if not placement.batch or len(src) != len(dst) or a + 1 >= len(src) or dst[a] is not None:
+        return None
+    width = src[a + 1]
+    if width is None or dst[a + 1] != width * placement.length or not _equal_known(src, dst, (a, a + 1)):
+        return None
+    return Placement(axis=a + 1, rank=len(dst), length=dst[a + 1], inner=placement.inner * width), None
+
+
+def _axis_out_of_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., B*H, ..] -> [.., B, H, ..] (the inverse of `_axis_into_batch`)."""
+    a = placement.axis
+    if not placement.batch or len(dst) != len(src) + 1 or dst[a] is not None or dst[a + 1] != placement.length:
+        return None
+    if src[:a] != dst[:a] or src[a + 1:] != dst[a + 2:] or None in src[a + 1:]:
+        return None
+    return replace(placement, axis=a + 1, rank=len(dst), batch=False), None
+
+
+def _batch_out_both_ways(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
+    """[.., X, B*H, d, ..] -> [.., X*B, H*d, ..]: the batch joins the axis
+    before, the units the features after (row-major: (x*B + b, h*d + i))."""
+    a = placement.axis
+    if not placement.batch or len(dst) != len(src) - 1 or a < 1 or a + 1 >= len(src) or src[a + 1] is None:
+        return None
+    if dst[a - 1] is not None or dst[a] != placement.length * src[a + 1] or src[:a - 1] != dst[:a - 1] or \
+            src[a + 2:] != dst[a + 1:] or None in src[a + 2:] or None in src[:a - 1]:
+        return None
+    return Placement(axis=a, rank=len(dst), length=dst[a], inner=placement.inner * src[a + 1]), None
+
+
+def _known_suffix_segments(src: tuple, dst: tuple) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Runs of trailing axes with equal known products, paired from the end
+    (row-major order keeps such a trailing block whatever comes before it)."""
+    segments, i, j = [], len(src), len(dst)
+    while i > 0 and j > 0 and src[i - 1] is not None and dst[j - 1] is not None:
+        i0, j0 = i - 1, j - 1
+        a, b = src[i0], dst[j0]
+        while a != b:
+            if a < b and i0 > 0 and src[i0 - 1] is not None:
+                i0 -= 1
+                a *= src[i0]
+            elif a > b and j0 > 0 and dst[j0 - 1] is not None:
+                j0 -= 1
+                b *= dst[j0]
+            else:
+                return segments
+        segments.append(((i0, i), (j0, j)))
+        i, j = i0, j0
+    return segments
+
+
+def _equal_known(src: tuple, dst: tuple, skip: tuple[int, ...]) -> bool:
+    """Every axis but `skip` has the same known length on both sides."""
+    return all(src[i] is not None and src[i] == dst[i] for i in range(len(src)) if i not in skip)
 
 
 def _common_known_suffix(src: tuple, dst: tuple) -> int:

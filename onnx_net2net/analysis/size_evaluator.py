@@ -112,7 +112,7 @@ class SizeEvaluator:
         ir = self.ir
         value = ir.const_value(tensor)
         if value is not None:
-            if value.dtype.kind not in "iu" or value.ndim > 2:
+            if value.dtype.kind not in "iub" or value.ndim > 2:
                 return None
             if value.ndim == 2:
                 self.shapes[tensor] = value.shape
@@ -145,7 +145,9 @@ def _shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
         return None
     placement = ev.placements.get(node.input[0])
     dims = [Entry(None if d is None else int(d)) for d in shape]
-    if placement is not None:
+    if placement is not None and placement.batch:
+        dims[placement.axis] = Entry(None, None)  # B x units, B unknown: not affine in the units added
+    elif placement is not None:
         dims[placement.axis] = Entry(placement.length, Fraction(placement.growth()))
     if node.op_type == "Size":
         return [_product(dims)]

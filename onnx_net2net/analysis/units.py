@@ -16,6 +16,10 @@ axis is `outer` repetitions of a block; in every block unit u occupies the
 * Flatten of NCHW into [N, C*H*W]:       inner H*W (each channel is a block)
 * Transpose to NHWC, then Flatten:       inner 1, outer H*W (feature p*C + c)
 * a depthwise Conv with multiplier m:    inner m
+* heads merged with a batch of unknown size B ([T, B, H*d] viewed as
+  [T, B*H, d], as PyTorch's legacy export of nn.MultiheadAttention does):
+  axis 1, length H, `batch`: the axis holds B blocks of the H units, B
+  unknown (sizes on it are read at run time, see runtime_shapes)
 
 The walk produces `Edit`s that the rewrites apply; it never changes the model.
 
@@ -45,11 +49,17 @@ class Placement:
     offset: int = 0
     inner: int = 1
     outer: int = 1
+    #: the axis also holds a batch of unknown size: B blocks of `length` positions each
+    batch: bool = False
 
     @property
     def block(self) -> int:
         """Positions per repeat of the space."""
         return self.length // self.outer
+
+    def fits(self, dim: int | None) -> bool:
+        """Whether an axis of `dim` positions holds these units (unknown, for units merged with a batch)."""
+        return dim == self.length or (self.batch and dim is None)
 
     def on_axis(self, axis: int, rank: int) -> Placement:
         """The same units on another axis (and rank)."""

@@ -23,8 +23,16 @@ from typing import NoReturn
 import numpy as np
 
 from ..ir import GraphIR
+from ..ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY, RESHAPES
+from .quantized import dequantized_constant, quantized_reason
+from .refined_shapes import refined_shape
 from .refusal import Refusal, RefusalKind
 from .units import Placement, UnitGroup, WeightEdit
+
+#: Ops that keep units merged with a batch of unknown size apart (Placement.batch):
+#: they move the axis, read its size, act per element or per batch position.
+BATCH_MERGED_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | RESHAPES
+                             | {"Transpose", "Shape", "Size", "Softmax", "LogSoftmax", "MatMul"})
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
 #: tensors and edits to the walk's group, or refuses.
@@ -106,6 +114,9 @@ class Walk:
         rule = self.rule_for(node.op_type)
         if rule is None or node.domain not in ("", "ai.onnx"):
             self.refuse(index, "this op is not known to act on each unit separately")
+        if placement.batch and node.op_type not in BATCH_MERGED_OPS:
+            self.refuse(index, "the units are merged with a batch of unknown size on this axis (heads viewed as "
+                               "[batch x heads]), which this op is not known to keep apart")
         self.group.ops.add(node.op_type)
         rule(self, index, side, port, placement)
 
@@ -117,8 +128,8 @@ class Walk:
         raise Refusal.at_op(self.ir, index, reason, kind, retry)
 
     def shape(self, index: int, tensor: str) -> tuple:
-        """The tensor's inferred shape (refused when unknown)."""
-        shape = self.ir.shape(tensor)
+        """The tensor's shape, inferred or refined (refused when unknown)."""
+        shape = refined_shape(self.ir, tensor)
         if shape is None:
             self.refuse(index, f"the shape of '{tensor}' is unknown")
         return shape
@@ -126,10 +137,9 @@ class Walk:
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         """The constant's value (refused when computed or quantized)."""
         value = self.ir.const_value(tensor)
-        producer = self.ir.producer_node(tensor) if value is None else None
-        if producer is not None and self.ir.nodes[producer].op_type == "DequantizeLinear":
-            self.refuse(index, f"its {what} '{tensor}' is quantized (DequantizeLinear): the consumers' weights "
-                               "would have to be divided by the copy count, which int8 values cannot hold exactly")
+        quantized = dequantized_constant(self.ir, tensor) if value is None else None
+        if quantized is not None:
+            self.refuse(index, quantized_reason(self.ir, quantized, tensor, what))
         if value is None:
             self.refuse(index, f"its {what} '{tensor}' is not a constant")
         return value
@@ -139,6 +149,8 @@ class Walk:
         node = self.ir.nodes[index]
         if port >= len(node.input) or not node.input[port]:
             return
+        if placement.batch:
+            self.refuse(index, "the units are merged with a batch of unknown size on the axis of its weight")
         self.const(index, node.input[port], "weight")
         self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role, groups))
 

@@ -15,6 +15,7 @@ from .concat_split import concat, slice_op, split
 from .elementwise import elementwise, pool, shape_op, unary
 from .layout import expand, gather, pad, reshape, resize, tile, transpose
 from .normalisation import batchnorm, layernorm, reduce
+from .quantized import quantize_linear
 from .weighted import conv, conv_transpose, gemm, matmul
 
 RULES: dict[str, Rule] = {
@@ -39,6 +40,8 @@ RULES: dict[str, Rule] = {
     "Resize": resize,
     "Expand": expand,
     "Tile": tile,
+    "QuantizeLinear": quantize_linear,
+    "DequantizeLinear": quantize_linear,
 }
 FAMILY_RULES: list[tuple[frozenset, Rule]] = [
     (ELEMENTWISE_UNARY, unary),

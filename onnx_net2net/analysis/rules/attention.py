@@ -26,7 +26,7 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
         axis = len(shape) - from_end
         if axis < 0 or (shape[axis] == 1 and placement.length != 1):
             continue
-        if shape[axis] != placement.length:
+        if not placement.fits(shape[axis]):
             walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")
         walk.add(name, placement.on_axis(axis, len(shape)))
 

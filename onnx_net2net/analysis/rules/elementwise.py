@@ -53,7 +53,7 @@ def elementwise(walk: Walk, index: int, side: str, port: int, placement: Placeme
         # a size-1 operand is full width, and both must grow together).
         if axis < 0 or (shape[axis] == 1 and placement.length != 1):
             continue
-        if shape[axis] != placement.length:
+        if not placement.fits(shape[axis]):
             walk.refuse(index, f"operand '{name}' has {shape[axis]} positions on the unit axis, "
                                f"not {placement.length}")
         if ir.is_const(name):

@@ -11,6 +11,11 @@ Expand, Resize, Tile, Pad.
 * Expand, Resize, Tile and Pad must leave the unit axis alone (a literal
   Expand target or Resize size on it grows with the units).
 
+Positions are not units: a reshape that flattens the spatial axes of a
+convolution's output [N, C, H, W] into tokens [N, C, H*W] (a patch stem, as
+MLP-Mixer's token mixing reads them) gives H*W positions whose number is
+fixed by the input's size; a group reaching them is refused as such.
+
 Sizes read at run time (Shape -> ... -> Reshape) are checked by
 runtime_shapes, called by the search once the walk is done.
 """
@@ -23,8 +28,8 @@ import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..refusal import RefusalKind
-from ..runtime_shapes import pad_output_shape, reshape_output_shape
-from ..shape_algebra import map_through_reshape, unit_layout_hints
+from ..refined_shapes import refined_shape
+from ..shape_algebra import format_shape, map_through_reshape, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk
 
@@ -49,30 +54,47 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
     moved, refusal = map_through_reshape(placement, src, dst)
     if moved is None:
+        if side == "out":
+            _refuse_spatial_positions(walk, index, placement, src, dst_name)
         reason, kind = refusal.reason, refusal.kind
         if _channel_shuffle(ir, index if side == "in" else None) and placement.length != walk.group.size:
             reason = ("a channel shuffle (Reshape -> Transpose -> Reshape) interleaves these units with other "
                       "channels (the other concatenated branch)")
             kind = RefusalKind.CHANNEL_SHUFFLE
-        walk.refuse(index, reason, unit_layout_hints(placement, src, dst), kind)
+        walk.refuse(index, reason, refusal.retry or unit_layout_hints(placement, src, dst), kind)
+    if moved.batch and not placement.batch and len(dst) > len(src) and walk.group.placements.get(dst_name) != moved:
+        walk.refuse(index, f"reshape {format_shape(src)} -> {format_shape(dst)} would merge the units with a batch "
+                           "of unknown size only if its first axis is that batch times the axis before")
     walk.add(dst_name, moved)
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
 
 
-def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
-    """The inferred shape, with the dims of a Reshape's output that ONNX shape
-    inference left unknown filled in from its target computed at run time."""
+def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat: tuple, input_name: str) -> None:
+    """Refuse when the units on a reshape's output (`flat`) are the positions
+    flattened from the spatial axes (2 and on) of a convolution's output, its
+    input `input_name` (the tokens of a patch stem): their number is fixed by
+    the input's size."""
     ir = walk.ir
-    shape = ir.shape(tensor)
-    producer = ir.producer_node(tensor)
-    if (shape is None or None in shape) and producer is not None and ir.nodes[producer].op_type in ("Reshape", "Pad"):
-        node = ir.nodes[producer]
-        computed = (reshape_output_shape if node.op_type == "Reshape" else pad_output_shape)(ir, producer)
-        if computed is not None and (shape is None or len(shape) == len(computed)):
-            shape = tuple(c if c is not None else (None if shape is None else d)
-                          for c, d in zip(computed, shape or computed))
+    producer = ir.producer_node(input_name)
+    spatial = ir.shape(input_name)
+    if producer is None or ir.nodes[producer].op_type not in ("Conv", "ConvTranspose") or spatial is None:
+        return
+    axis = placement.axis
+    merged = tuple(spatial[axis:axis + len(spatial) - len(flat) + 1])
+    if (len(flat) >= len(spatial) or axis < 2 or None in merged or int(np.prod(merged)) != flat[axis]
+            or tuple(spatial[:axis]) != tuple(flat[:axis])):
+        return
+    walk.refuse(index, f"the units are the {flat[axis]} positions (tokens) flattened from the spatial axes "
+                       f"{list(merged)} of {ir.nodes[producer].op_type} {ir.label(producer)}: their number is fixed "
+                       "by the input's size")
+
+
+def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
+    """The inferred shape, with the dims shape inference left unknown computed
+    from sizes read at run time (refined_shapes)."""
+    shape = refined_shape(walk.ir, tensor)
     if shape is None:
         walk.refuse(index, f"the shape of '{tensor}' is unknown")
     return shape

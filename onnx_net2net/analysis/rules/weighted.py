@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...ir import node_attr
+from ..quantized import dequantized_constant
 from ..units import AttributeEdit, Placement, axis_only
 from ..walk import Walk
 from .attention import batched_matmul
@@ -121,8 +122,7 @@ def matmul(walk: Walk, index: int, side: str, port: int, placement: Placement) -
     ir = walk.ir
     node = ir.nodes[index]
     if not ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
-        weight = ir.producer_node(node.input[1])
-        if weight is not None and ir.nodes[weight].op_type == "DequantizeLinear":
+        if dequantized_constant(ir, node.input[1]) is not None:
             walk.const(index, node.input[1], "weight")  # refuses, naming the quantization
         batched_matmul(walk, index, side, port, placement)
         return

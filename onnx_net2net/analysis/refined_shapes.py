@@ -1,0 +1,103 @@
+"""Shapes that shape inference left unknown, computed from sizes read at run time.
+
+ONNX shape inference (and onnxruntime's symbolic inference, which `GraphIR`
+tries next) gives up at a Reshape whose target is computed at run time in a
+way it cannot follow, such as PyTorch's legacy export of
+`nn.MultiheadAttention` (`Shape(x)[0:Mod(2, 3)]` concatenated with
+`[3, E]`): that output, and everything after it, has no shape. The analysis
+computes the target itself (`runtime_shapes.reshape_output_shape`, the size
+algebra of size_evaluator), then follows the ops after it with ONNX's
+inference of one node at a time (`onnx.shape_inference.infer_node_outputs`),
+fed the refined shapes of its inputs and the values of its constant inputs.
+
+A refined dim is exactly the dim the model has at run time for every input
+(the sizes are followed exactly, and a dim that depends on the input stays
+None); dims already known are kept.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper, numpy_helper
+
+from ..ir import GraphIR
+from .runtime_shapes import pad_output_shape, reshape_output_shape
+
+#: Ops followed one node at a time (a shape computed from their inputs' shapes).
+FOLLOWED = frozenset("""
+    Unsqueeze Squeeze Transpose Gather Identity Cast Add Sub Mul Div Pow Sqrt Erf Tanh Sigmoid Relu Softmax MatMul
+    Where Neg Exp Dropout Flatten Concat Split Slice
+""".split())
+#: How far back an unknown shape is followed (a bound on the recursion).
+MAX_DEPTH = 48
+
+
+def refined_shape(ir: GraphIR, tensor: str) -> tuple | None:
+    """The tensor's shape, with dims shape inference left unknown computed
+    where the model determines them (None when even the rank is unknown)."""
+    cache = ir.__dict__.setdefault("_refined_shapes", {})
+    return _refined(ir, tensor, cache, 0)
+
+
+def _refined(ir: GraphIR, tensor: str, cache: dict, depth: int) -> tuple | None:
+    shape = ir.shape(tensor)
+    if shape is not None and None not in shape:
+        return shape
+    if tensor in cache:
+        return cache[tensor]
+    cache[tensor] = shape  # guards against cycles in malformed graphs
+    producer = ir.producer_node(tensor)
+    computed = None
+    if producer is not None and depth < MAX_DEPTH:
+        op = ir.nodes[producer].op_type
+        if op == "Reshape":
+            computed = reshape_output_shape(ir, producer)
+        elif op == "Pad":
+            computed = pad_output_shape(ir, producer)
+        elif op in FOLLOWED and ir.nodes[producer].domain in ("", "ai.onnx"):
+            computed = _infer_node(ir, producer, tensor, cache, depth)
+    cache[tensor] = _merge(shape, computed)
+    return cache[tensor]
+
+
+def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:
+    """Known dims win; computed ones fill the unknown (ranks must agree)."""
+    if computed is None or (known is not None and len(known) != len(computed)):
+        return known
+    if known is None:
+        return computed
+    return tuple(k if k is not None else c for k, c in zip(known, computed))
+
+
+def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, depth: int) -> tuple | None:
+    """ONNX's inference of one node, fed its inputs' refined shapes."""
+    node = ir.nodes[index]
+    types, data = {}, {}
+    for name in node.input:
+        if not name:
+            continue
+        value = ir.const_value(name)
+        if value is not None:
+            data[name] = numpy_helper.from_array(value, name)
+        shape = value.shape if value is not None else _refined(ir, name, cache, depth + 1)
+        if shape is None:
+            return None
+        dtype = ir.dtypes.get(name, onnx.TensorProto.FLOAT) if value is None else helper.np_dtype_to_tensor_dtype(
+            value.dtype)
+        types[name] = helper.make_tensor_type_proto(dtype, list(shape))
+    try:
+        schema = onnx.defs.get_schema(node.op_type, _opset(ir), node.domain)
+        outputs = onnx.shape_inference.infer_node_outputs(schema, node, types, data)
+    except Exception:  # noqa: BLE001 - best effort: the shape stays unknown
+        return None
+    if tensor not in outputs or not outputs[tensor].tensor_type.HasField("shape"):
+        return None
+    dims = outputs[tensor].tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
+def _opset(ir: GraphIR) -> int:
+    for opset in ir.handle.proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1
