@@ -159,6 +159,9 @@ class Walk:
         group = self.group
         if placement.offset or placement.inner != 1 or placement.outer != 1 or placement.length != group.size:
             self.refuse(index, f"grouped convolution (group={blocks}) over part of a concatenation")
+        if group.tile and 1 < blocks < group.size:
+            self.refuse(index, f"a normalisation takes statistics over these grouped-convolution units "
+                               f"(group={blocks})")
         step = math.lcm(group.step, blocks)
         if group.size % step:
             self.refuse(index, f"grouped convolutions with {group.step} and {blocks} groups do not nest")

@@ -99,7 +99,8 @@ def _require_tiling(walk: Walk, index: int, placement: Placement) -> None:
         # (repeated blocks that each hold exactly the units, as in patch merging, are fine: every unit is
         # still copied equally often)
         walk.refuse(index, "it takes statistics over the units and other data together")
-    if group.step not in (1, group.size):
+    grouped = any(1 < edit.groups < group.size for edit in group.weight_edits)
+    if grouped or group.step not in (1, group.size):
         walk.refuse(index, "it takes statistics over grouped-convolution units")
     group.tile = True
     group.step = group.size
