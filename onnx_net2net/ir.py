@@ -19,6 +19,8 @@ builds a fresh one (`GraphIR(handle)`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,14 +259,34 @@ class GraphIR:
             # The loop of SymbolicShapeInference.infer_shapes, which would also
             # write a file into the working folder when inference is incomplete.
             inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-            inference._preprocess(light)
-            while inference.run_:
-                inference._infer_impl()
-            inference._update_output_from_vi()
+            with _quiet_symbolic_inference():
+                inference._preprocess(light)
+                while inference.run_:
+                    inference._infer_impl()
+                inference._update_output_from_vi()
             inferred = inference.out_mp_
         except Exception:  # noqa: BLE001 - best effort: unknown shapes stay unknown
             return
         self._read_shapes(inferred.graph, only_unknown=True)
+
+
+@contextlib.contextmanager
+def _quiet_symbolic_inference():
+    """Silence the symbolic inference's warnings ("Unable to determine if
+    floor(Pad_d1/2) <= Pad_d1, treat as equal": its own guesses, printed by
+    the hundred on models with padding computed at run time); its errors
+    still show, and its exceptions are handled by the caller."""
+    logger = logging.getLogger(_SYMBOLIC_MODULE)
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+#: The name the symbolic inference module is loaded under (its logger's name too).
+_SYMBOLIC_MODULE = "onnx_net2net._ort_symbolic_shape_infer"
 
 
 def _symbolic_shape_inference():
@@ -274,7 +296,7 @@ def _symbolic_shape_inference():
     import importlib.util
     import sys
 
-    name = "onnx_net2net._ort_symbolic_shape_infer"
+    name = _SYMBOLIC_MODULE
     module = sys.modules.get(name)
     if module is None:
         package = importlib.util.find_spec("onnxruntime")

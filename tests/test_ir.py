@@ -1,5 +1,7 @@
 """GraphIR: producers, consumers, constants, shapes, order, and the checks it makes."""
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -193,3 +195,18 @@ def test_shape_inference_writes_nothing_in_the_working_directory(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     ir_of(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_symbolic_inference_guesses_are_not_printed(caplog, tmp_path, monkeypatch):
+    """onnxruntime's symbolic inference warns "Unable to determine if
+    floor(N/2) <= M, treat as equal" on a Slice whose end is read at run time
+    (Swin's window padding prints dozens): not the user's concern."""
+    monkeypatch.chdir(tmp_path)
+    inits = {"i1": np.array(1, np.int64), "two": np.array(2, np.int64), "axes0": np.array([0], np.int64),
+             "zero": np.array([0], np.int64), "axis1": np.array([1], np.int64)}
+    nodes = [H("Shape", ["x"], ["xs"]), H("Gather", ["xs", "i1"], ["n"], axis=0), H("Div", ["n", "two"], ["half"]),
+             H("Unsqueeze", ["half", "axes0"], ["end"]), H("Slice", ["z", "zero", "end", "axis1"], ["y"])]
+    model = make_model(nodes, [("x", ["B", "N"]), ("z", ["B", "M"])], [("y", ["B", None])], inits, check=False)
+    caplog.set_level(logging.INFO)
+    assert ir_of(model).shape("y") == (None, None)
+    assert not [r for r in caplog.records if "Unable to determine" in r.getMessage()]

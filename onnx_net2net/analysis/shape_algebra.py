@@ -18,7 +18,12 @@ A reshape of `src` into `dst` pairs runs of axes with equal element counts
   puts head h of batch element b at b*H + h, so the units stay whole and
   apart, H per batch element (`Placement.batch`); the other dims must be
   known and equal on both sides (`_batch_merge`);
-* anything else (regrouping the unit axis) is refused.
+* otherwise the units are looked for by their flat-index strides
+  (`_by_strides`): a reshape that regroups the axes around them (MobileViT's
+  unfold, [1, C, H, W] -> [C * H / p, p, W / p, p]) keeps them apart when
+  some axis of `dst` holds whole chunks and whole periods of their pattern;
+* anything else (regrouping the unit axis itself) is refused, with the
+  reason said precisely for a merge with a batch of unknown size.
 
 `unit_layout_hints` proposes unit layouts (whole heads, repeated spaces)
 suggested by a refused split; `clamp` resolves a Slice bound as ONNX does.
@@ -58,7 +63,8 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
             return placement.on_axis(len(dst) - from_end, len(dst)), None
         segments = _known_suffix_segments(src, dst)  # [T, B, H, d] -> [T*B, H*d]: H, d keep their block
         if not any(i0 <= placement.axis < i1 for (i0, i1), _ in segments):
-            return None, _unknown_dims_refusal(placement, src, dst)
+            moved = _by_strides(placement, src, dst)
+            return (moved, None) if moved is not None else (None, _unknown_dims_refusal(placement, src, dst))
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
             continue
@@ -83,17 +89,73 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
         if i1 - i0 == 1 or all(src[i] == 1 for i in range(i0, i1) if i != a):
             # (axes of size 1 merged in, such as a batch of 1 with the heads, change nothing)
             return _unflatten(placement, dst, j0, j1)
+        moved = _by_strides(placement, src, dst)
+        if moved is not None:
+            return moved, None
         return None, Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} regroups the unit axis")
     return None, Refusal("the unit axis is not in the reshape")
 
 
 def _unknown_dims_refusal(placement: Placement, src: tuple, dst: tuple) -> Refusal:
-    """Why a reshape with unknown dims cannot be followed on the unit axis."""
-    unit_dims_known = None not in src[placement.axis:] and None not in dst[1:]
-    if unit_dims_known and dst[0] is None and len(src) - placement.axis > _common_known_suffix(src, dst):
-        return Refusal(f"reshape {format_shape(src)} -> {format_shape(dst)} merges the unit axis into an axis of "
-                       "unknown size (with the batch, as MobileViT's unfold does): the units would not stay apart")
-    return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+    """Why a reshape with unknown dims is refused: for a merge of the units
+    with the batch into axis 0 (MobileViT's unfold with a dynamic batch),
+    whether the units would stay apart there."""
+    shapes = f"reshape {format_shape(src)} -> {format_shape(dst)}"
+    if dst[0] is not None or None in dst[1:] or None in src[placement.axis:]:
+        return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
+    rows = _rows_on_axis(_unit_pattern(placement, src), int(np.prod(dst[1:], dtype=np.int64)))
+    if rows is None:
+        return Refusal(f"{shapes} merges the unit axis with the batch into axis 0, and a row of axis 0 would hold "
+                       "parts of several units")
+    return Refusal(f"{shapes} merges the unit axis with the batch into axis 0 (as MobileViT's unfold does with a "
+                   f"dynamic batch): each unit keeps {rows} whole row{'s' * (rows > 1)}, repeated once per batch "
+                   "item, but a layout repeated a number of times known only at run time is not supported (an "
+                   "export with a fixed batch grows)")
+
+
+def _unit_pattern(placement: Placement, src: tuple) -> tuple[int, int, int] | None:
+    """(c, offset * S, Q) of `_by_strides`: the units' chunk, start and period
+    in the flat index (None when a dim after the unit axis is unknown)."""
+    if None in src[placement.axis + 1:] or placement.length % placement.outer:
+        return None
+    stride = int(np.prod(src[placement.axis + 1:], dtype=np.int64))
+    return placement.inner * stride, placement.offset * stride, placement.block * stride
+
+
+def _rows_on_axis(pattern: tuple[int, int, int] | None, step: int) -> int | None:
+    """Positions per unit on an axis of stride `step` when its positions
+    (rows) each hold a part of one unit only, else None."""
+    if pattern is None or any(value % step for value in pattern):
+        return None
+    return pattern[0] // step
+
+
+def _by_strides(placement: Placement, src: tuple, dst: tuple) -> Placement | None:
+    """The units' positions in the flat (row-major) index, found again on one
+    axis of `dst` (None if on none, or if a dim needed is unknown).
+
+    With S = prod(src[a+1:]) the stride of the unit axis a, unit u holds, in
+    every period of Q = block * S flat positions, the chunk of c = inner * S
+    positions starting at (offset + u * inner) * S. An axis j of `dst` with
+    stride S' = prod(dst[j+1:]) and extent E = S' * dst[j] holds the same
+    units iff S' divides c, offset * S and Q (chunks and periods start on
+    whole positions of j) and Q divides E (j holds whole periods): position y
+    of j then belongs to unit u iff y mod (Q / S') lies in the chunk u of
+    c / S' positions from offset * S / S'. MobileViT's unfold, [1, C, H, W] ->
+    [C * H / p, p, W / p, p], keeps each channel in H / p consecutive rows.
+    """
+    pattern = _unit_pattern(placement, src)
+    for j in range(len(dst)):
+        if None in dst[j:] or dst[j] == 1:
+            continue
+        step = int(np.prod(dst[j + 1:], dtype=np.int64))
+        extent = step * dst[j]
+        if _rows_on_axis(pattern, step) is None or extent % pattern[2]:
+            continue
+        chunk, start, period = pattern
+        return Placement(axis=j, rank=len(dst), length=dst[j], offset=start // step, inner=chunk // step,
+                         outer=extent // period)
+    return None
 
 
 def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:

@@ -52,6 +52,8 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
         walk.refuse(index, "the units reach its shape input")
     src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
     src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
+    src = _with_unit_axis(src, placement)
+    dst = _with_unit_axis(dst, walk.group.placements.get(dst_name))
     moved, refusal = map_through_reshape(placement, src, dst)
     if moved is None:
         if side == "out":
@@ -98,6 +100,16 @@ def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
     if shape is None:
         walk.refuse(index, f"the shape of '{tensor}' is unknown")
     return shape
+
+
+def _with_unit_axis(shape: tuple, placement: Placement | None) -> tuple:
+    """The shape with the length of its unit axis filled in where inference
+    left it unknown: the walk holds it (`Walk.add` checks every placement
+    against the inferred shape), as when Swin's rolled windows lose every dim.
+    Not for units merged with a batch of unknown size: that axis is B * length."""
+    if placement is None or placement.batch or len(shape) != placement.rank or shape[placement.axis] is not None:
+        return shape
+    return shape[:placement.axis] + (placement.length,) + shape[placement.axis + 1:]
 
 
 def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:
