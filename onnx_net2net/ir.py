@@ -201,6 +201,12 @@ class GraphIR:
         return shape
 
     def rank(self, tensor: str) -> int | None:
+        """The number of axes, or None if unknown. A shape ONNX inference
+        found keeps its rank when symbolic inference refines its dims, so
+        only an entirely unknown shape waits for that refinement."""
+        known = self.shapes.get(tensor)
+        if known is not None and tensor not in self.initializers:
+            return len(known)
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
 
