@@ -19,8 +19,8 @@ builds a fresh one (`GraphIR(handle)`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -31,8 +31,7 @@ from .errors import InternalError, ModelLoadError, first_line
 from .io import ModelHandle
 
 
-@dataclass(frozen=True)
-class Use:
+class Use(NamedTuple):
     """One input slot of a node reading a tensor (`port` -1: a subgraph reads it)."""
 
     node: int
@@ -51,8 +50,9 @@ class GraphIR:
         self.graph_outputs = [v.name for v in self.graph.output]
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[Use]] = {}
+        self.outer_reads: dict[int, set[str]] = {}  # node -> what its subgraphs read outside (nodes with any)
         self._index_nodes()
-        self.dag = self._build_dag()
+        self._dag = None
         self._order = self._topological_sort()
         self.shapes: dict[str, tuple | None] = {}
         self.dtypes: dict[str, int] = {}
@@ -80,37 +80,55 @@ class GraphIR:
                     raise ModelLoadError(
                         f"node {self.label(index)} reads '{name}', which nothing produces (dangling input)")
                 self.consumers.setdefault(name, []).append(Use(index, port))
-            for name in outer_scope_reads(node):
+            outer = outer_scope_reads(node)
+            if outer:
+                self.outer_reads[index] = outer
+            for name in outer:
                 if name in known:
                     self.consumers.setdefault(name, []).append(Use(index, -1))
         for name in self.graph_outputs:
             if name not in known:
                 raise ModelLoadError(f"graph output '{name}' is not produced by any node")
 
-    def _build_dag(self):
+    @property
+    def dag(self):
         """The node graph: networkx DiGraph over node indices, each edge
-        (producer, consumer) carrying the tensors that flow along it."""
+        (producer, consumer) carrying the tensors that flow along it. Built
+        on first use (most indexes never need it: an index is built after
+        every rewrite, and a sorted graph is ordered without it)."""
+        if self._dag is None:
+            self._dag = self._build_dag()
+        return self._dag
+
+    def _build_dag(self):
         import networkx as nx
 
-        dag = nx.DiGraph()
-        dag.add_nodes_from(range(len(self.nodes)))
+        edges: dict[tuple[int, int], list[str]] = {}
         for tensor, uses in self.consumers.items():
             entry = self.producer.get(tensor)
             if entry is None:
                 continue
             for use in uses:
-                if dag.has_edge(entry[0], use.node):
-                    dag.edges[entry[0], use.node]["tensors"].append(tensor)
-                else:
-                    dag.add_edge(entry[0], use.node, tensors=[tensor])
+                edges.setdefault((entry[0], use.node), []).append(tensor)
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(self.nodes)))
+        dag.add_edges_from((producer, consumer, {"tensors": tensors}) for (producer, consumer), tensors in edges.items())
         return dag
+
+    def _is_sorted(self) -> bool:
+        """Every tensor is produced by a node before each node reading it."""
+        for tensor, uses in self.consumers.items():
+            entry = self.producer.get(tensor)
+            if entry is not None and any(entry[0] >= use.node for use in uses):
+                return False
+        return True
 
     def _topological_sort(self) -> list[int]:
         """Topological order, smallest node index first among the ready ones
         (so an already sorted graph keeps its order); ModelLoadError on a cycle."""
         import networkx as nx
 
-        if all(producer < consumer for producer, consumer in self.dag.edges):
+        if self._is_sorted():
             return list(range(len(self.nodes)))  # already sorted (the usual case): the same order, found in O(E)
         try:
             return list(nx.lexicographical_topological_sort(self.dag))

@@ -39,7 +39,7 @@ from onnx import TensorProto
 
 from .errors import InternalError, first_line
 from .io import ModelHandle
-from .ir import GraphIR, outer_scope_reads
+from .ir import GraphIR
 from .skeleton import infer, light_model
 
 #: Initializers with at most this many elements have their values fingerprinted
@@ -118,7 +118,7 @@ def _changed_tensors(handle: ModelHandle, before: _Fingerprint, after: _Fingerpr
     unmatched = Counter(before.nodes)
     for index in ir.topological_order():
         node, key = ir.nodes[index], after.nodes[index]
-        reads = set(node.input) | outer_scope_reads(node)
+        reads = set(node.input) | ir.outer_reads.get(index, set())
         if unmatched[key] > 0 and not (reads & changed):
             unmatched[key] -= 1
             continue
