@@ -228,6 +228,16 @@ class GraphIR:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
 
+    def dim(self, tensor: str, axis: int) -> int | None:
+        """`shape(tensor)[axis]` (None: unknown). Symbolic refinement only
+        fills dims ONNX inference left unknown, so a dim it found answers
+        without waiting for that refinement."""
+        known = self.shapes.get(tensor)
+        if known is not None and tensor not in self.initializers and known[axis] is not None:
+            return known[axis]
+        shape = self.shape(tensor)
+        return None if shape is None else shape[axis]
+
     def _infer_shapes(self) -> None:
         light = skeleton.light_model(self.handle)
         if not self.handle.checked:
