@@ -54,11 +54,17 @@ class GraphIR:
         self._index_nodes()
         self._dag = None
         self._order = self._topological_sort()
-        self.shapes: dict[str, tuple | None] = {}
-        self.dtypes: dict[str, int] = {}
+        self._shapes: dict[str, tuple | None] = {}
+        self._dtypes: dict[str, int] = {}
         self._symbolic_pending: onnx.ModelProto | None = None
-        if infer_shapes:
-            self._infer_shapes()
+        self._inference_pending: onnx.ModelProto | None = None
+        if infer_shapes and handle.rewritten and handle.checked:
+            # A model this tool rewrote (checked when given): shapes are inferred on
+            # the first question about them (many indexes of a pass never ask), from
+            # the model as it is now (a copy: later edits do not reach it).
+            self._inference_pending = skeleton.light_model(handle)
+        elif infer_shapes:
+            self._infer_shapes(skeleton.light_model(handle))
 
     # -- structure ----------------------------------------------------------
 
@@ -238,8 +244,24 @@ class GraphIR:
         shape = self.shape(tensor)
         return None if shape is None else shape[axis]
 
-    def _infer_shapes(self) -> None:
-        light = skeleton.light_model(self.handle)
+    @property
+    def shapes(self) -> dict[str, tuple | None]:
+        """Every tensor's shape as inferred so far (see `shape`)."""
+        self._infer_pending_shapes()
+        return self._shapes
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        """Every tensor's element type as inferred."""
+        self._infer_pending_shapes()
+        return self._dtypes
+
+    def _infer_pending_shapes(self) -> None:
+        if self._inference_pending is not None:
+            light, self._inference_pending = self._inference_pending, None
+            self._infer_shapes(light)
+
+    def _infer_shapes(self, light: onnx.ModelProto) -> None:
         if not self.handle.checked:
             _check_once(self.handle, light)
         try:
@@ -259,21 +281,21 @@ class GraphIR:
             if not type_proto.HasField("tensor_type"):
                 continue
             tensor_type = type_proto.tensor_type
-            self.dtypes.setdefault(value.name, tensor_type.elem_type)
+            self._dtypes.setdefault(value.name, tensor_type.elem_type)
             if not tensor_type.HasField("shape"):
                 continue
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-            known = self.shapes.get(value.name)
+            known = self._shapes.get(value.name)
             if only_unknown and known is not None:
                 if len(known) != len(shape):
                     continue
                 shape = tuple(k if k is not None else s for k, s in zip(known, shape))
-            self.shapes[value.name] = shape
+            self._shapes[value.name] = shape
 
     def _has_unknown_shapes(self) -> bool:
         for node in self.nodes:
             for name in node.output:
-                if name and (self.shapes.get(name) is None or None in self.shapes[name][1:]):
+                if name and (self._shapes.get(name) is None or None in self._shapes[name][1:]):
                     return True
         return False
 
