@@ -213,3 +213,17 @@ def test_kept_routings_follow_the_model():
         found = simulate(ir, group.region, width)
         assert _same_routing(found, _alone(ir, group.region, width))
         assert not _same_routing(found, original), "a kept routing of another model was returned"
+
+
+def test_a_kept_region_does_not_keep_its_index_alive():
+    # routing._REGIONS holds regions under weak keys: a region's simulation
+    # holding the GraphIR kept every index (and its model) alive for good.
+    import gc
+    import weakref
+
+    ir, group = _group(shuffle_stage(2), "a")
+    simulate_many(ir, group.region, [group.size, group.size + group.step])
+    ref = weakref.ref(ir)
+    del ir, group
+    gc.collect()
+    assert ref() is None

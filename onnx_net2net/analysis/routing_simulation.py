@@ -80,14 +80,14 @@ def simulate_many(ir: GraphIR, region: Region, widths: list[int]) -> dict[int, R
     onnxruntime session serves them all (see `Simulation`)."""
     if region.simulation is None:
         region.simulation = Simulation(ir, region)
-    return {width: region.simulation.routing_at(width) for width in widths}
+    return {width: region.simulation.routing_at(ir, width) for width in widths}
 
 
 def simulate_alone(ir: GraphIR, region: Region, width: int) -> Routing:
     """`simulate` with a model of its own: the routing graph at `width`, its
     constants inlined (what `Simulation` falls back to)."""
     simulation = region.simulation or Simulation(ir, region)
-    constants, dims = simulation.feeds_at(width)
+    constants, dims = simulation.feeds_at(ir, width)
     return simulation.run_alone(width, constants, dims)
 
 
@@ -111,11 +111,14 @@ class Simulation:
     model (after a rewrite elsewhere) runs nothing again, and a region whose
     routing changed has other bytes or other feeds. A width the shared model
     cannot run runs alone (`run_alone`), so its refusal gives onnxruntime's
-    reason for that width's own model.
+    reason for that width's own model. It holds no GraphIR (the index is
+    passed in): a region kept per index (routing._REGIONS, weak keys) must
+    not keep its index alive.
     """
 
     def __init__(self, ir: GraphIR, region: Region):
-        self.ir, self.region = ir, region
+        self.region = region
+        self.opsets, self.ir_version = list(ir.handle.proto.opset_import), ir.handle.proto.ir_version
         self.watched = sorted({ir.nodes[node].input[port] for node, port in region.readers}
                               | set(region.per_channel_tensors(ir).values()))
         self.writers = [ir.nodes[writer].output[0] for writer in region.writers]
@@ -126,31 +129,31 @@ class Simulation:
         for name, index, port in self.constants:
             dtype = helper.np_dtype_to_tensor_dtype(ir.const_value(ir.nodes[index].input[port]).dtype)
             inputs.append(helper.make_tensor_value_info(name, dtype, None))
-        self.key = hashlib.sha256(_model(ir, self.nodes, inputs, self.watched, {}).SerializeToString(
-            deterministic=True)).digest()
         self.inputs = inputs
+        self.key = hashlib.sha256(self._model(inputs, {}).SerializeToString(
+            deterministic=True)).digest()
 
-    def feeds_at(self, width: int) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    def feeds_at(self, ir: GraphIR, width: int) -> tuple[dict[str, np.ndarray], list[list[int]]]:
         """The constants at `width` and the writers' output dims.
 
         Raises:
             Refusal: a constant does not scale to `width`, or a writer's
                 spatial size is unknown.
         """
-        constants = {name: scaled_constant(self.ir, index, port, self.region.width, width)
+        constants = {name: scaled_constant(ir, index, port, self.region.width, width)
                      for name, index, port in self.constants}
         dims = []
         for name in self.writers:
-            shape = self.ir.shape(name)
+            shape = ir.shape(name)
             if shape is None or any(d is None for d in shape[2:]):
                 raise _refused("the spatial size of a writer's output is unknown")
             dims.append([shape[0] or 1, width] + list(shape[2:]))
         return constants, dims
 
-    def routing_at(self, width: int) -> Routing | Refusal:
+    def routing_at(self, ir: GraphIR, width: int) -> Routing | Refusal:
         """The routing at `width`, or why it does not route."""
         try:
-            constants, dims = self.feeds_at(width)
+            constants, dims = self.feeds_at(ir, width)
         except Refusal as refused:
             return refused
         key = (self.key, width, tuple(map(tuple, dims)),
@@ -178,7 +181,7 @@ class Simulation:
     def _session(self):
         """The shared model's session (None: onnxruntime cannot load it)."""
         if self.key not in _SESSIONS:
-            model = _model(self.ir, self.nodes, self.inputs, self.watched, {})
+            model = self._model(self.inputs, {})
             try:
                 session = make_session(model, ["CPUExecutionProvider"], threads=1)
             except ModelRunError:
@@ -195,13 +198,20 @@ class Simulation:
         """
         inputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
                   for name, shape in zip(self.writers, dims)]
-        model = _model(self.ir, self.nodes, inputs, self.watched, constants)
+        model = self._model(inputs, constants)
         try:
             session = make_session(model, ["CPUExecutionProvider"], threads=1)
             values = run_session(session, _labels(self.writers, dims, width), self.watched)
         except ModelRunError as error:  # any failure means: this width does not route
             raise _refused(f"the routing does not run at width {width} ({error.kind})") from None
         return _routing(self.watched, values, width)
+
+    def _model(self, inputs: list, constants: dict) -> onnx.ModelProto:
+        """The routing model with these inputs, `constants` inlined."""
+        outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self.watched]
+        graph = helper.make_graph(self.nodes, "routing", inputs, outputs,
+                                  initializer=[numpy_helper.from_array(v, k) for k, v in constants.items()])
+        return helper.make_model(graph, opset_imports=self.opsets, ir_version=self.ir_version)
 
 
 def _keep(table: OrderedDict, key, value, limit: int) -> None:
@@ -218,14 +228,6 @@ def _labels(writers: list[str], dims: list[list[int]], width: int) -> dict[str, 
         feeds[name] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(shape) - 2)),
                                       shape).astype(np.float32)
     return feeds
-
-
-def _model(ir: GraphIR, nodes: list, inputs: list, outputs: list[str], constants: dict) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "routing", inputs,
-                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
-                              initializer=[numpy_helper.from_array(v, k) for k, v in constants.items()])
-    return helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import),
-                             ir_version=ir.handle.proto.ir_version)
 
 
 def _routing(watched: list[str], values: list, width: int) -> Routing:
