@@ -270,13 +270,17 @@ def describe_expansion(old: np.ndarray, new: np.ndarray, rtol: float | None = No
 def _unit_sources(old: np.ndarray, new: np.ndarray, rtol: float, atol: float) -> list[int | str | None]:
     """For each new unit (column): the old unit it copies, 'mean' or 'zero' (LEMON's extras), or None.
 
-    Candidates are the old units nearest in the first row (a sorted search,
-    not a q x n comparison); every row then confirms."""
+    Candidates are the old units nearest in a fixed random combination of
+    the rows (a sorted search, not a q x n comparison; one row alone ties
+    wherever many units share a value, as zeros after a Relu do); every row
+    then confirms."""
     def close(reference):
         return np.all(np.abs(new - reference) <= atol + rtol * np.abs(reference), axis=0)
 
-    order = np.argsort(old[0], kind="stable")
-    position = np.searchsorted(old[0][order], new[0])
+    mix = np.random.default_rng(0).standard_normal(len(old))
+    key_old, key_new = mix @ old, mix @ new
+    order = np.argsort(key_old, kind="stable")
+    position = np.searchsorted(key_old[order], key_new)
     sources: list[int | str | None] = [None] * new.shape[1]
     for offset in (0, -1, 1, -2, 2):
         candidate = order[np.clip(position + offset, 0, len(order) - 1)]

@@ -148,3 +148,12 @@ def test_expansion_maps_are_named():
     scrambled[..., 5] += 0.5
     assert region_blocks.describe_expansion(old, scrambled).startswith("not a tiling or LEMON expansion (new unit 5")
     assert "only 3 old units kept" in region_blocks.describe_expansion(old, old[..., [0, 1, 2, 2, 1]])
+
+
+def test_a_tiling_of_values_with_many_ties_is_named():
+    # After a Relu many units share the value 0 in any one row: candidates
+    # taken from a single row missed copies whose source was 3+ ties away.
+    rng = np.random.default_rng(0)
+    old = np.maximum(rng.standard_normal((4, 16, 32)), 0).astype(np.float32)
+    mapping = np.concatenate([np.arange(32), rng.integers(0, 32, 16)])
+    assert region_blocks.describe_expansion(old, old[..., mapping]) == "tiling 32 -> 48"
