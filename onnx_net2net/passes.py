@@ -495,10 +495,10 @@ def groups_by_layer(ir: GraphIR, keep_outputs: bool = False) -> dict[int, UnitGr
 
 def _layer(ir: GraphIR, name: str) -> int:
     index = find_layer(ir, name)
-    quantized = [i for i in quantized_layers(ir) if layer_name(ir, i) == name or ir.nodes[i].name == name]
-    if index is None and quantized:
-        raise GrowthRefused(f"layer '{name}' cannot be grown: {quantized_layer_refusal(ir, quantized[0]).reason}")
     if index is None:
+        quantized = [i for i in quantized_layers(ir) if layer_name(ir, i) == name or ir.nodes[i].name == name]
+        if quantized:
+            raise GrowthRefused(f"layer '{name}' cannot be grown: {quantized_layer_refusal(ir, quantized[0]).reason}")
         known = [layer_name(ir, i) for i in weighted_layers(ir)]
         hint = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
         raise UserError(f"unknown layer '{name}' (layers: {hint or 'none'})")
