@@ -247,7 +247,7 @@ def build_stream(workdir: Path, name: str, size: str) -> BenchModel:
     path = workdir / f"stream-ext_h{hidden}_b{blocks}.onnx"
     model = BenchModel(name, "stream-ext", path, True, "proj", hidden + hidden // 2, hidden,
                        params=dict(hidden=hidden, blocks=blocks))
-    if all(p.exists() for p in model.files()):
+    if all(p.exists() for p in model.files()) and grown_path(path).exists():  # (the verify case reads both)
         model.size_bytes = sum(p.stat().st_size for p in model.files())
         return model
     rng = np.random.default_rng(0)
