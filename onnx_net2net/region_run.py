@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from . import io
+from . import io, region_blocks
 from .errors import UserError
-from .region_blocks import BLOCK_WEIGHT_BYTES, plan_blocks, run_blocks
+from .region_blocks import plan_blocks, run_blocks
 from .region_diff import (IndexedGraph, Region, RegionUnavailable, concrete_dims, elem_type, find_region, has_subgraph,
                           node_inputs, region_weight_bytes, shape_constant)
 from .region_extract import extract
@@ -254,7 +254,7 @@ def verify_region(old: io.ModelHandle, new: io.ModelHandle, *, inputs: InputSpec
 
 def _blocks(old: io.ModelHandle, new: io.ModelHandle, region: Region, block_bytes: int | None) -> list:
     """The region's blocks when it holds more than `block_bytes` of weights, else one."""
-    limit = BLOCK_WEIGHT_BYTES if block_bytes is None else block_bytes
+    limit = region_blocks.BLOCK_WEIGHT_BYTES if block_bytes is None else block_bytes
     if max(region.old_weight_bytes, region.new_weight_bytes) <= limit:
         return [None]
     return plan_blocks(old, new, region, limit)

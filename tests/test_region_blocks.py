@@ -121,7 +121,6 @@ def test_cli_verify_region_runs_block_by_block(tmp_path, monkeypatch, capsys):
     onnx.save(new, str(tmp_path / "b.onnx"))
     onnx.save(corrupted(new, "B4"), str(tmp_path / "c.onnx"))
     monkeypatch.setattr(region_blocks, "BLOCK_WEIGHT_BYTES", 4096)
-    monkeypatch.setattr("onnx_net2net.region_run.BLOCK_WEIGHT_BYTES", 4096)
     from onnx_net2net import cli
 
     assert cli.main(["verify", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--verify", "region"]) == 0
