@@ -165,3 +165,35 @@ def test_shapes_past_a_target_shape_inference_cannot_follow_are_computed():
     assert refined_shape(ir, "p5") == (T, None, 3, E)
     assert refined_shape(ir, "packed") == (3, T, None, E)
     assert refined_shape(ir, "qh") == (None, T, HEAD)
+
+
+def _hidden_pairs(mix_rows: bool):
+    """x [T, B, 3] -> fc1 [T, B, 4] -> viewed as [T*B*2, 2], the 2 read at run
+    time from an op no size algebra follows (ArgMax), so both dims of the view
+    are unknown, as they are for [T, B*4] -> Softmax over axis 0 (or Relu) ->
+    back to [T, B, 4] -> fc2."""
+    rng = np.random.default_rng(3)
+    inits = {"w1": rand(rng, 3, 4), "w2": rand(rng, 4, 2), "pick": np.array([0, 0, 1], np.float32),
+             "a0": np.array(0, np.int64), "a1": np.array(1, np.int64), "zero": _i64(0)}
+    nodes = [H("MatMul", ["x", "w1"], ["h"], name="fc1"), H("Shape", ["h"], ["hs"]),
+             H("Gather", ["hs", "a0"], ["d0"], axis=0), H("Gather", ["hs", "a1"], ["d1"], axis=0),
+             H("ArgMax", ["pick"], ["two"], axis=0, keepdims=1), H("Mul", ["d0", "d1"], ["tb"]),
+             H("Unsqueeze", ["tb", "zero"], ["tbv"]), H("Mul", ["tbv", "two"], ["rows"]),
+             H("Concat", ["rows", "two"], ["t"], axis=0), H("Reshape", ["h", "t"], ["f"]),
+             H("Softmax", ["f"], ["r"], axis=0) if mix_rows else H("Relu", ["f"], ["r"]),
+             H("Reshape", ["r", "hs"], ["g"]), H("MatMul", ["g", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", [T, "B", 3])], ["y"], inits)
+
+
+def test_a_view_with_unknown_leading_dims_is_not_taken_for_a_batch_merge():
+    # [?, ?, 4] -> [?, ?] was read as [T, B, 4] -> [T, B*4]; here it is
+    # [T*B*2, 2], and a Softmax over axis 0 mixes the units: widen verified
+    # and failed (exit 1) instead of refusing.
+    from onnx_net2net.analysis import Placement, map_through_reshape
+
+    units = Placement(axis=2, rank=3, length=4)
+    assert map_through_reshape(units, (None, None, 4), (None, None))[0] is None
+    assert map_through_reshape(units, (T, None, 4), (T, None))[0] == Placement(axis=1, rank=2, length=4, batch=True)
+    assert not _layer(_hidden_pairs(mix_rows=True), "fc1")["widen"]["ok"]
+    with pytest.raises(n2n.GrowthRefused):
+        n2n.widen(_hidden_pairs(mix_rows=True), {"fc1": 8})

@@ -192,11 +192,13 @@ def _heads_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | 
 
 
 def _axis_into_batch(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
-    """[.., B, H, ..] -> [.., B*H, ..]."""
+    """[.., B, H, ..] -> [.., B*H, ..]. Every other dim must be known: an
+    unknown one before B could take part of the units ([T, B, 4] viewed as
+    [T*B*2, 2] also reads [?, ?, 4] -> [?, ?])."""
     a = placement.axis
     if not _merges_before(placement, src, dst) or len(dst) != len(src) - 1 or dst[a - 1] is not None:
         return None
-    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a:] or None in src[a + 1:]:
+    if src[:a - 1] != dst[:a - 1] or src[a + 1:] != dst[a:] or None in src[:a - 1] or None in src[a + 1:]:
         return None
     return replace(placement, axis=a - 1, rank=len(dst), batch=True), None
 
