@@ -98,17 +98,18 @@ def plan_blocks(old: io.ModelHandle, new: io.ModelHandle, region: Region, block_
     """Cut the region into blocks of about `block_bytes` of weights (one block if it cannot be cut)."""
     g_old, g_new = IndexedGraph.of(old), IndexedGraph.of(new)
     produced_new = {o for i in region.new_nodes for o in g_new.nodes[i].output if o}
+    lives = _live_sets(g_old, region.old_nodes)
     rejected: set[int] = set()
     while True:
-        cuts = _choose_cuts(g_old, region, produced_new, block_bytes, rejected)
+        cuts = _choose_cuts(g_old, region, lives, produced_new, block_bytes, rejected)
         blocks, bad_cut = _partition(g_old, g_new, region, cuts)
         if bad_cut is None:
             return blocks
         rejected.add(bad_cut)
 
 
-def _choose_cuts(graph: IndexedGraph, region: Region, produced_new: set[str], block_bytes: int,
-                 rejected: set[int]) -> list[tuple[int, list[str]]]:
+def _choose_cuts(graph: IndexedGraph, region: Region, lives: list[set[str]], produced_new: set[str],
+                 block_bytes: int, rejected: set[int]) -> list[tuple[int, list[str]]]:
     """Positions in the region's order after which to cut, with their live tensors.
 
     A block closes once it holds `block_bytes` of weights, at the next valid
@@ -116,7 +117,6 @@ def _choose_cuts(graph: IndexedGraph, region: Region, produced_new: set[str], bl
     transformer's blocks: the stream alone), or at any valid position once it
     holds four times that."""
     order = region.old_nodes
-    lives = _live_sets(graph, order)
     smallest = min((len(live) for live in lives[:-1] if live), default=0)
     cuts, weights, counted = [], 0, set()
     for k, index in enumerate(order[:-1]):
