@@ -143,7 +143,6 @@ class Walk:
     def dim(self, index: int, tensor: str, axis: int) -> int | None:
         """`shape(index, tensor)[axis]`, without waiting for symbolic shape
         inference where ONNX's found that dim (`GraphIR.dim`)."""
-        self.rank(index, tensor)
         known = self.ir.dim(tensor, axis)
         return known if known is not None else self.shape(index, tensor)[axis]
 
