@@ -197,3 +197,23 @@ def test_a_view_with_unknown_leading_dims_is_not_taken_for_a_batch_merge():
     assert not _layer(_hidden_pairs(mix_rows=True), "fc1")["widen"]["ok"]
     with pytest.raises(n2n.GrowthRefused):
         n2n.widen(_hidden_pairs(mix_rows=True), {"fc1": 8})
+
+
+def test_a_refined_shape_does_not_depend_on_which_tensor_was_asked_first():
+    # A question past MAX_DEPTH from the unknown dims kept its cut-short
+    # answer for every tensor on the way: asked next, a tensor 12 nodes from
+    # the reshape stayed unknown, though asked first it is computed.
+    from onnx_net2net import io
+    from onnx_net2net.analysis.refined_shapes import MAX_DEPTH, refined_shape
+    from onnx_net2net.ir import GraphIR
+
+    inits = {"zero": _i64(0), "two": _i64(2), "three": _i64(3), "tail": _i64(1)}
+    nodes = [H("Shape", ["x"], ["s"]), H("Mod", ["two", "three"], ["m"]), H("Slice", ["s", "zero", "m"], ["lead"]),
+             H("Concat", ["lead", "tail"], ["t"], axis=0), H("Reshape", ["x", "t"], ["r0"])]
+    chain = MAX_DEPTH + 12
+    nodes += [H("Relu", [f"r{k}"], [f"r{k + 1}"]) for k in range(chain)]
+    model = make_model(nodes, [("x", [2, 4, 1])], [(f"r{chain}", [None, None, None])], inits, check=False)
+    assert refined_shape(GraphIR(io.from_proto(model)), "r12") == (2, 4, 1)
+    ir = GraphIR(io.from_proto(model))
+    refined_shape(ir, f"r{chain}")
+    assert refined_shape(ir, "r12") == (2, 4, 1)

@@ -36,28 +36,42 @@ def refined_shape(ir: GraphIR, tensor: str) -> tuple | None:
     """The tensor's shape, with dims shape inference left unknown computed
     where the model determines them (None when even the rank is unknown)."""
     cache = ir.__dict__.setdefault("_refined_shapes", {})
-    return _refined(ir, tensor, cache, 0)
+    return _refined(ir, tensor, cache, {}, 0)[0]
 
 
-def _refined(ir: GraphIR, tensor: str, cache: dict, depth: int) -> tuple | None:
+def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
+    """(the refined shape, whether it is final): a shape cut short by
+    MAX_DEPTH is not final and is kept for this question only (`partial`),
+    not in the index's `cache`, so a later question closer to the unknown
+    dims still computes them (the answer does not depend on which tensor was
+    asked first)."""
     shape = ir.shape(tensor)
     if shape is not None and None not in shape:
-        return shape
+        return shape, True
     if tensor in cache:
-        return cache[tensor]
-    cache[tensor] = shape  # guards against cycles in malformed graphs
+        return cache[tensor], True
+    if tensor in partial:
+        return partial[tensor], False
     producer = ir.producer_node(tensor)
-    computed = None
-    if producer is not None and depth < MAX_DEPTH:
+    if producer is not None and depth >= MAX_DEPTH:
+        return shape, False
+    cache[tensor] = shape  # guards against cycles in malformed graphs
+    computed, final = None, True
+    if producer is not None:
         op = ir.nodes[producer].op_type
         if op == "Reshape":
             computed = reshape_output_shape(ir, producer)
         elif op == "Pad":
             computed = pad_output_shape(ir, producer)
         elif op in FOLLOWED and ir.nodes[producer].domain in ("", "ai.onnx"):
-            computed = _infer_node(ir, producer, tensor, cache, depth)
-    cache[tensor] = _merge(shape, computed)
-    return cache[tensor]
+            computed, final = _infer_node(ir, producer, tensor, cache, partial, depth)
+    refined = _merge(shape, computed)
+    if final:
+        cache[tensor] = refined
+    else:
+        del cache[tensor]
+        partial[tensor] = refined
+    return refined, final
 
 
 def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:
@@ -69,19 +83,24 @@ def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:
     return tuple(k if k is not None else c for k, c in zip(known, computed))
 
 
-def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, depth: int) -> tuple | None:
-    """ONNX's inference of one node, fed its inputs' refined shapes."""
+def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
+    """ONNX's inference of one node, fed its inputs' refined shapes (and
+    whether those were final, see `_refined`)."""
     node = ir.nodes[index]
     types, data = {}, {}
+    final = True
     for name in node.input:
         if not name:
             continue
         value = ir.const_value(name)
         if value is not None:
             data[name] = numpy_helper.from_array(value, name)
-        shape = value.shape if value is not None else _refined(ir, name, cache, depth + 1)
+            shape = value.shape
+        else:
+            shape, complete = _refined(ir, name, cache, partial, depth + 1)
+            final = final and complete
         if shape is None:
-            return None
+            return None, final
         dtype = ir.dtypes.get(name, onnx.TensorProto.FLOAT) if value is None else helper.np_dtype_to_tensor_dtype(
             value.dtype)
         types[name] = helper.make_tensor_type_proto(dtype, list(shape))
@@ -89,11 +108,11 @@ def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, depth: int) -
         schema = onnx.defs.get_schema(node.op_type, _opset(ir), node.domain)
         outputs = onnx.shape_inference.infer_node_outputs(schema, node, types, data)
     except Exception:  # noqa: BLE001 - best effort: the shape stays unknown
-        return None
+        return None, final
     if tensor not in outputs or not outputs[tensor].tensor_type.HasField("shape"):
-        return None
+        return None, final
     dims = outputs[tensor].tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims), final
 
 
 def _opset(ir: GraphIR) -> int:
