@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto
 
 from . import io
-from .region_diff import RegionUnavailable, elem_type, node_inputs, stored_bytes
+from .region_diff import RegionUnavailable, elem_type, node_inputs
 
 #: Inline weights this large reach onnxruntime as arrays, not through the protobuf.
 IN_MEMORY_BYTES = 1 << 20
@@ -77,15 +77,10 @@ def _value_info(name: str, type_proto: onnx.TypeProto | None, keep_shape: bool =
 
 
 def _inline(handle: io.ModelHandle, source: TensorProto, target: TensorProto) -> None:
+    """`target` (a copy of the external `source`) with its bytes read in."""
     del target.external_data[:]
     target.data_location = TensorProto.DEFAULT
-    target.raw_data = _stored_bytes_external(handle, source)
-
-
-def _stored_bytes_external(handle, tensor) -> bytes:
-    if tensor.data_location == TensorProto.EXTERNAL:
-        return handle.external_bytes(tensor)
-    return stored_bytes(handle, tensor)
+    target.raw_data = handle.external_bytes(source)
 
 
 __all__ = ["IN_MEMORY_BYTES", "extract"]
