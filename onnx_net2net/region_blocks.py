@@ -154,7 +154,7 @@ def _partition(g_old: IndexedGraph, g_new: IndexedGraph, region: Region, cuts: l
     """The blocks for these cuts, or the position of a cut to drop (the candidate's graph does not split there)."""
     old_order, boundary = region.old_nodes, set(region.inputs)
     region_outputs = set(region.outputs)
-    unassigned = set(region.new_nodes)
+    unassigned, assigned = set(region.new_nodes), set()
     blocks, start, cut_in = [], 0, []
     for end, cut_out in cuts + [(len(old_order) - 1, [])]:
         old_nodes = old_order[start:end + 1]
@@ -162,22 +162,28 @@ def _partition(g_old: IndexedGraph, g_new: IndexedGraph, region: Region, cuts: l
         outputs = [o for i in old_nodes for o in g_old.nodes[i].output if o in region_outputs]
         if last:
             outputs = sorted(region_outputs - {o for block in blocks for o in block.outputs})
-        new_nodes = _upstream(g_new, cut_out + outputs, stop=set(cut_in) | boundary, allowed=unassigned)
+        new_nodes, needed = _upstream(g_new, cut_out + outputs, stop=set(cut_in) | boundary, allowed=unassigned)
         if new_nodes is None:
             if not cuts:
                 raise RegionUnavailable("the candidate's region does not compute its outputs from the same "
                                         "boundary")
-            return [], (end if not last else cuts[-1][0])
+            if cut_in and (last or needed in assigned):
+                # a node of an earlier block is needed: the cut this block starts at misses a tensor
+                return [], start - 1
+            return [], end
         if last:
             new_nodes |= unassigned          # nodes no target needs (dead code) run with the last block
         unassigned -= new_nodes
+        assigned |= new_nodes
         blocks.append(Block(old_nodes, sorted(new_nodes), cut_in, cut_out, outputs, _weight_bytes(g_old, old_nodes)))
         start, cut_in = end + 1, cut_out
     return blocks, None
 
 
-def _upstream(graph: IndexedGraph, targets: list[str], stop: set[str], allowed: set[int]) -> set[int] | None:
-    """The nodes among `allowed` that compute `targets` from `stop` (None if they need others)."""
+def _upstream(graph: IndexedGraph, targets: list[str], stop: set[str], allowed: set[int]
+              ) -> tuple[set[int] | None, int | None]:
+    """(the nodes among `allowed` that compute `targets` from `stop`, None),
+    or (None, a node they need that is not allowed)."""
     nodes, pending = set(), [t for t in targets if t not in stop]
     while pending:
         name = pending.pop()
@@ -185,10 +191,10 @@ def _upstream(graph: IndexedGraph, targets: list[str], stop: set[str], allowed: 
         if index is None or index in nodes:
             continue
         if index not in allowed:
-            return None
+            return None, index
         nodes.add(index)
         pending.extend(n for n in node_inputs(graph.nodes[index]) if n not in stop and n not in graph.inits)
-    return nodes
+    return nodes, None
 
 
 def _weight_bytes(graph: IndexedGraph, nodes: list[int]) -> int:

@@ -156,3 +156,19 @@ def test_a_tiling_of_values_with_many_ties_is_named():
     old = np.maximum(rng.standard_normal((4, 16, 32)), 0).astype(np.float32)
     mapping = np.concatenate([np.arange(32), rng.integers(0, 32, 16)])
     assert region_blocks.describe_expansion(old, old[..., mapping]) == "tiling 32 -> 48"
+
+
+def test_a_deepened_stream_still_runs_in_blocks():
+    # Deepening after `proj` renames the stream the first block starts from,
+    # so the first cut misses it and the second block fails: the second
+    # block's end was blamed (and dropped for good), then the next, until the
+    # region ran in one piece.
+    model = residual_mlp()
+    new, _ = n2n.deepen(model, "all", verify=False)
+    old_h, new_h = io.from_proto(model), io.from_proto(new)
+    found = region.find_region(old_h, new_h)
+    budget = found.old_weight_bytes // 12
+    assert len(region_blocks.plan_blocks(old_h, new_h, found, budget)) >= 6
+    assert region.verify_region(old_h, new_h, block_bytes=budget).passed
+    bad = corrupted(new, "B3")
+    assert not region.verify_region(old_h, io.from_proto(bad), block_bytes=budget).passed
