@@ -28,7 +28,6 @@ import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..refusal import RefusalKind
-from ..refined_shapes import refined_shape
 from ..shape_algebra import format_shape, map_through_reshape, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk
@@ -51,7 +50,7 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its shape input")
     src_name, dst_name = (node.input[0], node.output[0]) if side == "in" else (node.output[0], node.input[0])
-    src, dst = _refined_shape(walk, index, src_name), _refined_shape(walk, index, dst_name)
+    src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)  # refined where inference gave up
     src = _with_unit_axis(src, placement)
     dst = _with_unit_axis(dst, walk.group.placements.get(dst_name))
     moved, refusal = map_through_reshape(placement, src, dst)
@@ -91,15 +90,6 @@ def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat
     walk.refuse(index, f"the units are the {flat[axis]} positions (tokens) flattened from the spatial axes "
                        f"{list(merged)} of {ir.nodes[producer].op_type} {ir.label(producer)}: their number is fixed "
                        "by the input's size")
-
-
-def _refined_shape(walk: Walk, index: int, tensor: str) -> tuple:
-    """The inferred shape, with the dims shape inference left unknown computed
-    from sizes read at run time (refined_shapes)."""
-    shape = refined_shape(walk.ir, tensor)
-    if shape is None:
-        walk.refuse(index, f"the shape of '{tensor}' is unknown")
-    return shape
 
 
 def _with_unit_axis(shape: tuple, placement: Placement | None) -> tuple:
