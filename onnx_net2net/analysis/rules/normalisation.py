@@ -3,6 +3,19 @@
 * BatchNormalization / InstanceNormalization normalise each channel alone:
   the units must be on the channel axis, their per-channel parameters are
   copied like a producer's;
+* group normalisation with one group, GroupNorm(1, C), takes its statistics
+  over every channel and position of a sample: mean and variance are
+  unchanged when every unit is copied equally often (x' holds each value of
+  x exactly k times: the same mean, the same mean square), so the group
+  tiles. PyTorch exports it as Reshape [N, C, H, W] -> [N, 1, C*H*W],
+  InstanceNormalization (scale and bias of size 1: statistics over axes 2..),
+  Reshape back, then the per-channel affine Mul and Add: the units reach the
+  InstanceNormalization on an axis after the channel axis, flattened with
+  the positions. Opset 18's GroupNormalization with num_groups = 1 is the
+  same norm (its scale and bias, of size num_groups = 1 at opset 18 and per
+  channel from opset 21, are copied like a producer's when per channel).
+  More groups put the channels of each group together: new channels, added
+  after the old ones, would join the last group, so that is refused;
 * LayerNormalization / RMSNormalization over the unit axis, and ReduceMean /
   Max / Min over it (normalisations written as ops), take statistics over
   the units: they are unchanged only if every unit is copied equally often,
@@ -33,6 +46,41 @@ def batchnorm(walk: Walk, index: int, side: str, port: int, placement: Placement
         walk.refuse(index, "instance normalisation over a block of channels")
     for param in params:
         walk.weight(index, param, 0, axis_only(placement), "copy")
+    walk.same_on_ports(index, placement)
+
+
+def instancenorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Per-channel normalisation when the units are on the channel axis; a
+    group normalisation (statistics over all of axes 2..) when they are
+    flattened with the positions after it."""
+    if placement.axis < 2:
+        batchnorm(walk, index, side, port, placement)
+        return
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scale or bias")
+    # Statistics per (sample, group) over every axis from 2 on, the units'
+    # axis among them: unchanged when every unit is copied equally often.
+    _require_tiling(walk, index, placement)
+    walk.group.norms.append(index)
+    walk.same_on_ports(index, placement)
+
+
+def groupnorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """GroupNormalization over the channel axis: exact (tiled) with one group."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scale or bias")
+    if placement.axis != 1:
+        walk.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
+    groups = int(node_attr(node, "num_groups", 0))
+    if groups != 1:
+        walk.refuse(index, f"it normalises the channels in {groups} groups: new channels would join the last group "
+                           "(exact only with one group)")
+    _require_tiling(walk, index, placement)
+    walk.group.norms.append(index)
+    for param in (1, 2):  # per channel from opset 21 (copied); of size num_groups = 1 at opset 18 (shared)
+        if walk.const(index, node.input[param], "scale or bias").size != 1:
+            walk.weight(index, param, 0, axis_only(placement), "copy")
     walk.same_on_ports(index, placement)
 
 
