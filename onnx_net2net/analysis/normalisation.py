@@ -57,10 +57,6 @@ _AVERAGE_SAFE = frozenset("""
 """.split())
 
 
-#: Norms over the units and positions together (group norms with one group).
-_GROUP_NORMS = frozenset({"InstanceNormalization", "GroupNormalization"})
-
-
 #: Per-unit ops with f(0) = 0: zero extras stay zero through them.
 _ZERO_AT_ZERO = frozenset("""
     Relu LeakyRelu Tanh Gelu Erf Neg Abs Elu Selu Celu Mish HardSwish Softsign Sin Sinh Asinh Atan Atanh
@@ -74,7 +70,7 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
     `group.decomposed_norms`, and gives their gamma / beta edits the norm roles."""
     if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
         return "the units are structured (heads or grouped convolutions)"
-    grouped = [norm for norm in group.norms if ir.nodes[norm].op_type in _GROUP_NORMS]
+    grouped = [norm for norm in group.norms if ir.nodes[norm].op_type == "InstanceNormalization"]
     if grouped:
         return (f"{ir.nodes[grouped[0]].op_type} {ir.label(grouped[0])} normalises the units together with their "
                 "positions (a group normalisation): extra units carrying the mean of the units at each position "

@@ -11,11 +11,11 @@
   InstanceNormalization (scale and bias of size 1: statistics over axes 2..),
   Reshape back, then the per-channel affine Mul and Add: the units reach the
   InstanceNormalization on an axis after the channel axis, flattened with
-  the positions. Opset 18's GroupNormalization with num_groups = 1 is the
-  same norm (its scale and bias, of size num_groups = 1 at opset 18 and per
-  channel from opset 21, are copied like a producer's when per channel).
-  More groups put the channels of each group together: new channels, added
-  after the old ones, would join the last group, so that is refused;
+  the positions. More groups put the channels of each group together: new
+  channels, added after the old ones, would join the last group (refused:
+  the reshape splits the unit axis). GroupNormalization (opset 21) is
+  refused: with one group it is the same norm, but ONNX shape inference
+  gives its output no type, so the grown model could not be checked;
 * LayerNormalization / RMSNormalization over the unit axis, and ReduceMean /
   Max / Min over it (normalisations written as ops), take statistics over
   the units: they are unchanged only if every unit is copied equally often,
@@ -66,22 +66,14 @@ def instancenorm(walk: Walk, index: int, side: str, port: int, placement: Placem
 
 
 def groupnorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
-    """GroupNormalization over the channel axis: exact (tiled) with one group."""
-    node = walk.ir.nodes[index]
-    if side == "in" and port != 0:
-        walk.refuse(index, "the units reach its scale or bias")
-    if placement.axis != 1:
-        walk.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
-    groups = int(node_attr(node, "num_groups", 0))
+    """GroupNormalization (opset 21) is refused, with what would be needed."""
+    groups = int(node_attr(walk.ir.nodes[index], "num_groups", 0))
     if groups != 1:
         walk.refuse(index, f"it normalises the channels in {groups} groups: new channels would join the last group "
                            "(exact only with one group)")
-    _require_tiling(walk, index, placement)
-    walk.group.norms.append(index)
-    for param in (1, 2):  # per channel from opset 21 (copied); of size num_groups = 1 at opset 18 (shared)
-        if walk.const(index, node.input[param], "scale or bias").size != 1:
-            walk.weight(index, param, 0, axis_only(placement), "copy")
-    walk.same_on_ports(index, placement)
+    walk.refuse(index, "one group would grow by multiples, but ONNX shape inference gives GroupNormalization's "
+                       "output no type, so the grown model's shapes could not be checked (PyTorch exports GroupNorm "
+                       "as InstanceNormalization, which grows)")
 
 
 def reduce(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
