@@ -143,6 +143,9 @@ class UnitGroup:
             the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
             constants following the growth (runtime_shapes.SizeEdit).
+        runtime_bounds: Slice bounds on the unit axis read at run time:
+            (node, port, entry) -> the positions the bound must move by per
+            unit added (runtime_shapes checks it).
     """
 
     seed: int
@@ -167,6 +170,7 @@ class UnitGroup:
     average_blocker: str | None = None
     extras: str = "mean"
     size_edits: list = field(default_factory=list)
+    runtime_bounds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     kept_outputs: dict[str, Placement] = field(default_factory=dict)
 
     @property

@@ -8,6 +8,11 @@ split sizes grow by the placement's growth per unit, and Slice bounds after
 the units move right by it (bounds counted from the end move by themselves,
 except those before the units).
 
+Slice bounds read at run time on the unit axis (`chunk(2, -1)` exported as
+Shape -> Div -> Slice) act as the bounds they hold now, when the model fixes
+them; runtime_shapes then checks that they move as constant bounds would
+(and feeds the right values where they do not).
+
 A space repeated k times (q | k | v of a fused projection, or Swin's patch
 merging of strided slices) is split into, sliced from or concatenated to
 its repeats whole: every repeat holds the same units.
@@ -21,6 +26,7 @@ import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..shape_algebra import clamp
+from ..size_evaluator import SizeEvaluator
 from ..units import Placement, ValueEdit
 from ..walk import Walk
 
@@ -167,12 +173,23 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
         walk.refuse(index, "the units reach its slice bounds")
     if len(node.input) < 3:
         walk.refuse(index, "Slice with attribute bounds (opset < 10)")
-    rank = placement.rank
-    if not (ir.is_const(node.input[1]) and ir.is_const(node.input[2])):
-        _slice_with_runtime_bounds(walk, index, placement)
+    runtime = tuple(p for p in (1, 2) if not ir.is_const(node.input[p]))
+    if not runtime:
+        _slice(walk, index, side, placement, walk.const(index, node.input[1], "starts"),
+               walk.const(index, node.input[2], "ends"))
         return
-    starts = walk.const(index, node.input[1], "starts")
-    ends = walk.const(index, node.input[2], "ends")
+    bounds = _slice_with_runtime_bounds(walk, index, placement)
+    if bounds is not None:
+        edits = len(walk.group.value_edits)
+        _slice(walk, index, side, placement, bounds[0], bounds[1])
+        _runtime_bound_growth(walk, index, runtime, bounds[2], edits)
+
+
+def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends) -> None:
+    """slice_op with the bounds' values (constant, or their values now)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    rank = placement.rank
     axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
     steps = walk.const(index, node.input[4], "steps") if len(node.input) > 4 and node.input[4] else np.ones(len(starts))
     axes = [int(a) % rank for a in axes]
@@ -215,16 +232,40 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
         walk.refuse(index, "it cuts through the units", retry)
 
 
-def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> None:
+def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> tuple | None:
     """Bounds read at run time (`pos[:, :T]`) on other axes than the unit axis:
-    the units pass; runtime_shapes checks the bounds do not change with them."""
+    the units pass; runtime_shapes checks the bounds do not change with them.
+    On the unit axis (`chunk(2, -1)` exported as Shape -> Div -> Slice), the
+    bounds' values now, when the model fixes them: (starts, ends, k), k the
+    unit axis' entry; the slice then acts as one with those bounds."""
     node = walk.ir.nodes[index]
     if len(node.input) < 4 or not node.input[3]:
         walk.refuse(index, "its bounds are read at run time and its axes are implicit")
-    axes = walk.const(index, node.input[3], "axes")
-    if placement.axis in [int(a) % placement.rank for a in axes]:
-        walk.refuse(index, "it slices the unit axis with bounds read at run time")
-    walk.same_on_ports(index, placement)
+    axes = [int(a) % placement.rank for a in walk.const(index, node.input[3], "axes")]
+    if placement.axis not in axes:
+        walk.same_on_ports(index, placement)
+        return None
+    k = axes.index(placement.axis)
+    evaluator = SizeEvaluator(walk.ir, {})
+    bounds = [evaluator.port_entries(index, port) for port in (1, 2)]
+    if any(entries is None or len(entries) != len(axes) or entries[k].base is None for entries in bounds):
+        walk.refuse(index, "it slices the unit axis with bounds read at run time (not fixed by the model)")
+    return tuple(np.array([0 if e.base is None else e.base for e in entries]) for entries in bounds) + (k,)
+
+
+def _runtime_bound_growth(walk: Walk, index: int, runtime: tuple[int, ...], k: int, first_edit: int) -> None:
+    """The bounds edits recorded from `first_edit` on for ports read at run
+    time become the growth those bounds must follow (runtime_shapes checks it
+    and, where the computed bound does not follow, feeds the value)."""
+    group = walk.group
+    recorded = group.value_edits[first_edit:]
+    group.value_edits[first_edit:] = [edit for edit in recorded if edit.port not in runtime]
+    for port in runtime:
+        growth = [edit.per_unit for edit in recorded if edit.port == port and edit.index == k]
+        if growth:
+            group.runtime_bounds[(index, port, k)] = sum(growth)
+        else:
+            group.runtime_bounds.setdefault((index, port, k), 0)
 
 
 def _slice_of_repeats(walk: Walk, index: int, k: int, first: int, last: int, placement: Placement,
