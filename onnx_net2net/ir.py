@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -33,8 +33,7 @@ from .errors import InternalError, ModelLoadError, first_line
 from .io import ModelHandle
 
 
-@dataclass(frozen=True)
-class Use:
+class Use(NamedTuple):
     """One input slot of a node reading a tensor (`port` -1: a subgraph reads it)."""
 
     node: int
@@ -53,14 +52,21 @@ class GraphIR:
         self.graph_outputs = [v.name for v in self.graph.output]
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[Use]] = {}
+        self.outer_reads: dict[int, set[str]] = {}  # node -> what its subgraphs read outside (nodes with any)
         self._index_nodes()
-        self.dag = self._build_dag()
+        self._dag = None
         self._order = self._topological_sort()
-        self.shapes: dict[str, tuple | None] = {}
-        self.dtypes: dict[str, int] = {}
+        self._shapes: dict[str, tuple | None] = {}
+        self._dtypes: dict[str, int] = {}
         self._symbolic_pending: onnx.ModelProto | None = None
-        if infer_shapes:
-            self._infer_shapes()
+        self._inference_pending: onnx.ModelProto | None = None
+        if infer_shapes and handle.rewritten and handle.checked:
+            # A model this tool rewrote (checked when given): shapes are inferred on
+            # the first question about them (many indexes of a pass never ask), from
+            # the model as it is now (a copy: later edits do not reach it).
+            self._inference_pending = skeleton.light_model(handle)
+        elif infer_shapes:
+            self._infer_shapes(skeleton.light_model(handle))
 
     # -- structure ----------------------------------------------------------
 
@@ -82,37 +88,55 @@ class GraphIR:
                     raise ModelLoadError(
                         f"node {self.label(index)} reads '{name}', which nothing produces (dangling input)")
                 self.consumers.setdefault(name, []).append(Use(index, port))
-            for name in outer_scope_reads(node):
+            outer = outer_scope_reads(node)
+            if outer:
+                self.outer_reads[index] = outer
+            for name in outer:
                 if name in known:
                     self.consumers.setdefault(name, []).append(Use(index, -1))
         for name in self.graph_outputs:
             if name not in known:
                 raise ModelLoadError(f"graph output '{name}' is not produced by any node")
 
-    def _build_dag(self):
+    @property
+    def dag(self):
         """The node graph: networkx DiGraph over node indices, each edge
-        (producer, consumer) carrying the tensors that flow along it."""
+        (producer, consumer) carrying the tensors that flow along it. Built
+        on first use (most indexes never need it: an index is built after
+        every rewrite, and a sorted graph is ordered without it)."""
+        if self._dag is None:
+            self._dag = self._build_dag()
+        return self._dag
+
+    def _build_dag(self):
         import networkx as nx
 
-        dag = nx.DiGraph()
-        dag.add_nodes_from(range(len(self.nodes)))
+        edges: dict[tuple[int, int], list[str]] = {}
         for tensor, uses in self.consumers.items():
             entry = self.producer.get(tensor)
             if entry is None:
                 continue
             for use in uses:
-                if dag.has_edge(entry[0], use.node):
-                    dag.edges[entry[0], use.node]["tensors"].append(tensor)
-                else:
-                    dag.add_edge(entry[0], use.node, tensors=[tensor])
+                edges.setdefault((entry[0], use.node), []).append(tensor)
+        dag = nx.DiGraph()
+        dag.add_nodes_from(range(len(self.nodes)))
+        dag.add_edges_from((producer, consumer, {"tensors": tensors}) for (producer, consumer), tensors in edges.items())
         return dag
+
+    def _is_sorted(self) -> bool:
+        """Every tensor is produced by a node before each node reading it."""
+        for tensor, uses in self.consumers.items():
+            entry = self.producer.get(tensor)
+            if entry is not None and any(entry[0] >= use.node for use in uses):
+                return False
+        return True
 
     def _topological_sort(self) -> list[int]:
         """Topological order, smallest node index first among the ready ones
         (so an already sorted graph keeps its order); ModelLoadError on a cycle."""
         import networkx as nx
 
-        if all(producer < consumer for producer, consumer in self.dag.edges):
+        if self._is_sorted():
             return list(range(len(self.nodes)))  # already sorted (the usual case): the same order, found in O(E)
         try:
             return list(nx.lexicographical_topological_sort(self.dag))
@@ -209,11 +233,43 @@ class GraphIR:
         return shape
 
     def rank(self, tensor: str) -> int | None:
+        """The number of axes, or None if unknown. A shape ONNX inference
+        found keeps its rank when symbolic inference refines its dims, so
+        only an entirely unknown shape waits for that refinement."""
+        known = self.shapes.get(tensor)
+        if known is not None and tensor not in self.initializers:
+            return len(known)
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
 
-    def _infer_shapes(self) -> None:
-        light = skeleton.light_model(self.handle)
+    def dim(self, tensor: str, axis: int) -> int | None:
+        """`shape(tensor)[axis]` (None: unknown). Symbolic refinement only
+        fills dims ONNX inference left unknown, so a dim it found answers
+        without waiting for that refinement."""
+        known = self.shapes.get(tensor)
+        if known is not None and tensor not in self.initializers and known[axis] is not None:
+            return known[axis]
+        shape = self.shape(tensor)
+        return None if shape is None else shape[axis]
+
+    @property
+    def shapes(self) -> dict[str, tuple | None]:
+        """Every tensor's shape as inferred so far (see `shape`)."""
+        self._infer_pending_shapes()
+        return self._shapes
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        """Every tensor's element type as inferred."""
+        self._infer_pending_shapes()
+        return self._dtypes
+
+    def _infer_pending_shapes(self) -> None:
+        if self._inference_pending is not None:
+            light, self._inference_pending = self._inference_pending, None
+            self._infer_shapes(light)
+
+    def _infer_shapes(self, light: onnx.ModelProto) -> None:
         if not self.handle.checked:
             _check_once(self.handle, light)
         try:
@@ -233,21 +289,21 @@ class GraphIR:
             if not type_proto.HasField("tensor_type"):
                 continue
             tensor_type = type_proto.tensor_type
-            self.dtypes.setdefault(value.name, tensor_type.elem_type)
+            self._dtypes.setdefault(value.name, tensor_type.elem_type)
             if not tensor_type.HasField("shape"):
                 continue
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-            known = self.shapes.get(value.name)
+            known = self._shapes.get(value.name)
             if only_unknown and known is not None:
                 if len(known) != len(shape):
                     continue
                 shape = tuple(k if k is not None else s for k, s in zip(known, shape))
-            self.shapes[value.name] = shape
+            self._shapes[value.name] = shape
 
     def _has_unknown_shapes(self) -> bool:
         for node in self.nodes:
             for name in node.output:
-                if name and (self.shapes.get(name) is None or None in self.shapes[name][1:]):
+                if name and (self._shapes.get(name) is None or None in self._shapes[name][1:]):
                     return True
         return False
 
@@ -340,15 +396,13 @@ def _check_once(handle: ModelHandle, light: onnx.ModelProto) -> None:
 def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-        for graph in graphs:
-            local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-            for inner in graph.node:
-                local.update(inner.output)
-            for inner in graph.node:
-                names.update(n for n in inner.input if n and n not in local)
-                names.update(outer_scope_reads(inner) - local)
+    for graph in _subgraphs(node):
+        local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+        for inner in graph.node:
+            local.update(inner.output)
+        for inner in graph.node:
+            names.update(n for n in inner.input if n and n not in local)
+            names.update(outer_scope_reads(inner) - local)
     return names
 
 

@@ -30,7 +30,8 @@ class ModelRunError(UserError):
         self.kind = kind
 
 
-def session_options(base_dir: Path | None = None, *, prepack: bool = True, arrays: dict | None = None):
+def session_options(base_dir: Path | None = None, *, prepack: bool = True, arrays: dict | None = None,
+                    threads: int | None = None):
     """Options with optimisations and logging off.
 
     Args:
@@ -38,6 +39,9 @@ def session_options(base_dir: Path | None = None, *, prepack: bool = True, array
         prepack: let onnxruntime re-lay out weights (off for a model run once).
         arrays: {initializer name: array} handed to onnxruntime as external
             initializers (no copy into the serialised model).
+        threads: onnxruntime's intra-op threads (None: its default, one per
+            core); 1 for tiny models, where starting a thread pool costs more
+            than it saves.
     """
     import onnxruntime as ort
 
@@ -45,6 +49,8 @@ def session_options(base_dir: Path | None = None, *, prepack: bool = True, array
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if base_dir is not None:

@@ -110,20 +110,49 @@ def _initializer_key(handle: ModelHandle, tensor: TensorProto) -> tuple:
 def _changed_tensors(handle: ModelHandle, before: _Fingerprint, after: _Fingerprint) -> set[str]:
     """Tensors that may differ from before: outputs of new or edited nodes and
     everything computed from a changed tensor."""
-    try:
-        ir = GraphIR(handle, infer_shapes=False)
-    except Exception as exc:  # noqa: BLE001 - a graph we broke is our bug
-        raise InternalError(f"the rewritten graph is malformed: {first_line(exc)}") from None
     changed = {name for name, key in after.initializers.items() if before.initializers.get(name) != key}
     unmatched = Counter(before.nodes)
-    for index in ir.topological_order():
-        node, key = ir.nodes[index], after.nodes[index]
-        reads = set(node.input) | outer_scope_reads(node)
+    for index, reads in _reads_in_order(handle):
+        node, key = handle.graph.node[index], after.nodes[index]
         if unmatched[key] > 0 and not (reads & changed):
             unmatched[key] -= 1
             continue
         changed.update(name for name in node.output if name)
     return changed
+
+
+def _reads_in_order(handle: ModelHandle) -> list[tuple[int, set[str]]]:
+    """(node position, every name it reads, subgraphs included) in
+    topological order; InternalError when the rewritten graph is malformed."""
+    found = _reads_if_sorted(handle.graph)
+    if found is not None:
+        return found
+    try:  # not in order, or malformed: the index sorts it, or says what is wrong
+        ir = GraphIR(handle, infer_shapes=False)
+    except Exception as exc:  # noqa: BLE001 - a graph we broke is our bug
+        raise InternalError(f"the rewritten graph is malformed: {first_line(exc)}") from None
+    return [(index, set(ir.nodes[index].input) | ir.outer_reads.get(index, set()))
+            for index in ir.topological_order()]
+
+
+def _reads_if_sorted(graph: onnx.GraphProto) -> list[tuple[int, set[str]]] | None:
+    """`_reads_in_order` in one pass over a graph whose nodes are in order
+    and well formed (the usual case after a rewrite: the editor keeps the
+    order); None otherwise."""
+    defined = {t.name for t in graph.initializer} | {v.name for v in graph.input} | {""}  # "": an input left out
+    found = []
+    for index, node in enumerate(graph.node):
+        reads = set(node.input) | outer_scope_reads(node)
+        if not reads <= defined:
+            return None
+        outputs = [name for name in node.output if name]
+        if len(set(outputs)) != len(outputs) or not defined.isdisjoint(outputs):
+            return None
+        defined.update(outputs)
+        found.append((index, reads))
+    if any(not value.name or value.name not in defined for value in graph.output):
+        return None
+    return found
 
 
 def _forget_removed(graph: onnx.GraphProto) -> None:

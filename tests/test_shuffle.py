@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import onnx_net2net as n2n
 from onnx_net2net import analysis, io
-from onnx_net2net.analysis import RefusalKind
+from onnx_net2net.analysis import Refusal, RefusalKind
+from onnx_net2net.analysis.routing import find_routed_group
+from onnx_net2net.analysis.routing_simulation import simulate, simulate_alone, simulate_many
 from onnx_net2net.ir import GraphIR
 
 from helpers import H, init, make_model, node, rand, widen_exact
@@ -165,3 +167,49 @@ def test_random_stages_grow_exactly_at_the_widths_that_route(seed):
     for width in [w for w in range(h + 1, 2 * h + 1) if w not in valid][:2]:
         with pytest.raises(n2n.UserError, match="would change where they go"):
             n2n.widen(model, {"a": width})
+
+
+def _same_routing(found, alone) -> bool:
+    if isinstance(alone, Refusal) or isinstance(found, Refusal):
+        return isinstance(found, Refusal) and isinstance(alone, Refusal) and str(found) == str(alone)
+    return found.labels.keys() == alone.labels.keys() and all(
+        np.array_equal(found.labels[name], alone.labels[name]) for name in alone.labels)
+
+
+def _alone(ir, region, width):
+    try:
+        return simulate_alone(ir, region, width)
+    except Refusal as refused:
+        return refused
+
+
+@pytest.mark.parametrize("split", ["sizes", "num_outputs", "slices"])
+def test_one_session_routes_every_width_as_a_model_of_its_own(split):
+    """The shared simulation (width-dependent constants fed as inputs) gives
+    every width the routing, or the refusal, of that width's own model."""
+    ir, group = _group(shuffle_stage(5, split), "a")
+    widths = list(range(H_WIDTH + 1, 3 * H_WIDTH + 1))
+    shared = simulate_many(ir, group.region, widths)
+    for width in widths:
+        assert _same_routing(shared[width], _alone(ir, group.region, width)), width
+
+
+def test_kept_routings_follow_the_model():
+    """Routings are kept across indexes, keyed by the simulation model and
+    its feeds: another transpose (model bytes) or another reshape target
+    (a fed constant) in the same region is simulated again."""
+    width = 2 * H_WIDTH
+    ir, group = _group(shuffle_stage(2), "a")
+    original = simulate(ir, group.region, width)
+    other_perm, other_target = shuffle_stage(2), shuffle_stage(2)
+    for n in other_perm.graph.node:
+        if n.op_type == "Transpose":
+            n.attribute[0].ints[:] = [0, 1, 2, 3, 4]
+    target = next(t for t in other_target.graph.initializer if t.name == "to5")
+    target.CopyFrom(numpy_helper.from_array(np.array([1, H_WIDTH, 2, SIDE, SIDE], np.int64), "to5"))
+    for model in (other_perm, other_target):
+        ir = GraphIR(io.ModelHandle(proto=model))
+        group, _ = find_routed_group(ir, analysis.find_layer(ir, "a"))
+        found = simulate(ir, group.region, width)
+        assert _same_routing(found, _alone(ir, group.region, width))
+        assert not _same_routing(found, original), "a kept routing of another model was returned"

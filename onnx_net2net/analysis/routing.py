@@ -131,12 +131,11 @@ def check_width(ir: GraphIR, group: RoutedGroup, width: int) -> str | None:
 
 
 def prefetch(ir: GraphIR, group: RoutedGroup, widths) -> None:
-    """Decide many widths with one routing run (see `simulate_many`)."""
+    """Decide many widths (one onnxruntime session for the region: see `simulate_many`)."""
     wanted = [w for w in dict.fromkeys(widths) if w not in group.feasible]
     if not wanted:
         return
-    found = simulate_many(ir, group.region, wanted) if len(wanted) > 1 else {
-        wanted[0]: _simulate_or_refusal(ir, group.region, wanted[0])}
+    found = simulate_many(ir, group.region, wanted)
     for width in wanted:
         new = found[width]
         try:
@@ -147,13 +146,6 @@ def prefetch(ir: GraphIR, group: RoutedGroup, widths) -> None:
             group.feasible[width] = None
         except Refusal as refused:
             group.feasible[width] = str(refused)
-
-
-def _simulate_or_refusal(ir: GraphIR, region: Region, width: int) -> Routing | Refusal:
-    try:
-        return simulate(ir, region, width)
-    except Refusal as refused:
-        return refused
 
 
 def _step(ir: GraphIR, group: RoutedGroup) -> int | None:

@@ -11,10 +11,16 @@ gives the label at every position a reader or per-channel op sees: the
 channels (Reshape dims, Split sizes, Slice bounds on axis 1) take their
 values at the new width h' (`scaled_constant`: count * h' / h); dynamic
 ones route exactly as they will at run time.
+
+Those constants are inputs of the small model, so one onnxruntime session
+per region runs every width, and each routing found is kept, keyed by
+everything the run depends on (`Simulation`).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +47,7 @@ class Region:
     tensors: set[str]
     width: int                              # the writers' width
     reader_tensors: set[str] = field(default_factory=set)
+    simulation: Simulation | None = field(default=None, repr=False, compare=False)  # built on first use
 
     def per_channel_tensors(self, ir: GraphIR) -> dict[int, str]:
         """Per-channel ops with parameters -> the region tensor they read."""
@@ -62,109 +69,182 @@ class Routing:
 def simulate(ir: GraphIR, region: Region, width: int) -> Routing:
     """Labels along axis 1 of every tensor a reader or per-channel op sees,
     with every writer at `width` channels."""
-    graph = _simulation_graph(ir, region, width)
-    values = _run_simulation(ir, [graph], f"at width {width}")
-    return _routing(graph, values, width)
+    found = simulate_many(ir, region, [width])[width]
+    if isinstance(found, Refusal):
+        raise found
+    return found
 
 
 def simulate_many(ir: GraphIR, region: Region, widths: list[int]) -> dict[int, Routing | Refusal]:
-    """`simulate` at many widths with one onnxruntime session: the routing
-    graph once per width (names suffixed), side by side in one model. If the
-    combined model fails, each width runs alone (so one failing width cannot
-    hide the others)."""
-    results, graphs = {}, []
-    for width in widths:
+    """`simulate` at many widths, a refusal where a width does not route; one
+    onnxruntime session serves them all (see `Simulation`)."""
+    if region.simulation is None:
+        region.simulation = Simulation(ir, region)
+    return {width: region.simulation.routing_at(width) for width in widths}
+
+
+def simulate_alone(ir: GraphIR, region: Region, width: int) -> Routing:
+    """`simulate` with a model of its own: the routing graph at `width`, its
+    constants inlined (what `Simulation` falls back to)."""
+    simulation = region.simulation or Simulation(ir, region)
+    constants, dims = simulation.feeds_at(width)
+    return simulation.run_alone(width, constants, dims)
+
+
+#: Routings found (or why a width does not route), by simulation model and
+#: feeds; the oldest go first beyond this many.
+ROUTINGS_KEPT = 4096
+#: onnxruntime sessions kept, by simulation model (one per region).
+SESSIONS_KEPT = 16
+_ROUTINGS: OrderedDict[tuple, Routing | str] = OrderedDict()
+_SESSIONS: OrderedDict[bytes, object] = OrderedDict()
+
+
+class Simulation:
+    """A region's routing as one onnxruntime model for every width.
+
+    The width-dependent constants (Reshape dims, Split sizes, Slice bounds:
+    `scaled_constant`) and the writers' labels are inputs of the model, so one
+    session runs every width. Routings are kept process-wide, keyed by the
+    model's bytes, the width, the writers' shapes and the constants' values
+    (everything a run depends on): the same region in a later index of the
+    model (after a rewrite elsewhere) runs nothing again, and a region whose
+    routing changed has other bytes or other feeds. A width the shared model
+    cannot run runs alone (`run_alone`), so its refusal gives onnxruntime's
+    reason for that width's own model.
+    """
+
+    def __init__(self, ir: GraphIR, region: Region):
+        self.ir, self.region = ir, region
+        self.watched = sorted({ir.nodes[node].input[port] for node, port in region.readers}
+                              | set(region.per_channel_tensors(ir).values()))
+        self.writers = [ir.nodes[writer].output[0] for writer in region.writers]
+        self.nodes, self.constants = [], []
+        for index in sorted(region.routing + region.support):
+            self.nodes.append(_simulation_node(ir, index, self.constants))
+        inputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self.writers]
+        for name, index, port in self.constants:
+            dtype = helper.np_dtype_to_tensor_dtype(ir.const_value(ir.nodes[index].input[port]).dtype)
+            inputs.append(helper.make_tensor_value_info(name, dtype, None))
+        self.key = hashlib.sha256(_model(ir, self.nodes, inputs, self.watched, {}).SerializeToString(
+            deterministic=True)).digest()
+        self.inputs = inputs
+
+    def feeds_at(self, width: int) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+        """The constants at `width` and the writers' output dims.
+
+        Raises:
+            Refusal: a constant does not scale to `width`, or a writer's
+                spatial size is unknown.
+        """
+        constants = {name: scaled_constant(self.ir, index, port, self.region.width, width)
+                     for name, index, port in self.constants}
+        dims = []
+        for name in self.writers:
+            shape = self.ir.shape(name)
+            if shape is None or any(d is None for d in shape[2:]):
+                raise _refused("the spatial size of a writer's output is unknown")
+            dims.append([shape[0] or 1, width] + list(shape[2:]))
+        return constants, dims
+
+    def routing_at(self, width: int) -> Routing | Refusal:
+        """The routing at `width`, or why it does not route."""
         try:
-            graphs.append(_simulation_graph(ir, region, width, suffix=f"@w{width}"))
+            constants, dims = self.feeds_at(width)
         except Refusal as refused:
-            results[width] = refused
-    if len(graphs) > 1:
+            return refused
+        key = (self.key, width, tuple(map(tuple, dims)),
+               tuple((name, value.dtype.str, value.shape, value.tobytes()) for name, value in constants.items()))
+        found = _ROUTINGS.get(key)
+        if found is None:
+            try:
+                found = self._run_shared(width, constants, dims)
+            except Refusal as refused:
+                found = refused.reason
+            _keep(_ROUTINGS, key, found, ROUTINGS_KEPT)
+        return found if isinstance(found, Routing) else _refused(found)
+
+    def _run_shared(self, width: int, constants: dict, dims: list[list[int]]) -> Routing:
+        session = self._session()
+        if session is not None:
+            try:
+                values = run_session(session, {**constants, **_labels(self.writers, dims, width)}, self.watched)
+            except ModelRunError:
+                pass
+            else:
+                return _routing(self.watched, values, width)
+        return self.run_alone(width, constants, dims)
+
+    def _session(self):
+        """The shared model's session (None: onnxruntime cannot load it)."""
+        if self.key not in _SESSIONS:
+            model = _model(self.ir, self.nodes, self.inputs, self.watched, {})
+            try:
+                session = make_session(model, ["CPUExecutionProvider"], threads=1)
+            except ModelRunError:
+                session = None
+            _keep(_SESSIONS, self.key, session, SESSIONS_KEPT)
+        _SESSIONS.move_to_end(self.key)
+        return _SESSIONS[self.key]
+
+    def run_alone(self, width: int, constants: dict, dims: list[list[int]]) -> Routing:
+        """The routing at `width` from a model of its own, constants inlined.
+
+        Raises:
+            Refusal: the model does not run, or does not route.
+        """
+        inputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+                  for name, shape in zip(self.writers, dims)]
+        model = _model(self.ir, self.nodes, inputs, self.watched, constants)
         try:
-            values = _run_simulation(ir, graphs, "together")
-        except Refusal:
-            values = None
-        if values is not None:
-            start = 0
-            for graph in graphs:
-                count = len(graph["watched"])
-                results[graph["width"]] = _routing_or_refusal(graph, values[start:start + count])
-                start += count
-            return results
-    for graph in graphs:
-        try:
-            results[graph["width"]] = _routing(graph, _run_simulation(ir, [graph], f"at width {graph['width']}"),
-                                               graph["width"])
-        except Refusal as refused:
-            results[graph["width"]] = refused
-    return results
+            session = make_session(model, ["CPUExecutionProvider"], threads=1)
+            values = run_session(session, _labels(self.writers, dims, width), self.watched)
+        except ModelRunError as error:  # any failure means: this width does not route
+            raise _refused(f"the routing does not run at width {width} ({error.kind})") from None
+        return _routing(self.watched, values, width)
 
 
-def _routing_or_refusal(graph: dict, values: list) -> Routing | Refusal:
-    try:
-        return _routing(graph, values, graph["width"])
-    except Refusal as refused:
-        return refused
+def _keep(table: OrderedDict, key, value, limit: int) -> None:
+    table[key] = value
+    while len(table) > limit:
+        table.popitem(last=False)
 
 
-def _simulation_graph(ir: GraphIR, region: Region, width: int, suffix: str = "") -> dict:
-    """The routing region at `width` as nodes, constants, inputs and feeds;
-    every name carries `suffix` (so several widths fit in one model)."""
-    watched = sorted({ir.nodes[node].input[port] for node, port in region.readers}
-                     | set(region.per_channel_tensors(ir).values()))
-    nodes, inits = [], {}
-    for index in sorted(region.routing + region.support):
-        nodes.append(_simulation_node(ir, index, region, width, inits))
-    inputs, feeds = [], {}
-    for number, writer in enumerate(region.writers):
-        name = ir.nodes[writer].output[0]
-        shape = ir.shape(name)
-        if shape is None or any(d is None for d in shape[2:]):
-            raise _refused("the spatial size of a writer's output is unknown")
-        dims = [shape[0] or 1, width] + list(shape[2:])
+def _labels(writers: list[str], dims: list[list[int]], width: int) -> dict[str, np.ndarray]:
+    """Each writer's output with channel c of writer k labelled `label_of(k, c)`."""
+    feeds = {}
+    for number, (name, shape) in enumerate(zip(writers, dims)):
         labels = number * LABEL_BASE + np.arange(width, dtype=np.float32) + 1
-        feeds[name + suffix] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(dims) - 2)),
-                                               dims).astype(np.float32)
-        inputs.append(helper.make_tensor_value_info(name + suffix, onnx.TensorProto.FLOAT, dims))
-    if suffix:
-        for node in nodes:
-            node.input[:] = [n + suffix if n else n for n in node.input]
-            node.output[:] = [n + suffix if n else n for n in node.output]
-            node.name = node.name + suffix if node.name else node.name
-        inits = {k + suffix: v for k, v in inits.items()}
-    return dict(width=width, nodes=nodes, inits=inits, inputs=inputs, feeds=feeds, watched=watched,
-                outputs=[name + suffix for name in watched])
+        feeds[name] = np.broadcast_to(labels.reshape([1, width] + [1] * (len(shape) - 2)),
+                                      shape).astype(np.float32)
+    return feeds
 
 
-def _run_simulation(ir: GraphIR, graphs: list[dict], where: str) -> list:
-    nodes = [n for g in graphs for n in g["nodes"]]
-    inputs = [i for g in graphs for i in g["inputs"]]
-    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for g in graphs for name in g["outputs"]]
-    inits = [numpy_helper.from_array(v, k) for g in graphs for k, v in g["inits"].items()]
-    graph = helper.make_graph(nodes, "routing", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import), ir_version=ir.handle.proto.ir_version)
-    feeds = {k: v for g in graphs for k, v in g["feeds"].items()}
-    try:
-        session = make_session(model, ["CPUExecutionProvider"])
-        return run_session(session, feeds, [o.name for o in outputs])
-    except ModelRunError as error:  # any failure means: this width does not route
-        raise _refused(f"the routing does not run {where} ({error.kind})") from None
+def _model(ir: GraphIR, nodes: list, inputs: list, outputs: list[str], constants: dict) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "routing", inputs,
+                              [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=list(ir.handle.proto.opset_import),
+                             ir_version=ir.handle.proto.ir_version)
 
 
-def _routing(graph: dict, values: list, width: int) -> Routing:
+def _routing(watched: list[str], values: list, width: int) -> Routing:
     labels = {}
-    for name, value in zip(graph["watched"], values):
+    for name, value in zip(watched, values):
         if value.ndim < 2 or value.shape[1] == 0:
             raise _refused(f"at width {width}, a reader gets no channels")
         along = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
         if not np.all(along == along[:, :1]):
             raise _refused("a routing op mixes positions")
         labels[name] = along[:, 0].astype(np.int64)
+        labels[name].setflags(write=False)  # routings are kept and shared (`Simulation`)
     return Routing(labels)
 
 
-def _simulation_node(ir: GraphIR, index: int, region: Region, width: int, inits: dict) -> onnx.NodeProto:
+def _simulation_node(ir: GraphIR, index: int, constants: list) -> onnx.NodeProto:
     """The node as it routes labels: per-channel ops keep positions only;
-    constant shape inputs take their values at `width`."""
+    constant shape inputs become inputs (appended to `constants` as (input
+    name, node, port)), which take their values at each width."""
     node = ir.nodes[index]
     if node.op_type in ("BatchNormalization", "Dropout") or node.op_type in ELEMENTWISE_UNARY:
         return helper.make_node("Identity", [node.input[0]], [node.output[0]])
@@ -178,9 +258,8 @@ def _simulation_node(ir: GraphIR, index: int, region: Region, width: int, inits:
     for port, name in enumerate(copy.input):
         if port == 0 or not name or not ir.is_const(name):
             continue
-        value = scaled_constant(ir, index, port, region.width, width)
         const_name = f"{name}@{index}.{port}"
-        inits[const_name] = value
+        constants.append((const_name, index, port))
         copy.input[port] = const_name
     return copy
 

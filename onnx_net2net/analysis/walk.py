@@ -134,6 +134,19 @@ class Walk:
             self.refuse(index, f"the shape of '{tensor}' is unknown")
         return shape
 
+    def rank(self, index: int, tensor: str) -> int:
+        """`len(shape(index, tensor))`, without waiting for symbolic shape
+        inference where ONNX's found the rank (`GraphIR.rank`)."""
+        rank = self.ir.rank(tensor)
+        return rank if rank is not None else len(self.shape(index, tensor))
+
+    def dim(self, index: int, tensor: str, axis: int) -> int | None:
+        """`shape(index, tensor)[axis]`, without waiting for symbolic shape
+        inference where ONNX's found that dim (`GraphIR.dim`)."""
+        self.rank(index, tensor)
+        known = self.ir.dim(tensor, axis)
+        return known if known is not None else self.shape(index, tensor)[axis]
+
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         """The constant's value (refused when computed or quantized)."""
         value = self.ir.const_value(tensor)

@@ -44,7 +44,7 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         return
     if placement.outer != 1:
         walk.refuse(index, "concatenation of interleaved features")
-    sizes = [walk.shape(index, name)[axis] for name in node.input]
+    sizes = [walk.dim(index, name, axis) for name in node.input]
     if any(size is None for size in sizes):
         walk.refuse(index, "an input's size on the concatenation axis is unknown")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -114,7 +114,7 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement) ->
         return
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its split sizes")
-    sizes = [walk.shape(index, name)[axis] for name in node.output]
+    sizes = [walk.dim(index, name, axis) for name in node.output]
     if any(size is None for size in sizes):
         walk.refuse(index, "an output's size on the split axis is unknown")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -199,7 +199,7 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
     k = axes.index(placement.axis)
     if steps[k] != 1:
         walk.refuse(index, "it slices the unit axis with a step")
-    in_length = placement.length if side == "in" else walk.shape(index, node.input[0])[placement.axis]
+    in_length = placement.length if side == "in" else walk.dim(index, node.input[0], placement.axis)
     first, last = int(starts[k]), int(ends[k])
     start, end = clamp(first, in_length), clamp(last, in_length)
     growth = placement.growth()

@@ -43,7 +43,7 @@ def elementwise(walk: Walk, index: int, side: str, port: int, placement: Placeme
     ir = walk.ir
     node = ir.nodes[index]
     from_end = placement.rank - placement.axis
-    out_rank = walk.shape(index, node.output[0]).__len__()
+    out_rank = walk.rank(index, node.output[0])
     for other, name in enumerate(node.input):
         if not name or (side == "in" and other == port):
             continue

@@ -179,9 +179,9 @@ def gather(walk: Walk, index: int, side: str, port: int, placement: Placement) -
     node = ir.nodes[index]
     if side == "in" and port != 0:
         walk.refuse(index, "the units are used as indices")
-    in_rank = len(walk.shape(index, node.input[0]))
+    in_rank = walk.rank(index, node.input[0])
     axis = int(node_attr(node, "axis", 0)) % in_rank
-    index_rank = len(walk.shape(index, node.input[1]))
+    index_rank = walk.rank(index, node.input[1])
     if side == "in" and placement.axis == axis or side == "out" and axis <= placement.axis < axis + index_rank:
         _gather_as_reshape(walk, index, side, placement, axis, in_rank, index_rank)
         return

@@ -90,7 +90,7 @@ def reduce(walk: Walk, index: int, side: str, port: int, placement: Placement) -
             walk.same_on_ports(index, placement)
             return
         walk.refuse(index, "it reduces over every axis, the unit axis included")
-    in_rank = len(walk.shape(index, node.input[0]))
+    in_rank = walk.rank(index, node.input[0])
     axes = sorted(int(a) % in_rank for a in axes)
     keep = int(node_attr(node, "keepdims", 1))
     if side == "in":

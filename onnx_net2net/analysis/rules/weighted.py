@@ -41,7 +41,7 @@ def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
             walk.refuse(index, "the units are blocks of channels")
         _split_or_copy(walk, index, side, placement, input_axis=1, output_axis=0)
         return
-    if groups == channels_in and groups == walk.shape(index, node.input[0])[1]:
+    if groups == channels_in and groups == walk.dim(index, node.input[0], 1):
         _depthwise(walk, index, side, placement, weight.shape[0] // groups)
         return
     walk.require_blocks(index, placement, groups)
@@ -130,7 +130,7 @@ def matmul(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         walk.refuse(index, "a product of two computed tensors mixes units (attention-style MatMul)")
     if side == "in" and port != 0:
         walk.refuse(index, "the units reach its weight")
-    weight_rank = len(walk.shape(index, node.input[1]))
+    weight_rank = walk.rank(index, node.input[1])
     last = placement.rank - 1
     if weight_rank > 2 and placement.axis < placement.rank - 2:
         walk.refuse(index, "the units are on a batch axis of a batched weight")
@@ -141,8 +141,8 @@ def matmul(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         walk.group.producers.append(index)
     else:
         # Rows pass through a matrix product unchanged.
-        out_rank = len(walk.shape(index, node.output[0]))
-        in_rank = len(walk.shape(index, node.input[0]))
+        out_rank = walk.rank(index, node.output[0])
+        in_rank = walk.rank(index, node.input[0])
         if side == "in":
             walk.add(node.output[0], placement.on_axis(placement.axis + out_rank - in_rank, out_rank))
         else:
