@@ -178,8 +178,10 @@ class Walk:
                 self.add(node.output[port], placement)
 
     def require_channel_axis(self, index: int, placement: Placement, allow_blocks: bool = False) -> None:
-        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved."""
+        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved;
+        `allow_blocks`: units may be blocks of channels, and the space may
+        repeat along the channels (per-channel ops and ordinary convolutions)."""
         if placement.axis != 1 or placement.rank < 3:
             self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
-        if placement.outer != 1 or (placement.inner != 1 and not allow_blocks):
+        if not allow_blocks and (placement.outer != 1 or placement.inner != 1):
             self.refuse(index, "the units are interleaved with other data on the channel axis")

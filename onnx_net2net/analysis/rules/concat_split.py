@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...ir import GraphIR, node_attr
+from ..aligned import aligned_inputs
 from ..shape_algebra import clamp
 from ..units import Placement, ValueEdit
 from ..walk import Walk
@@ -36,11 +37,13 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         return
     if _concat_of_one_space(walk, index, side, placement):
         return
-    if placement.outer != 1:
-        walk.refuse(index, "concatenation of interleaved features")
     sizes = [walk.shape(index, name)[axis] for name in node.input]
     if any(size is None for size in sizes):
         walk.refuse(index, "an input's size on the concatenation axis is unknown")
+    if _concat_of_aligned(walk, index, side, port, placement, sizes):
+        return
+    if placement.outer != 1:
+        walk.refuse(index, "concatenation of interleaved features")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     total = int(starts[-1])
     if side == "in":
@@ -51,7 +54,35 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         if starts[source] <= lo and hi <= starts[source + 1]:
             walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
             return
-    walk.refuse(index, "the units span several concatenated inputs")
+    fills = lo == 0 and hi == total and len(set(sizes)) == 1
+    aligned = fills and len(aligned_inputs(ir, index, 0, axis)) == len(node.input) > 1
+    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if aligned else ())
+
+
+def _concat_of_aligned(walk: Walk, index: int, side: str, port: int, placement: Placement, sizes: list) -> bool:
+    """Aligned inputs (aligned.py: GhostNet's concat(x, depthwise(x)), DLA's
+    concat(relu(f(x) + x), x)) hold the same units: the output holds the
+    space once per input (outer times the inputs), and an output holding it
+    once per input gives each input one repeat."""
+    count = len(sizes)
+    if side == "out":
+        if placement.outer % count or len(set(sizes)) != 1 or placement.length != sizes[0] * count:
+            return False
+        for name in walk.ir.nodes[index].input:
+            walk.add(name, replace(placement, outer=placement.outer // count, length=sizes[0]))
+        return True
+    carriers = aligned_inputs(walk.ir, index, port, placement.axis)
+    if len(carriers) == 1 or len({sizes[c] for c in carriers}) != 1:
+        return False
+    if len(carriers) < count:
+        listed = ", ".join(str(c) for c in carriers)
+        walk.refuse(index, f"the same units are in several of its inputs ({listed} of 0..{count - 1}), "
+                           f"not a whole number of evenly spaced repeats (the other inputs sit between or after them)")
+    for name in walk.ir.nodes[index].input:
+        walk.add(name, placement)
+    walk.add(walk.ir.nodes[index].output[0], replace(placement, outer=placement.outer * count,
+                                                     length=placement.length * count))
+    return True
 
 
 def _concat_of_one_space(walk: Walk, index: int, side: str, placement: Placement) -> bool:
@@ -190,6 +221,9 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
     if side == "out" and known is not None and known.outer > 1:
         if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
             return  # reached again from one part of a repeated space already mapped from the input
+    if side == "out" and placement.outer > 1 and (start or end != in_length or in_length != placement.length):
+        walk.refuse(index, f"it keeps positions [{start}, {end}) of {in_length}, and they hold the units "
+                           f"{placement.outer} times over (the repeats of the input are unknown)")
     if side == "out":
         walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
@@ -237,7 +271,8 @@ def _slice_of_repeats(walk: Walk, index: int, k: int, first: int, last: int, pla
         walk.refuse(index, "it slices a repeated space with bounds counted from the end")
     start, end = min(first, length), min(last, length)
     if start % block or end % block or end <= start:
-        walk.refuse(index, "it cuts through the repeats of the units")
+        walk.refuse(index, f"it cuts through the repeats of the units (it keeps positions [{start}, {end}) "
+                           f"of {placement.outer} repeats of {block})")
     if record:
         if start:
             walk.group.value_edits.append(ValueEdit(index, 1, k, start // block * per_repeat))
