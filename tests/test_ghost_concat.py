@@ -37,7 +37,7 @@ def _ghost(tag, x, y, inits, rng, c_in, init, out, relu=True):
 
 
 def ghost_bottleneck(mid_out: int = 6):
-    """stem (8) -> ghost1 (mid) -> BN -> squeeze-excite -> ghost2 (8) + stem -> head."""
+    """stem (8) -> ghost1 (mid) -> BN -> squeeze-excite -> ghost2 (8) + stem -> depthwise -> head."""
     rng = np.random.default_rng(0)
     inits = {"bn_s": rand(rng, mid_out) + 1, "bn_b": rand(rng, mid_out), "bn_m": rand(rng, mid_out),
              "bn_v": np.abs(rand(rng, mid_out)) + 0.5}
@@ -50,7 +50,8 @@ def ghost_bottleneck(mid_out: int = 6):
               _conv("se_expand", "se_r", "se_e0", inits, rng, mid_out, 2), H("Sigmoid", ["se_e0"], ["se_e"]),
               H("Mul", ["g1n", "se_e"], ["h"])]
     nodes += _ghost("2", "h", "g2", inits, rng, mid_out, 4, 8, relu=False)
-    nodes += [H("Add", ["g2", "s"], ["stream"]), _conv("head", "stream", "y", inits, rng, 3, 8)]
+    nodes += [H("Add", ["g2", "s"], ["stream"]), _conv("stream_dw", "stream", "sd", inits, rng, 8, 8, k=3, group=8),
+              _conv("head", "sd", "y", inits, rng, 3, 8)]
     return make_model(nodes, [("x", ["N", 4, 6, 6])], ["y"], inits)
 
 

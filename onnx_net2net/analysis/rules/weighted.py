@@ -75,7 +75,7 @@ def _depthwise(walk: Walk, index: int, side: str, placement: Placement, multipli
                       length=placement.length // multiplier)
     walk.weight(index, 1, 0, axis_only(out), "copy")
     walk.weight(index, 2, 0, axis_only(out), "copy")
-    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.inner))
+    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.growth()))
     walk.group.passthrough.append(index)
     walk.add(node.input[0], inp)
     walk.add(node.output[0], out)
