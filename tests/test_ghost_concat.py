@@ -4,9 +4,10 @@ GhostNet's ghost module concatenates a primary convolution's output with a
 depthwise convolution of it (one filter per channel): [P | dw(P)] holds the
 primary's units twice, and a ghost bottleneck adds such a concat to its
 shortcut, so the stem before it produces the same units twice ([S | S]).
-DLA's root concatenates relu(f(x) + x) with x. Growing the space grows every
-repeat (outer = 2); a concatenation where the same units sit unevenly among
-other inputs, or a slice keeping part of a repeat, is refused."""
+DLA's root concatenates relu(f(x) + x) with x, sometimes with other tensors
+between them (repeats at uneven offsets). Growing the space grows every
+repeat; a slice keeping part of a repeat, or an op moving the positions of
+units repeated at uneven offsets, is refused."""
 
 from __future__ import annotations
 
@@ -55,16 +56,23 @@ def ghost_bottleneck(mid_out: int = 6):
     return make_model(nodes, [("x", ["N", 4, 6, 6])], ["y"], inits)
 
 
-def dla_root(extra_input: bool = False):
-    """t1 = relu(conv_a(x) + project(x)); t2 = relu(conv_b(t1) + t1); root(concat(t2, t1[, x]))."""
+def dla_root(extra_input: bool = False, sliced: bool = False):
+    """t1 = relu(conv_a(x) + project(x)); t2 = relu(conv_b(t1) + t1); root(concat(t2, x, t1) or concat(t2, t1)),
+    `sliced`: the concat's first 12 channels only."""
     rng = np.random.default_rng(1)
     inits = {}
     nodes = [_conv("project", "x", "pr", inits, rng, 5, 4), _conv("conv_a", "x", "a", inits, rng, 5, 4, k=3),
              H("Add", ["a", "pr"], ["t1a"]), H("Relu", ["t1a"], ["t1"]),
              _conv("conv_b", "t1", "b", inits, rng, 5, 5, k=3), H("Add", ["b", "t1"], ["t2a"]),
              H("Relu", ["t2a"], ["t2"]),
-             H("Concat", ["t2", "t1"] + (["x"] if extra_input else []), ["cat"], axis=1),
-             _conv("root", "cat", "r", inits, rng, 3, 14 if extra_input else 10), H("Relu", ["r"], ["y"])]
+             H("Concat", ["t2", "x", "t1"] if extra_input else ["t2", "t1"], ["cat0"], axis=1)]
+    if sliced:
+        inits.update(s0=np.array([0], np.int64), s1=np.array([12], np.int64), s2=np.array([1], np.int64))
+        nodes.append(H("Slice", ["cat0", "s0", "s1", "s2"], ["cat"]))
+    else:
+        nodes.append(H("Identity", ["cat0"], ["cat"]))
+    width = 12 if sliced else 14 if extra_input else 10
+    nodes += [_conv("root", "cat", "r", inits, rng, 3, width), H("Relu", ["r"], ["y"])]
     return make_model(nodes, [("x", ["N", 4, 5, 5])], ["y"], inits)
 
 
@@ -114,7 +122,15 @@ def test_dla_root_concatenates_the_same_units_twice():
     assert list(root.dims)[:2] == [3, 16]
 
 
-def test_the_same_units_among_other_inputs_are_refused():
+def test_the_same_units_with_another_input_between_them():
     widen = _widen(dla_root(extra_input=True), "conv_a")
+    assert widen["ok"], widen["reason"]
+    grown, _ = widen_exact(dla_root(extra_input=True), {"conv_a": 7})
+    root = next(i for i in grown.graph.initializer if i.name.startswith("root_w"))
+    assert list(root.dims)[:2] == [3, 18]
+
+
+def test_units_at_uneven_offsets_are_refused_where_an_op_moves_positions():
+    widen = _widen(dla_root(extra_input=True, sliced=True), "conv_a")
     assert not widen["ok"]
-    assert "the same units are in several of its inputs (0, 1 of 0..2)" in widen["reason"]
+    assert "the units repeat at uneven offsets of a concatenation on this axis" in widen["reason"]

@@ -1,9 +1,11 @@
 """Rules for Concat, Split and Slice: the units at an offset of a longer axis.
 
 Along the unit axis, Concat puts each input at the offset of the sizes
-before it (`offset + k`); Split and Slice take a range [start, end) that must
-hold all the units (or none of them): the units then sit at `offset -
-start`. Once q - n units are added, constants that count positions move:
+before it (`offset + k`). Inputs aligned with each other (aligned.py) hold
+the same units: the output holds the space once per such input (outer k
+when they are all the inputs, else at each one's start: `starts`). Split
+and Slice take a range [start, end) that must hold all the units (or none
+of them): the units then sit at `offset - start`. Once q - n units are added, constants that count positions move:
 split sizes grow by the placement's growth per unit, and Slice bounds after
 the units move right by it (bounds counted from the end move by themselves,
 except those before the units).
@@ -62,26 +64,48 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
 def _concat_of_aligned(walk: Walk, index: int, side: str, port: int, placement: Placement, sizes: list) -> bool:
     """Aligned inputs (aligned.py: GhostNet's concat(x, depthwise(x)), DLA's
     concat(relu(f(x) + x), x)) hold the same units: the output holds the
-    space once per input (outer times the inputs), and an output holding it
-    once per input gives each input one repeat."""
-    count = len(sizes)
+    space once per input (outer times the inputs), or, with other inputs
+    between or after them, once per aligned input at its start (`starts`).
+    Reached from the output, each repeat gives its input the units."""
     if side == "out":
-        if placement.outer % count or len(set(sizes)) != 1 or placement.length != sizes[0] * count:
-            return False
-        for name in walk.ir.nodes[index].input:
-            walk.add(name, replace(placement, outer=placement.outer // count, length=sizes[0]))
-        return True
+        return _aligned_from_output(walk, index, placement, sizes)
+    if placement.starts:
+        walk.refuse(index, "the units already repeat at uneven offsets of another concatenation")
     carriers = aligned_inputs(walk.ir, index, port, placement.axis)
     if len(carriers) == 1 or len({sizes[c] for c in carriers}) != 1:
         return False
-    if len(carriers) < count:
-        listed = ", ".join(str(c) for c in carriers)
-        walk.refuse(index, f"the same units are in several of its inputs ({listed} of 0..{count - 1}), "
-                           f"not a whole number of evenly spaced repeats (the other inputs sit between or after them)")
-    for name in walk.ir.nodes[index].input:
-        walk.add(name, placement)
-    walk.add(walk.ir.nodes[index].output[0], replace(placement, outer=placement.outer * count,
-                                                     length=placement.length * count))
+    node = walk.ir.nodes[index]
+    for carrier in carriers:
+        walk.add(node.input[carrier], placement)
+    if len(carriers) == len(sizes):
+        walk.add(node.output[0], replace(placement, outer=placement.outer * len(sizes),
+                                         length=placement.length * len(sizes)))
+        return True
+    if placement.outer != 1:
+        walk.refuse(index, "the same units repeat in some of its inputs, and inside each of them too")
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    walk.add(node.output[0], replace(placement, starts=tuple(int(offsets[c]) for c in carriers),
+                                     length=int(offsets[-1])))
+    return True
+
+
+def _aligned_from_output(walk: Walk, index: int, placement: Placement, sizes: list) -> bool:
+    """The output holds the space once per input (outer a multiple of the
+    inputs), or at the starts of some inputs: each of them holds it."""
+    node = walk.ir.nodes[index]
+    offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)])]
+    if placement.starts:
+        carriers = [offsets.index(start) for start in placement.starts if start in offsets[:-1]]
+        if len(carriers) != len(placement.starts) or len({sizes[c] for c in carriers}) != 1:
+            walk.refuse(index, "the units repeat at uneven offsets that are not the starts of its inputs")
+        for carrier in carriers:
+            walk.add(node.input[carrier], replace(placement, starts=(), length=sizes[carrier]))
+        return True
+    count = len(sizes)
+    if placement.outer % count or len(set(sizes)) != 1 or placement.length != sizes[0] * count:
+        return False
+    for name in node.input:
+        walk.add(name, replace(placement, outer=placement.outer // count, length=sizes[0]))
     return True
 
 
