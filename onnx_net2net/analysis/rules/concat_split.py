@@ -5,10 +5,11 @@ before it (`offset + k`). Inputs aligned with each other (aligned.py) hold
 the same units: the output holds the space once per such input (outer k
 when they are all the inputs, else at each one's start: `starts`). Split
 and Slice take a range [start, end) that must hold all the units (or none
-of them): the units then sit at `offset - start`. Once q - n units are added, constants that count positions move:
-split sizes grow by the placement's growth per unit, and Slice bounds after
-the units move right by it (bounds counted from the end move by themselves,
-except those before the units).
+of them): the units then sit at `offset - start`. Once q - n units are
+added, constants that count positions move: split sizes grow by the
+placement's growth per unit, and Slice bounds after the units move right by
+it (bounds counted from the end move by themselves, except those before the
+units).
 
 A space repeated k times (q | k | v of a fused projection, or Swin's patch
 merging of strided slices) is split into, sliced from or concatenated to
