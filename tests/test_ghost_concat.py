@@ -38,14 +38,15 @@ def _ghost(tag, x, y, inits, rng, c_in, init, out, relu=True):
 
 
 def ghost_bottleneck(mid_out: int = 6):
-    """stem (8) -> ghost1 (mid) -> BN -> squeeze-excite -> ghost2 (8) + stem -> depthwise -> head."""
+    """stem (8) -> ghost1 (mid) -> depthwise -> BN -> squeeze-excite -> ghost2 (8) + stem -> depthwise -> head."""
     rng = np.random.default_rng(0)
     inits = {"bn_s": rand(rng, mid_out) + 1, "bn_b": rand(rng, mid_out), "bn_m": rand(rng, mid_out),
              "bn_v": np.abs(rand(rng, mid_out)) + 0.5}
     mid = -(-mid_out // 2)
     nodes = [_conv("stem", "x", "s0", inits, rng, 8, 4, k=3), H("Relu", ["s0"], ["s"])]
     nodes += _ghost("1", "s", "g1", inits, rng, 8, mid, mid_out)
-    nodes += [H("BatchNormalization", ["g1", "bn_s", "bn_b", "bn_m", "bn_v"], ["g1n"]),
+    nodes += [_conv("conv_dw", "g1", "g1d", inits, rng, mid_out, mid_out, k=3, group=mid_out),
+              H("BatchNormalization", ["g1d", "bn_s", "bn_b", "bn_m", "bn_v"], ["g1n"]),
               H("GlobalAveragePool", ["g1n"], ["se_pool"]),
               _conv("se_reduce", "se_pool", "se_r0", inits, rng, 2, mid_out), H("Relu", ["se_r0"], ["se_r"]),
               _conv("se_expand", "se_r", "se_e0", inits, rng, mid_out, 2), H("Sigmoid", ["se_e0"], ["se_e"]),
@@ -134,3 +135,36 @@ def test_units_at_uneven_offsets_are_refused_where_an_op_moves_positions():
     widen = _widen(dla_root(extra_input=True, sliced=True), "conv_a")
     assert not widen["ok"]
     assert "the units repeat at uneven offsets of a concatenation on this axis" in widen["reason"]
+
+
+def test_a_depthwise_convolution_of_a_ghost_module_grows_both_halves():
+    """Seeded from the depthwise convolution reading [P | dw(P)]: a channel
+    routing region would see each channel of P twice and grow one copy only
+    (it claimed any width, and changed the function); the repeated space
+    grows both halves."""
+    widen = _widen(ghost_bottleneck(), "conv_dw")
+    assert widen["ok"] and widen["step"] == 2, widen
+    assert "routing" not in (widen["note"] or "")
+    widen_exact(ghost_bottleneck(), {"conv_dw": 8})
+
+
+def ghost_then_depthwise():
+    """primary (3) -> concat(p, cheap(p)) -> slice -> depthwise conv_dw (6) -> head: no residual, no SE."""
+    rng = np.random.default_rng(2)
+    inits = {}
+    nodes = _ghost("1", "x", "g", inits, rng, 4, 3, 6)
+    nodes += [_conv("conv_dw", "g", "h0", inits, rng, 6, 6, k=3, group=6), H("Relu", ["h0"], ["h"]),
+              _conv("head", "h", "y", inits, rng, 2, 6)]
+    return make_model(nodes, [("x", ["N", 4, 5, 5])], ["y"], inits)
+
+
+def test_a_channel_reaching_a_reader_twice_is_no_routing_region():
+    """The routing region claimed conv_dw at any width (step 1) and its
+    rewrite changed the function (max rel err 0.87): its fates count which
+    readers a channel reaches, not at how many positions."""
+    widen = _widen(ghost_then_depthwise(), "conv_dw")
+    assert widen["ok"] and widen["step"] == 2, widen
+    assert "routing" not in (widen["note"] or "")
+    widen_exact(ghost_then_depthwise(), {"conv_dw": 8})
+    with pytest.raises(n2n.UserError, match="multiple of 2"):
+        n2n.widen(ghost_then_depthwise(), {"conv_dw": 7})
