@@ -168,3 +168,13 @@ def test_a_channel_reaching_a_reader_twice_is_no_routing_region():
     widen_exact(ghost_then_depthwise(), {"conv_dw": 8})
     with pytest.raises(n2n.UserError, match="multiple of 2"):
         n2n.widen(ghost_then_depthwise(), {"conv_dw": 7})
+
+
+def test_factor_grows_a_space_seeded_from_the_stem_and_the_primary_once():
+    """The stem ([S | S], 2 features per unit) and ghost2's primary (S once)
+    seed the same space: `--factor` grows it once, to 1.5x."""
+    grown, report = widen_exact(ghost_bottleneck(), factor=1.5)
+    producer_sets = [frozenset(change["layers"]) for change in report["changes"]]
+    assert len(producer_sets) == len(set(producer_sets))
+    stem = next(i for i in grown.graph.initializer if i.name.startswith("stem_w"))
+    assert stem.dims[0] == 12

@@ -51,7 +51,6 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     """
     tried, queue, failures = set(), [(1, 1)], []
     width = layer_width(ir, layer)
-    routing = None
     while queue and len(tried) < MAX_LAYOUT_TRIES:
         unit_width, repeats = queue.pop(0)
         if (unit_width, repeats) in tried or width % (unit_width * repeats):
@@ -61,16 +60,11 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
         if group.ok:
             return group
         failures.append(group)
-        if group.refusal.op == "Concat" and group.refusal.retry and routing is None:
-            # A routing region grows a concatenation of one space by single channels: tried first.
-            routing = find_routed_group(ir, layer)
-            if routing[0] is not None:
-                return routing[0]
         queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
         queue += _grouped_heads(group)
     routing_refusal = None
     if any(f.refusal.op in _ROUTING_OPS for f in failures):  # the stage may grow as one routing region
-        routed, routing_refusal = routing or find_routed_group(ir, layer)
+        routed, routing_refusal = find_routed_group(ir, layer)
         if routed is not None:
             return routed
     group = failures[0]
