@@ -5,6 +5,9 @@ weight normalisation W = g * v / ||v|| (Mul, Div, ReduceL2...), a weight
 transposed or reshaped by a node, a product of constants. Such a W is the
 same tensor for every input, so evaluating the subgraph once (onnx.reference)
 and reading the result as an initializer computes exactly the same function;
+the same holds for a MatMul's bias (the operand of the Add after it), such as
+torchvision's Swin V2 qkv bias, a copy of the bias with its K part zeroed by
+ScatterND;
 the layer can then grow like any other. The parametrisation is lost (the
 grown model stores W, not g and v): the report says so.
 
@@ -36,7 +39,7 @@ def computed_weights(ir: GraphIR) -> list[tuple[int, int, list[int]]]:
     """(node, port, subgraph nodes in order) for each weight computed from constants."""
     found = []
     for index, node in enumerate(ir.nodes):
-        for port in WEIGHT_PORTS.get(node.op_type, ()):
+        for port in WEIGHT_PORTS.get(node.op_type, ()) or _matmul_bias_ports(ir, node):
             if port >= len(node.input) or not node.input[port] or ir.is_const(node.input[port]):
                 continue
             if node.op_type == "MatMul" and ir.is_const(node.input[0]):
@@ -45,6 +48,19 @@ def computed_weights(ir: GraphIR) -> list[tuple[int, int, list[int]]]:
             if subgraph:
                 found.append((index, port, subgraph))
     return found
+
+
+def _matmul_bias_ports(ir: GraphIR, node) -> tuple[int, ...]:
+    """The port of an Add's operand that is the bias of the MatMul (with a
+    constant weight) feeding its other port."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return ()
+    ports = []
+    for port in (0, 1):
+        other = ir.producer_node(node.input[1 - port])
+        if other is not None and ir.nodes[other].op_type == "MatMul" and ir.is_const(ir.nodes[other].input[1]):
+            ports.append(port)
+    return tuple(ports)
 
 
 def constant_subgraph(ir: GraphIR, tensor: str) -> list[int] | None:

@@ -175,7 +175,8 @@ def _widen_note(group: UnitGroup, ir: GraphIR) -> str | None:
     if group.unit_width > 1:
         notes.append(f"whole attention heads of {group.unit_width}")
     if group.repeats > 1:
-        notes.append(f"the units repeat {group.repeats}x along the output (fused projections)")
+        why = "a concatenation of the same units" if "Concat" in group.ops else "fused projections"
+        notes.append(f"the units repeat {group.repeats}x along the output ({why})")
     if group.tile and group.average_expansion:
         carry = "the mean" if group.extras == "mean" else "zero (RMS norms)"
         notes.append(f"normalised units: widths that are not multiples use LEMON's average expansion "

@@ -146,9 +146,12 @@ class WidenPass(_Pass):
     def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
         """One (layer, width) per group, checked before anything changes."""
         if self.factor is not None:
-            requests = []
+            requests, grown = [], set()
             for group in analyse_groups(ir, self.keep_output_shapes):
-                if group.ok:
+                # The same space seeded from layers writing it once and twice (GhostNet's
+                # primary convolution and the stem writing [S | S]) is one group: grown once.
+                if group.ok and frozenset(group.producers) not in grown:
+                    grown.add(frozenset(group.producers))
                     width = self._factor_width(ir, group)
                     if width is not None:
                         self._check_options(group)

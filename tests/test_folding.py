@@ -58,3 +58,23 @@ def test_a_quantized_consumer_weight_is_refused_with_the_reason():
     model = make_model(nodes, [("x", ["N", 4])], ["y"], inits)
     layer = next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == "fc1")
     assert "quantized (int8 'w2_q' through DequantizeLinear, per-channel scales on axis 1)" in layer["widen"]["reason"]
+
+
+def scattered_bias_mlp():
+    """torchvision's Swin V2 qkv bias: a copy of b with its middle third zeroed
+    (ScatterND on constants), added after the MatMul: x -> fc1 + b' -> Relu -> fc2."""
+    rng = np.random.default_rng(2)
+    inits = {"w1": rand(rng, 4, 6), "b": rand(rng, 6), "idx": np.arange(2, 4, dtype=np.int64).reshape(2, 1),
+             "zeros": np.zeros(2, np.float32), "w2": rand(rng, 6, 3)}
+    nodes = [H("ScatterND", ["b", "idx", "zeros"], ["b_zeroed"]), H("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             H("Add", ["b_zeroed", "h"], ["hb"]), H("Relu", ["hb"], ["a"]), H("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", ["N", 4])], ["y"], inits)
+
+
+def test_a_matmul_bias_computed_by_scatternd_is_folded_and_the_layer_grows():
+    model = scattered_bias_mlp()
+    report = n2n.inspect(model, trial=False)
+    assert next(l for l in report["layers"] if l["name"] == "fc1")["widen"]["ok"], report
+    assert report["folded"][0]["from"] == ["ScatterND"]
+    grown, report = widen_exact(model, {"fc1": 9}, split="random")
+    assert report["folded"] and not any(n.op_type == "ScatterND" for n in grown.graph.node)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 import onnx_net2net as n2n
+from onnx_net2net.ir import GraphIR
 
 from helpers import H, make_model, rand, widen_exact
 
@@ -208,9 +209,14 @@ def test_learned_positions_sliced_to_the_sequence_length_grow():
     widen_exact(model, {"inp": 9}, feeds=_feeds(model, seq=5))
 
 
-def test_a_slice_of_the_unit_axis_with_bounds_read_at_run_time_is_refused():
+def test_a_slice_of_the_unit_axis_with_bounds_read_at_run_time_is_refused(monkeypatch):
+    """pos[:, :, :T]: a length read at run time on the unit axis is refused (the
+    Add meets an operand whose length on the unit axis is unknown)."""
+    # (onnxruntime's symbolic inference would take T = 16 from the Add's broadcast: this
+    # model only runs at T = 1; leave T unknown, as it is in a model that runs at any T)
+    monkeypatch.setattr(GraphIR, "_refine_with_symbolic_inference", lambda self, light: None)
     reason = _layer(_position_model(2), "inp")["widen"]["reason"]
-    assert "slices the unit axis with bounds read at run time" in reason
+    assert "operand 'pos_t' has None positions on the unit axis" in reason
 
 
 def _resize_model(sizes_from: str) -> onnx.ModelProto:

@@ -705,14 +705,14 @@ def test_concat_on_a_spatial_axis_couples_both_inputs():
     assert node_weight(wider, "B").shape == (5, 2, 3, 3)
 
 
-def test_concat_of_the_same_tensor_twice_is_refused():
+def test_concat_of_the_same_tensor_twice_holds_the_units_twice():
     rng = np.random.default_rng(12)
     inits = {"W1": rand(rng, 3, 2, 1, 1), "W2": rand(rng, 2, 6, 1, 1)}
     nodes = [H("Conv", ["x", "W1"], ["a"], name="L1"), H("Concat", ["a", "a"], ["c"], axis=1),
              H("Conv", ["c", "W2"], ["y"], name="L2")]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
-    with pytest.raises(n2n.GrowthRefused, match="two different layouts"):
-        n2n.widen(model, {"L1": 5})
+    wider, _ = widen_exact(model, {"L1": 5})
+    assert node_weight(wider, "L2").shape == (2, 10, 1, 1)
 
 
 def test_residual_from_the_graph_input_is_refused():

@@ -18,6 +18,10 @@ RMSNormalization) and for norms written out as ops:
     RMSNorm:   d = x;              v = ReduceMean(d^2)
     both:      y = d / Sqrt(v + eps) * gamma (+ beta)
 
+A group normalisation (statistics over the units and positions together:
+GroupNorm with one group) is not averaged: extras carrying the mean of the
+units at each position keep the mean but not the variance.
+
 (d^2 as Pow(d, 2) or Mul(d, d); the division as Div, or Mul by Reciprocal).
 There eps is a constant the rewrite scales by s, gamma the scale it
 multiplies by sqrt(s), beta the shift that is 0 on the extras.
@@ -66,6 +70,11 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
     `group.decomposed_norms`, and gives their gamma / beta edits the norm roles."""
     if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
         return "the units are structured (heads or grouped convolutions)"
+    grouped = [norm for norm in group.norms if ir.nodes[norm].op_type == "InstanceNormalization"]
+    if grouped:
+        return (f"{ir.nodes[grouped[0]].op_type} {ir.label(grouped[0])} normalises the units together with their "
+                "positions (a group normalisation): extra units carrying the mean of the units at each position "
+                "would change its variance")
     decomposed, unmatched = _decomposed_norms(ir, group)
     if unmatched is not None:
         return (f"{ir.nodes[unmatched].op_type} {ir.label(unmatched)} takes statistics over the units outside a "

@@ -26,7 +26,7 @@ from .runtime_shapes import pad_output_shape, reshape_output_shape
 #: Ops followed one node at a time (a shape computed from their inputs' shapes).
 FOLLOWED = frozenset("""
     Unsqueeze Squeeze Transpose Gather Identity Cast Add Sub Mul Div Pow Sqrt Erf Tanh Sigmoid Relu Softmax MatMul
-    Where Neg Exp Dropout Flatten Concat Split Slice
+    Where Neg Exp Dropout Flatten Concat Split Slice LayerNormalization
 """.split())
 #: How far back an unknown shape is followed (a bound on the recursion).
 MAX_DEPTH = 48
@@ -63,6 +63,8 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
             computed = reshape_output_shape(ir, producer)
         elif op == "Pad":
             computed = pad_output_shape(ir, producer)
+        elif op == "Slice":
+            computed = _merge(_infer_node(ir, producer, tensor, cache, depth), _slice_kept(ir, producer, cache, depth))
         elif op in FOLLOWED and ir.nodes[producer].domain in ("", "ai.onnx"):
             computed, final = _infer_node(ir, producer, tensor, cache, partial, depth)
     refined = _merge(shape, computed)
@@ -72,6 +74,20 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
         del cache[tensor]
         partial[tensor] = refined
     return refined, final
+
+
+def _slice_kept(ir: GraphIR, index: int, cache: dict, depth: int) -> tuple | None:
+    """A Slice with constant axes keeps the dims of the axes it does not slice
+    (its bounds on the others may be computed at run time: Swin's x[:, :H, :W])."""
+    node = ir.nodes[index]
+    if len(node.input) < 4 or not node.input[3]:
+        return None
+    axes = ir.const_value(node.input[3])
+    source = _refined(ir, node.input[0], cache, depth + 1)
+    if axes is None or source is None:
+        return None
+    sliced = {int(a) % len(source) for a in axes.reshape(-1)}
+    return tuple(None if axis in sliced else d for axis, d in enumerate(source))
 
 
 def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:

@@ -22,7 +22,8 @@ depends on the width. So the whole stage grows together:
   copy keeps its function), extra slots of a fate copy channels of that fate
   (Net2Net: the readers divide), and slots of a fate no old channel had are
   read with weight 0. A width where some fate has fewer slots than channels
-  is refused.
+  is refused, and so is a region where a channel reaches a reader at
+  several positions (the fate does not count them).
 
 Everything outside the region is untouched, and the result is verified by
 the caller like any other widening.
@@ -106,6 +107,7 @@ def find_routed_group(ir: GraphIR, layer: int) -> tuple[RoutedGroup | None, Refu
     try:
         region = _discover(ir, layer)
         old = simulate(ir, region, region.width)
+        _refuse_repeated_channels(region, old)
     except Refusal as refusal:
         return None, refusal
     group = RoutedGroup(seed=layer, size=region.width, region=region, old_routing=old,
@@ -121,6 +123,21 @@ def find_routed_group(ir: GraphIR, layer: int) -> tuple[RoutedGroup | None, Refu
     group.step = step
     known.append(group)
     return group, None
+
+
+def _refuse_repeated_channels(region: Region, routing: Routing) -> None:
+    """A channel reaching a reader at several positions is refused: there
+    they hold different values (a per-channel op such as a depthwise
+    convolution on one path: GhostNet's concat(x, depthwise(x))), and a
+    fate counts the readers a channel reaches, not how often, so a width
+    that drops one of the positions would still seem to route."""
+    for tensor in sorted(region.reader_tensors):
+        labels = routing.labels.get(tensor)
+        real = labels[labels > 0] if labels is not None else np.zeros(0)
+        if len(np.unique(real)) < len(real):
+            raise Refusal(f"a channel reaches '{tensor}' at several positions (through a per-channel op on one "
+                          f"path, as in concat(x, depthwise(x))), which the routing does not tell apart",
+                          RefusalKind.NOT_ROUTABLE)
 
 
 def check_width(ir: GraphIR, group: RoutedGroup, width: int) -> str | None:

@@ -236,17 +236,21 @@ def _required_tile(ir, ev, group, index, port, actual):
 
 def _required_slice(ir, ev, group, index, port, actual):
     """Bounds on axes other than the unit axis must not change with the units;
-    bounds read at run time on the unit axis are refused."""
+    those on the unit axis move as the walk found (`group.runtime_bounds`)."""
     node = ir.nodes[index]
     axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(actual))
     if axes is None:
         raise _refused(ir, index, "its axes are not constant")
     axis, _ = _unit_axis(group, node.input[0])
     rank = ir.rank(node.input[0])
+    required = [Fraction(0)] * len(actual)
     for k, a in enumerate(axes):
         if axis is not None and rank is not None and int(a) % rank == axis:
-            raise _refused(ir, index, "it slices the unit axis with bounds read at run time")
-    return [Fraction(0)] * len(actual)
+            growth = group.runtime_bounds.get((index, port, k))
+            if growth is None:
+                raise _refused(ir, index, "it slices the unit axis with bounds read at run time")
+            required[k] = Fraction(growth)
+    return required
 
 
 def _required_pad(ir, ev, group, index, port, actual):

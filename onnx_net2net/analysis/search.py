@@ -105,7 +105,7 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_ou
         if not group.producers:
             raise Refusal.at_layer(ir, layer, "no layer produces these units")
         if group.tile:
-            group.average_blocker = average_expansion_blocker(ir, group)
+            group.average_blocker = average_expansion_blocker(ir, group) or _uneven_blocker(group)
             group.average_expansion = group.average_blocker is None
             if group.average_expansion:
                 group.step = 1
@@ -116,6 +116,13 @@ def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_ou
     except Refusal as refusal:
         group.refusal = refusal
     return group
+
+
+def _uneven_blocker(group: UnitGroup) -> str | None:
+    """LEMON's extra units are not placed in repeats at uneven offsets (the rewrite averages evenly spaced blocks)."""
+    if any(placement.starts for placement in group.placements.values()):
+        return "the units repeat at uneven offsets of a concatenation"
+    return None
 
 
 def _check_runtime_sizes(ir: GraphIR, group: UnitGroup) -> None:

@@ -16,6 +16,10 @@ axis is `outer` repetitions of a block; in every block unit u occupies the
 * Flatten of NCHW into [N, C*H*W]:       inner H*W (each channel is a block)
 * Transpose to NHWC, then Flatten:       inner 1, outer H*W (feature p*C + c)
 * a depthwise Conv with multiplier m:    inner m
+* the same space concatenated k times:   outer k (GhostNet's [x | depthwise(x)])
+* ... with other tensors between:        `starts`, the position where each
+  repeat begins (DLA's root concat(t2, t1, x, t0): unit u at 0 + u, n + u,
+  2n + |x| + u); `outer` is then 1 and `block` means nothing
 * heads merged with a batch of unknown size B ([T, B, H*d] viewed as
   [T, B*H, d], as PyTorch's legacy export of nn.MultiheadAttention does):
   axis 1, length H, `batch`: the axis holds B blocks of the H units, B
@@ -51,6 +55,9 @@ class Placement:
     outer: int = 1
     #: the axis also holds a batch of unknown size: B blocks of `length` positions each
     batch: bool = False
+    #: the repeats begin at these positions, unevenly spaced (then `outer` is 1): unit u
+    #: of repeat r sits at starts[r] + offset + u * inner
+    starts: tuple[int, ...] = ()
 
     @property
     def block(self) -> int:
@@ -67,7 +74,7 @@ class Placement:
 
     def growth(self) -> int:
         """Positions added on the axis per unit added to the space."""
-        return self.inner * self.outer
+        return self.inner * (len(self.starts) or self.outer)
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,9 @@ class UnitGroup:
             the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
             constants following the growth (runtime_shapes.SizeEdit).
+        runtime_bounds: Slice bounds on the unit axis read at run time:
+            (node, port, entry) -> the positions the bound must move by per
+            unit added (runtime_shapes checks it).
     """
 
     seed: int
@@ -167,6 +177,7 @@ class UnitGroup:
     average_blocker: str | None = None
     extras: str = "mean"
     size_edits: list = field(default_factory=list)
+    runtime_bounds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     kept_outputs: dict[str, Placement] = field(default_factory=dict)
 
     @property
@@ -240,7 +251,7 @@ class UnitGroup:
 def axis_only(placement: Placement) -> Placement:
     """The placement on a parameter vector: the unit axis alone (axis 0, rank 1)."""
     return Placement(axis=0, rank=1, length=placement.length, offset=placement.offset,
-                     inner=placement.inner, outer=placement.outer)
+                     inner=placement.inner, outer=placement.outer, starts=placement.starts)
 
 
 def next_aligned(size: int, step: int, multiple: int) -> int | None:

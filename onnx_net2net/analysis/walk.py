@@ -23,7 +23,7 @@ from typing import NoReturn
 import numpy as np
 
 from ..ir import GraphIR
-from ..ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY, RESHAPES
+from ..ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY, POOLING, RESHAPES
 from .quantized import dequantized_constant, quantized_reason
 from .refined_shapes import refined_shape
 from .refusal import Refusal, RefusalKind
@@ -33,6 +33,10 @@ from .units import Placement, UnitGroup, WeightEdit
 #: they move the axis, read its size, act per element or per batch position.
 BATCH_MERGED_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | RESHAPES
                              | {"Transpose", "Shape", "Size", "Softmax", "LogSoftmax", "MatMul"})
+
+#: Ops that keep a space repeated at uneven offsets (Placement.starts) in place:
+#: per-channel ops, and convolutions reading or writing the channels.
+UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | POOLING | {"BatchNormalization", "Conv", "Concat"})
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
 #: tensors and edits to the walk's group, or refuses.
@@ -117,6 +121,9 @@ class Walk:
         if placement.batch and node.op_type not in BATCH_MERGED_OPS:
             self.refuse(index, "the units are merged with a batch of unknown size on this axis (heads viewed as "
                                "[batch x heads]), which this op is not known to keep apart")
+        if placement.starts and node.op_type not in UNEVEN_REPEATS_OPS:
+            self.refuse(index, "the units repeat at uneven offsets of a concatenation on this axis, "
+                               "which this op is not known to keep")
         self.group.ops.add(node.op_type)
         rule(self, index, side, port, placement)
 
@@ -190,8 +197,10 @@ class Walk:
                 self.add(node.output[port], placement)
 
     def require_channel_axis(self, index: int, placement: Placement, allow_blocks: bool = False) -> None:
-        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved."""
+        """The units must be on axis 1 of a rank >= 3 tensor, not interleaved;
+        `allow_blocks`: units may be blocks of channels, and the space may
+        repeat along the channels (per-channel ops and ordinary convolutions)."""
         if placement.axis != 1 or placement.rank < 3:
             self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
-        if placement.outer != 1 or (placement.inner != 1 and not allow_blocks):
+        if not allow_blocks and (placement.outer != 1 or placement.inner != 1):
             self.refuse(index, "the units are interleaved with other data on the channel axis")

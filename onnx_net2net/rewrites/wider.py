@@ -179,6 +179,8 @@ class UnitMapping:
 
 def source_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
     """For each position of the widened axis, the old position it copies."""
+    if placement.starts:
+        return _uneven_repeats(placement, mapping)[0]
     block = placement.block
     base = np.arange(block)
     units = (placement.offset + mapping.g[:, None] * placement.inner + np.arange(placement.inner)).ravel()
@@ -189,12 +191,30 @@ def source_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
 
 def unit_slots(placement: Placement, mapping: UnitMapping) -> np.ndarray:
     """For each position of the widened axis, its unit j (or -1 outside the space)."""
+    if placement.starts:
+        return _uneven_repeats(placement, mapping)[1]
     n, q = mapping.old, mapping.new
     new_block = placement.block + (q - n) * placement.inner
     slots = np.full(new_block, -1, dtype=np.int64)
     span = np.repeat(np.arange(q), placement.inner)
     slots[placement.offset: placement.offset + q * placement.inner] = span
     return np.tile(slots, placement.outer)
+
+
+def _uneven_repeats(placement: Placement, mapping: UnitMapping) -> tuple[np.ndarray, np.ndarray]:
+    """source_index and unit_slots of a space repeated at uneven starts: the
+    data between the repeats keeps its order, each repeat is widened by g."""
+    n, q, inner = mapping.old, mapping.new, placement.inner
+    units = (mapping.g[:, None] * inner + np.arange(inner)).ravel()
+    sources, slots, done = [], [], 0
+    for start in placement.starts:
+        first = start + placement.offset
+        sources += [np.arange(done, first), first + units]
+        slots += [np.full(first - done, -1), np.repeat(np.arange(q), inner)]
+        done = first + n * inner
+    sources.append(np.arange(done, placement.length))
+    slots.append(np.full(placement.length - done, -1))
+    return np.concatenate(sources).astype(np.int64), np.concatenate(slots).astype(np.int64)
 
 
 def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOptions,

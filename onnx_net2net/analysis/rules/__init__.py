@@ -13,14 +13,15 @@ from ..walk import Rule
 from .attention import softmax
 from .concat_split import concat, slice_op, split
 from .elementwise import elementwise, pool, shape_op, unary
-from .layout import expand, gather, pad, reshape, resize, tile, transpose
-from .normalisation import batchnorm, layernorm, reduce
+from .layout import expand, gather, gather_nd, pad, reshape, resize, tile, transpose
+from .normalisation import batchnorm, groupnorm, instancenorm, layernorm, reduce
 from .quantized import quantize_linear
 from .weighted import conv, conv_transpose, gemm, matmul
 
 RULES: dict[str, Rule] = {
     "BatchNormalization": batchnorm,
-    "InstanceNormalization": batchnorm,
+    "InstanceNormalization": instancenorm,
+    "GroupNormalization": groupnorm,
     "Concat": concat,
     "Split": split,
     "Slice": slice_op,
@@ -37,6 +38,7 @@ RULES: dict[str, Rule] = {
     "RMSNormalization": layernorm,
     "Pad": pad,
     "Gather": gather,
+    "GatherND": gather_nd,
     "Resize": resize,
     "Expand": expand,
     "Tile": tile,

@@ -1,12 +1,20 @@
 """Rules for Concat, Split and Slice: the units at an offset of a longer axis.
 
 Along the unit axis, Concat puts each input at the offset of the sizes
-before it (`offset + k`); Split and Slice take a range [start, end) that must
-hold all the units (or none of them): the units then sit at `offset -
-start`. Once q - n units are added, constants that count positions move:
-split sizes grow by the placement's growth per unit, and Slice bounds after
-the units move right by it (bounds counted from the end move by themselves,
-except those before the units).
+before it (`offset + k`). Inputs aligned with each other (aligned.py) hold
+the same units: the output holds the space once per such input (outer k
+when they are all the inputs, else at each one's start: `starts`). Split
+and Slice take a range [start, end) that must hold all the units (or none
+of them): the units then sit at `offset - start`. Once q - n units are
+added, constants that count positions move: split sizes grow by the
+placement's growth per unit, and Slice bounds after the units move right by
+it (bounds counted from the end move by themselves, except those before the
+units).
+
+Slice bounds read at run time on the unit axis (`chunk(2, -1)` exported as
+Shape -> Div -> Slice) act as the bounds they hold now, when the model fixes
+them; runtime_shapes then checks that they move as constant bounds would
+(and feeds the right values where they do not).
 
 A space repeated k times (q | k | v of a fused projection, or Swin's patch
 merging of strided slices) is split into, sliced from or concatenated to
@@ -20,7 +28,9 @@ from dataclasses import replace
 import numpy as np
 
 from ...ir import GraphIR, node_attr
+from ..aligned import aligned_inputs
 from ..shape_algebra import clamp
+from ..size_evaluator import SizeEvaluator
 from ..units import Placement, ValueEdit
 from ..walk import Walk
 
@@ -36,11 +46,13 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         return
     if _concat_of_one_space(walk, index, side, placement):
         return
-    if placement.outer != 1:
-        walk.refuse(index, "concatenation of interleaved features")
     sizes = [walk.dim(index, name, axis) for name in node.input]
     if any(size is None for size in sizes):
         walk.refuse(index, "an input's size on the concatenation axis is unknown")
+    if _concat_of_aligned(walk, index, side, port, placement, sizes):
+        return
+    if placement.outer != 1:
+        walk.refuse(index, "concatenation of interleaved features")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     total = int(starts[-1])
     if side == "in":
@@ -51,7 +63,57 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         if starts[source] <= lo and hi <= starts[source + 1]:
             walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
             return
-    walk.refuse(index, "the units span several concatenated inputs")
+    fills = lo == 0 and hi == total and len(set(sizes)) == 1
+    aligned = fills and len(aligned_inputs(ir, index, 0, axis)) == len(node.input) > 1
+    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if aligned else ())
+
+
+def _concat_of_aligned(walk: Walk, index: int, side: str, port: int, placement: Placement, sizes: list) -> bool:
+    """Aligned inputs (aligned.py: GhostNet's concat(x, depthwise(x)), DLA's
+    concat(relu(f(x) + x), x)) hold the same units: the output holds the
+    space once per input (outer times the inputs), or, with other inputs
+    between or after them, once per aligned input at its start (`starts`).
+    Reached from the output, each repeat gives its input the units."""
+    if side == "out":
+        return _aligned_from_output(walk, index, placement, sizes)
+    if placement.starts:
+        walk.refuse(index, "the units already repeat at uneven offsets of another concatenation")
+    carriers = aligned_inputs(walk.ir, index, port, placement.axis)
+    if len(carriers) == 1 or len({sizes[c] for c in carriers}) != 1:
+        return False
+    node = walk.ir.nodes[index]
+    for carrier in carriers:
+        walk.add(node.input[carrier], placement)
+    if len(carriers) == len(sizes):
+        walk.add(node.output[0], replace(placement, outer=placement.outer * len(sizes),
+                                         length=placement.length * len(sizes)))
+        return True
+    if placement.outer != 1:
+        walk.refuse(index, "the same units repeat in some of its inputs, and inside each of them too")
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    walk.add(node.output[0], replace(placement, starts=tuple(int(offsets[c]) for c in carriers),
+                                     length=int(offsets[-1])))
+    return True
+
+
+def _aligned_from_output(walk: Walk, index: int, placement: Placement, sizes: list) -> bool:
+    """The output holds the space once per input (outer a multiple of the
+    inputs), or at the starts of some inputs: each of them holds it."""
+    node = walk.ir.nodes[index]
+    offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)])]
+    if placement.starts:
+        carriers = [offsets.index(start) for start in placement.starts if start in offsets[:-1]]
+        if len(carriers) != len(placement.starts) or len({sizes[c] for c in carriers}) != 1:
+            walk.refuse(index, "the units repeat at uneven offsets that are not the starts of its inputs")
+        for carrier in carriers:
+            walk.add(node.input[carrier], replace(placement, starts=(), length=sizes[carrier]))
+        return True
+    count = len(sizes)
+    if placement.outer % count or len(set(sizes)) != 1 or placement.length != sizes[0] * count:
+        return False
+    for name in node.input:
+        walk.add(name, replace(placement, outer=placement.outer // count, length=sizes[0]))
+    return True
 
 
 def _concat_of_one_space(walk: Walk, index: int, side: str, placement: Placement) -> bool:
@@ -167,12 +229,23 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
         walk.refuse(index, "the units reach its slice bounds")
     if len(node.input) < 3:
         walk.refuse(index, "Slice with attribute bounds (opset < 10)")
-    rank = placement.rank
-    if not (ir.is_const(node.input[1]) and ir.is_const(node.input[2])):
-        _slice_with_runtime_bounds(walk, index, placement)
+    runtime = tuple(p for p in (1, 2) if not ir.is_const(node.input[p]))
+    if not runtime:
+        _slice(walk, index, side, placement, walk.const(index, node.input[1], "starts"),
+               walk.const(index, node.input[2], "ends"))
         return
-    starts = walk.const(index, node.input[1], "starts")
-    ends = walk.const(index, node.input[2], "ends")
+    bounds = _slice_with_runtime_bounds(walk, index, placement)
+    if bounds is not None:
+        edits = len(walk.group.value_edits)
+        _slice(walk, index, side, placement, bounds[0], bounds[1])
+        _runtime_bound_growth(walk, index, runtime, bounds[2], edits)
+
+
+def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends) -> None:
+    """slice_op with the bounds' values (constant, or their values now)."""
+    ir = walk.ir
+    node = ir.nodes[index]
+    rank = placement.rank
     axes = walk.const(index, node.input[3], "axes") if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
     steps = walk.const(index, node.input[4], "steps") if len(node.input) > 4 and node.input[4] else np.ones(len(starts))
     axes = [int(a) % rank for a in axes]
@@ -190,6 +263,9 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
     if side == "out" and known is not None and known.outer > 1:
         if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
             return  # reached again from one part of a repeated space already mapped from the input
+    if side == "out" and placement.outer > 1 and (start or end != in_length or in_length != placement.length):
+        walk.refuse(index, f"it keeps positions [{start}, {end}) of {in_length}, and they hold the units "
+                           f"{placement.outer} times over (the repeats of the input are unknown)")
     if side == "out":
         walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
@@ -215,16 +291,40 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
         walk.refuse(index, "it cuts through the units", retry)
 
 
-def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> None:
+def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> tuple | None:
     """Bounds read at run time (`pos[:, :T]`) on other axes than the unit axis:
-    the units pass; runtime_shapes checks the bounds do not change with them."""
+    the units pass; runtime_shapes checks the bounds do not change with them.
+    On the unit axis (`chunk(2, -1)` exported as Shape -> Div -> Slice), the
+    bounds' values now, when the model fixes them: (starts, ends, k), k the
+    unit axis' entry; the slice then acts as one with those bounds."""
     node = walk.ir.nodes[index]
     if len(node.input) < 4 or not node.input[3]:
         walk.refuse(index, "its bounds are read at run time and its axes are implicit")
-    axes = walk.const(index, node.input[3], "axes")
-    if placement.axis in [int(a) % placement.rank for a in axes]:
-        walk.refuse(index, "it slices the unit axis with bounds read at run time")
-    walk.same_on_ports(index, placement)
+    axes = [int(a) % placement.rank for a in walk.const(index, node.input[3], "axes")]
+    if placement.axis not in axes:
+        walk.same_on_ports(index, placement)
+        return None
+    k = axes.index(placement.axis)
+    evaluator = SizeEvaluator(walk.ir, {})
+    bounds = [evaluator.port_entries(index, port) for port in (1, 2)]
+    if any(entries is None or len(entries) != len(axes) or entries[k].base is None for entries in bounds):
+        walk.refuse(index, "it slices the unit axis with bounds read at run time (not fixed by the model)")
+    return tuple(np.array([0 if e.base is None else e.base for e in entries]) for entries in bounds) + (k,)
+
+
+def _runtime_bound_growth(walk: Walk, index: int, runtime: tuple[int, ...], k: int, first_edit: int) -> None:
+    """The bounds edits recorded from `first_edit` on for ports read at run
+    time become the growth those bounds must follow (runtime_shapes checks it
+    and, where the computed bound does not follow, feeds the value)."""
+    group = walk.group
+    recorded = group.value_edits[first_edit:]
+    group.value_edits[first_edit:] = [edit for edit in recorded if edit.port not in runtime]
+    for port in runtime:
+        growth = [edit.per_unit for edit in recorded if edit.port == port and edit.index == k]
+        if growth:
+            group.runtime_bounds[(index, port, k)] = sum(growth)
+        else:
+            group.runtime_bounds.setdefault((index, port, k), 0)
 
 
 def _slice_of_repeats(walk: Walk, index: int, k: int, first: int, last: int, placement: Placement,
@@ -237,7 +337,8 @@ def _slice_of_repeats(walk: Walk, index: int, k: int, first: int, last: int, pla
         walk.refuse(index, "it slices a repeated space with bounds counted from the end")
     start, end = min(first, length), min(last, length)
     if start % block or end % block or end <= start:
-        walk.refuse(index, "it cuts through the repeats of the units")
+        walk.refuse(index, f"it cuts through the repeats of the units (it keeps positions [{start}, {end}) "
+                           f"of {placement.outer} repeats of {block})")
     if record:
         if start:
             walk.group.value_edits.append(ValueEdit(index, 1, k, start // block * per_repeat))

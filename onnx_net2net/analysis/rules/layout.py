@@ -8,6 +8,11 @@ Expand, Resize, Tile, Pad.
 * Gather along another axis moves the unit axis by the index rank; a Gather
   of a constant table along another axis is an embedding (a producer); a
   Gather of every position in order only moves the axis;
+* GatherND (batch_dims 0) with indices [..., k] picks positions on the first
+  k axes of its data and keeps the axes after them whole, in order, behind
+  the indices' leading axes: the unit axis moves there when it is not among
+  the k gathered ones (the dynamo export of a relative position bias table
+  [positions, heads] read at [window^2, 1] indices);
 * Expand, Resize, Tile and Pad must leave the unit axis alone (a literal
   Expand target or Resize size on it grows with the units).
 
@@ -181,6 +186,27 @@ def gather(walk: Walk, index: int, side: str, port: int, placement: Placement) -
             walk.group.producers.append(index)
         else:
             walk.add(node.input[0], placement.on_axis(moved, in_rank))
+
+
+def gather_nd(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """The data axes after the k gathered ones follow the indices' leading axes."""
+    node = walk.ir.nodes[index]
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units are used as indices")
+    if int(node_attr(node, "batch_dims", 0)):
+        walk.refuse(index, "it gathers with batch dimensions")
+    in_rank = len(walk.shape(index, node.input[0]))
+    index_shape = walk.shape(index, node.input[1])
+    depth, lead = index_shape[-1], len(index_shape) - 1
+    if depth is None:
+        walk.refuse(index, "the depth of its indices is unknown")
+    out_rank = lead + in_rank - depth
+    if side == "in" and placement.axis < depth or side == "out" and placement.axis < lead:
+        walk.refuse(index, "it gathers along the unit axis")
+    if side == "in":
+        walk.add(node.output[0], placement.on_axis(placement.axis - depth + lead, out_rank))
+    else:
+        walk.add(node.input[0], placement.on_axis(placement.axis - lead + depth, in_rank))
 
 
 def _gather_as_reshape(walk: Walk, index: int, side: str, placement: Placement, axis: int, in_rank: int,

@@ -3,6 +3,19 @@
 * BatchNormalization / InstanceNormalization normalise each channel alone:
   the units must be on the channel axis, their per-channel parameters are
   copied like a producer's;
+* group normalisation with one group, GroupNorm(1, C), takes its statistics
+  over every channel and position of a sample: mean and variance are
+  unchanged when every unit is copied equally often (x' holds each value of
+  x exactly k times: the same mean, the same mean square), so the group
+  tiles. PyTorch exports it as Reshape [N, C, H, W] -> [N, 1, C*H*W],
+  InstanceNormalization (scale and bias of size 1: statistics over axes 2..),
+  Reshape back, then the per-channel affine Mul and Add: the units reach the
+  InstanceNormalization on an axis after the channel axis, flattened with
+  the positions. More groups put the channels of each group together: new
+  channels, added after the old ones, would join the last group (refused:
+  the reshape splits the unit axis). GroupNormalization (opset 21) is
+  refused: with one group it is the same norm, but ONNX shape inference
+  gives its output no type, so the grown model could not be checked;
 * LayerNormalization / RMSNormalization over the unit axis, and ReduceMean /
   Max / Min over it (normalisations written as ops), take statistics over
   the units: they are unchanged only if every unit is copied equally often,
@@ -34,6 +47,33 @@ def batchnorm(walk: Walk, index: int, side: str, port: int, placement: Placement
     for param in params:
         walk.weight(index, param, 0, axis_only(placement), "copy")
     walk.same_on_ports(index, placement)
+
+
+def instancenorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """Per-channel normalisation when the units are on the channel axis; a
+    group normalisation (statistics over all of axes 2..) when they are
+    flattened with the positions after it."""
+    if placement.axis < 2:
+        batchnorm(walk, index, side, port, placement)
+        return
+    if side == "in" and port != 0:
+        walk.refuse(index, "the units reach its scale or bias")
+    # Statistics per (sample, group) over every axis from 2 on, the units'
+    # axis among them: unchanged when every unit is copied equally often.
+    _require_tiling(walk, index, placement)
+    walk.group.norms.append(index)
+    walk.same_on_ports(index, placement)
+
+
+def groupnorm(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
+    """GroupNormalization (opset 21) is refused, with what would be needed."""
+    groups = int(node_attr(walk.ir.nodes[index], "num_groups", 0))
+    if groups != 1:
+        walk.refuse(index, f"it normalises the channels in {groups} groups: new channels would join the last group "
+                           "(exact only with one group)")
+    walk.refuse(index, "one group would grow by multiples, but ONNX shape inference gives GroupNormalization's "
+                       "output no type, so the grown model's shapes could not be checked (PyTorch exports GroupNorm "
+                       "as InstanceNormalization, which grows)")
 
 
 def reduce(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:

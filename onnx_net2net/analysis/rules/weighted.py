@@ -36,6 +36,8 @@ def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
     weight = walk.const(index, node.input[1], "weight")
     groups = int(node_attr(node, "group", 1))
     channels_in = weight.shape[1] * groups
+    if placement.starts and groups != 1:
+        walk.refuse(index, "grouped convolution over units repeated at uneven offsets of a concatenation")
     if groups == 1:
         if placement.inner != 1 and side == "out":
             walk.refuse(index, "the units are blocks of channels")
@@ -75,7 +77,7 @@ def _depthwise(walk: Walk, index: int, side: str, placement: Placement, multipli
                       length=placement.length // multiplier)
     walk.weight(index, 1, 0, axis_only(out), "copy")
     walk.weight(index, 2, 0, axis_only(out), "copy")
-    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.inner))
+    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.growth()))
     walk.group.passthrough.append(index)
     walk.add(node.input[0], inp)
     walk.add(node.output[0], out)
