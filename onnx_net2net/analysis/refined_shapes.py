@@ -64,7 +64,9 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
         elif op == "Pad":
             computed = pad_output_shape(ir, producer)
         elif op == "Slice":
-            computed = _merge(_infer_node(ir, producer, tensor, cache, depth), _slice_kept(ir, producer, cache, depth))
+            inferred, final = _infer_node(ir, producer, tensor, cache, partial, depth)
+            kept, kept_final = _slice_kept(ir, producer, cache, partial, depth)
+            computed, final = _merge(inferred, kept), final and kept_final
         elif op in FOLLOWED and ir.nodes[producer].domain in ("", "ai.onnx"):
             computed, final = _infer_node(ir, producer, tensor, cache, partial, depth)
     refined = _merge(shape, computed)
@@ -76,18 +78,19 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
     return refined, final
 
 
-def _slice_kept(ir: GraphIR, index: int, cache: dict, depth: int) -> tuple | None:
+def _slice_kept(ir: GraphIR, index: int, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
     """A Slice with constant axes keeps the dims of the axes it does not slice
-    (its bounds on the others may be computed at run time: Swin's x[:, :H, :W])."""
+    (its bounds on the others may be computed at run time: Swin's x[:, :H, :W]);
+    with whether that is final (see `_refined`)."""
     node = ir.nodes[index]
     if len(node.input) < 4 or not node.input[3]:
-        return None
+        return None, True
     axes = ir.const_value(node.input[3])
-    source = _refined(ir, node.input[0], cache, depth + 1)
+    source, final = _refined(ir, node.input[0], cache, partial, depth + 1)
     if axes is None or source is None:
-        return None
+        return None, final
     sliced = {int(a) % len(source) for a in axes.reshape(-1)}
-    return tuple(None if axis in sliced else d for axis, d in enumerate(source))
+    return tuple(None if axis in sliced else d for axis, d in enumerate(source)), final
 
 
 def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:
@@ -99,7 +102,8 @@ def _merge(known: tuple | None, computed: tuple | None) -> tuple | None:
     return tuple(k if k is not None else c for k, c in zip(known, computed))
 
 
-def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
+def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, partial: dict, depth: int
+                ) -> tuple[tuple | None, bool]:
     """ONNX's inference of one node, fed its inputs' refined shapes (and
     whether those were final, see `_refined`)."""
     node = ir.nodes[index]
