@@ -58,6 +58,8 @@ class GraphIR:
         self._order = self._topological_sort()
         self._shapes: dict[str, tuple | None] = {}
         self._dtypes: dict[str, int] = {}
+        #: Shapes the analysis computed where inference gave up (analysis/refined_shapes.py), per index.
+        self.refined_shapes: dict[str, tuple | None] = {}
         self._symbolic_pending: onnx.ModelProto | None = None
         self._inference_pending: onnx.ModelProto | None = None
         if infer_shapes and handle.rewritten and handle.checked:

@@ -35,8 +35,7 @@ MAX_DEPTH = 48
 def refined_shape(ir: GraphIR, tensor: str) -> tuple | None:
     """The tensor's shape, with dims shape inference left unknown computed
     where the model determines them (None when even the rank is unknown)."""
-    cache = ir.__dict__.setdefault("_refined_shapes", {})
-    return _refined(ir, tensor, cache, {}, 0)[0]
+    return _refined(ir, tensor, ir.refined_shapes, {}, 0)[0]
 
 
 def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
