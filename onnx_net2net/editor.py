@@ -79,6 +79,13 @@ class GraphEditor:
     def _reserve(self, name: str) -> None:
         self._taken().add(name)
 
+    def _reserve_names_of(self, nodes: list[onnx.NodeProto]) -> None:
+        """Queued nodes' names and outputs are taken: later fresh names must not meet them."""
+        for node in nodes:
+            self._reserve(node.name)
+            for output in node.output:
+                self._reserve(output)
+
     # -- constants ------------------------------------------------------------
 
     def add_initializer(self, value: np.ndarray, name: str) -> str:
@@ -216,6 +223,7 @@ class GraphEditor:
         """Queue `nodes` to run right before node `node` of the index."""
         self._check_index()
         self._before[node].extend(nodes)
+        self._reserve_names_of(nodes)
 
     def insert_after_producer(self, tensor: str, nodes: list[onnx.NodeProto]) -> None:
         """Queue `nodes` right after the node producing `tensor` (first in
@@ -226,6 +234,7 @@ class GraphEditor:
     def append(self, nodes: list[onnx.NodeProto]) -> None:
         """Queue `nodes` after every node of the graph."""
         self._appended.extend(nodes)
+        self._reserve_names_of(nodes)
 
     def commit(self) -> None:
         """Apply the queued insertions in one rebuild of the node list."""

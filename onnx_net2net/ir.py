@@ -408,7 +408,15 @@ def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+#: The standard ops whose schemas take graph attributes (the checker rejects
+#: a graph attribute on any other standard op).
+_OPS_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    # Asked of every node at every index build: reading attributes is the cost.
+    if node.domain in ("", "ai.onnx") and node.op_type not in _OPS_WITH_SUBGRAPHS:
+        return []
     return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
 
 

@@ -233,32 +233,59 @@ class DeepenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        changes = []
         with typeinfo.kept_consistent(handle):
             folded = fold_computed_weights(handle)
         names = self._select(GraphIR(handle)) if self.selector else self.after
         if len(names) > self.budget:
             raise UserError(f"this step would insert {len(names)} layers; a deepen step or plan inserts at most "
                             f"{MAX_INSERTIONS} in all")
-        for number, name in enumerate(names):
-            ir = GraphIR(handle)
-            layer = _layer(ir, name)
-            if self.options.mode.copies_a_block:
-                fresh_seed = self.options.seed + number if self.options.mode == DeepenMode.FRESH_BLOCK else None
-                with typeinfo.kept_consistent(handle):
-                    changes.append(_insert_block(ir, layer, name, fresh_seed))
-                continue
-            try:
-                insertion = deeper.plan(ir, layer, self.options)
-            except Refusal as refused:
-                raise GrowthRefused(f"layer '{name}' cannot be deepened: {refused}") from None
-            options = DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm,
-                                    self.options.noise, self.options.seed + number)
-            with typeinfo.kept_consistent(handle):
-                changes.append(asdict(deeper.insert(ir, insertion, options)))
+        if self.options.mode.copies_a_block:
+            changes = self._insert_blocks(handle, names)
+        else:
+            changes = self._insert_identities(handle, names)
         return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
+
+    def _insert_blocks(self, handle: ModelHandle, names: list[str]) -> list[dict]:
+        """One block copy after another (a copy changes what the next block is)."""
+        changes = []
+        for number, name in enumerate(names):
+            ir = GraphIR(handle)
+            fresh_seed = self.options.seed + number if self.options.mode == DeepenMode.FRESH_BLOCK else None
+            with typeinfo.kept_consistent(handle):
+                changes.append(_insert_block(ir, _layer(ir, name), name, fresh_seed))
+        return changes
+
+    def _insert_identities(self, handle: ModelHandle, names: list[str]) -> list[dict]:
+        """Every identity construction planned on one index, then inserted in
+        one edit (`deeper.insert_all` says why that equals inserting them one
+        by one); a layer named twice is deepened twice, one insertion at a time."""
+        ir = GraphIR(handle)
+        planned = [(self._plan(ir, name), self._layer_options(number)) for number, name in enumerate(names)]
+        if len({insertion.tensor for insertion, _ in planned}) < len(planned):
+            return self._insert_identities_one_by_one(handle, names)
+        with typeinfo.kept_consistent(handle):
+            return [asdict(inserted) for inserted in deeper.insert_all(ir, planned)]
+
+    def _insert_identities_one_by_one(self, handle: ModelHandle, names: list[str]) -> list[dict]:
+        changes = []
+        for number, name in enumerate(names):
+            ir = GraphIR(handle)
+            with typeinfo.kept_consistent(handle):
+                changes.append(asdict(deeper.insert(ir, self._plan(ir, name), self._layer_options(number))))
+        return changes
+
+    def _plan(self, ir: GraphIR, name: str) -> deeper.Insertion:
+        try:
+            return deeper.plan(ir, _layer(ir, name), self.options)
+        except Refusal as refused:
+            raise GrowthRefused(f"layer '{name}' cannot be deepened: {refused}") from None
+
+    def _layer_options(self, number: int) -> DeepenOptions:
+        """The pass's options, with a seed of its own for the `number`-th layer's noise."""
+        return DeepenOptions(self.options.kernel, self.options.mode, self.options.batchnorm, self.options.noise,
+                             self.options.seed + number)
 
     def _select(self, ir: GraphIR) -> list[str]:
         order = {node: position for position, node in enumerate(ir.topological_order())}

@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 import onnx_net2net as n2n
+from onnx_net2net.io import from_proto
 from helpers import (H, assert_same_function, attr, chain, clip, conv_sandwich, deepen_exact, dense_sandwich,
                      erf_gelu, init, make_model, max_rel_error, model_path, node, node_weight, rand, random_feeds,
                      run_intermediates, silu, unary, widen_exact)
@@ -183,6 +184,39 @@ def test_multiple_insertions_in_one_run():
     deeper, report = deepen_exact(model, ["/0/Gemm", "/2/Gemm"])
     assert [c["after"] for c in report["changes"]] == ["/0/Gemm", "/2/Gemm"]
     assert {"/0/Gemm/deeper0", "/2/Gemm/deeper0"} <= {n.name for n in deeper.graph.node}
+
+
+def _nodes(model):
+    return [(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+@pytest.mark.parametrize("name, mode", [("resnet_block", "auto"), ("cnn", "residual"), ("mlp", "prelu"),
+                                        ("cnn", "before-activation")])
+def test_one_pass_over_many_layers_equals_one_layer_at_a_time(name, mode):
+    """A pass plans every insertion on one index and inserts them in one edit:
+    the model must be the one inserting them one by one would give."""
+    model = onnx.load(str(model_path(name)))
+    layers = [layer["name"] for layer in n2n.inspect(model, trial=False)["layers"] if layer["deepen"]["ok"]]
+    assert len(layers) >= 2
+    together, report = deepen_exact(model, layers, mode=mode)
+    one_by_one = model
+    for layer in layers:
+        one_by_one, _ = n2n.deepen(one_by_one, [layer], mode=mode, verify=False)
+    assert sorted(_nodes(together)) == sorted(_nodes(one_by_one))
+    for a, b in zip(sorted(together.graph.initializer, key=lambda t: t.name),
+                    sorted(one_by_one.graph.initializer, key=lambda t: t.name)):
+        assert a.name == b.name and np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert [c["after"] for c in report["changes"]] == layers
+
+
+def test_a_refused_layer_leaves_the_model_untouched():
+    """Every insertion is planned before the first is made."""
+    model = dense_sandwich(unary("Relu"))
+    handle = from_proto(model)
+    before = handle.proto.SerializeToString()
+    with pytest.raises(n2n.GrowthRefused, match="L2"):
+        n2n.DeepenPass(["L1", "L2"])(handle)
+    assert handle.proto.SerializeToString() == before
 
 
 def test_same_layer_twice_gets_numbered_names():

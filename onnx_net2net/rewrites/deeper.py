@@ -171,17 +171,35 @@ def _identity_groups(layer: onnx.NodeProto, width: int) -> int:
 
 def insert(ir: GraphIR, insertion: Insertion, options: DeepenOptions) -> InsertedLayer:
     """Insert the planned identity construction into the model of `ir`."""
+    return insert_all(ir, [(insertion, options)])[0]
+
+
+def insert_all(ir: GraphIR, planned: list[tuple[Insertion, DeepenOptions]]) -> list[InsertedLayer]:
+    """Insert several constructions planned on the same index, in one edit.
+
+    The result is the one of inserting them one after the other, re-planning
+    each on the graph the previous ones left: a plan follows its own layer's
+    chain (bias, norm, activation: nodes with one non-constant input), so the
+    chains of two layers share no tensor, and an insertion changes only the
+    readers of its own tensor. Two plans for the same tensor (one layer named
+    twice) are not independent: ValueError (insert those one by one).
+    """
+    tensors = [insertion.tensor for insertion, _ in planned]
+    if len(set(tensors)) != len(tensors):
+        raise ValueError("two insertions read the same tensor: insert them one after the other")
     edit = GraphEditor(ir)
-    base = edit.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper")
-    builder = _Builder(ir, base, options, insertion)
-    out = builder.build()
+    inserted = []
     with edit:
-        edit.redirect_uses(insertion.tensor, out)
-        edit.insert_after_producer(insertion.tensor, builder.nodes)
-        edit.add_initializers(builder.initializers)
-        return InsertedLayer(after=layer_name(ir, insertion.layer), mode=insertion.mode,
-                             activation=insertion.activation_name, nodes=[n.name for n in builder.nodes],
-                             initializers=[t.name for t in builder.initializers])
+        for insertion, options in planned:
+            builder = _Builder(ir, edit.fresh_prefix(f"{layer_name(ir, insertion.layer)}/deeper"), options, insertion)
+            out = builder.build()
+            edit.redirect_uses(insertion.tensor, out)
+            edit.insert_after_producer(insertion.tensor, builder.nodes)
+            edit.add_initializers(builder.initializers)
+            inserted.append(InsertedLayer(after=layer_name(ir, insertion.layer), mode=insertion.mode,
+                                          activation=insertion.activation_name, nodes=[n.name for n in builder.nodes],
+                                          initializers=[t.name for t in builder.initializers]))
+    return inserted
 
 
 class _Builder:
