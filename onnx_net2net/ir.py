@@ -234,6 +234,13 @@ class GraphIR:
             shape = self.shapes.get(tensor)
         return shape
 
+    def inferred_shape(self, tensor: str) -> tuple | None:
+        """`shape` as ONNX inference found it, without waiting for symbolic
+        inference (a dim it left unknown is None)."""
+        if tensor in self.initializers:
+            return tuple(int(d) for d in self.initializers[tensor].dims)
+        return self.shapes.get(tensor)
+
     def rank(self, tensor: str) -> int | None:
         """The number of axes, or None if unknown. A shape ONNX inference
         found keeps its rank when symbolic inference refines its dims, so

@@ -21,12 +21,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..ir import GraphIR
-from .runtime_shapes import pad_output_shape, reshape_output_shape
+from .runtime_shapes import pad_output_shape, reshape_output_shape, slice_output_shape
 
 #: Ops followed one node at a time (a shape computed from their inputs' shapes).
 FOLLOWED = frozenset("""
     Unsqueeze Squeeze Transpose Gather Identity Cast Add Sub Mul Div Pow Sqrt Erf Tanh Sigmoid Relu Softmax MatMul
     Where Neg Exp Dropout Flatten Concat Split Slice LayerNormalization
+    Conv MaxPool AveragePool GlobalAveragePool BatchNormalization Clip LeakyRelu HardSigmoid HardSwish
 """.split())
 #: How far back an unknown shape is followed (a bound on the recursion).
 MAX_DEPTH = 48
@@ -35,7 +36,20 @@ MAX_DEPTH = 48
 def refined_shape(ir: GraphIR, tensor: str) -> tuple | None:
     """The tensor's shape, with dims shape inference left unknown computed
     where the model determines them (None when even the rank is unknown)."""
-    return _refined(ir, tensor, ir.refined_shapes, {}, 0)[0]
+    shape, final = _refined(ir, tensor, ir.refined_shapes, {}, 0)
+    if final:
+        return shape
+    # Cut short by MAX_DEPTH (a long chain of unknown shapes: ShuffleNet's
+    # stages): refine the tensors before it from the first on, each then
+    # reading its inputs' cached shapes, and ask again.
+    producer = ir.producer_node(tensor)
+    position = {node: k for k, node in enumerate(ir.topological_order())}
+    for node in sorted(ir.ancestors(producer), key=position.__getitem__):
+        for output in ir.nodes[node].output:
+            if output:
+                _refined(ir, output, ir.refined_shapes, {}, 0)
+    shape, final = _refined(ir, tensor, ir.refined_shapes, {}, 0)
+    return shape if final else _merge(shape, ir.shape(tensor))
 
 
 def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -> tuple[tuple | None, bool]:
@@ -44,7 +58,7 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
     not in the index's `cache`, so a later question closer to the unknown
     dims still computes them (the answer does not depend on which tensor was
     asked first)."""
-    shape = ir.shape(tensor)
+    shape = ir.inferred_shape(tensor)
     if shape is not None and None not in shape:
         return shape, True
     if tensor in cache:
@@ -58,17 +72,28 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
     computed, final = None, True
     if producer is not None:
         op = ir.nodes[producer].op_type
-        if op == "Reshape":
-            computed = reshape_output_shape(ir, producer)
-        elif op == "Pad":
-            computed = pad_output_shape(ir, producer)
+        reads_final = []
+
+        def shape_of(name: str) -> tuple | None:  # for the size algebra: refined shapes, finality recorded
+            refined_input, input_final = _refined(ir, name, cache, partial, depth + 1)
+            reads_final.append(input_final)
+            return refined_input
+
+        if op in ("Reshape", "Pad"):
+            computed = (reshape_output_shape if op == "Reshape" else pad_output_shape)(ir, producer, shape_of)
+            final = all(reads_final)
         elif op == "Slice":
             inferred, final = _infer_node(ir, producer, tensor, cache, partial, depth)
             kept, kept_final = _slice_kept(ir, producer, cache, partial, depth)
-            computed, final = _merge(inferred, kept), final and kept_final
+            bounded = slice_output_shape(ir, producer, shape_of)
+            computed, final = _merge(_merge(inferred, kept), bounded), final and kept_final and all(reads_final)
         elif op in FOLLOWED and ir.nodes[producer].domain in ("", "ai.onnx"):
             computed, final = _infer_node(ir, producer, tensor, cache, partial, depth)
     refined = _merge(shape, computed)
+    if final and (refined is None or None in refined[1:]):
+        # Left to onnxruntime's symbolic inference (one run per index, costly:
+        # asked only where the size algebra above could not finish).
+        refined = _merge(refined, ir.shape(tensor))
     if final:
         cache[tensor] = refined
     else:

@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 from ..ir import GraphIR, node_attr
 from ..ops import ELEMENTWISE_UNARY
 from ..sessions import ModelRunError, make_session, run_session
+from .refined_shapes import refined_shape
 from .refusal import Refusal, RefusalKind
 from .shape_algebra import reshape_segments
 
@@ -144,7 +145,7 @@ class Simulation:
                      for name, index, port in self.constants}
         dims = []
         for name in self.writers:
-            shape = ir.shape(name)
+            shape = refined_shape(ir, name)
             if shape is None or any(d is None for d in shape[2:]):
                 raise _refused("the spatial size of a writer's output is unknown")
             dims.append([shape[0] or 1, width] + list(shape[2:]))
@@ -279,9 +280,9 @@ def scaled_constant(ir: GraphIR, index: int, port: int, old: int, new: int) -> n
         return np.array([_scale_count(int(v), old, new) for v in value], dtype=value.dtype)
     if node.op_type == "Slice" and port in (1, 2):
         axes = ir.const_value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(value))
-        rank = len(ir.shape(node.input[0]) or ())
+        rank = len(refined_shape(ir, node.input[0]) or ())
         out = value.copy()
-        length = (ir.shape(node.input[0]) or (None, None))[1]
+        length = (refined_shape(ir, node.input[0]) or (None, None))[1]
         for k, axis in enumerate(axes):
             if int(axis) % max(rank, 1) == 1:
                 bound = int(value[k])
@@ -296,7 +297,7 @@ def scaled_constant(ir: GraphIR, index: int, port: int, old: int, new: int) -> n
 def _scaled_reshape(ir: GraphIR, index: int, value: np.ndarray, old: int, new: int) -> np.ndarray:
     """Reshape target dims covering the input's channel axis, at the new width."""
     node = ir.nodes[index]
-    src, dst = ir.shape(node.input[0]), ir.shape(node.output[0])
+    src, dst = refined_shape(ir, node.input[0]), refined_shape(ir, node.output[0])
     segments = reshape_segments(src, dst) if src and dst else None
     if segments is None:
         raise _refused("a reshape with unknown shapes")

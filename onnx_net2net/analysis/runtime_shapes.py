@@ -36,13 +36,15 @@ from .refusal import Refusal, RefusalKind
 from .size_evaluator import SINK_PORTS, SIZE_OPS, SizeEdit, SizeEvaluator
 
 
-def reshape_output_shape(ir: GraphIR, index: int) -> tuple | None:
+def reshape_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None:
     """The output shape of Reshape `index` from its target computed at run
     time (None where a dim is not static: a symbolic batch), for when ONNX
-    shape inference could not follow the target."""
+    shape inference could not follow the target. `shape_of` gives the shapes
+    of the tensors it reads (default `GraphIR.shape`)."""
     node = ir.nodes[index]
-    target = SizeEvaluator(ir, {}).port_entries(index, 1)
-    source = ir.shape(node.input[0])
+    shape_of = shape_of or ir.shape
+    target = SizeEvaluator(ir, {}, shape_of=shape_of).port_entries(index, 1)
+    source = shape_of(node.input[0])
     if target is None:
         return None
     dims = []
@@ -57,14 +59,48 @@ def reshape_output_shape(ir: GraphIR, index: int) -> tuple | None:
     return tuple(dims)
 
 
-def pad_output_shape(ir: GraphIR, index: int) -> tuple | None:
-    """The output shape of Pad `index` (all axes padded) from pads computed at
-    run time, where the input's dims and the pads are static."""
+def slice_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None:
+    """The output shape of Slice `index` from bounds computed at run time (a
+    channel split `x[:, :C // 2]` written with Shape, Div and Mul): each
+    sliced axis whose dim and bounds are static gets its length, the others
+    keep the input's dims (`shape_of`: as for `reshape_output_shape`)."""
     node = ir.nodes[index]
-    source = ir.shape(node.input[0])
+    shape_of = shape_of or ir.shape
+    source = shape_of(node.input[0])
+    if source is None or len(node.input) < 3:
+        return None
+    evaluator = SizeEvaluator(ir, {}, shape_of=shape_of)
+    bounds = []
+    for port in range(1, 5):
+        entries = evaluator.port_entries(index, port) if port < len(node.input) and node.input[port] else None
+        if entries is None and port < 3:
+            return None
+        bounds.append(None if entries is None else [entry.base for entry in entries])
+    starts, ends, axes, steps = bounds
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if None in axes or not len(starts) == len(ends) == len(axes) == len(steps):
+        return None
+    dims = list(source)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        axis %= len(dims)
+        if None in (start, end, step, dims[axis]) or step == 0:
+            dims[axis] = None
+        else:
+            dims[axis] = len(range(*slice(start, end, step).indices(dims[axis])))
+    return tuple(dims)
+
+
+def pad_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None:
+    """The output shape of Pad `index` (all axes padded) from pads computed at
+    run time, where the input's dims and the pads are static (`shape_of`: as
+    for `reshape_output_shape`)."""
+    node = ir.nodes[index]
+    shape_of = shape_of or ir.shape
+    source = shape_of(node.input[0])
     if source is None or len(node.input) < 2 or (len(node.input) > 3 and node.input[3]):
         return None
-    pads = SizeEvaluator(ir, {}).port_entries(index, 1)
+    pads = SizeEvaluator(ir, {}, shape_of=shape_of).port_entries(index, 1)
     rank = len(source)
     if pads is None or len(pads) != 2 * rank:
         return None
@@ -72,14 +108,14 @@ def pad_output_shape(ir: GraphIR, index: int) -> tuple | None:
                  else d + pads[k].base + pads[k + rank].base for k, d in enumerate(source))
 
 
-def check_sizes(ir: GraphIR, group) -> list[SizeEdit]:
+def check_sizes(ir: GraphIR, group, shape_of=None) -> list[SizeEdit]:
     """Every size input touched by the growth of `group`: the edits that keep
-    them right.
+    them right (`shape_of`: as for `reshape_output_shape`).
 
     Raises:
         Refusal: (kind RUNTIME_SIZE) the first size that cannot be kept right.
     """
-    evaluator = SizeEvaluator(ir, group.placements, group.value_edits)
+    evaluator = SizeEvaluator(ir, group.placements, group.value_edits, shape_of)
     sinks, frozen = _dependent_sinks(ir, evaluator)
     sinks |= _group_sinks(ir, group)
     return [edit for sink in sorted(sinks) for edit in _sink_edits(ir, evaluator, group, *sink)] + frozen

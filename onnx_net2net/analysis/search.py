@@ -26,6 +26,7 @@ from ..ir import GraphIR
 from ..ops import WEIGHTED_LAYERS
 from .layers import layer_width, seed_placement
 from .normalisation import average_expansion_blocker
+from .refined_shapes import refined_shape
 from .refusal import Refusal, RefusalKind
 from .routing import find_routed_group
 from .rules import rule_for
@@ -128,7 +129,7 @@ def _uneven_blocker(group: UnitGroup) -> str | None:
 def _check_runtime_sizes(ir: GraphIR, group: UnitGroup) -> None:
     """Sizes read at run time from grown tensors (and size inputs computed at
     run time on the group's ops) must follow the units (see runtime_shapes)."""
-    group.size_edits = check_sizes(ir, group)
+    group.size_edits = check_sizes(ir, group, lambda tensor: refined_shape(ir, tensor))
 
 
 def shares_space(ir: GraphIR, group: UnitGroup, layer: int) -> bool:

@@ -69,11 +69,14 @@ class SizeEvaluator:
     """Entries of integer size tensors as affine functions of the units added.
 
     `placements` are the group's tensors (name -> Placement); `value_edits`
-    the group's edits of constants (a literal that grows with the units).
+    the group's edits of constants (a literal that grows with the units);
+    `shape_of` answers the shapes of tensors read by Shape ops.
     """
 
-    def __init__(self, ir: GraphIR, placements: dict, value_edits=()):
+    def __init__(self, ir: GraphIR, placements: dict, value_edits=(), shape_of=None):
         self.ir = ir
+        #: tensor -> shape (None: unknown); `GraphIR.shape` unless the caller refines shapes itself
+        self.shape_of = shape_of or ir.shape
         self.placements = placements
         self.value_edits = {}
         for edit in value_edits:
@@ -129,7 +132,7 @@ class SizeEvaluator:
     def _independent(self, tensor: str) -> list[Entry] | None:
         """A size computed by an op we do not follow: independent of the growth
         (a dependent size never reaches such an op: `check_sizes` refuses it)."""
-        shape = self.ir.shape(tensor)
+        shape = self.shape_of(tensor)
         if shape is None or len(shape) > 1 or (shape and shape[0] is None):
             return None
         return [Entry(None) for _ in range(shape[0] if shape else 1)]
@@ -140,7 +143,7 @@ class SizeEvaluator:
 
 def _shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     node = ev.ir.nodes[index]
-    shape = ev.ir.shape(node.input[0])
+    shape = ev.shape_of(node.input[0])
     if shape is None:
         return None
     placement = ev.placements.get(node.input[0])

@@ -142,16 +142,18 @@ class Walk:
         return shape
 
     def rank(self, index: int, tensor: str) -> int:
-        """`len(shape(index, tensor))`, without waiting for symbolic shape
-        inference where ONNX's found the rank (`GraphIR.rank`)."""
-        rank = self.ir.rank(tensor)
-        return rank if rank is not None else len(self.shape(index, tensor))
+        """`len(shape(index, tensor))`, without refining dims where ONNX
+        inference found the rank."""
+        known = self.ir.inferred_shape(tensor)
+        return len(known) if known is not None else len(self.shape(index, tensor))
 
     def dim(self, index: int, tensor: str, axis: int) -> int | None:
-        """`shape(index, tensor)[axis]`, without waiting for symbolic shape
-        inference where ONNX's found that dim (`GraphIR.dim`)."""
-        known = self.ir.dim(tensor, axis)
-        return known if known is not None else self.shape(index, tensor)[axis]
+        """`shape(index, tensor)[axis]`, without refining dims where ONNX
+        inference found that one."""
+        known = self.ir.inferred_shape(tensor)
+        if known is not None and known[axis] is not None:
+            return known[axis]
+        return self.shape(index, tensor)[axis]
 
     def const(self, index: int, tensor: str, what: str) -> np.ndarray:
         """The constant's value (refused when computed or quantized)."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..aligned import aligned_inputs
+from ..refined_shapes import refined_shape
 from ..shape_algebra import clamp
 from ..size_evaluator import SizeEvaluator
 from ..units import Placement, ValueEdit
@@ -305,7 +306,7 @@ def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> 
         walk.same_on_ports(index, placement)
         return None
     k = axes.index(placement.axis)
-    evaluator = SizeEvaluator(walk.ir, {})
+    evaluator = SizeEvaluator(walk.ir, {}, shape_of=lambda tensor: refined_shape(walk.ir, tensor))
     bounds = [evaluator.port_entries(index, port) for port in (1, 2)]
     if any(entries is None or len(entries) != len(axes) or entries[k].base is None for entries in bounds):
         walk.refuse(index, "it slices the unit axis with bounds read at run time (not fixed by the model)")

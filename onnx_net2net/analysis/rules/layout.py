@@ -32,6 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...ir import GraphIR, node_attr
+from ..refined_shapes import refined_shape
 from ..refusal import RefusalKind
 from ..shape_algebra import format_shape, map_through_reshape, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
@@ -84,7 +85,7 @@ def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat
     the input's size."""
     ir = walk.ir
     producer = ir.producer_node(input_name)
-    spatial = ir.shape(input_name)
+    spatial = refined_shape(ir, input_name)
     if producer is None or ir.nodes[producer].op_type not in ("Conv", "ConvTranspose") or spatial is None:
         return
     axis = placement.axis
@@ -111,9 +112,9 @@ def _channel_shuffle(ir: GraphIR, index: int | None) -> bool:
     """Reshape [.., C, ..] -> [.., g, C/g, ..], then a Transpose swapping those two axes."""
     if index is None or ir.nodes[index].op_type != "Reshape":
         return False
-    src, dst = ir.shape(ir.nodes[index].input[0]), ir.shape(ir.nodes[index].output[0])
+    src, dst = ir.rank(ir.nodes[index].input[0]), ir.rank(ir.nodes[index].output[0])
     uses = ir.uses(ir.nodes[index].output[0])
-    if src is None or dst is None or len(dst) != len(src) + 1 or len(uses) != 1:
+    if src is None or dst is None or dst != src + 1 or len(uses) != 1:
         return False
     transpose = ir.nodes[uses[0].node]
     perm = node_attr(transpose, "perm")
