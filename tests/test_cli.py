@@ -248,7 +248,7 @@ def test_failed_widen_verification_writes_nothing(tmp_path, capsys, monkeypatch)
 
 
 def test_failed_deepen_verification_writes_nothing(tmp_path, capsys, monkeypatch):
-    corrupt_first_weight(monkeypatch, deeper, "insert")
+    corrupt_first_weight(monkeypatch, deeper, "insert_all")
     out = tmp_path / "deep.onnx"
     code, _, err = run_cli(capsys, "deepen", model_path("mlp"), "--after", "/0/Gemm", "-o", out)
     assert code == 1 and not out.exists()
@@ -356,7 +356,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys
 
 
 def test_grow_verify_each_names_the_failing_step_exit_1(tmp_path, capsys, monkeypatch):
-    corrupt_first_weight(monkeypatch, deeper, "insert")
+    corrupt_first_weight(monkeypatch, deeper, "insert_all")
     out = tmp_path / "grown.onnx"
     plan = ROOT / "passes" / "wider-and-deeper.toml"
     code, stdout, err = run_cli(capsys, "grow", model_path("cnn"), "-o", out, "--plan", plan, "--verify-each")

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
+import onnx_net2net as n2n
 from onnx_net2net import io, typeinfo
 from onnx_net2net.errors import InternalError
 from onnx_net2net.ir import GraphIR
@@ -56,6 +57,52 @@ def test_rank_and_dim_answer_as_the_refined_shape(monkeypatch):
     assert ir.dim("a", 2) == 8 and runs == [1]  # a dim only symbolic inference finds runs it (once)
     for name, shape in expected.items():
         assert [ir.dim(name, axis) for axis in range(len(shape))] == list(shape)
+
+
+def channel_split_chain(blocks: int):
+    """ShuffleNet's channel split, `blocks` times: x[:, C//2:] written as a
+    Slice whose bounds are Shape -> Gather -> Div -> Mul (ONNX inference loses
+    the channel dim there, and every dim after it), a 1x1 conv on that half,
+    concatenated with the other half. The chain is longer than the refinement's
+    recursion depth."""
+    rng = np.random.default_rng(0)
+    channels = 8
+    nodes, inits = [], {"one": np.array(1, np.int64), "two": np.array(2, np.int64), "axes": np.array([0], np.int64),
+                        "channel_axis": np.array([1], np.int64), "big": np.array([1 << 62], np.int64)}
+    tensor = "x"
+    for k in range(blocks):
+        nodes += [H("Shape", [tensor], [f"s{k}"]), H("Gather", [f"s{k}", "one"], [f"c{k}"], axis=0),
+                  H("Div", [f"c{k}", "two"], [f"h{k}"]), H("Unsqueeze", [f"h{k}", "axes"], [f"half{k}"]),
+                  H("Slice", [tensor, "axes0", f"half{k}", "channel_axis"], [f"kept{k}"]),
+                  H("Slice", [tensor, f"half{k}", "big", "channel_axis"], [f"split{k}"]),
+                  H("Conv", [f"split{k}", f"w{k}"], [f"conv{k}"], name=f"conv{k}"),
+                  H("Relu", [f"conv{k}"], [f"relu{k}"]),
+                  H("Concat", [f"kept{k}", f"relu{k}"], [f"cat{k}"], axis=1)]
+        inits[f"w{k}"] = rand(rng, channels // 2, channels // 2, 1, 1)
+        tensor = f"cat{k}"
+    inits["axes0"] = np.array([0], np.int64)
+    nodes.append(H("Conv", [tensor, "w_out"], ["y"], name="head"))
+    inits["w_out"] = rand(rng, 3, channels, 1, 1)
+    return make_model(nodes, [("x", ["N", channels, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+
+
+def test_slices_with_bounds_read_at_run_time_are_refined_without_symbolic_inference(monkeypatch):
+    from onnx_net2net.analysis.refined_shapes import MAX_DEPTH, refined_shape
+
+    blocks = MAX_DEPTH // 3 + 4  # past the recursion depth from the last block's tensors
+    model = channel_split_chain(blocks)
+    names = [name for node in model.graph.node for name in node.output if node.op_type in ("Slice", "Conv", "Concat")]
+    symbolic = GraphIR(io.from_proto(model))
+    expected = {name: symbolic.shape(name) for name in names}
+    assert expected[f"split{blocks - 1}"] == (None, 4, 5, 5), "symbolic inference must have found the dims"
+    runs = count_symbolic_runs(monkeypatch)
+    ir = GraphIR(io.from_proto(model))
+    assert ir.inferred_shape(f"split{blocks - 1}")[1] is None, "ONNX inference must have lost the channel dim"
+    assert refined_shape(ir, f"cat{blocks - 1}") == (None, 8, 5, 5)  # asked first: the far end of the chain
+    assert {name: refined_shape(ir, name) for name in names} == expected
+    assert runs == []
+    growable = [layer["name"] for layer in n2n.inspect(model, trial=False)["layers"] if layer["widen"]["ok"]]
+    assert growable == [f"conv{k}" for k in range(blocks)] and runs == []  # the head writes the graph output
 
 
 def test_a_rewritten_models_index_infers_the_model_as_it_was_when_built():
