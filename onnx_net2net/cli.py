@@ -134,8 +134,9 @@ def cmd_verify(args) -> int:
             agreement = "" if output.argmax_agreement is None else f", argmax agreement {output.argmax_agreement:.1%}"
             problem = f" ({_shown(args, output.problem)})" if output.problem else ""
             fp32 = "" if output.fp32_max_rel is None else f", upcast to fp32: max rel {output.fp32_max_rel:.3g}"
+            blind = f" (blind: max |value| {output.scale:.2g}, all zeros would pass)" if output.blind else ""
             print(f"  {output.name} {output.shape}: max abs {output.max_abs:.3g}, max rel {output.max_rel:.3g}"
-                  f"{agreement}{fp32} {'ok' if output.passed else 'MISMATCH'}{problem}")
+                  f"{agreement}{fp32} {'ok' if output.passed else 'MISMATCH'}{blind}{problem}")
         for note in report.notes:
             print(f"  note: {_shown(args, note)}")
         print(_shown(args, report.summary()))

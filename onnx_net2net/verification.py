@@ -12,6 +12,13 @@ An output passes when every element satisfies |a - b| <= atol + rtol * max(1, |a
 Errors are never summed with their signs (that lets them cancel) and shapes
 alone prove nothing.
 
+An output that a candidate of all zeros would pass is *blind*: on these
+inputs the reference is near zero everywhere (a zero-initialised head, a
+network whose random weights shrink every activation), so no change can
+show there. It still passes (the models agree as far as anything can tell),
+but the report says so instead of letting PASSED claim what it did not see;
+give real inputs (`--inputs`) or a smaller `--atol`.
+
 Tolerances follow each output's element type unless the caller sets them
 (`TOLERANCES`): float32/float64 rtol 1e-4, atol 1e-5; float16 rtol 1e-2,
 atol 1e-3 (about 10 units of fp16's last place, 2**-10); bfloat16 rtol 5e-2,
@@ -84,6 +91,10 @@ class OutputComparison:
     nonfinite: int = 0
     fp32_max_abs: float | None = None
     fp32_max_rel: float | None = None
+    #: max |reference| over its finite elements (float outputs)
+    scale: float | None = None
+    #: a candidate of all zeros would pass: the comparison cannot see a change
+    blind: bool = False
 
 
 @dataclass
@@ -112,7 +123,17 @@ class VerificationReport:
         failing = [f"{o.name} ({o.problem})" if o.problem else o.name for o in self.outputs if not o.passed]
         where = f"; mismatch in {', '.join(failing)}" if failing else ""
         return (f"{verdict}: {len(self.outputs)} output(s), max abs err {self.max_abs:.3g}, "
-                f"max rel err {self.max_rel:.3g} ({self._tolerances()}) on {self.provider}{self._fp32()}{where}")
+                f"max rel err {self.max_rel:.3g} ({self._tolerances()}) on {self.provider}{self._fp32()}{where}"
+                f"{self._blind()}")
+
+    def _blind(self) -> str:
+        blind = [o for o in self.outputs if o.blind]
+        if not blind:
+            return ""
+        names = ", ".join(f"{o.name} (max |value| {o.scale:.2g})" for o in blind[:3])
+        more = f" and {len(blind) - 3} more" if len(blind) > 3 else ""
+        return (f"; WARNING: {names}{more} would pass as all zeros: near zero on these inputs, "
+                f"the comparison cannot see a change there (give real inputs with --inputs or a smaller --atol)")
 
     def _tolerances(self) -> str:
         used = {(o.dtype, o.rtol, o.atol) for o in self.outputs if o.rtol is not None}
@@ -301,8 +322,11 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, atol
     agreement = None
     if a.ndim == 2 and a.shape[1] > 1 and not nonfinite:
         agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    finite = np.abs(a[np.isfinite(a)])
+    scale = float(finite.max()) if finite.size else 0.0
+    blind = bool(finite.size) and bool(np.all(finite <= atol + rtol * np.maximum(1.0, finite)))
     return OutputComparison(name, list(a.shape), max_abs, max_rel, passed, agreement, problem, rtol=rtol, atol=atol,
-                            nonfinite=nonfinite)
+                            nonfinite=nonfinite, scale=scale, blind=blind)
 
 
 def _as_float64(array: np.ndarray) -> np.ndarray:

@@ -233,3 +233,53 @@ def test_cli_missing_model_is_a_usage_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "verify", str(tmp_path / "none.onnx"), str(model_path("mlp")))
     assert code == 2 and "no such file" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------
+# Blind outputs: near zero everywhere, so all zeros would pass
+
+
+def _zero_head_mlp(scale: float):
+    """fc1 -> Relu -> fc2 whose weights are `scale` times random: at 1e-9 the
+    output is ~1e-9, below atol, so no change of fc1 can show in it."""
+    from helpers import mlp_model
+
+    model = mlp_model(4, 6, 3, seed=0)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("W2", "b2"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(scale), tensor.name))
+    return model
+
+
+def _corrupted_fc1(model):
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    for tensor in bad.graph.initializer:
+        if tensor.name == "W1":
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(3), "W1"))
+    return bad
+
+
+def test_an_output_near_zero_is_reported_blind_not_silently_passed():
+    model = _zero_head_mlp(1e-9)
+    report = verify_models(model, _corrupted_fc1(model))
+    # the corruption cannot show at this output: the report must say so
+    assert report.passed and report.outputs[0].blind
+    assert 0 < report.outputs[0].scale < DEFAULT_ATOL
+    assert "WARNING" in report.summary() and "would pass as all zeros" in report.summary()
+
+
+def test_an_output_of_normal_size_is_not_blind_and_catches_the_same_corruption():
+    model = _zero_head_mlp(1.0)
+    report = verify_models(model, _corrupted_fc1(model))
+    assert not report.passed and not report.outputs[0].blind
+    assert "WARNING" not in verify_models(model, model).summary()
+
+
+def test_cli_verify_marks_a_blind_output(tmp_path, capsys):
+    model = _zero_head_mlp(1e-9)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(model, str(a))
+    onnx.save(_corrupted_fc1(model), str(b))
+    code, out, _ = run_cli(capsys, "verify", str(a), str(b))
+    assert code == 0 and "blind" in out and "WARNING" in out
