@@ -95,6 +95,36 @@ KEEP_OUTPUT_MODELS = {"bert_encoder"}
 SEQUENCE_MODELS = {"nanogpt"}
 
 
+def observable(model, example) -> None:
+    """Make every grown layer visible at the outputs, or verification proves nothing.
+
+    Freshly initialised models can hide their layers: a zero-initialised head
+    (timm's MLP-Mixer, torchvision's VisionTransformer) outputs zeros, a layer
+    scale of 1e-6 (ConvNeXt) hides its branch, and torchvision's EfficientNet
+    and MobileNetV2 with untouched batch-norm statistics output ~1e-13, below
+    any tolerance: a wrong rewrite would pass. So batch norms get random
+    statistics and affine terms, and parameters that are all below 1e-4 get
+    random values; the output must then vary (else the export is refused).
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                if module.affine:
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.normal_(0, 0.1)
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.abs().max() < 1e-4:
+                parameter.normal_(0, 0.2) if parameter.dim() >= 2 else parameter.uniform_(0.5, 1.0)
+        output = model(example)
+    if float(output.float().std()) < 1e-3:
+        raise SystemExit(f"the exported model's output barely varies (std {float(output.float().std()):.2g}): "
+                         "verification could not see a wrong rewrite")
+
+
 def export(name: str, path: Path, exporter: str = "legacy") -> None:
     import torch
 
@@ -152,10 +182,6 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
 
         model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
                                                      hidden_dim=64, mlp_dim=128, num_classes=10)
-        with torch.no_grad():  # its head starts at zero: the output would not depend on anything grown
-            for parameter in model.parameters():
-                if not parameter.any():
-                    parameter.normal_(0, 0.2)
         example = torch.randn(1, 3, 32, 32)
     elif name == "lraspp":
         import torchvision
@@ -203,6 +229,7 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
     else:
         raise SystemExit(f"unknown model {name}")
     model.eval()
+    observable(model, example)
     if exporter == "dynamo":
         dynamic = None
         if name in SEQUENCE_MODELS:
