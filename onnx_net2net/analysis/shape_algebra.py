@@ -22,6 +22,11 @@ A reshape of `src` into `dst` pairs runs of axes with equal element counts
   (`_by_strides`): a reshape that regroups the axes around them (MobileViT's
   unfold, [1, C, H, W] -> [C * H / p, p, W / p, p]) keeps them apart when
   some axis of `dst` holds whole chunks and whole periods of their pattern;
+  with a dynamic batch ([B, C, H, W] -> [B * C * H / p, p, W / p, p], the
+  TorchScript export) the axis is the one of unknown size, whose extent is
+  whole periods for every batch (`_by_strides_into_batch`): the units stay
+  whole blocks of H / p rows, C * H / p rows per batch item
+  (`Placement.batch`), and the fold maps them back (`_by_strides`);
 * anything else (regrouping the unit axis itself) is refused, with the
   reason said precisely for a merge with a batch of unknown size.
 
@@ -63,7 +68,7 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
             return placement.on_axis(len(dst) - from_end, len(dst)), None
         segments = _known_suffix_segments(src, dst)  # [T, B, H, d] -> [T*B, H*d]: H, d keep their block
         if not any(i0 <= placement.axis < i1 for (i0, i1), _ in segments):
-            moved = _by_strides(placement, src, dst)
+            moved = _by_strides(placement, src, dst) or _by_strides_into_batch(placement, src, dst)
             return (moved, None) if moved is not None else (None, _unknown_dims_refusal(placement, src, dst))
     for (i0, i1), (j0, j1) in segments:
         if not i0 <= placement.axis < i1:
@@ -98,25 +103,25 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
 
 def _unknown_dims_refusal(placement: Placement, src: tuple, dst: tuple) -> Refusal:
     """Why a reshape with unknown dims is refused: for a merge of the units
-    with the batch into axis 0 (MobileViT's unfold with a dynamic batch),
-    whether the units would stay apart there."""
+    with a batch of unknown size into one axis of `dst` (MobileViT's unfold
+    with a dynamic batch), why the units would not stay whole there."""
     shapes = f"reshape {format_shape(src)} -> {format_shape(dst)}"
-    if dst[0] is not None or None in dst[1:] or None in src[placement.axis:]:
+    unknown = [j for j, d in enumerate(dst) if d is None]
+    if len(unknown) != 1 or None in src[placement.axis + 1:]:
         return Refusal(f"cannot match shape {format_shape(src)} to {format_shape(dst)} (unknown dims)")
-    rows = _rows_on_axis(_unit_pattern(placement, src), int(np.prod(dst[1:], dtype=np.int64)))
-    if rows is None:
-        return Refusal(f"{shapes} merges the unit axis with the batch into axis 0, and a row of axis 0 would hold "
-                       "parts of several units")
-    return Refusal(f"{shapes} merges the unit axis with the batch into axis 0 (as MobileViT's unfold does with a "
-                   f"dynamic batch): each unit keeps {rows} whole row{'s' * (rows > 1)}, repeated once per batch "
-                   "item, but a layout repeated a number of times known only at run time is not supported (an "
-                   "export with a fixed batch grows)")
+    j = unknown[0]
+    if _rows_on_axis(_unit_pattern(placement, src), int(np.prod(dst[j + 1:], dtype=np.int64))) is None:
+        return Refusal(f"{shapes} merges the unit axis with a dim of unknown size (a dynamic batch) into axis {j}, "
+                       f"and a position of axis {j} would hold parts of several units")
+    return Refusal(f"{shapes} merges the unit axis with a dim of unknown size (a dynamic batch) into axis {j}, and "
+                   f"the {int(np.prod(dst[:j], dtype=np.int64))} positions of the axes before it do not split the "
+                   "units' layout into whole repeats")
 
 
 def _unit_pattern(placement: Placement, src: tuple) -> tuple[int, int, int] | None:
     """(c, offset * S, Q) of `_by_strides`: the units' chunk, start and period
     in the flat index (None when a dim after the unit axis is unknown)."""
-    if None in src[placement.axis + 1:] or placement.length % placement.outer:
+    if None in src[placement.axis + 1:] or placement.length % placement.outer or placement.starts:
         return None
     stride = int(np.prod(src[placement.axis + 1:], dtype=np.int64))
     return placement.inner * stride, placement.offset * stride, placement.block * stride
@@ -158,6 +163,37 @@ def _by_strides(placement: Placement, src: tuple, dst: tuple) -> Placement | Non
     return None
 
 
+def _by_strides_into_batch(placement: Placement, src: tuple, dst: tuple) -> Placement | None:
+    """`_by_strides` onto the one axis j of `dst` whose size is unknown: the
+    units merged there with a batch of unknown size (MobileViT's unfold with
+    a dynamic batch, [B, C, H, W] -> [B * C * H / p, p, W / p, p]).
+
+    The flat index is U * K positions: U the product of the unknown dims
+    (the batch), K that of the known ones (with the units' `length` for a
+    placement already merged with a batch, whose axis is unknown). The units'
+    pattern (chunk c, start, period Q) repeats K / Q times per batch item.
+    Axis j has stride S' = prod(dst[j+1:]) and extent U * K / prod(dst[:j]):
+    when S' divides c, start and Q, and Q * prod(dst[:j]) divides K, every
+    extent holds whole periods for every U, so axis j holds blocks of Q / S'
+    positions in which unit u has the `inner` = c / S' positions from
+    (start + u * c) / S' (`Placement.batch`). Both ratios keep while the units
+    grow: K / Q does not depend on their number."""
+    unknown = [j for j, d in enumerate(dst) if d is None]
+    pattern = _unit_pattern(placement, src)
+    if len(unknown) != 1 or pattern is None or placement.outer != 1 and placement.batch:
+        return None
+    j = unknown[0]
+    step = int(np.prod(dst[j + 1:], dtype=np.int64))
+    chunk, start, period = pattern
+    known = int(np.prod([d for d in src if d is not None], dtype=np.int64))
+    if placement.batch and src[placement.axis] is None:
+        known *= placement.length
+    if _rows_on_axis(pattern, step) is None or known % (period * int(np.prod(dst[:j], dtype=np.int64))):
+        return None
+    return Placement(axis=j, rank=len(dst), length=period // step, offset=start // step, inner=chunk // step,
+                     batch=True)
+
+
 def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
     """Units merged into (or split out of) a batch axis of unknown size just
     before them; None when the reshape is none of these forms."""
@@ -167,6 +203,13 @@ def _batch_merge(placement: Placement, src: tuple, dst: tuple) -> Mapped | None:
         if found is not None:
             return found
     return None
+
+
+def merges_only_if_batch_first(placement: Placement, src: tuple, dst: tuple) -> bool:
+    """Whether `map_through_reshape` merges the units with a batch by the
+    form [.., X*B, H*d, ..] -> [.., X, B*H, d, ..] (`_flat_into_batch`),
+    which shapes alone do not prove."""
+    return _flat_into_batch(placement, src, dst) is not None
 
 
 def _merges_before(placement: Placement, src: tuple, dst: tuple) -> bool:

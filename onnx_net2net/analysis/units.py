@@ -24,6 +24,9 @@ axis is `outer` repetitions of a block; in every block unit u occupies the
   [T, B*H, d], as PyTorch's legacy export of nn.MultiheadAttention does):
   axis 1, length H, `batch`: the axis holds B blocks of the H units, B
   unknown (sizes on it are read at run time, see runtime_shapes)
+* channels merged with such a batch and a patch dim (MobileViT's unfold,
+  [B, C, H, W] viewed as [B*C*H/p, p, W/p, p]): axis 0, length C*H/p,
+  inner H/p, `batch`: each of the B blocks holds every channel's H/p rows
 
 The walk produces `Edit`s that the rewrites apply; it never changes the model.
 

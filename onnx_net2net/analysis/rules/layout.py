@@ -34,7 +34,7 @@ import numpy as np
 from ...ir import GraphIR, node_attr
 from ..refined_shapes import refined_shape
 from ..refusal import RefusalKind
-from ..shape_algebra import format_shape, map_through_reshape, unit_layout_hints
+from ..shape_algebra import format_shape, map_through_reshape, merges_only_if_batch_first, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk
 
@@ -69,7 +69,8 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
                       "channels (the other concatenated branch)")
             kind = RefusalKind.CHANNEL_SHUFFLE
         walk.refuse(index, reason, refusal.retry or unit_layout_hints(placement, src, dst), kind)
-    if moved.batch and not placement.batch and len(dst) > len(src) and walk.group.placements.get(dst_name) != moved:
+    if (moved.batch and not placement.batch and merges_only_if_batch_first(placement, src, dst)
+            and walk.group.placements.get(dst_name) != moved):
         walk.refuse(index, f"reshape {format_shape(src)} -> {format_shape(dst)} would merge the units with a batch "
                            "of unknown size only if its first axis is that batch times the axis before")
     walk.add(dst_name, moved)
