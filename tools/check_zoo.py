@@ -100,28 +100,46 @@ def observable(model, example) -> None:
 
     Freshly initialised models can hide their layers: a zero-initialised head
     (timm's MLP-Mixer, torchvision's VisionTransformer) outputs zeros, a layer
-    scale of 1e-6 (ConvNeXt) hides its branch, and torchvision's EfficientNet
-    and MobileNetV2 with untouched batch-norm statistics output ~1e-13, below
-    any tolerance: a wrong rewrite would pass. So batch norms get random
-    statistics and affine terms, and parameters that are all below 1e-4 get
-    random values; the output must then vary (else the export is refused).
+    scale of 1e-6 (ConvNeXt) hides its branch, and in torchvision's
+    EfficientNet-B0 and MobileNetV2 (fan-out init of depthwise convolutions,
+    batch norms that normalise nothing) activations shrink to ~1e-13 before
+    the head, so the output is its bias whatever the input: a wrong rewrite
+    would pass. So the batch norms are calibrated on random inputs (their
+    statistics are those of the activations they see, as after training) and
+    get random affine terms, and parameters that are all below 1e-4 get random
+    values. The export is refused unless the output then depends on the input.
     """
     import torch
 
+    def other_input():
+        if example.is_floating_point():
+            return torch.randn(8, *example.shape[1:])
+        return torch.randint(0, int(example.max()) + 1, example.shape)
+
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                if module.affine:
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0, 0.1)
         for parameter in model.parameters():
             if parameter.is_floating_point() and parameter.abs().max() < 1e-4:
                 parameter.normal_(0, 0.2) if parameter.dim() >= 2 else parameter.uniform_(0.5, 1.0)
-        output = model(example)
-    if float(output.float().std()) < 1e-3:
-        raise SystemExit(f"the exported model's output barely varies (std {float(output.float().std()):.2g}): "
+        if norms:
+            momenta = [m.momentum for m in norms]
+            for module in norms:
+                module.reset_running_stats()
+                module.momentum = None  # a cumulative average over the calibration batches
+            model.train()
+            for _ in range(4):
+                model(other_input())
+            model.eval()
+            for module, momentum in zip(norms, momenta):
+                module.momentum = momentum
+                if module.affine:
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.normal_(0, 0.1)
+        first, second = model(example), model(other_input()[:example.shape[0]])
+    change = float((first - second).abs().max()) / max(float(first.abs().max()), 1e-30)
+    if not change > 1e-3:
+        raise SystemExit(f"the exported model's output hardly depends on its input (relative change {change:.2g}): "
                          "verification could not see a wrong rewrite")
 
 
