@@ -15,7 +15,11 @@ through a `GraphEditor` on that index:
   nodes beside the node positions of the index; `commit` (on leaving the
   `with` block) rebuilds the node list once, so the graph stays in
   topological order whatever the number of insertions; `remove_dead_nodes`
-  drops what nothing reads any more.
+  drops what nothing reads any more;
+- leftovers: a rewrite run inside `orphans_removed(handle)` leaves no node or
+  initializer it stopped reading (an old reshape target replaced by a grown
+  one, a constant no reader wants any more); what the input itself left
+  unread stays, it is not ours to remove.
 
 Node indices always refer to the index the editor was made on. After
 `commit` (or `remove_dead_nodes`) the index no longer describes the model:
@@ -26,6 +30,7 @@ Type declarations are not edited here: the pass runs each rewrite inside
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import numpy as np
@@ -290,3 +295,33 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
             for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 read |= _names_read(subgraph) | {value.name for value in subgraph.output}
     return read
+
+
+@contextlib.contextmanager
+def orphans_removed(handle):
+    """Run a rewrite of `handle` (an `io.ModelHandle`); afterwards remove the
+    nodes and initializers it orphaned: read before, read by nothing now."""
+    read_before = _names_read(handle.graph) | {v.name for v in handle.graph.output}
+    yield
+    remove_orphans(handle.graph, read_before)
+
+
+def remove_orphans(graph: onnx.GraphProto, read_before: set[str]) -> None:
+    """Drop every node that had a reader (`read_before`) and has none now, then
+    every initializer likewise (not those listed as graph inputs), repeating
+    while removals orphan more."""
+    outputs = {v.name for v in graph.output}
+    while True:
+        read = _names_read(graph) | outputs
+        orphans = [i for i, node in enumerate(graph.node)
+                   if any(o in read_before for o in node.output if o) and not any(o in read for o in node.output if o)]
+        if not orphans:
+            break
+        for index in reversed(orphans):
+            del graph.node[index]
+    inputs = {v.name for v in graph.input}
+    dropped = [i for i, t in enumerate(graph.initializer)
+               if t.name in read_before and t.name not in read and t.name not in inputs]
+    for index in reversed(dropped):
+        del graph.initializer[index]
+

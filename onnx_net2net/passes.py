@@ -10,6 +10,7 @@ caller's choice (see `onnx_net2net.widen` and the CLI).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,7 @@ from .analysis import (
     weighted_layers,
 )
 from .analysis.quantized import quantized_layer_refusal, quantized_layers
+from .editor import orphans_removed
 from .errors import GrowthRefused, UserError, VerificationFailed, option
 from .folding import fold_computed_weights
 from .io import ModelHandle, available_memory, from_proto
@@ -41,6 +43,14 @@ from .rewrites.deeper import DeepenOptions
 from .rewrites.grow import grow_group
 from .rewrites.perturb import PerturbOptions
 from .rewrites.wider import WidenOptions
+
+
+@contextlib.contextmanager
+def _rewriting(handle: ModelHandle):
+    """One rewrite of `handle`: what it orphans is removed, and its type
+    declarations are made true afterwards."""
+    with typeinfo.kept_consistent(handle), orphans_removed(handle):
+        yield
 
 
 @dataclass
@@ -124,7 +134,7 @@ class WidenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        with typeinfo.kept_consistent(handle):
+        with _rewriting(handle):
             folded = fold_computed_weights(handle)
         ir = GraphIR(handle)
         requests = self._requests(ir)
@@ -138,7 +148,7 @@ class WidenPass(_Pass):
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
             names = [layer_name(ir, p) for p in group.producers + group.passthrough]
-            with typeinfo.kept_consistent(handle):
+            with _rewriting(handle):
                 changes.append(asdict(grow_group(group, ir, width, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
@@ -233,7 +243,7 @@ class DeepenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        with typeinfo.kept_consistent(handle):
+        with _rewriting(handle):
             folded = fold_computed_weights(handle)
         names = self._select(GraphIR(handle)) if self.selector else self.after
         if len(names) > self.budget:
@@ -253,7 +263,7 @@ class DeepenPass(_Pass):
         for number, name in enumerate(names):
             ir = GraphIR(handle)
             fresh_seed = self.options.seed + number if self.options.mode == DeepenMode.FRESH_BLOCK else None
-            with typeinfo.kept_consistent(handle):
+            with _rewriting(handle):
                 changes.append(_insert_block(ir, _layer(ir, name), name, fresh_seed))
         return changes
 
@@ -265,14 +275,14 @@ class DeepenPass(_Pass):
         planned = [(self._plan(ir, name), self._layer_options(number)) for number, name in enumerate(names)]
         if len({insertion.tensor for insertion, _ in planned}) < len(planned):
             return self._insert_identities_one_by_one(handle, names)
-        with typeinfo.kept_consistent(handle):
+        with _rewriting(handle):
             return [asdict(inserted) for inserted in deeper.insert_all(ir, planned)]
 
     def _insert_identities_one_by_one(self, handle: ModelHandle, names: list[str]) -> list[dict]:
         changes = []
         for number, name in enumerate(names):
             ir = GraphIR(handle)
-            with typeinfo.kept_consistent(handle):
+            with _rewriting(handle):
                 changes.append(asdict(deeper.insert(ir, self._plan(ir, name), self._layer_options(number))))
         return changes
 

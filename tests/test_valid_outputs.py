@@ -403,3 +403,38 @@ def test_bfloat16_outputs_verify_with_bfloat16_tolerances(tmp_path, capsys):
     onnx.save(broken, tmp_path / "b.onnx")
     code, _, _ = run_cli(capsys, "verify", source, tmp_path / "b.onnx")
     assert code == 1
+
+
+# ----------------------------------------------------------------------------
+# Leftovers: what a rewrite stops reading is removed, what the input left unread stays
+
+
+def _unread(model: onnx.ModelProto) -> tuple[set, set]:
+    read = {name for node in model.graph.node for name in node.input} | {v.name for v in model.graph.output}
+    nodes = {node.output[0] for node in model.graph.node if not any(o in read for o in node.output)}
+    return nodes, {t.name for t in model.graph.initializer if t.name not in read}
+
+
+def _with_unread_input_leftovers(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "user_unused"))
+    model.graph.node.append(H("Constant", [], ["user_unused_constant"], value=numpy_helper.from_array(np.ones(2, np.float32))))
+    return model
+
+
+def test_run_time_size_edits_leave_nothing_unread_and_keep_the_inputs_leftovers():
+    """Growing heads merged with a dynamic batch fixes the merged entry of each
+    view to -1: the nodes that computed B * heads are then read by nothing."""
+    from test_mha_legacy import HEAD, legacy_attention
+
+    model = _with_unread_input_leftovers(legacy_attention())
+    grown, _ = n2n.widen(model, {"in_proj": 9 * HEAD})
+    onnx.checker.check_model(grown, full_check=True)
+    assert _unread(grown) == ({"user_unused_constant"}, {"user_unused"})
+    assert len(grown.graph.node) < len(model.graph.node)  # the B * heads computations are gone
+
+
+def test_deepen_and_widen_of_a_shipped_model_leave_nothing_unread():
+    model = onnx.load(str(model_path("cnn")))
+    assert _unread(model) == (set(), set())
+    for grown in (n2n.widen(model, factor=1.5)[0], n2n.deepen(model, "all")[0]):
+        assert _unread(grown) == (set(), set())
