@@ -78,6 +78,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
         lone_src = all(src[i] == 1 for i in range(i0, i1) if i != a)
         kept_dst = [j for j in range(j0, j1) if dst[j] != 1]
         if lone_src and len(kept_dst) == 1:
+            if _one_unit_filling(placement, src) and kept_dst[0] > j0:
+                # [.., d] -> [.., 1, d] with the d features one unit (a single head): the unit is the axis of 1
+                return Placement(axis=kept_dst[0] - 1, rank=len(dst), length=1), None
             return placement.on_axis(kept_dst[0], len(dst)), None
         if len(kept_dst) == 1 and j1 - j0 > 1:
             j0, j1 = kept_dst[0], kept_dst[0] + 1
@@ -359,6 +362,12 @@ def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int) -> tuple[Plac
         return Placement(axis=j, rank=len(dst), length=dst[j], offset=placement.offset // after,
                          inner=placement.inner // after), None
     return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS)
+
+
+def _one_unit_filling(placement: Placement, src: tuple) -> bool:
+    """One unit whose features fill its axis (a single attention head)."""
+    return (placement.inner > 1 and placement.length == placement.inner == src[placement.axis]
+            and placement.outer == 1 and not placement.offset and not placement.batch and not placement.starts)
 
 
 def reshape_segments(src: tuple, dst: tuple) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:

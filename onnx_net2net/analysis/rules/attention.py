@@ -3,7 +3,9 @@
 Q K^T and softmax(..) V contract their last two axes: they are per unit only
 on their batch axes, such as the head axis once Q, K and V are viewed as
 [B, heads, T, head size]. The units (whole heads) pass from every operand to
-the output there, and are refused on the two contracted axes. A softmax is
+the output there, and are refused on the two contracted axes; where plain
+units fill a contracted axis (a single head: no reshape split the features
+into heads), the refusal asks for a walk with the whole axis as one unit. A softmax is
 per unit on every axis but the one it normalises.
 """
 
@@ -20,7 +22,8 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
     node = walk.ir.nodes[index]
     from_end = placement.rank - placement.axis
     if from_end <= 2:
-        walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis")
+        walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis",
+                    _whole_axis_as_one_unit(walk, placement))
     for name in list(node.input) + list(node.output):
         shape = walk.shape(index, name)
         axis = len(shape) - from_end
@@ -29,6 +32,15 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
         if not placement.fits(shape[axis]):
             walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")
         walk.add(name, placement.on_axis(axis, len(shape)))
+
+
+def _whole_axis_as_one_unit(walk: Walk, placement: Placement) -> tuple[tuple[int, int], ...]:
+    """A single head: the units fill the contracted axis ([B, 1, T, d], no
+    reshape split them), so the walk is worth retrying with all of them as
+    one unit, one head that grows by copies."""
+    whole = (placement.offset == 0 and placement.inner == 1 and placement.outer == 1 and not placement.batch
+             and placement.length == walk.group.size > 1)
+    return ((walk.group.size, 1),) if whole else ()
 
 
 def softmax(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:

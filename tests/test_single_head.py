@@ -1,0 +1,82 @@
+"""Attention with a single head (SegFormer's and PVT v2's first stage, small
+user models): viewing q, k, v as [B, T, 1, d] splits nothing, so no reshape
+shows that the features form a head; the walk is refused at q k^T, which
+contracts them. Retried with the whole axis as one unit, the head grows into
+several copies, exactly (each copy computes the same attention; the output
+projection's rows are split)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import onnx_net2net as n2n
+
+from helpers import H, make_model, rand, widen_exact
+
+B, T, D = 2, 5, 8
+
+
+def _i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+def single_head_attention(fused: bool, seed: int = 0):
+    """x [B, T, D] -> q, k, v (separate projections, or one fused [.., 3, 1, D]
+    view gathered) viewed as [B, 1, T, D] -> softmax(q k^T / sqrt(D)) v ->
+    [B, T, D] -> out -> + x -> head -> y."""
+    rng = np.random.default_rng(seed)
+    inits = {"w_out": rand(rng, D, D), "b_out": rand(rng, D), "w_head": rand(rng, D, 3),
+             "scale": np.array(1 / np.sqrt(D), np.float32), "merge": _i64(0, 0, D)}
+    nodes = []
+    if fused:
+        inits.update(w_qkv=rand(rng, D, 3 * D), qkv_shape=_i64(0, 0, 3, 1, D))
+        nodes += [H("MatMul", ["x", "w_qkv"], ["qkv"], name="qkv"), H("Reshape", ["qkv", "qkv_shape"], ["qkv5"]),
+                  H("Transpose", ["qkv5"], ["qkv_t"], perm=[2, 0, 3, 1, 4])]
+        for number, p in enumerate("qkv"):
+            inits[f"i{p}"] = np.array(number, np.int64)
+            nodes.append(H("Gather", ["qkv_t", f"i{p}"], [f"{p}_t"], axis=0))
+    else:
+        inits["head_shape"] = _i64(0, 0, 1, D)
+        for p in "qkv":
+            inits[f"w_{p}"] = rand(rng, D, D)
+            nodes += [H("MatMul", ["x", f"w_{p}"], [p], name=f"{p}_proj"),
+                      H("Reshape", [p, "head_shape"], [f"{p}_h"]),
+                      H("Transpose", [f"{p}_h"], [f"{p}_t"], perm=[0, 2, 1, 3])]
+    nodes += [H("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]), H("MatMul", ["q_t", "kT"], ["scores"]),
+              H("Mul", ["scores", "scale"], ["scaled"]), H("Softmax", ["scaled"], ["probs"], axis=-1),
+              H("MatMul", ["probs", "v_t"], ["context"]),
+              H("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+              H("Reshape", ["context_t", "merge"], ["merged"]),
+              H("MatMul", ["merged", "w_out"], ["projected"], name="out"), H("Add", ["projected", "b_out"], ["attn"]),
+              H("Add", ["x", "attn"], ["resid"]), H("MatMul", ["resid", "w_head"], ["y"], name="head")]
+    return make_model(nodes, [("x", [B, T, D])], [("y", [B, T, 3])], inits)
+
+
+def _layers(model):
+    return {l["name"]: l for l in n2n.inspect(model, trial=False)["layers"]}
+
+
+@pytest.mark.parametrize("heads", [2, 3])
+def test_a_single_head_of_separate_projections_grows_into_several(heads):
+    model = single_head_attention(fused=False)
+    layers = _layers(model)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
+        assert layers[name]["widen"]["step"] == D  # whole heads
+    grown, _ = widen_exact(model, {"q_proj": heads * D})
+    assert _layers(grown)["v_proj"]["width"] == heads * D
+
+
+def test_a_single_head_of_a_fused_projection_grows_into_several():
+    model = single_head_attention(fused=True)
+    layer = _layers(model)["qkv"]
+    assert layer["widen"]["ok"], layer["widen"]["reason"]
+    assert layer["widen"]["step"] == 3 * D
+    grown, _ = widen_exact(model, {"qkv": 3 * 2 * D})
+    assert _layers(grown)["qkv"]["width"] == 6 * D
+
+
+def test_partial_heads_stay_refused():
+    with pytest.raises(n2n.UserError, match=f"multiple of {D}"):
+        n2n.widen(single_head_attention(fused=False), {"q_proj": D + 3})
