@@ -417,8 +417,14 @@ class Task:
                 return float(self.loss(model, x, y)) / math.log(2)
             return float((model(self.x[split]).argmax(1) == self.y[split]).float().mean())
 
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.exp.metric == "bpc" else a > b
+    def better(self, a: float, b: float, tie: float = 0.0) -> bool:
+        """`a` better than `b` by more than `tie`."""
+        return a < b - tie if self.exp.metric == "bpc" else a > b + tie
+
+
+#: Validation scores closer than this are a tie (accuracies are float32 means: the same count of correct
+#: answers on two seeds can differ in the 8th digit); a tie keeps the earlier candidate.
+TIE = 1e-6
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: float = 0.05) -> float:
@@ -636,8 +642,8 @@ class Lab:
 
     def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, dict]:
         """The peak rate, and for a +sp arm the (shrink, fresh) point of ``exp.sp_grid``, with the best mean
-        final validation metric over the tuning seeds (ties: the first in grid order). Returns (lr, sp or
-        None, {sp or None: {lr: validation}})."""
+        final validation metric over the tuning seeds (ties, within TIE of float32 rounding: the first in grid
+        order, λ:p pairs in the order given, then rates). Returns (lr, sp or None, {sp or None: {lr: validation}})."""
         points = [tuple(sp) for sp in self.exp.sp_grid] if is_sp(arm) else [None]
         table, best = {}, None
         for sp in points:
@@ -645,7 +651,8 @@ class Lab:
             for lr in self.exp.grid:
                 finals = [self.run(growth, arm, lr, seed, sp)["val"][-1] for seed in range(self.exp.tune_seeds)]
                 scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
-                if math.isfinite(scores[lr]) and (best is None or self.task.better(scores[lr], table[best[0]][best[1]])):
+                if math.isfinite(scores[lr]) and (best is None or
+                                                  self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
                     best = (sp, lr)
         if best is None:
             raise RuntimeError(f"{self.exp.name} {growth}/{arm}: every tuning run diverged")
