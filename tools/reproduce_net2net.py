@@ -33,8 +33,8 @@ Arms and budgets (T: the budget of the random-init student of the grown architec
 Every arm's peak learning rate is chosen on the validation split (final metric, mean over the tuning seeds)
 from the experiment's grid; then every seed is run at that rate and measured on the test split. For the
 ``+sp`` arms, ``--sp-grid`` (pairs ``λ:p``) makes (λ, p) a tuned knob too: the triple (λ, p, lr) with the best
-mean final validation metric over the same tuning seeds is chosen (ties: the first in grid order, λ:p pairs
-in the order given, then rates), never on test. This is a knob the random-init students do not have: they
+mean final validation metric over the same tuning seeds is chosen (ties, within ``TIE``: the first in grid
+order, λ:p pairs in the order given, then rates), never on test. This is a knob the random-init students do not have: they
 tune the rate only. The chosen λ and p are recorded per arm (``shrink``, ``fresh``; null on other arms). The
 random-init students are PyTorch's default initialisation of the student architecture (the onnx2torch
 module's layers re-initialised by ``reset_parameters``; for the LM, a fresh model of the grown shape
@@ -963,6 +963,7 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
     rows = [r for exp in results.values() for r in exp["rows"]]
     meta = {"quick": args.quick, "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "runtime_s": round(time.time() - _T0, 1),
+            # shrink/fresh: the default point; the point each +sp arm used is in its row (``shrink``, ``fresh``)
             "zero_sum_noise": ZERO_SUM_NOISE, "shrink": SHRINK, "fresh": FRESH, "warmup": 0.05,
             "sp_grid": [list(sp) for sp in args.sp_grid], "arms": [f"{g}/{a}" for g, a in args.selected],
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
