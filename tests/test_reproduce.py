@@ -59,8 +59,11 @@ def test_quick_summary_rows(quick):
         if r["arm"] == "random-init":   # the target is the random-init student's own final metric
             assert r["steps_to_target"] is not None and r["final_mean"] == r["target"]
         assert r["lr"] in exp["grid"]
+        # the default shrink-and-perturb point, recorded on the +sp rows only
+        assert (r["shrink"], r["fresh"]) == ((0.4, 0.1) if r["arm"].endswith("+sp") else (None, None))
     written = json.loads((out / "summary.json").read_text())
     assert [{k: w[k] for k in SUMMARY_KEYS} for w in written] == [{k: r[k] for k in SUMMARY_KEYS} for r in rows]
+    assert [(w["shrink"], w["fresh"]) for w in written] == [(r["shrink"], r["fresh"]) for r in rows]
     assert "| experiment |" in proc.stdout and (out / "results.md").is_file()
     for path in results["plots"]:
         assert Path(path).is_file() and Path(path).parent == out
@@ -208,3 +211,62 @@ def test_overrides_are_checked_before_anything_runs(monkeypatch):
         assert exit_info.value.code == 2
     args = tool.parse_args(["--budget", "300", "--grid", "0.1", "0.01"])
     assert args.budget == 300 and args.grid == [0.1, 0.01]
+
+
+def test_sp_grid_and_arms_options_are_parsed_and_checked():
+    r = _script_module()
+    args = r.parse_args([])
+    assert args.sp_grid == [(0.4, 0.1)] and args.selected == r.ARMS   # the default: unchanged behaviour
+    args = r.parse_args(["--sp-grid", "0.2:0.1", "0.4:0.3", "0.2:0.1", "--arms", "widen/net2net+sp"])
+    assert args.sp_grid == [(0.2, 0.1), (0.4, 0.3)]
+    assert args.selected == [("widen", "random-init"), ("widen", "net2net+sp")]   # the target is always run
+    assert r.select_arms(["teacher"]) == [("widen", "random-init"), ("teacher", "teacher+T/3")]
+    assert r.select_arms(["deepen"]) == [a for a in r.ARMS if a[0] == "deepen"]
+    for argv in (["--sp-grid", "0.4"], ["--sp-grid", "a:b"], ["--sp-grid", "-1:0.1"], ["--sp-grid", "0:0"],
+                 ["--arms", "widen/nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            r.parse_args(argv)
+        assert exit_info.value.code == 2
+    assert r.sp_tag((0.4, 0.1)) == "" and r.sp_tag(None) == "" and r.sp_tag((0.2, 0.3)) == "_s0.2_f0.3"
+
+
+def test_tuning_ties_within_float32_rounding_keep_the_earlier_candidate():
+    """Two seeds with the same count of correct validation answers can average to values 3e-8 apart: a tie."""
+    from types import SimpleNamespace
+
+    r = _script_module()
+    acc, bpc = (SimpleNamespace(exp=SimpleNamespace(metric=m)) for m in ("acc", "bpc"))
+    assert not r.Task.better(acc, 0.9888888895511627, 0.9888888597488403, r.TIE)
+    assert r.Task.better(acc, 0.9907407164573669, 0.9888888597488403, r.TIE)
+    assert r.Task.better(bpc, 2.30, 2.31, r.TIE) and not r.Task.better(bpc, 2.31, 2.30, r.TIE)
+
+
+def test_quick_sp_grid_is_tuned_on_validation_and_cached(tmp_path):
+    """--sp-grid with --arms: (shrink, fresh, lr) chosen on the validation split, recorded per arm and row,
+    every point's grown model and runs cached; a second invocation recomputes nothing."""
+    argv = [sys.executable, str(SCRIPT), "--quick", "--only", "mnist1d-cnn", "--arms", "widen/net2net+sp",
+            "--sp-grid", "0.4:0.1", "0.8:0.1", "--out", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    exp = results["experiments"]["mnist1d-cnn"]
+    assert list(exp["arms"]) == ["widen/random-init", "widen/net2net+sp"]
+    entry = exp["arms"]["widen/net2net+sp"]
+    table = entry["validation_by_sp"]
+    assert set(table) == {"0.4:0.1", "0.8:0.1"}
+    best = max(((v, point, float(lr)) for point, scores in table.items() for lr, v in scores.items()),
+               key=lambda t: t[0])[0]
+    chosen = f"{entry['shrink']:g}:{entry['fresh']:g}"
+    assert table[chosen][str(entry["lr"])] >= best - 1e-6 and entry["validation_by_lr"] == table[chosen]
+    rows = {r["arm"]: r for r in results["summary"]}
+    assert set(rows) == {"random-init", "net2net+sp"} and rows["random-init"]["shrink"] is None
+    assert (rows["net2net+sp"]["shrink"], rows["net2net+sp"]["fresh"]) == (entry["shrink"], entry["fresh"])
+    assert all(c.get("shrink") == entry["shrink"] for c in entry["curves"])
+    cache = tmp_path / "cache" / "mnist1d-cnn"
+    assert (cache / "seed0_widen_net2net_sp.onnx").is_file()            # the default point: the old name
+    assert (cache / "seed0_widen_net2net_sp_s0.8_f0.1.onnx").is_file()
+    assert len(list((cache / "runs").glob("widen_net2net_sp_s0.8_f0.1_lr*.json"))) == 2
+    md = (tmp_path / "results.md").read_text()
+    assert "| widen/net2net+sp | 0.4/0.1" in md and "| widen/net2net+sp | 0.8/0.1" in md and "(chosen)" in md
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and "steps, val" not in again.stderr   # every run came from the cache

@@ -17,7 +17,8 @@ For each model and seed:
    layer 2x wider; for the LM the residual stream 64 -> 128, heads 4 -> 8, MLP 256 -> 512) with
    ``split="random"`` (exact) and ``split="zero-sum"`` (exact, HyperCloning's +N/-N), and
    ``n2n.deepen`` (identity layers; for the LM ``mode="block"``: each block copied, output projections
-   zeroed, 2 -> 4 blocks); each of these also with ``n2n.perturb(shrink=0.4, fresh=0.1)`` on top;
+   zeroed, 2 -> 4 blocks); each of these also with ``n2n.perturb(shrink=λ, fresh=p)`` on top (θ <- λθ +
+   p·θ_fresh; by default the single point λ = 0.4, p = 0.1; ``--sp-grid`` gives several, see below);
 3. load every grown model back into PyTorch with onnx2torch and assert that the exact ones reproduce the
    teacher's test metric at step 0;
 4. train every arm with Adam, 5 % linear warmup then cosine decay to zero over the arm's own budget.
@@ -30,7 +31,11 @@ Arms and budgets (T: the budget of the random-init student of the grown architec
 * ``teacher+T/3``: the teacher itself trained T/3 more steps (a control: is the growth needed?).
 
 Every arm's peak learning rate is chosen on the validation split (final metric, mean over the tuning seeds)
-from the experiment's grid; then every seed is run at that rate and measured on the test split. The
+from the experiment's grid; then every seed is run at that rate and measured on the test split. For the
+``+sp`` arms, ``--sp-grid`` (pairs ``λ:p``) makes (λ, p) a tuned knob too: the triple (λ, p, lr) with the best
+mean final validation metric over the same tuning seeds is chosen (ties, within ``TIE``: the first in grid
+order, λ:p pairs in the order given, then rates), never on test. This is a knob the random-init students do not have: they
+tune the rate only. The chosen λ and p are recorded per arm (``shrink``, ``fresh``; null on other arms). The
 random-init students are PyTorch's default initialisation of the student architecture (the onnx2torch
 module's layers re-initialised by ``reset_parameters``; for the LM, a fresh model of the grown shape
 exported and converted the same way).
@@ -42,8 +47,13 @@ turns every floating-point initializer except the attention mask into a trainabl
 Outputs (``--out``, default /tmp/net2net-experiment): ``results.json`` (every curve, every tuning run,
 the checks), ``summary.json`` (one row per arm: experiment, growth, arm, lr, steps, steps_to_target,
 target_steps, final_mean, final_sem, seeds; target = the tuned random-init student's final test metric at
-T), ``results.md`` (the table) and PNG curves. Runs are cached in ``--out``/runs, so an interrupted run
-resumes.
+T; ``shrink``, ``fresh``: the chosen shrink-and-perturb point of a ``+sp`` arm, else null), ``results.md``
+(the table and the validation tuning tables) and PNG curves. Grown models and runs are cached in ``--out``
+(per (λ, p) for the perturbed ones), so an interrupted run resumes and a wider grid reuses what exists.
+
+``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
+student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
+always added.
 
 Usage::
 
@@ -51,6 +61,8 @@ Usage::
     python tools/reproduce_net2net.py --only mnist1d-mlp     # one model
     python tools/reproduce_net2net.py --quick --out /tmp/q   # tiny budgets, 1 seed: ~1-2 minutes
     python tools/reproduce_net2net.py --only char-lm --budget 3000 --grid 0.003 0.001   # T and LR grid overridden
+    python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --sp-grid 0.2:0.1 0.4:0.1 0.8:0.1
+                                                             # widen arms only, (λ, p) tuned on validation
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
@@ -99,6 +111,11 @@ def no_network():
 
 # --------------------------------------------------------------------------- experiments
 
+#: The growth options (the recipe under test). SHRINK, FRESH: the default (single) shrink-and-perturb point.
+ZERO_SUM_NOISE = 0.1
+SHRINK, FRESH = 0.4, 0.1
+
+
 @dataclass
 class Experiment:
     name: str
@@ -118,6 +135,7 @@ class Experiment:
     metric: str = "acc"       # "acc" (higher is better) or "bpc" (lower is better)
     evals: int = 8            # test/validation evaluations per run (plus step 0)
     quick: dict = field(default_factory=dict)
+    sp_grid: tuple = ((SHRINK, FRESH),)   # (shrink, fresh) points tried for the +sp arms
 
 
 EXPERIMENTS = {
@@ -149,9 +167,6 @@ LABELS = {"random-init": "random init, T", "random-init-T/3": "random init, T/3"
           "net2net": "Net2Net (exact)", "zero-sum": "Net2Net zero-sum split (exact)",
           "net2net+sp": "Net2Net + shrink-perturb", "zero-sum+sp": "zero-sum + shrink-perturb",
           "teacher+T/3": "teacher trained T/3 more"}
-#: The growth options (the recipe under test).
-ZERO_SUM_NOISE = 0.1
-SHRINK, FRESH = 0.4, 0.1
 LM_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "configparser.py", "csv.py", "dataclasses.py",
             "datetime.py", "difflib.py", "enum.py", "fractions.py", "functools.py", "gettext.py", "heapq.py",
             "inspect.py", "json/decoder.py", "json/encoder.py", "pathlib.py", "pprint.py", "shutil.py",
@@ -166,6 +181,22 @@ def settle(exp: Experiment, quick: bool) -> Experiment:
 
 def short(exp: Experiment) -> int:
     return exp.T // 3
+
+
+def is_sp(arm: str) -> bool:
+    return arm.endswith("+sp")
+
+
+def sp_tag(sp) -> str:
+    """File-name suffix of a shrink-and-perturb point: empty for the default one (the caches of earlier
+    versions stay valid), else ``_s<shrink>_f<fresh>``."""
+    if sp is None or tuple(sp) == (SHRINK, FRESH):
+        return ""
+    return f"_s{sp[0]:g}_f{sp[1]:g}"
+
+
+def sp_key(sp) -> str:
+    return f"{sp[0]:g}:{sp[1]:g}"
 
 
 # --------------------------------------------------------------------------- data (numpy)
@@ -386,8 +417,14 @@ class Task:
                 return float(self.loss(model, x, y)) / math.log(2)
             return float((model(self.x[split]).argmax(1) == self.y[split]).float().mean())
 
-    def better(self, a: float, b: float) -> bool:
-        return a < b if self.exp.metric == "bpc" else a > b
+    def better(self, a: float, b: float, tie: float = 0.0) -> bool:
+        """`a` better than `b` by more than `tie`."""
+        return a < b - tie if self.exp.metric == "bpc" else a > b + tie
+
+
+#: Validation scores closer than this are a tie (accuracies are float32 means: the same count of correct
+#: answers on two seeds can differ in the 8th digit); a tie keeps the earlier candidate.
+TIE = 1e-6
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: float = 0.05) -> float:
@@ -471,6 +508,7 @@ class Lab:
         self.dir = out / "cache" / exp.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
+        self.perturbed_models = {}
 
     # -- teachers ----------------------------------------------------------------
     def teacher(self, seed: int):
@@ -500,16 +538,15 @@ class Lab:
 
     # -- grown models ------------------------------------------------------------
     def grown(self, seed: int) -> dict:
-        """{(growth, arm): ModelProto} of the grown students of a seed (cached), step 0 checked once."""
+        """{(growth, arm): ModelProto} of the exact grown students of a seed (cached), step 0 checked once."""
         import onnx
 
         import onnx_net2net as n2n
 
         if seed in self.grown_models:
             return self.grown_models[seed]
-        names = [("widen", a) for a in WIDEN_ARMS if "random" not in a] + \
-                [("deepen", a) for a in DEEPEN_ARMS if "random" not in a]
-        paths = {key: self.dir / f"seed{seed}_{key[0]}_{key[1].replace('+', '_')}.onnx" for key in names}
+        names = [("widen", "net2net"), ("widen", "zero-sum"), ("deepen", "net2net")]
+        paths = {key: self.dir / f"seed{seed}_{key[0]}_{key[1]}.onnx" for key in names}
         proto, teacher_metric, _ = self.teacher(seed)
         if all(p.is_file() for p in paths.values()):
             models = {key: onnx.load(str(p)) for key, p in paths.items()}
@@ -520,9 +557,6 @@ class Lab:
                       ("widen", "zero-sum"): grow(n2n.widen, proto, self.relaxed, factor=2.0, split="zero-sum",
                                                   noise=ZERO_SUM_NOISE, seed=seed),
                       ("deepen", "net2net"): grow(n2n.deepen, proto, self.relaxed, after, mode=mode, seed=seed)}
-            for growth, base in (("widen", "net2net"), ("widen", "zero-sum"), ("deepen", "net2net")):
-                models[(growth, f"{base}+sp")] = grow(n2n.perturb, models[(growth, base)], self.relaxed,
-                                                      shrink=SHRINK, fresh=FRESH, seed=seed)
             for key, p in paths.items():
                 onnx.save(models[key], str(p))
         for key, model in models.items():
@@ -530,11 +564,34 @@ class Lab:
         self.grown_models[seed] = models
         return models
 
-    def check_step0(self, seed: int, key: tuple, model, teacher_metric: float) -> None:
-        exact = not key[1].endswith("+sp")
+    def perturbed(self, seed: int, growth: str, base: str, sp: tuple):
+        """The exact grown model `base` of a seed after ``n2n.perturb(shrink=sp[0], fresh=sp[1], seed=seed)``
+        (the same fresh draw for every (λ, p) of a seed), cached per (λ, p); step 0 recorded once."""
+        import onnx
+
+        import onnx_net2net as n2n
+
+        key = (seed, growth, base, tuple(sp))
+        if key in self.perturbed_models:
+            return self.perturbed_models[key]
+        path = self.dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
+        if path.is_file():
+            model = onnx.load(str(path))
+        else:
+            model = grow(n2n.perturb, self.grown(seed)[(growth, base)], self.relaxed, shrink=sp[0], fresh=sp[1],
+                         seed=seed)
+            onnx.save(model, str(path))
+        self.check_step0(seed, (growth, f"{base}+sp"), model, self.teacher(seed)[1], sp)
+        self.perturbed_models[key] = model
+        return model
+
+    def check_step0(self, seed: int, key: tuple, model, teacher_metric: float, sp=None) -> None:
+        exact = not is_sp(key[1])
         metric = self.task.evaluate(to_torch(model), "test")
         check = {"seed": seed, "growth": key[0], "arm": key[1], "exact": exact, "teacher": teacher_metric,
                  "step0": metric}
+        if sp is not None:
+            check.update(shrink=sp[0], fresh=sp[1])
         self.checks.append(check)
         if exact:
             tolerance = 1e-4 if self.exp.metric == "bpc" else 0.001 + 1e-9
@@ -543,10 +600,12 @@ class Lab:
                                      f"does not reproduce the teacher's test metric ({metric} vs {teacher_metric})")
 
     # -- students ----------------------------------------------------------------
-    def student(self, growth: str, arm: str, seed: int):
+    def student(self, growth: str, arm: str, seed: int, sp=None):
         exp = self.exp
         if growth == "teacher":
             return to_torch(self.teacher(seed)[0])
+        if is_sp(arm):
+            return to_torch(self.perturbed(seed, growth, arm[:-len("+sp")], sp))
         if not arm.startswith("random-init"):
             return to_torch(self.grown(seed)[(growth, arm)])
         if exp.model == "charlm":
@@ -558,33 +617,46 @@ class Lab:
             return to_torch(export_onnx(build_model(exp, shape), exp))
         return reinitialise(to_torch(self.grown(seed)[(growth, "net2net")]), 1_000 + seed)
 
-    def run(self, growth: str, arm: str, lr: float, seed: int) -> dict:
+    def run(self, growth: str, arm: str, lr: float, seed: int, sp=None) -> dict:
+        """One training run (cached); `sp` (shrink, fresh) for the +sp arms."""
         exp = self.exp
+        if is_sp(arm) and sp is None:
+            raise ValueError(f"{growth}/{arm}: a shrink-and-perturb arm needs its (shrink, fresh)")
+        sp = tuple(sp) if is_sp(arm) else None
         steps = exp.T if arm == "random-init" else short(exp)
-        path = self.dir / "runs" / f"{growth}_{arm.replace('/', '_').replace('+', '_')}_lr{lr:g}_seed{seed}_{steps}.json"
+        name = f"{growth}_{arm.replace('/', '_').replace('+', '_')}{sp_tag(sp)}_lr{lr:g}_seed{seed}_{steps}.json"
+        path = self.dir / "runs" / name
         if path.is_file():
             return json.loads(path.read_text())
         t = time.time()
-        curve = train(self.student(growth, arm, seed), self.task, steps, lr, seed, exp.evals)
+        curve = train(self.student(growth, arm, seed, sp), self.task, steps, lr, seed, exp.evals)
         curve.update(lr=lr, seed=seed, seconds=round(time.time() - t, 1))
+        if sp is not None:
+            curve.update(shrink=sp[0], fresh=sp[1])
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(curve))
-        log(f"{exp.name} {growth}/{arm} lr {lr:g} seed {seed}: {steps} steps, val {curve['val'][-1]:.4f} "
+        point = f" shrink {sp[0]:g} fresh {sp[1]:g}" if sp else ""
+        log(f"{exp.name} {growth}/{arm}{point} lr {lr:g} seed {seed}: {steps} steps, val {curve['val'][-1]:.4f} "
             f"test {curve['test'][-1]:.4f} ({curve['seconds']:.0f}s)")
         return curve
 
-    def tune(self, growth: str, arm: str) -> tuple[float, dict]:
-        """The peak rate with the best mean final validation metric over the tuning seeds."""
-        scores = {}
-        for lr in self.exp.grid:
-            finals = [self.run(growth, arm, lr, seed)["val"][-1] for seed in range(self.exp.tune_seeds)]
-            scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
-        finite = [lr for lr in scores if math.isfinite(scores[lr])]
-        best = finite[0]
-        for lr in finite[1:]:
-            if self.task.better(scores[lr], scores[best]):
-                best = lr
-        return best, scores
+    def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, dict]:
+        """The peak rate, and for a +sp arm the (shrink, fresh) point of ``exp.sp_grid``, with the best mean
+        final validation metric over the tuning seeds (ties, within TIE of float32 rounding: the first in grid
+        order, λ:p pairs in the order given, then rates). Returns (lr, sp or None, {sp or None: {lr: validation}})."""
+        points = [tuple(sp) for sp in self.exp.sp_grid] if is_sp(arm) else [None]
+        table, best = {}, None
+        for sp in points:
+            scores = table.setdefault(sp, {})
+            for lr in self.exp.grid:
+                finals = [self.run(growth, arm, lr, seed, sp)["val"][-1] for seed in range(self.exp.tune_seeds)]
+                scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
+                if math.isfinite(scores[lr]) and (best is None or
+                                                  self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
+                    best = (sp, lr)
+        if best is None:
+            raise RuntimeError(f"{self.exp.name} {growth}/{arm}: every tuning run diverged")
+        return best[1], best[0], table
 
 
 # --------------------------------------------------------------------------- summary
@@ -601,22 +673,55 @@ def steps_to(steps, values, target: float, metric: str):
     return None
 
 
-def run_experiment(exp: Experiment, data: dict, out: Path, threads: int) -> dict:
+def select_arms(selection=None) -> list[tuple[str, str]]:
+    """The arms of `selection` (``growth/arm`` or a whole growth), in ARMS order, plus the random-init
+    student at T of every growth involved (the target; the teacher arm is measured against widen's)."""
+    if not selection:
+        return list(ARMS)
+    chosen = set()
+    for item in selection:
+        matched = [(g, a) for g, a in ARMS if item in (g, f"{g}/{a}")]
+        if not matched:
+            raise ValueError(f"unknown arm {item!r}: one of {', '.join(arm_choices())}")
+        chosen.update(matched)
+    for growth, _ in list(chosen):
+        chosen.add(("widen" if growth == "teacher" else growth, "random-init"))
+    return [key for key in ARMS if key in chosen]
+
+
+def arm_choices() -> list[str]:
+    return ["widen", "deepen", "teacher"] + [f"{g}/{a}" for g, a in ARMS]
+
+
+def run_experiment(exp: Experiment, data: dict, out: Path, threads: int, selected=None) -> dict:
+    selected = list(ARMS) if selected is None else selected
     lab = Lab(exp, data, out, threads)
     for seed in range(exp.seeds):
         lab.teacher(seed)
         lab.grown(seed)
     arms = {}
-    for growth, arm in ARMS:
-        lr, scores = lab.tune(growth, arm)
-        curves = [lab.run(growth, arm, lr, seed) for seed in range(exp.seeds)]
-        arms[f"{growth}/{arm}"] = {"growth": growth, "arm": arm, "lr": lr, "validation_by_lr": scores,
-                                   "steps": curves[0]["steps"], "curves": curves}
-        log(f"{exp.name} {growth}/{arm}: lr {lr:g} (validation {scores}); test "
-            f"{np.mean([c['test'][-1] for c in curves]):.4f}")
+    for growth, arm in selected:
+        if is_sp(arm):   # the step-0 record of every perturbed model the runs use (cached runs included)
+            for point in exp.sp_grid:
+                for seed in range(exp.tune_seeds):
+                    lab.perturbed(seed, growth, arm[:-len("+sp")], tuple(point))
+        lr, sp, table = lab.tune(growth, arm)
+        if sp is not None:
+            for seed in range(exp.seeds):
+                lab.perturbed(seed, growth, arm[:-len("+sp")], sp)
+        curves = [lab.run(growth, arm, lr, seed, sp) for seed in range(exp.seeds)]
+        entry = {"growth": growth, "arm": arm, "lr": lr, "shrink": sp[0] if sp else None,
+                 "fresh": sp[1] if sp else None, "validation_by_lr": table[sp]}
+        if sp is not None:
+            entry["validation_by_sp"] = {sp_key(point): scores for point, scores in table.items()}
+        arms[f"{growth}/{arm}"] = entry | {"steps": curves[0]["steps"], "curves": curves}
+        point = f", shrink {sp[0]:g} fresh {sp[1]:g}" if sp else ""
+        log(f"{exp.name} {growth}/{arm}: lr {lr:g}{point} (validation {entry.get('validation_by_sp', table[sp])}); "
+            f"test {np.mean([c['test'][-1] for c in curves]):.4f}")
     teachers = [lab.teacher(seed)[1] for seed in range(exp.seeds)]
     return {"title": exp.title, "metric": exp.metric, "dataset": data["source"], "T": exp.T, "short": short(exp),
-            "grid": list(exp.grid), "tune_seeds": exp.tune_seeds, "seeds": exp.seeds, "batch": exp.batch,
+            "grid": list(exp.grid), "sp_grid": [list(sp) for sp in exp.sp_grid], "tune_seeds": exp.tune_seeds,
+            "seeds": exp.seeds, "batch": exp.batch,
             "teacher": {"steps": exp.teacher_steps, "lr": exp.teacher_lr, "test": teachers,
                         "mean": float(np.mean(teachers)), "widths": exp.widths},
             "step0_checks": lab.checks, "verification_relaxed": lab.relaxed, "arms": arms,
@@ -627,10 +732,13 @@ def summary_rows(exp: Experiment, arms: dict) -> list[dict]:
     rows = []
     targets = {}
     for growth in ("widen", "deepen"):
-        base = arms[f"{growth}/random-init"]
+        base = arms.get(f"{growth}/random-init")
+        if base is None:     # --arms without this growth
+            continue
         mean = np.mean([c["test"] for c in base["curves"]], axis=0)
         targets[growth] = (float(mean[-1]), steps_to(base["steps"], mean, float(mean[-1]), exp.metric))
-    targets["teacher"] = targets["widen"]
+    if "widen" in targets:
+        targets["teacher"] = targets["widen"]
     for key, entry in arms.items():
         growth = entry["growth"]
         target, target_steps = targets[growth]
@@ -640,44 +748,65 @@ def summary_rows(exp: Experiment, arms: dict) -> list[dict]:
                      "steps": entry["steps"][-1], "steps_to_target": steps_to(entry["steps"], mean, target, exp.metric),
                      "target_steps": target_steps, "final_mean": float(np.mean(finals)), "final_sem": sem(finals),
                      "seeds": len(finals), "target": target, "metric": exp.metric,
-                     "step0_mean": float(mean[0])})
+                     "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh")})
     return rows
+
+
+def arm_label(row: dict) -> str:
+    """The arm, with its shrink-and-perturb point for a +sp arm."""
+    if row.get("shrink") is None:
+        return row["arm"]
+    return f"{row['arm']} ({row['shrink']:g}/{row['fresh']:g})"
 
 
 def format_table(rows: list[dict]) -> str:
     lines = ["| experiment | growth | arm | peak lr | steps | steps to target | target (random init, T) | "
              "final (mean +- sem) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in rows:   # a +sp arm's arm cell: "net2net+sp (shrink/fresh)"
         scale, unit = (1, " bpc") if r["metric"] == "bpc" else (100, " %")
         fmt = "{:.3f}" if r["metric"] == "bpc" else "{:.1f}"
         reach = "never" if r["steps_to_target"] is None else str(r["steps_to_target"])
-        lines.append(f"| {r['experiment']} | {r['growth']} | {r['arm']} | {r['lr']:g} | {r['steps']} | {reach} | "
+        lines.append(f"| {r['experiment']} | {r['growth']} | {arm_label(r)} | {r['lr']:g} | {r['steps']} | {reach} | "
                      f"{fmt.format(r['target'] * scale)}{unit} | {fmt.format(r['final_mean'] * scale)} +- "
                      f"{fmt.format(r['final_sem'] * scale)}{unit} | {r['seeds']} |")
     return "\n".join(lines)
 
 
 def format_details(experiments: dict) -> str:
-    """Per model: data, teacher, T, and every arm's validation metric per peak rate (the tuning)."""
+    """Per model: data, teacher, T, and every arm's validation metric per peak rate (the tuning); a +sp arm
+    has one line per shrink/fresh point tried, the chosen one marked."""
     parts = []
     for name, exp in experiments.items():
-        scale, fmt = (1, "{:.3f}") if exp["metric"] == "bpc" else (100, "{:.1f}")
+        scale, fmt = (1, "{:.3f}") if exp["metric"] == "bpc" else (100, "{:.2f}")   # choices differ by 0.05 %
         teacher = exp["teacher"]
+        grid_points = exp.get("sp_grid") or [[SHRINK, FRESH]]
         parts.append(f"### {name}: {exp['title']}\n\n"
                      f"data: {exp['dataset']}\n\n"
                      f"teacher: {teacher['steps']} steps, Adam peak {teacher['lr']:g}, test "
-                     f"{fmt.format(teacher['mean'] * scale)} (mean of {len(teacher['test'])}); T = {exp['T']}, "
+                     f"{teacher['mean'] * scale:.{3 if exp['metric'] == 'bpc' else 1}f} "
+                     f"(mean of {len(teacher['test'])}); T = {exp['T']}, "
                      f"grown students T/3 = {exp['short']}; batch {exp['batch']}; learning rate tuned on "
-                     f"{exp['tune_seeds']} seed(s), reported on {exp['seeds']}.\n")
+                     f"{exp['tune_seeds']} seed(s), reported on {exp['seeds']}; shrink/fresh points tried for "
+                     f"the +sp arms: {', '.join(f'{a:g}/{b:g}' for a, b in grid_points)}"
+                     f"{' (tuned on validation with the rate)' if len(grid_points) > 1 else ''}.\n")
         grid = exp["grid"]
-        lines = ["| arm | " + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen |",
-                 "|---|" + "---|" * (len(grid) + 1)]
+        lines = ["| arm | shrink/fresh | " + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen lr |",
+                 "|---|---|" + "---|" * (len(grid) + 1)]
         for key, entry in exp["arms"].items():
-            cells = []
-            for lr in grid:
-                value = entry["validation_by_lr"].get(str(lr), entry["validation_by_lr"].get(lr))
-                cells.append("-" if value is None or not math.isfinite(value) else fmt.format(value * scale))
-            lines.append(f"| {key} | " + " | ".join(cells) + f" | {entry['lr']:g} |")
+            if entry.get("shrink") is None:
+                tables = [("-", entry["validation_by_lr"], True)]
+            else:
+                chosen = sp_key((entry["shrink"], entry["fresh"]))
+                by_sp = entry.get("validation_by_sp") or {chosen: entry["validation_by_lr"]}
+                tables = [(point.replace(":", "/") + (" (chosen)" if point == chosen and len(by_sp) > 1 else ""),
+                           scores, point == chosen) for point, scores in by_sp.items()]
+            for point, scores, chosen_row in tables:
+                cells = []
+                for lr in grid:
+                    value = scores.get(str(lr), scores.get(lr))
+                    cells.append("-" if value is None or not math.isfinite(value) else fmt.format(value * scale))
+                lines.append(f"| {key} | {point} | " + " | ".join(cells) +
+                             f" | {format(entry['lr'], 'g') if chosen_row else ''} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -701,10 +830,15 @@ def plot(experiments: dict, out: Path) -> list[str]:
                 values = np.array([c["test"] for c in entry["curves"]]) * scale
                 m = values.mean(0)
                 e = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0 * m
+                point = "" if entry.get("shrink") is None else f", {entry['shrink']:g}/{entry['fresh']:g}"
                 ax.plot(entry["steps"], m, color=colors[entry["arm"]], marker=".",
-                        label=f"{LABELS[entry['arm']]} (lr {entry['lr']:g})")
+                        label=f"{LABELS[entry['arm']]} (lr {entry['lr']:g}{point})")
                 ax.fill_between(entry["steps"], m - e, m + e, color=colors[entry["arm"]], alpha=0.2, lw=0)
-            target = next(r for r in exp["rows"] if r["growth"] == growth)["target"] * scale
+            rows = [r for r in exp["rows"] if r["growth"] == growth]
+            if not rows:      # --arms without this growth
+                ax.set_axis_off()
+                continue
+            target = rows[0]["target"] * scale
             ax.axhline(target, color="black", ls=":", lw=1, label="target: random init at T")
             ax.axhline(exp["teacher"]["mean"] * scale, color="tab:purple", ls="--", lw=0.8, label="teacher")
             ax.axvline(exp["short"], color="tab:gray", ls="--", lw=0.8)
@@ -731,6 +865,17 @@ def plot(experiments: dict, out: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- main
 
+def sp_point(text: str) -> tuple[float, float]:
+    """``λ:p`` -> (shrink, fresh)."""
+    try:
+        shrink, fresh = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SHRINK:FRESH, e.g. 0.4:0.1") from None
+    if not (math.isfinite(shrink) and math.isfinite(fresh)) or shrink < 0 or fresh < 0 or shrink + fresh == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: shrink and fresh must be >= 0, not both 0")
+    return shrink, fresh
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -743,6 +888,14 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=None, metavar="T",
                    help="override T, the random-init students' budget (grown students get T/3), e.g. a longer "
                         "check of a model whose random-init student has not converged at its default T")
+    p.add_argument("--sp-grid", type=sp_point, nargs="+", default=[(SHRINK, FRESH)], metavar="SHRINK:FRESH",
+                   help="shrink-and-perturb points for the +sp arms (theta <- shrink*theta + fresh*theta_fresh), "
+                        "tuned with the learning rate on the validation split (default: the single point "
+                        f"{SHRINK:g}:{FRESH:g}), e.g. 0.2:0.1 0.4:0.1 0.6:0.1 0.8:0.1 0.4:0.3")
+    p.add_argument("--arms", nargs="+", default=None, choices=arm_choices(), metavar="ARM",
+                   help="run only these arms (growth/arm, or a whole growth: widen, deepen, teacher); the "
+                        "random-init student at T of each growth involved (the target) is always added. "
+                        f"Choices: {', '.join(arm_choices())}")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
@@ -752,6 +905,8 @@ def parse_args(argv=None):
         p.error(f"--budget {args.budget}: must be at least 3 (grown students get T/3 steps)")
     if args.grid is not None and not all(lr > 0 for lr in args.grid):
         p.error(f"--grid {' '.join(map(str, args.grid))}: learning rates must be positive")
+    args.sp_grid = list(dict.fromkeys(tuple(sp) for sp in args.sp_grid))   # duplicates dropped, order kept
+    args.selected = select_arms(args.arms)
     return args
 
 
@@ -759,11 +914,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     names = args.only or list(EXPERIMENTS)
     args.out.mkdir(parents=True, exist_ok=True)
-    results, errors = {}, []
+    results, errors, previous_order = {}, [], []
     previous = args.out / "results.json"
     if previous.is_file():   # keep the models finished by earlier invocations (runs are cached anyway)
-        results = {k: v for k, v in json.loads(previous.read_text()).get("experiments", {}).items()
-                   if k not in names}
+        earlier = json.loads(previous.read_text())
+        results = {k: v for k, v in earlier.get("experiments", {}).items() if k not in names}
+        previous_order = list(earlier.get("experiments", {}))
+        for exp in results.values():   # written before shrink/fresh were per arm: the meta's single point
+            fill_sp(exp, earlier.get("meta", {}))
     for name in names:
         exp = settle(EXPERIMENTS[name], args.quick)
         if args.seeds:
@@ -772,17 +930,31 @@ def main(argv=None) -> int:
             exp = replace(exp, T=args.budget)
         if args.grid:
             exp = replace(exp, grid=tuple(args.grid))
+        exp = replace(exp, sp_grid=tuple(args.sp_grid))
         try:
             with no_network():
                 data = load_dataset(exp.dataset)
-                results[name] = run_experiment(exp, data, args.out, args.threads)
+                results[name] = run_experiment(exp, data, args.out, args.threads, args.selected)
         except Exception as exc:  # noqa: BLE001 - report, keep the other models going
             import traceback
 
             log(f"{name}: FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             errors.append({"experiment": name, "error": f"{type(exc).__name__}: {exc}"})
+        order = [*previous_order, *(k for k in EXPERIMENTS if k not in previous_order)]
+        results = {k: results[k] for k in sorted(results, key=order.index)}   # the models keep their places
         write_outputs(results, errors, args, argv)
     return 1 if errors else 0
+
+
+def fill_sp(exp: dict, meta: dict) -> None:
+    """An experiment of a results.json written before (λ, p) were tuned: its +sp arms used the meta's single
+    point; record it per arm and row like the current version does."""
+    point = (meta.get("shrink", SHRINK), meta.get("fresh", FRESH))
+    exp.setdefault("sp_grid", [list(point)])
+    for item in list(exp.get("arms", {}).values()) + exp.get("rows", []):
+        if "shrink" not in item:
+            sp = is_sp(item["arm"])
+            item["shrink"], item["fresh"] = (point if sp else (None, None))
 
 
 def write_outputs(results: dict, errors: list, args, argv) -> None:
@@ -791,13 +963,16 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
     rows = [r for exp in results.values() for r in exp["rows"]]
     meta = {"quick": args.quick, "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "runtime_s": round(time.time() - _T0, 1),
+            # shrink/fresh: the default point; the point each +sp arm used is in its row (``shrink``, ``fresh``)
             "zero_sum_noise": ZERO_SUM_NOISE, "shrink": SHRINK, "fresh": FRESH, "warmup": 0.05,
+            "sp_grid": [list(sp) for sp in args.sp_grid], "arms": [f"{g}/{a}" for g, a in args.selected],
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
     plots = [] if args.no_plots or not results else plot(results, args.out)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "errors": errors,
                                                        "plots": plots, "experiments": results}, indent=1))
-    (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {"target": r["target"],
-                                                        "metric": r["metric"]} for r in rows], indent=1))
+    (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {
+        "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh")}
+        for r in rows], indent=1))
     table = format_table(rows)
     (args.out / "results.md").write_text(table + "\n\n" + format_details(results))
     print(table, flush=True)
