@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .editor import GraphEditor
+from .editor import GraphEditor, orphans_removed
 from .ir import GraphIR
 
 #: Ports of the layers' weights (and biases).
@@ -92,16 +92,14 @@ def fold_computed_weights(handle) -> list[dict]:
     if not handle.checked:
         GraphIR(handle)  # the model as given is checked before anything changes (its faults are the user's)
     ir = GraphIR(handle, infer_shapes=False)
-    folded, leaves = [], set()
-    with GraphEditor(ir) as edit:
+    folded = []
+    # What computed the weights goes (orphans_removed), what the input left unread stays.
+    with orphans_removed(handle), GraphEditor(ir) as edit:
         for index, port, subgraph in computed_weights(ir):
-            leaves |= {name for i in subgraph for name in ir.nodes[i].input if name in ir.initializers}
             tensor = ir.nodes[index].input[port]
             name = edit.add_initializer(_evaluate(ir, subgraph, tensor), edit.fresh_name(f"{tensor}_folded"))
             edit.set_input(index, port, name)
             folded.append({"weight": name, "from": sorted({ir.nodes[i].op_type for i in subgraph})})
-        if folded:
-            edit.remove_dead_nodes(leaves)
     return folded
 
 

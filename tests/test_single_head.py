@@ -21,13 +21,15 @@ def _i64(*values):
     return np.array(values, dtype=np.int64)
 
 
-def single_head_attention(fused: bool, seed: int = 0):
+def single_head_attention(fused: bool, seed: int = 0, split: str = "Reshape", merge: str = "Reshape"):
     """x [B, T, D] -> q, k, v (separate projections, or one fused [.., 3, 1, D]
     view gathered) viewed as [B, 1, T, D] -> softmax(q k^T / sqrt(D)) v ->
-    [B, T, D] -> out -> + x -> head -> y."""
+    [B, T, D] -> out -> + x -> head -> y. `split`, `merge`: the ops viewing
+    the separate projections as [B, T, 1, D] and the context back as [B, T, D]
+    (Reshape, or Unsqueeze / Squeeze of axis 2)."""
     rng = np.random.default_rng(seed)
     inits = {"w_out": rand(rng, D, D), "b_out": rand(rng, D), "w_head": rand(rng, D, 3),
-             "scale": np.array(1 / np.sqrt(D), np.float32), "merge": _i64(0, 0, D)}
+             "scale": np.array(1 / np.sqrt(D), np.float32), "merge": _i64(0, 0, D), "axis2": _i64(2)}
     nodes = []
     if fused:
         inits.update(w_qkv=rand(rng, D, 3 * D), qkv_shape=_i64(0, 0, 3, 1, D))
@@ -41,13 +43,15 @@ def single_head_attention(fused: bool, seed: int = 0):
         for p in "qkv":
             inits[f"w_{p}"] = rand(rng, D, D)
             nodes += [H("MatMul", ["x", f"w_{p}"], [p], name=f"{p}_proj"),
-                      H("Reshape", [p, "head_shape"], [f"{p}_h"]),
+                      H("Reshape", [p, "head_shape"], [f"{p}_h"]) if split == "Reshape"
+                      else H("Unsqueeze", [p, "axis2"], [f"{p}_h"]),
                       H("Transpose", [f"{p}_h"], [f"{p}_t"], perm=[0, 2, 1, 3])]
     nodes += [H("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]), H("MatMul", ["q_t", "kT"], ["scores"]),
               H("Mul", ["scores", "scale"], ["scaled"]), H("Softmax", ["scaled"], ["probs"], axis=-1),
               H("MatMul", ["probs", "v_t"], ["context"]),
               H("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
-              H("Reshape", ["context_t", "merge"], ["merged"]),
+              H("Reshape", ["context_t", "merge"], ["merged"]) if merge == "Reshape"
+              else H("Squeeze", ["context_t", "axis2"], ["merged"]),
               H("MatMul", ["merged", "w_out"], ["projected"], name="out"), H("Add", ["projected", "b_out"], ["attn"]),
               H("Add", ["x", "attn"], ["resid"]), H("MatMul", ["resid", "w_head"], ["y"], name="head")]
     return make_model(nodes, [("x", [B, T, D])], [("y", [B, T, 3])], inits)
@@ -80,3 +84,15 @@ def test_a_single_head_of_a_fused_projection_grows_into_several():
 def test_partial_heads_stay_refused():
     with pytest.raises(n2n.UserError, match=f"multiple of {D}"):
         n2n.widen(single_head_attention(fused=False), {"q_proj": D + 3})
+
+
+@pytest.mark.parametrize("split, merge", [("Unsqueeze", "Reshape"), ("Reshape", "Squeeze"), ("Unsqueeze", "Squeeze")])
+def test_a_single_head_made_by_unsqueeze_or_squeeze_stays_refused(split, merge):
+    """An Unsqueeze inserting the axis of 1, or a Squeeze removing it, cannot
+    give that axis several heads: growing the head would feed q k^T all the
+    copies at once (not exact) or squeeze an axis of 2 (an invalid model)."""
+    model = single_head_attention(fused=False, split=split, merge=merge)
+    layer = _layers(model)["q_proj"]
+    assert not layer["widen"]["ok"]
+    with pytest.raises(n2n.GrowthRefused):
+        n2n.widen(model, {"q_proj": 2 * D})

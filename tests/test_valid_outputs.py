@@ -438,3 +438,15 @@ def test_deepen_and_widen_of_a_shipped_model_leave_nothing_unread():
     assert _unread(model) == (set(), set())
     for grown in (n2n.widen(model, factor=1.5)[0], n2n.deepen(model, "all")[0]):
         assert _unread(grown) == (set(), set())
+
+
+def test_folding_a_computed_weight_keeps_the_inputs_leftovers():
+    """Folding removes the nodes that computed a weight, not the input's own unread nodes."""
+    from test_folding import weight_normed_conv
+
+    model = _with_unread_input_leftovers(weight_normed_conv())
+    for grown, report in (n2n.widen(model, {"c1": 9}), n2n.deepen(model, ["c1"])):
+        assert report["folded"]
+        onnx.checker.check_model(grown, full_check=True)
+        assert _unread(grown) == ({"user_unused_constant"}, {"user_unused"})
+        assert not any(n.op_type == "ReduceL2" for n in grown.graph.node)

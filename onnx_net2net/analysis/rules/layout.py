@@ -69,6 +69,11 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
                       "channels (the other concatenated branch)")
             kind = RefusalKind.CHANNEL_SHUFFLE
         walk.refuse(index, reason, refusal.retry or unit_layout_hints(placement, src, dst), kind)
+    if node.op_type in ("Squeeze", "Unsqueeze") and replace(moved, axis=0, rank=0) != replace(placement, axis=0,
+                                                                                              rank=0):
+        # Only a Reshape's target can grow an axis: these insert or remove axes of 1, nothing else.
+        walk.refuse(index, f"{node.op_type} {format_shape(src)} -> {format_shape(dst)} would have to grow the axis "
+                           "of 1 it inserts or removes (it holds the units)")
     if (moved.batch and not placement.batch and merges_only_if_batch_first(placement, src, dst)
             and walk.group.placements.get(dst_name) != moved):
         walk.refuse(index, f"reshape {format_shape(src)} -> {format_shape(dst)} would merge the units with a batch "
