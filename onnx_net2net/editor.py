@@ -14,15 +14,14 @@ through a `GraphEditor` on that index:
 - node order: `insert_before`, `insert_after_producer`, `append` queue new
   nodes beside the node positions of the index; `commit` (on leaving the
   `with` block) rebuilds the node list once, so the graph stays in
-  topological order whatever the number of insertions; `remove_dead_nodes`
-  drops what nothing reads any more;
+  topological order whatever the number of insertions;
 - leftovers: a rewrite run inside `orphans_removed(handle)` leaves no node or
   initializer it stopped reading (an old reshape target replaced by a grown
   one, a constant no reader wants any more); what the input itself left
   unread stays, it is not ours to remove.
 
 Node indices always refer to the index the editor was made on. After
-`commit` (or `remove_dead_nodes`) the index no longer describes the model:
+`commit` the index no longer describes the model:
 index-based edits raise, and the next request builds a fresh `GraphIR`.
 Type declarations are not edited here: the pass runs each rewrite inside
 `typeinfo.kept_consistent`, which redeclares what changed.
@@ -255,28 +254,8 @@ class GraphEditor:
 
     def _check_index(self) -> None:
         if self._rebuilt:
-            raise RuntimeError("the node list was rebuilt (commit, remove_dead_nodes): node indices of this "
+            raise RuntimeError("the node list was rebuilt (commit): node indices of this "
                                "index no longer hold; edit through a fresh GraphIR and GraphEditor")
-
-    def remove_dead_nodes(self, removable_initializers: set[str]) -> None:
-        """Drop nodes whose outputs nothing reads any more, and those of
-        `removable_initializers` that nothing reads any more. Queued
-        insertions are committed first (what they read stays)."""
-        self.commit()
-        graph = self.ir.graph
-        outputs = {v.name for v in graph.output}
-        while True:
-            read = outputs | _names_read(graph)
-            kept = [node for node in graph.node if any(o in read for o in node.output if o)]
-            if len(kept) == len(graph.node):
-                break
-            self._replace_nodes(kept)
-        used = _names_read(graph) | outputs | {v.name for v in graph.input}
-        kept = [t for t in graph.initializer if t.name in used or t.name not in removable_initializers]
-        if len(kept) != len(graph.initializer):
-            kept = [onnx.TensorProto.FromString(t.SerializeToString()) for t in kept]
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
 
     def _replace_nodes(self, nodes: list[onnx.NodeProto]) -> None:
         # Copies first: clearing the repeated field would detach messages still in it.

@@ -93,7 +93,7 @@ class OutputComparison:
     fp32_max_rel: float | None = None
     #: max |reference| over its finite elements (float outputs)
     scale: float | None = None
-    #: a candidate of all zeros would pass: the comparison cannot see a change
+    #: a candidate of all zeros would pass: a change keeping it near zero cannot show
     blind: bool = False
 
 
@@ -132,8 +132,9 @@ class VerificationReport:
             return ""
         names = ", ".join(f"{o.name} (max |value| {o.scale:.2g})" for o in blind[:3])
         more = f" and {len(blind) - 3} more" if len(blind) > 3 else ""
-        return (f"; WARNING: {names}{more} would pass as all zeros: near zero on these inputs, "
-                f"the comparison cannot see a change there (give real inputs with --inputs or a smaller --atol)")
+        return (f"; WARNING: {names}{more} would pass as all zeros: near zero on these inputs, so a change "
+                f"that keeps them near zero cannot show (give real inputs with {option('inputs')} or a smaller "
+                f"{option('atol')})")
 
     def _tolerances(self) -> str:
         used = {(o.dtype, o.rtol, o.atol) for o in self.outputs if o.rtol is not None}

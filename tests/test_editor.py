@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 
 from onnx_net2net import io
-from onnx_net2net.editor import GraphEditor
+from onnx_net2net.editor import GraphEditor, orphans_removed
 from onnx_net2net.ir import GraphIR
 from helpers import H, make_model, rand, run
 
@@ -25,7 +25,7 @@ def chain():
 def edited(model, edits):
     handle = io.from_proto(model)
     ir = GraphIR(handle)
-    with GraphEditor(ir) as edit:
+    with orphans_removed(handle), GraphEditor(ir) as edit:
         edits(edit, ir)
     onnx.checker.check_model(handle.proto, full_check=True)
     return handle.proto
@@ -91,7 +91,7 @@ def test_rename_reaches_queued_nodes_and_declarations():
     np.testing.assert_allclose(run(model, {"x": X})[0], run(chain(), {"x": X})[0], rtol=1e-6)
 
 
-def test_remove_dead_nodes_drops_unread_nodes_and_only_the_named_initializers():
+def test_orphans_go_and_the_inputs_unread_initializer_stays():
     rng = np.random.default_rng(2)
     nodes = [H("Mul", ["V", "g"], ["Wc"], name="computed"), H("Gemm", ["x", "Wc"], ["y"], name="L", transB=1)]
     model = make_model(nodes, [("x", [2, 4])], ["y"], {"V": rand(rng, 3, 4), "g": np.float32(2.0),
@@ -101,7 +101,6 @@ def test_remove_dead_nodes_drops_unread_nodes_and_only_the_named_initializers():
         value = onnx.numpy_helper.to_array(ir.initializers["V"]) * 2
         name = edit.add_initializer(value, edit.fresh_name("Wc_folded"))
         edit.set_input(index_of(ir, "L"), 1, name)
-        edit.remove_dead_nodes({"V", "g"})
 
     grown = edited(model, edits)
     assert [n.name for n in grown.graph.node] == ["L"]
@@ -122,8 +121,9 @@ def test_set_constant_keeps_a_constant_nodes_dtype():
     assert helper.get_attribute_value(grown.graph.node[0].attribute[0]).data_type == onnx.TensorProto.FLOAT16
 
 
-def test_remove_dead_nodes_keeps_a_tensor_read_only_in_a_nested_subgraph():
-    """`t` is read only by an If inside another If's branch: its producer stays."""
+def test_an_orphan_goes_and_a_tensor_read_only_in_a_nested_subgraph_stays():
+    """`t` is read only by an If inside another If's branch: its producer stays;
+    `s`, read by the outer If until the edit, goes with its producer."""
     def branch(name, inner):
         return helper.make_graph(inner, name, [], [helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT,
                                                                                  [2, 4])])
@@ -132,27 +132,30 @@ def test_remove_dead_nodes_keeps_a_tensor_read_only_in_a_nested_subgraph():
     inner = H("If", ["c"], ["outer_then_out"], name="inner_if",
               then_branch=branch("inner_then", leaf),
               else_branch=branch("inner_else", [H("Identity", ["x"], ["inner_else_out"])]))
-    nodes = [H("Neg", ["x"], ["t"], name="producer"),
-             H("If", ["c"], ["y"], name="outer_if", then_branch=branch("outer_then", [inner]),
-               else_branch=branch("outer_else", [H("Identity", ["x"], ["outer_else_out"])]))]
+    nodes = [H("Neg", ["x"], ["t"], name="producer"), H("Abs", ["x"], ["s"], name="orphaned"),
+             H("If", ["c"], ["y_if"], name="outer_if", then_branch=branch("outer_then", [inner]),
+               else_branch=branch("outer_else", [H("Identity", ["x"], ["outer_else_out"])])),
+             H("Add", ["y_if", "s"], ["y"], name="final")]
     model = make_model(nodes, [("x", [2, 4]), helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
                        [("y", [2, 4])])
 
-    grown = edited(model, lambda edit, ir: edit.remove_dead_nodes(set()))
-    assert [n.name for n in grown.graph.node] == ["producer", "outer_if"]
-    np.testing.assert_allclose(run(grown, {"x": X, "c": np.array(True)})[0], -X)
+    def edits(edit, ir):
+        edit.set_input(index_of(ir, "final"), 1, "y_if")
+
+    grown = edited(model, edits)
+    assert [n.name for n in grown.graph.node] == ["producer", "outer_if", "final"]
+    np.testing.assert_allclose(run(grown, {"x": X, "c": np.array(True)})[0], -2 * X)
 
 
-def test_remove_dead_nodes_commits_queued_nodes_first_and_then_refuses_stale_indices():
-    """A tensor read only by a queued node survives dead-node removal; after
-    the node list is rebuilt, index-based edits are refused, not misplaced."""
+def test_commit_inserts_queued_nodes_and_then_refuses_stale_indices():
+    """After the node list is rebuilt, index-based edits are refused, not misplaced."""
     handle = io.from_proto(chain())
     ir = GraphIR(handle)
     edit = GraphEditor(ir)
     relu, second = index_of(ir, "relu"), index_of(ir, "L2")
     edit.insert_before(second, [H("Neg", ["r"], ["r_neg"], name="neg")])
     edit.set_input(second, 0, "r_neg")
-    edit.remove_dead_nodes(set())
+    edit.commit()
     assert [n.name for n in handle.proto.graph.node] == ["L1", "relu", "neg", "L2"]
     np.testing.assert_allclose(run(handle.proto, {"x": X})[0],
                                np.maximum(X @ onnx.numpy_helper.to_array(ir.initializers["W"]).T, 0) * -1

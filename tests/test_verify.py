@@ -239,7 +239,7 @@ def test_cli_missing_model_is_a_usage_error(tmp_path, capsys):
 # Blind outputs: near zero everywhere, so all zeros would pass
 
 
-def _zero_head_mlp(scale: float):
+def _tiny_head_mlp(scale: float):
     """fc1 -> Relu -> fc2 whose weights are `scale` times random: at 1e-9 the
     output is ~1e-9, below atol, so no change of fc1 can show in it."""
     from helpers import mlp_model
@@ -261,7 +261,7 @@ def _corrupted_fc1(model):
 
 
 def test_an_output_near_zero_is_reported_blind_not_silently_passed():
-    model = _zero_head_mlp(1e-9)
+    model = _tiny_head_mlp(1e-9)
     report = verify_models(model, _corrupted_fc1(model))
     # the corruption cannot show at this output: the report must say so
     assert report.passed and report.outputs[0].blind
@@ -270,14 +270,14 @@ def test_an_output_near_zero_is_reported_blind_not_silently_passed():
 
 
 def test_an_output_of_normal_size_is_not_blind_and_catches_the_same_corruption():
-    model = _zero_head_mlp(1.0)
+    model = _tiny_head_mlp(1.0)
     report = verify_models(model, _corrupted_fc1(model))
     assert not report.passed and not report.outputs[0].blind
     assert "WARNING" not in verify_models(model, model).summary()
 
 
 def test_cli_verify_marks_a_blind_output(tmp_path, capsys):
-    model = _zero_head_mlp(1e-9)
+    model = _tiny_head_mlp(1e-9)
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(model, str(a))
     onnx.save(_corrupted_fc1(model), str(b))

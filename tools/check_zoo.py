@@ -120,8 +120,12 @@ def observable(model, example) -> None:
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.is_floating_point() and parameter.abs().max() < 1e-4:
-                parameter.normal_(0, 0.2) if parameter.dim() >= 2 else parameter.uniform_(0.5, 1.0)
+            if not parameter.is_floating_point() or parameter.abs().max() >= 1e-4:
+                continue
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
+            else:
+                parameter.uniform_(0.5, 1.0)
         if norms:
             momenta = [m.momentum for m in norms]
             for module in norms:
