@@ -10,7 +10,10 @@ V[.., g(j), ..] * a_j, with the a_j of the copies of a unit summing to one.
   must fill the axis and grow in whole blocks (the step becomes a multiple);
 * a depthwise convolution (group = channels) acts per channel: it is no
   producer, its filters are copied with its input (`passthrough`), its
-  `group` attribute grows with them;
+  `group` attribute grows with them; with M filters per channel a unit of
+  its input is a block of M output channels, so the output space grows in
+  whole blocks (a walk reaching it from the output side retries with units
+  of M channels), and producers of that space copy blocks of M rows;
 * a MatMul of two computed tensors is attention (rules/attention.py);
 * rows pass through a product with a constant unchanged.
 """
@@ -39,8 +42,6 @@ def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
     if placement.starts and groups != 1:
         walk.refuse(index, "grouped convolution over units repeated at uneven offsets of a concatenation")
     if groups == 1:
-        if placement.inner != 1 and side == "out":
-            walk.refuse(index, "the units are blocks of channels")
         _split_or_copy(walk, index, side, placement, input_axis=1, output_axis=0)
         return
     if groups == channels_in and groups == walk.dim(index, node.input[0], 1):
@@ -71,7 +72,8 @@ def _depthwise(walk: Walk, index: int, side: str, placement: Placement, multipli
                       length=placement.length * multiplier)
     else:
         if placement.inner % multiplier or placement.offset % multiplier:
-            walk.refuse(index, "the units split a depthwise filter group")
+            whole = ((multiplier // placement.inner, 1),) if multiplier % placement.inner == 0 else ()
+            walk.refuse(index, "the units split a depthwise filter group", whole)
         out = placement
         inp = replace(placement, offset=placement.offset // multiplier, inner=placement.inner // multiplier,
                       length=placement.length // multiplier)
