@@ -40,7 +40,7 @@ TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", 
 OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
 #: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
 PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
-            "bert_encoder"]
+            "bert_encoder", "fastvit_t8", "coatnet_nano"]
 
 
 def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
@@ -177,6 +177,15 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         import timm
 
         model, example = timm.create_model("convnext_atto", pretrained=False), torch.randn(1, 3, 64, 64)
+    elif name == "fastvit_t8":  # depthwise convs with 2 filters per channel join the stages into one group
+        import timm
+
+        model, example = timm.create_model("fastvit_t8", pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name == "coatnet_nano":  # a 1x1 conv writes whole attention heads
+        import timm
+
+        model = timm.create_model("coatnet_nano_rw_224", pretrained=False, num_classes=10, img_size=64)
+        example = torch.randn(1, 3, 64, 64)
     elif name == "timm_vit":
         import timm
 
