@@ -37,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from .io import set_tensor_values
-from .ir import GraphIR
+from .ir import GraphIR, outer_scope_reads
 
 
 class GraphEditor:
@@ -266,13 +266,10 @@ class GraphEditor:
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of `graph` reads, its subgraphs' reads (and
-    outputs) included, at any depth (an If in a Loop body reads outer names too)."""
-    read = {name for node in graph.node for name in node.input}
+    """Every tensor name a node of `graph` reads, through its subgraphs too."""
+    read = {name for node in graph.node for name in node.input if name}
     for node in graph.node:
-        for attr in node.attribute:
-            for subgraph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                read |= _names_read(subgraph) | {value.name for value in subgraph.output}
+        read |= outer_scope_reads(node)
     return read
 
 

@@ -412,6 +412,7 @@ def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
         for inner in graph.node:
             names.update(n for n in inner.input if n and n not in local)
             names.update(outer_scope_reads(inner) - local)
+        names.update(v.name for v in graph.output if v.name not in local)  # a branch returning an outer tensor
     return names
 
 
