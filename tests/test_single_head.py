@@ -96,3 +96,37 @@ def test_a_single_head_made_by_unsqueeze_or_squeeze_stays_refused(split, merge):
     assert not layer["widen"]["ok"]
     with pytest.raises(n2n.GrowthRefused):
         n2n.widen(model, {"q_proj": 2 * D})
+
+
+def single_head_kv(seed: int = 0):
+    """PVT v2's first stage as the TorchScript exporter writes it, batch dynamic:
+    q [B, T, D] viewed as [B, 1, T, D]; one kv projection viewed as
+    [B, T, 2, 1, D], moved to [2, B, 1, T, D], split and squeezed into k and v.
+    Shapes alone cannot tell the Squeeze [1, B, 1, T, D] -> [B, 1, T, D] from a
+    merge of the head with the batch: the head must stay apart."""
+    rng = np.random.default_rng(seed)
+    inits = {"w_q": rand(rng, D, D), "w_kv": rand(rng, D, 2 * D), "w_out": rand(rng, D, D), "w_head": rand(rng, D, 3),
+             "scale": np.array(1 / np.sqrt(D), np.float32), "merge": _i64(0, 0, D), "head_shape": _i64(0, 0, 1, D),
+             "kv_shape": _i64(0, 0, 2, 1, D), "ones": _i64(1, 1), "axis0": _i64(0)}
+    nodes = [H("MatMul", ["x", "w_q"], ["q"], name="q_proj"), H("Reshape", ["q", "head_shape"], ["q_h"]),
+             H("Transpose", ["q_h"], ["q_t"], perm=[0, 2, 1, 3]),
+             H("MatMul", ["x", "w_kv"], ["kv"], name="kv_proj"), H("Reshape", ["kv", "kv_shape"], ["kv5"]),
+             H("Transpose", ["kv5"], ["kv_t"], perm=[2, 0, 3, 1, 4]),
+             H("Split", ["kv_t", "ones"], ["k1", "v1"], axis=0),
+             H("Squeeze", ["k1", "axis0"], ["k_t"]), H("Squeeze", ["v1", "axis0"], ["v_t"]),
+             H("Transpose", ["k_t"], ["kT"], perm=[0, 1, 3, 2]), H("MatMul", ["q_t", "kT"], ["scores"]),
+             H("Mul", ["scores", "scale"], ["scaled"]), H("Softmax", ["scaled"], ["probs"], axis=-1),
+             H("MatMul", ["probs", "v_t"], ["context"]), H("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+             H("Reshape", ["context_t", "merge"], ["merged"]), H("MatMul", ["merged", "w_out"], ["attn"], name="out"),
+             H("Add", ["x", "attn"], ["resid"]), H("MatMul", ["resid", "w_head"], ["y"], name="head")]
+    return make_model(nodes, [("x", ["B", T, D])], [("y", ["B", T, 3])], inits)
+
+
+def test_a_single_head_beside_a_dynamic_batch_is_not_merged_with_it():
+    model = single_head_kv()
+    layers = _layers(model)
+    for name, step in (("q_proj", D), ("kv_proj", 2 * D)):
+        assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
+        assert layers[name]["widen"]["step"] == step
+    grown, _ = widen_exact(model, {"kv_proj": 2 * 3 * D})
+    assert _layers(grown)["q_proj"]["width"] == 3 * D

@@ -56,7 +56,10 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
     length, merges of the unit axis with its neighbours (flattening), and the
     exact inverse of such a merge.
     """
-    merged = _batch_merge(placement, src, dst)
+    # A unit axis of 1 (a single head) beside a batch of unknown size is moved, not merged: shapes
+    # cannot tell [?, 1] -> [1, ?] (an axis of 1 removed, another inserted) from a merge, and only
+    # the first keeps a single head apart from the batch.
+    merged = None if placement.length == 1 and not placement.batch else _batch_merge(placement, src, dst)
     if merged is not None:
         return merged
     segments = reshape_segments(src, dst)
