@@ -130,3 +130,46 @@ def test_a_single_head_beside_a_dynamic_batch_is_not_merged_with_it():
         assert layers[name]["widen"]["step"] == step
     grown, _ = widen_exact(model, {"kv_proj": 2 * 3 * D})
     assert _layers(grown)["q_proj"]["width"] == 3 * D
+
+
+def single_head_static_batch(seed: int = 0):
+    """The dynamo exporter's decomposition of scaled_dot_product_attention with
+    a static batch of 1: k [1, 1, T, D] is viewed as [1*1, T, D] (batch times
+    heads), transposed, and viewed back as [1, 1, D, T]."""
+    rng = np.random.default_rng(seed)
+    inits = {"w_out": rand(rng, D, D), "w_head": rand(rng, D, 3), "scale": np.array(1 / np.sqrt(D), np.float32),
+             "merge": _i64(1, T, D), "head_shape": _i64(1, T, 1, D), "bh": _i64(-1, T, D), "back": _i64(1, 1, D, T)}
+    nodes = []
+    for p in "qkv":
+        inits[f"w_{p}"] = rand(rng, D, D)
+        nodes += [H("MatMul", ["x", f"w_{p}"], [p], name=f"{p}_proj"), H("Reshape", [p, "head_shape"], [f"{p}_h"]),
+                  H("Transpose", [f"{p}_h"], [f"{p}_t"], perm=[0, 2, 1, 3])]
+    nodes += [H("Reshape", ["k_t", "bh"], ["k3"]), H("Transpose", ["k3"], ["k3T"], perm=[0, 2, 1]),
+              H("Reshape", ["k3T", "back"], ["kT"]), H("MatMul", ["q_t", "kT"], ["scores"]),
+              H("Mul", ["scores", "scale"], ["scaled"]), H("Softmax", ["scaled"], ["probs"], axis=-1),
+              H("MatMul", ["probs", "v_t"], ["context"]), H("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+              H("Reshape", ["context_t", "merge"], ["merged"]), H("MatMul", ["merged", "w_out"], ["attn"], name="out"),
+              H("Add", ["x", "attn"], ["resid"]), H("MatMul", ["resid", "w_head"], ["y"], name="head")]
+    return make_model(nodes, [("x", [1, T, D])], [("y", [1, T, 3])], inits)
+
+
+def test_a_single_head_beside_a_static_batch_of_one_grows():
+    model = single_head_static_batch()
+    layers = _layers(model)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
+        assert layers[name]["widen"]["step"] == D
+    grown, _ = widen_exact(model, {"k_proj": 2 * D})
+    assert _layers(grown)["q_proj"]["width"] == 2 * D
+
+
+def test_a_one_channel_map_flattened_with_a_static_batch_keeps_its_reading():
+    """[1, 1, h, w] -> [1, h*w]: the one channel is the h*w features, not the batch."""
+    rng = np.random.default_rng(1)
+    inits = {"wc": rand(rng, 1, 2, 3, 3), "flat": _i64(1, 16), "wf": rand(rng, 16, 3)}
+    nodes = [H("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]), H("Relu", ["c"], ["r"]),
+             H("Reshape", ["r", "flat"], ["f"]), H("MatMul", ["f", "wf"], ["y"], name="fc")]
+    model = make_model(nodes, [("x", [1, 2, 4, 4])], [("y", [1, 3])], inits)
+    layer = _layers(model)["conv"]
+    assert layer["widen"]["ok"], layer["widen"]["reason"]
+    widen_exact(model, {"conv": 3})

@@ -62,6 +62,9 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
     merged = None if placement.length == 1 and not placement.batch else _batch_merge(placement, src, dst)
     if merged is not None:
         return merged
+    lone = _lone_unit_on_an_axis_of_one(placement, src, dst)
+    if lone is not None:
+        return lone, None
     segments = reshape_segments(src, dst)
     if segments is None:
         # Unknown leading dims (a dynamic batch merged with the sequence, as
@@ -365,6 +368,24 @@ def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int) -> tuple[Plac
         return Placement(axis=j, rank=len(dst), length=dst[j], offset=placement.offset // after,
                          inner=placement.inner // after), None
     return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS)
+
+
+def _lone_unit_on_an_axis_of_one(placement: Placement, src: tuple, dst: tuple) -> Placement | None:
+    """A single unit on an axis of 1 (one head, [1, 1, T, d] with a static
+    batch of 1) lands on the last axis of 1 of `dst` that starts where it
+    does: merged with axes of 1 before it ([1, 1, T, d] -> [1, T, d]: the
+    batch times the heads), or split out after them ([1, T, d] -> [1, 1, T,
+    d]: the heads after the batch), never merged into the features after it:
+    the axes after it must stay as they are (a flatten [1, 1, h, w] -> [1, h*w]
+    of a one-channel map keeps the old reading). Only when every dim is known."""
+    a = placement.axis
+    if (placement.batch or placement.length != 1 or len(src) != placement.rank or src[a] != 1
+            or None in src or None in dst):
+        return None
+    start = int(np.prod(src[:a], dtype=np.int64))
+    axes = [d for d in range(len(dst)) if dst[d] == 1 and int(np.prod(dst[:d], dtype=np.int64)) == start
+            and tuple(dst[d + 1:]) == tuple(src[a + 1:])]
+    return Placement(axis=axes[-1], rank=len(dst), length=1) if axes else None
 
 
 def _one_unit_filling(placement: Placement, src: tuple) -> bool:
