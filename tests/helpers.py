@@ -31,6 +31,19 @@ def model_path(name: str) -> Path:
 # Building graphs
 
 
+def inspected(model) -> dict[str, dict]:
+    """`inspect` without trial rewrites, as {layer name: its entry}."""
+    return {layer["name"]: layer for layer in n2n.inspect(model, trial=False)["layers"]}
+
+
+def inspected_layer(model, name: str) -> dict:
+    return inspected(model)[name]
+
+
+def inspected_widen(model, name: str) -> dict:
+    return inspected(model)[name]["widen"]
+
+
 def vi(name: str, shape=None, dtype=FLOAT) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 

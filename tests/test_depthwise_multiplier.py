@@ -12,7 +12,7 @@ import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected_widen, make_model, rand, widen_exact
 
 C, M = 3, 2  # input channels of the depthwise conv, filters per channel
 
@@ -29,12 +29,8 @@ def multiplier_stream():
     return make_model(nodes, [("x", ["N", 2, 6, 6])], ["y"], inits)
 
 
-def _widen(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)["widen"]
-
-
 def test_the_output_stream_grows_in_whole_filter_groups():
-    widen = _widen(multiplier_stream(), "conv_b")
+    widen = inspected_widen(multiplier_stream(), "conv_b")
     assert widen["ok"], widen["reason"]
     assert widen["step"] == M and set(widen["group"]) >= {"conv_a", "conv_b"}
     grown, _ = widen_exact(multiplier_stream(), {"conv_b": C * M + 2 * M})
@@ -43,7 +39,7 @@ def test_the_output_stream_grows_in_whole_filter_groups():
 
 
 def test_growing_the_input_grows_the_output_stream_by_blocks():
-    widen = _widen(multiplier_stream(), "conv_a")
+    widen = inspected_widen(multiplier_stream(), "conv_a")
     assert widen["ok"], widen["reason"]
     assert widen["step"] == 1
     grown, _ = widen_exact(multiplier_stream(), {"conv_a": C + 2}, split="random", seed=3)

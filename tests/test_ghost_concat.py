@@ -16,7 +16,7 @@ import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected_widen, make_model, rand, widen_exact
 
 
 def _conv(name, x, y, inits, rng, c_out, c_in, k=1, group=1):
@@ -77,12 +77,8 @@ def dla_root(extra_input: bool = False, sliced: bool = False):
     return make_model(nodes, [("x", ["N", 4, 5, 5])], ["y"], inits)
 
 
-def _widen(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)["widen"]
-
-
 def test_a_ghost_modules_primary_grows_with_its_cheap_copy():
-    widen = _widen(ghost_bottleneck(), "primary1")
+    widen = inspected_widen(ghost_bottleneck(), "primary1")
     assert widen["ok"], widen["reason"]
     assert widen["step"] == 1 and "cheap1" in widen["group"]
     grown, _ = widen_exact(ghost_bottleneck(), {"primary1": 5})
@@ -91,11 +87,11 @@ def test_a_ghost_modules_primary_grows_with_its_cheap_copy():
 
 
 def test_the_residual_stream_holds_the_primarys_units_twice():
-    widen = _widen(ghost_bottleneck(), "primary2")
+    widen = inspected_widen(ghost_bottleneck(), "primary2")
     assert widen["ok"], widen["reason"]
     assert "stem" in widen["group"]
     widen_exact(ghost_bottleneck(), {"primary2": 6})
-    stem = _widen(ghost_bottleneck(), "stem")
+    stem = inspected_widen(ghost_bottleneck(), "stem")
     assert stem["ok"] and stem["step"] == 2, stem
     widen_exact(ghost_bottleneck(), {"stem": 12})
     with pytest.raises(n2n.UserError, match="multiple of 2"):
@@ -103,19 +99,19 @@ def test_the_residual_stream_holds_the_primarys_units_twice():
 
 
 def test_a_squeeze_excite_expansion_grows_in_both_repeats():
-    widen = _widen(ghost_bottleneck(), "se_expand")
+    widen = inspected_widen(ghost_bottleneck(), "se_expand")
     assert widen["ok"] and widen["step"] == 2, widen
     widen_exact(ghost_bottleneck(), {"se_expand": 10})
 
 
 def test_a_slice_keeping_part_of_a_repeat_is_refused():
-    widen = _widen(ghost_bottleneck(mid_out=5), "primary1")
+    widen = inspected_widen(ghost_bottleneck(mid_out=5), "primary1")
     assert not widen["ok"]
     assert "cuts through the repeats of the units (it keeps positions [0, 5) of 2 repeats of 3)" in widen["reason"]
 
 
 def test_dla_root_concatenates_the_same_units_twice():
-    widen = _widen(dla_root(), "conv_a")
+    widen = inspected_widen(dla_root(), "conv_a")
     assert widen["ok"], widen["reason"]
     assert {"conv_a", "conv_b", "project"} <= set(widen["group"])
     grown, _ = widen_exact(dla_root(), {"conv_a": 8})
@@ -124,7 +120,7 @@ def test_dla_root_concatenates_the_same_units_twice():
 
 
 def test_the_same_units_with_another_input_between_them():
-    widen = _widen(dla_root(extra_input=True), "conv_a")
+    widen = inspected_widen(dla_root(extra_input=True), "conv_a")
     assert widen["ok"], widen["reason"]
     grown, _ = widen_exact(dla_root(extra_input=True), {"conv_a": 7})
     root = next(i for i in grown.graph.initializer if i.name.startswith("root_w"))
@@ -132,7 +128,7 @@ def test_the_same_units_with_another_input_between_them():
 
 
 def test_units_at_uneven_offsets_are_refused_where_an_op_moves_positions():
-    widen = _widen(dla_root(extra_input=True, sliced=True), "conv_a")
+    widen = inspected_widen(dla_root(extra_input=True, sliced=True), "conv_a")
     assert not widen["ok"]
     assert "the units repeat at uneven offsets of a concatenation on this axis" in widen["reason"]
 
@@ -142,7 +138,7 @@ def test_a_depthwise_convolution_of_a_ghost_module_grows_both_halves():
     routing region would see each channel of P twice and grow one copy only
     (it claimed any width, and changed the function); the repeated space
     grows both halves."""
-    widen = _widen(ghost_bottleneck(), "conv_dw")
+    widen = inspected_widen(ghost_bottleneck(), "conv_dw")
     assert widen["ok"] and widen["step"] == 2, widen
     assert "routing" not in (widen["note"] or "")
     widen_exact(ghost_bottleneck(), {"conv_dw": 8})
@@ -162,7 +158,7 @@ def test_a_channel_reaching_a_reader_twice_is_no_routing_region():
     """The routing region claimed conv_dw at any width (step 1) and its
     rewrite changed the function (max rel err 0.87): its fates count which
     readers a channel reaches, not at how many positions."""
-    widen = _widen(ghost_then_depthwise(), "conv_dw")
+    widen = inspected_widen(ghost_then_depthwise(), "conv_dw")
     assert widen["ok"] and widen["step"] == 2, widen
     assert "routing" not in (widen["note"] or "")
     widen_exact(ghost_then_depthwise(), {"conv_dw": 8})

@@ -13,7 +13,7 @@ import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, rand, random_feeds, run, widen_exact
+from helpers import H, inspected_layer, make_model, rand, random_feeds, run, widen_exact
 
 T, E, HEADS = 5, 8, 2
 HEAD = E // HEADS
@@ -87,14 +87,10 @@ def legacy_attention(between=None, merged_products: bool = False):
     return make_model(nodes, [("x", [T, "B", E])], ["y"], inits)
 
 
-def _layer(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)
-
-
 @pytest.mark.parametrize("heads, merged_products", [(3, False), (4, False), (3, True)])
 def test_heads_merged_with_a_dynamic_batch_grow_whole(heads, merged_products):
     model = legacy_attention(merged_products=merged_products)
-    layer = _layer(model, "in_proj")
+    layer = inspected_layer(model, "in_proj")
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     assert layer["widen"]["step"] == 3 * HEAD
     grown, _ = widen_exact(model, {"in_proj": 3 * heads * HEAD})
@@ -128,12 +124,12 @@ def separate_projection(mix_batch: bool):
 
 def test_a_separate_projection_merged_with_the_batch_grows_whole_heads():
     model = separate_projection(mix_batch=False)
-    assert _layer(model, "q_proj")["widen"]["step"] == HEAD
+    assert inspected_layer(model, "q_proj")["widen"]["step"] == HEAD
     widen_exact(model, {"q_proj": 3 * HEAD})
 
 
 def test_an_op_mixing_the_merged_batch_axis_is_refused():
-    reason = _layer(separate_projection(mix_batch=True), "q_proj")["widen"]["reason"]
+    reason = inspected_layer(separate_projection(mix_batch=True), "q_proj")["widen"]["reason"]
     assert "ReduceMean" in reason and "merged with a batch of unknown size" in reason
 
 
@@ -194,7 +190,7 @@ def test_a_view_with_unknown_leading_dims_is_not_taken_for_a_batch_merge():
     units = Placement(axis=2, rank=3, length=4)
     assert map_through_reshape(units, (None, None, 4), (None, None))[0] is None
     assert map_through_reshape(units, (T, None, 4), (T, None))[0] == Placement(axis=1, rank=2, length=4, batch=True)
-    assert not _layer(_hidden_pairs(mix_rows=True), "fc1")["widen"]["ok"]
+    assert not inspected_layer(_hidden_pairs(mix_rows=True), "fc1")["widen"]["ok"]
     with pytest.raises(n2n.GrowthRefused):
         n2n.widen(_hidden_pairs(mix_rows=True), {"fc1": 8})
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import onnx_net2net as n2n
-
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected_layer, make_model, rand, widen_exact
 
 T, E, HEADS = 5, 8, 2
 HEAD = E // HEADS
@@ -45,13 +43,9 @@ def packed_attention(batch: int = 1):
     return make_model(nodes, [("x", [T, batch, E])], ["y"], inits)
 
 
-def _layer(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)
-
-
 def test_packed_in_proj_grows_whole_heads_repeated_three_times():
     model = packed_attention()
-    layer = _layer(model, "in_proj")
+    layer = inspected_layer(model, "in_proj")
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     assert layer["widen"]["step"] == 3 * HEAD
     for heads in (3, 4):
@@ -61,5 +55,5 @@ def test_packed_in_proj_grows_whole_heads_repeated_three_times():
 
 
 def test_packed_in_proj_with_heads_merged_into_a_batch_of_two_is_refused():
-    reason = _layer(packed_attention(batch=2), "in_proj")["widen"]["reason"]
+    reason = inspected_layer(packed_attention(batch=2), "in_proj")["widen"]["reason"]
     assert "Reshape" in reason and ("regroups the unit axis" in reason or "splits the unit axis" in reason)

@@ -11,7 +11,7 @@ import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected_widen, make_model, rand, widen_exact
 
 C = 4
 
@@ -35,12 +35,8 @@ def patch_merging(same_source: bool = True):
     return make_model(nodes, [("x", ["N", 4, 4, 3])], ["y"], inits)
 
 
-def _widen_layer(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)["widen"]
-
-
 def test_the_stage_widens_by_multiples_through_patch_merging():
-    widen = _widen_layer(patch_merging(), "embed")
+    widen = inspected_widen(patch_merging(), "embed")
     assert widen["ok"], widen["reason"]
     assert widen["step"] == C
     grown, _ = widen_exact(patch_merging(), {"embed": 2 * C})
@@ -55,5 +51,5 @@ def test_a_width_that_copies_units_unequally_is_refused():
 
 
 def test_slices_of_two_different_tensors_are_not_one_space():
-    widen = _widen_layer(patch_merging(same_source=False), "embed")
+    widen = inspected_widen(patch_merging(same_source=False), "embed")
     assert not widen["ok"] and "'merged'" in widen["reason"]

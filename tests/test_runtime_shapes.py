@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-import onnx_net2net as n2n
 from onnx_net2net.ir import GraphIR
 
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected_layer, make_model, rand, widen_exact
 
 D, HEADS, HEAD = 8, 2, 4
 
@@ -84,13 +83,9 @@ def _feeds(model, seq: int = 5):
     return {"x": np.random.default_rng(1).standard_normal((2, seq, 4)).astype(np.float32)}
 
 
-def _layer(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)
-
-
 def test_heads_grow_and_the_merge_reading_the_stream_width_becomes_a_constant():
     model = nanogpt_attention()
-    assert _layer(model, "qkv")["widen"]["ok"]
+    assert inspected_layer(model, "qkv")["widen"]["ok"]
     grown, report = widen_exact(model, {"qkv": 3 * 3 * HEAD}, feeds=_feeds(model))
     assert report["changes"][0]["size_inputs"], "the merge's width entry must be rewritten"
     widen_exact(model, {"qkv": 3 * 4 * HEAD}, feeds=_feeds(model, seq=7))
@@ -98,7 +93,7 @@ def test_heads_grow_and_the_merge_reading_the_stream_width_becomes_a_constant():
 
 def test_stream_grows_and_the_head_size_read_from_it_is_frozen():
     model = nanogpt_attention()
-    assert _layer(model, "inp")["widen"]["ok"]
+    assert inspected_layer(model, "inp")["widen"]["ok"]
     for width in (12, 16):
         widen_exact(model, {"inp": width}, feeds=_feeds(model, seq=3))
 
@@ -109,7 +104,7 @@ def test_a_scale_computed_from_the_stream_width_is_frozen():
     model = nanogpt_attention(scale_from_shape=True)
     grown, report = widen_exact(model, {"inp": 12}, feeds=_feeds(model))
     assert not any(n.op_type == "Sqrt" and n.input[0] == "width_f" for n in grown.graph.node)
-    assert _layer(model, "qkv")["widen"]["ok"]  # the heads do not change the stream's width
+    assert inspected_layer(model, "qkv")["widen"]["ok"]  # the heads do not change the stream's width
     widen_exact(model, {"qkv": 3 * 3 * HEAD}, feeds=_feeds(model))
 
 
@@ -123,7 +118,7 @@ def test_a_width_read_at_run_time_that_shapes_data_is_refused():
                                    [onnx.helper.make_tensor_value_info("y2", 1, ["B", "T", 3])],
                                    initializer=list(model.graph.initializer))
     patched = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    reason = _layer(patched, "inp")["widen"]["reason"]
+    reason = inspected_layer(patched, "inp")["widen"]["reason"]
     assert reason.startswith("ConstantOfShape") and "as data" in reason
 
 
@@ -166,7 +161,7 @@ def test_expand_through_the_minus_one_idiom_grows():
 
 
 def test_expand_to_a_width_read_from_an_unrelated_input_is_refused():
-    reason = _layer(_expand_model("ref"), "fc1")["widen"]["reason"]
+    reason = inspected_layer(_expand_model("ref"), "fc1")["widen"]["reason"]
     assert "Expand" in reason and "does not follow the units" in reason
 
 
@@ -188,7 +183,7 @@ def test_tile_repeating_the_token_axis_at_run_time_grows():
 
 
 def test_tile_repeating_the_unit_axis_at_run_time_is_refused():
-    reason = _layer(_tile_model(2), "fc1")["widen"]["reason"]
+    reason = inspected_layer(_tile_model(2), "fc1")["widen"]["reason"]
     assert "Tile" in reason and "repeats the unit axis" in reason
 
 
@@ -215,7 +210,7 @@ def test_a_slice_of_the_unit_axis_with_bounds_read_at_run_time_is_refused(monkey
     # (onnxruntime's symbolic inference would take T = 16 from the Add's broadcast: this
     # model only runs at T = 1; leave T unknown, as it is in a model that runs at any T)
     monkeypatch.setattr(GraphIR, "_refine_with_symbolic_inference", lambda self, light: None)
-    reason = _layer(_position_model(2), "inp")["widen"]["reason"]
+    reason = inspected_layer(_position_model(2), "inp")["widen"]["reason"]
     assert "operand 'pos_t' has None positions on the unit axis" in reason
 
 
@@ -238,7 +233,7 @@ def test_resize_to_sizes_read_from_its_own_input_grows():
 
 
 def test_resize_whose_sizes_change_the_unit_axis_is_refused():
-    reason = _layer(_resize_model("x"), "c1")["widen"]["reason"]
+    reason = inspected_layer(_resize_model("x"), "c1")["widen"]["reason"]
     # shape inference already sees 3 channels after the Resize; either way the layer is refused there
     assert "changes the unit axis (4 -> 3" in reason or "'up' does not have the layout" in reason
 
@@ -307,5 +302,5 @@ def test_window_padding_read_at_run_time_grows():
 
 
 def test_padding_the_unit_axis_at_run_time_is_refused():
-    reason = _layer(_window_pad_model(pad_channels=True), "fc1")["widen"]["reason"]
+    reason = inspected_layer(_window_pad_model(pad_channels=True), "fc1")["widen"]["reason"]
     assert reason.startswith("Pad") and "pad the unit axis" in reason

@@ -12,7 +12,7 @@ import pytest
 
 import onnx_net2net as n2n
 
-from helpers import H, make_model, rand, widen_exact
+from helpers import H, inspected, make_model, rand, widen_exact
 
 B, T, D = 2, 5, 8
 
@@ -57,28 +57,24 @@ def single_head_attention(fused: bool, seed: int = 0, split: str = "Reshape", me
     return make_model(nodes, [("x", [B, T, D])], [("y", [B, T, 3])], inits)
 
 
-def _layers(model):
-    return {l["name"]: l for l in n2n.inspect(model, trial=False)["layers"]}
-
-
 @pytest.mark.parametrize("heads", [2, 3])
 def test_a_single_head_of_separate_projections_grows_into_several(heads):
     model = single_head_attention(fused=False)
-    layers = _layers(model)
+    layers = inspected(model)
     for name in ("q_proj", "k_proj", "v_proj"):
         assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
         assert layers[name]["widen"]["step"] == D  # whole heads
     grown, _ = widen_exact(model, {"q_proj": heads * D})
-    assert _layers(grown)["v_proj"]["width"] == heads * D
+    assert inspected(grown)["v_proj"]["width"] == heads * D
 
 
 def test_a_single_head_of_a_fused_projection_grows_into_several():
     model = single_head_attention(fused=True)
-    layer = _layers(model)["qkv"]
+    layer = inspected(model)["qkv"]
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     assert layer["widen"]["step"] == 3 * D
     grown, _ = widen_exact(model, {"qkv": 3 * 2 * D})
-    assert _layers(grown)["qkv"]["width"] == 6 * D
+    assert inspected(grown)["qkv"]["width"] == 6 * D
 
 
 def test_partial_heads_stay_refused():
@@ -92,7 +88,7 @@ def test_a_single_head_made_by_unsqueeze_or_squeeze_stays_refused(split, merge):
     give that axis several heads: growing the head would feed q k^T all the
     copies at once (not exact) or squeeze an axis of 2 (an invalid model)."""
     model = single_head_attention(fused=False, split=split, merge=merge)
-    layer = _layers(model)["q_proj"]
+    layer = inspected(model)["q_proj"]
     assert not layer["widen"]["ok"]
     with pytest.raises(n2n.GrowthRefused):
         n2n.widen(model, {"q_proj": 2 * D})
@@ -124,12 +120,12 @@ def single_head_kv(seed: int = 0):
 
 def test_a_single_head_beside_a_dynamic_batch_is_not_merged_with_it():
     model = single_head_kv()
-    layers = _layers(model)
+    layers = inspected(model)
     for name, step in (("q_proj", D), ("kv_proj", 2 * D)):
         assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
         assert layers[name]["widen"]["step"] == step
     grown, _ = widen_exact(model, {"kv_proj": 2 * 3 * D})
-    assert _layers(grown)["q_proj"]["width"] == 3 * D
+    assert inspected(grown)["q_proj"]["width"] == 3 * D
 
 
 def single_head_static_batch(seed: int = 0):
@@ -155,12 +151,12 @@ def single_head_static_batch(seed: int = 0):
 
 def test_a_single_head_beside_a_static_batch_of_one_grows():
     model = single_head_static_batch()
-    layers = _layers(model)
+    layers = inspected(model)
     for name in ("q_proj", "k_proj", "v_proj"):
         assert layers[name]["widen"]["ok"], layers[name]["widen"]["reason"]
         assert layers[name]["widen"]["step"] == D
     grown, _ = widen_exact(model, {"k_proj": 2 * D})
-    assert _layers(grown)["q_proj"]["width"] == 2 * D
+    assert inspected(grown)["q_proj"]["width"] == 2 * D
 
 
 def test_a_one_channel_map_flattened_with_a_static_batch_keeps_its_reading():
@@ -170,6 +166,6 @@ def test_a_one_channel_map_flattened_with_a_static_batch_keeps_its_reading():
     nodes = [H("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]), H("Relu", ["c"], ["r"]),
              H("Reshape", ["r", "flat"], ["f"]), H("MatMul", ["f", "wf"], ["y"], name="fc")]
     model = make_model(nodes, [("x", [1, 2, 4, 4])], [("y", [1, 3])], inits)
-    layer = _layers(model)["conv"]
+    layer = inspected(model)["conv"]
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     widen_exact(model, {"conv": 3})

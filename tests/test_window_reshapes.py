@@ -12,17 +12,13 @@ import onnx
 
 import onnx_net2net as n2n
 
-from helpers import H, assert_same_function, make_model, rand, widen_exact
+from helpers import H, assert_same_function, inspected_layer, make_model, rand, widen_exact
 
 C, WINDOW = 6, 2
 
 
 def _i64(*values):
     return np.array(values, dtype=np.int64)
-
-
-def _layer(model, name):
-    return next(l for l in n2n.inspect(model, trial=False)["layers"] if l["name"] == name)
 
 
 def _size(nodes, inits, source, axis, name):
@@ -84,14 +80,14 @@ def swin_windows(*, channels_moved: bool = False) -> onnx.ModelProto:
 
 def test_swin_window_partition_after_a_roll_grows():
     model = swin_windows()
-    layer = _layer(model, "fc1")
+    layer = inspected_layer(model, "fc1")
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     feeds = {"x": np.random.default_rng(4).standard_normal((2, 5, 3, 3)).astype(np.float32)}
     widen_exact(model, {"fc1": 9}, feeds=feeds)
 
 
 def test_a_partition_that_moves_the_channel_axis_is_refused():
-    reason = _layer(swin_windows(channels_moved=True), "fc1")["widen"]["reason"]
+    reason = inspected_layer(swin_windows(channels_moved=True), "fc1")["widen"]["reason"]
     assert reason.startswith("Reshape") and "cannot match shape [?, ?, ?, 6] to [?, 6, ?, 2, ?, 2]" in reason, reason
 
 
@@ -135,7 +131,7 @@ def _targets(model):
 def test_mobilevit_unfold_and_fold_grow():
     model = mobilevit_unfold_fold()
     for name in ("conv1", "mix"):
-        layer = _layer(model, name)
+        layer = inspected_layer(model, name)
         assert layer["widen"]["ok"], layer["widen"]["reason"]
     grown, _ = widen_exact(model, {"conv1": 9})
     targets = _targets(grown)
@@ -147,7 +143,7 @@ def test_mobilevit_unfold_and_fold_grow():
 
 
 def test_mobilevit_unfold_that_mixes_channels_is_refused():
-    reason = _layer(mobilevit_unfold_fold(mixed=True), "conv1")["widen"]["reason"]
+    reason = inspected_layer(mobilevit_unfold_fold(mixed=True), "conv1")["widen"]["reason"]
     assert reason.startswith("Reshape") and "regroups the unit axis" in reason, reason
 
 
@@ -209,7 +205,7 @@ def test_mobilevit_unfold_and_fold_with_a_dynamic_batch_grow():
     # (Placement.batch); the targets' merged entries are inferred (-1) once C grows.
     model = mobilevit_dynamic()
     for name in ("conv1", "mix"):
-        layer = _layer(model, name)
+        layer = inspected_layer(model, name)
         assert layer["widen"]["ok"], layer["widen"]["reason"]
     for widths in ({"conv1": 9}, {"mix": 7}):
         grown, _ = widen_exact(model, widths, feeds=_feeds(1))
@@ -220,7 +216,7 @@ def test_mobilevit_unfold_and_fold_with_a_dynamic_batch_grow():
 
 def test_mobilevit_unfold_into_a_view_of_higher_rank_with_a_dynamic_batch_grows():
     model = mobilevit_dynamic("five")
-    layer = _layer(model, "conv1")
+    layer = inspected_layer(model, "conv1")
     assert layer["widen"]["ok"], layer["widen"]["reason"]
     for widths in ({"conv1": 8},):
         grown, _ = widen_exact(model, widths, feeds=_feeds(1))
@@ -230,13 +226,13 @@ def test_mobilevit_unfold_into_a_view_of_higher_rank_with_a_dynamic_batch_grows(
 
 
 def test_mobilevit_unfold_with_a_dynamic_batch_that_mixes_channels_is_refused():
-    reason = _layer(mobilevit_dynamic("mixed"), "conv1")["widen"]["reason"]
+    reason = inspected_layer(mobilevit_dynamic("mixed"), "conv1")["widen"]["reason"]
     assert "merges the unit axis with a dim of unknown size (a dynamic batch) into axis 0" in reason, reason
     assert "would hold parts of several units" in reason, reason
 
 
 def test_mobilevit_unfold_with_the_batch_behind_a_known_axis_is_refused():
-    reason = _layer(mobilevit_dynamic("leading"), "conv1")["widen"]["reason"]
+    reason = inspected_layer(mobilevit_dynamic("leading"), "conv1")["widen"]["reason"]
     assert "into axis 1" in reason and "do not split the units' layout into whole repeats" in reason, reason
     try:
         n2n.widen(mobilevit_dynamic("leading"), {"conv1": 9})
