@@ -134,7 +134,7 @@ class WidenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        with _rewriting(handle):
+        with typeinfo.kept_consistent(handle):  # folding removes what it orphans itself
             folded = fold_computed_weights(handle)
         ir = GraphIR(handle)
         requests = self._requests(ir)
@@ -243,7 +243,7 @@ class DeepenPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
-        with _rewriting(handle):
+        with typeinfo.kept_consistent(handle):  # folding removes what it orphans itself
             folded = fold_computed_weights(handle)
         names = self._select(GraphIR(handle)) if self.selector else self.after
         if len(names) > self.budget:

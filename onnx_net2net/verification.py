@@ -14,8 +14,8 @@ alone prove nothing.
 
 An output that a candidate of all zeros would pass is *blind*: on these
 inputs the reference is near zero everywhere (a zero-initialised head, a
-network whose random weights shrink every activation), so no change can
-show there. It still passes (the models agree as far as anything can tell),
+network whose random weights shrink every activation), so a change that
+keeps it near zero cannot show there (one that makes it large still fails). It still passes (the models agree as far as anything can tell),
 but the report says so instead of letting PASSED claim what it did not see;
 give real inputs (`--inputs`) or a smaller `--atol`.
 
