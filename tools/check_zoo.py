@@ -40,7 +40,7 @@ TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", 
 OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
 #: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
 PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
-            "bert_encoder", "fastvit_t8", "coatnet_nano"]
+            "bert_encoder", "fastvit_t8", "coatnet_nano", "edgenext_xx_small", "efficientvit_m0"]
 
 
 def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
@@ -185,6 +185,16 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         import timm
 
         model = timm.create_model("coatnet_nano_rw_224", pretrained=False, num_classes=10, img_size=64)
+        example = torch.randn(1, 3, 64, 64)
+    elif name == "edgenext_xx_small":  # chunks of the stream feed one another: it holds its units once per chunk
+        import timm
+
+        model = timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10)
+        example = torch.randn(1, 3, 64, 64)
+    elif name == "efficientvit_m0":  # cascaded heads: chunks of the stream added to v @ attn^T
+        import timm
+
+        model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=10, img_size=64)
         example = torch.randn(1, 3, 64, 64)
     elif name == "timm_vit":
         import timm

@@ -13,6 +13,8 @@ axis. Whatever unit space one of them carries on that axis, the walk gives
 every other one the same placement (its rules for these ops say so), so a
 Concat of aligned tensors holds one space several times over: GhostNet's
 ghost module concat(x, depthwise(x)), DLA's root concat(relu(f(x) + x), x).
+Chunks (Slice or Split outputs) of one tensor that the inputs of a Concat are
+aligned with suggest that it holds one space once per chunk (chunked_source).
 This is only a guide for the Concat rule: the walk still checks every
 tensor it adds, so a wrong answer here costs a refusal, never a wrong model.
 """
@@ -35,9 +37,33 @@ def aligned_inputs(ir: GraphIR, index: int, port: int, axis: int) -> list[int]:
     return [other for other, name in enumerate(node.input) if name in reached]
 
 
-def _aligned_component(ir: GraphIR, tensor: str, axis: int, wanted: set[str]) -> set[str]:
+def chunked_source(ir: GraphIR, tensors: list[str], axis: int) -> str | None:
+    """The one tensor whose parts on `axis` (Slice or Split outputs) the given
+    tensors are all aligned with, if there is one: EdgeNeXt's
+    concat(conv(x[:, :c] ...), x[:, c:]) holds chunks of x."""
+    sources = set()
+    for tensor in tensors:
+        parts = [name for name in _aligned_component(ir, tensor, axis, None) if _part_of(ir, name, axis)]
+        sources |= {ir.nodes[ir.producer_node(name)].input[0] for name in parts}
+        if not parts or len(sources) != 1:
+            return None
+    return sources.pop() if sources else None
+
+
+def _part_of(ir: GraphIR, tensor: str, axis: int) -> bool:
+    """Whether `tensor` is an output of a Slice or Split cutting `axis`."""
+    producer = None if ir.is_const(tensor) else ir.producer_node(tensor)
+    if producer is None or ir.nodes[producer].op_type not in ("Slice", "Split"):
+        return False
+    source, shape = refined_shape(ir, ir.nodes[producer].input[0]), refined_shape(ir, tensor)
+    return (source is not None and shape is not None and len(source) == len(shape) > axis
+            and source[axis] is not None and shape[axis] is not None and shape[axis] < source[axis])
+
+
+def _aligned_component(ir: GraphIR, tensor: str, axis: int, wanted: set[str] | None) -> set[str]:
     """The tensors aligned with `tensor` on `axis` (all of them, or as many as
-    MAX_VISITS allows: then only `tensor` itself)."""
+    MAX_VISITS allows: then only `tensor` itself), those in `wanted` only
+    when it is given."""
     seen, queue = {tensor}, [tensor]
     while queue:
         current = queue.pop()
@@ -51,7 +77,7 @@ def _aligned_component(ir: GraphIR, tensor: str, axis: int, wanted: set[str]) ->
                     queue.append(name)
         if len(seen) > MAX_VISITS:
             return {tensor}
-    return seen & (wanted | {tensor})
+    return seen if wanted is None else seen & (wanted | {tensor})
 
 
 def _aligned_ports(ir: GraphIR, index: int, axis: int) -> list[str]:

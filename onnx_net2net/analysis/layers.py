@@ -17,13 +17,15 @@ from .units import Placement
 
 def weighted_layers(ir: GraphIR) -> list[int]:
     """Node indices of Conv, ConvTranspose, Gemm, and MatMul with a constant weight."""
-    found = []
-    for index, node in enumerate(ir.nodes):
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 and ir.is_const(node.input[1]):
-            found.append(index)
-        elif node.op_type == "MatMul" and ir.is_const(node.input[1]) and not ir.is_const(node.input[0]):
-            found.append(index)
-    return found
+    return [index for index in range(len(ir.nodes)) if is_weighted_layer(ir, index)]
+
+
+def is_weighted_layer(ir: GraphIR, index: int) -> bool:
+    """Whether node `index` is a Conv, ConvTranspose, Gemm or MatMul with a constant weight."""
+    node = ir.nodes[index]
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        return len(node.input) > 1 and ir.is_const(node.input[1])
+    return node.op_type == "MatMul" and ir.is_const(node.input[1]) and not ir.is_const(node.input[0])
 
 
 def layer_name(ir: GraphIR, index: int) -> str:

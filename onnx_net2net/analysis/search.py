@@ -12,7 +12,10 @@
    for units normalised together, whether LEMON's average expansion applies
    (normalisation.py);
 3. when every layout was refused at an op that only moves channels, try the
-   layer's channel routing region (routing.py: shuffles grow as a stage).
+   layer's channel routing region (routing.py: shuffles grow as a stage);
+4. a depthwise convolution refused otherwise may pass one repeat of a space
+   that the layer writing it sees whole (EdgeNeXt's chunk convs): it takes
+   that layer's group, seeded from itself.
 
 The refusal returned is the plain layout's, with what the structured
 layouts and the routing region said (its `causes`).
@@ -22,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir import GraphIR
+from ..ir import GraphIR, node_attr
 from ..ops import WEIGHTED_LAYERS
-from .layers import layer_width, seed_placement
+from .layers import is_weighted_layer, layer_width, seed_placement
 from .normalisation import average_expansion_blocker
 from .refined_shapes import refined_shape
 from .refusal import Refusal, RefusalKind
@@ -35,6 +38,9 @@ from .units import UnitGroup
 from .walk import Walk
 
 MAX_LAYOUT_TRIES = 8
+#: Layers above a depthwise convolution whose spaces it may pass one repeat of, and tensors visited to find them.
+MAX_UPSTREAM_LAYERS = 4
+MAX_UPSTREAM_VISITS = 64
 #: Refusals at ops that only move channels: the layer may belong to a routing
 #: region (channel shuffles) that grows as a whole (see routing.py).
 _ROUTING_OPS = frozenset("Reshape Transpose Concat Split Slice".split())
@@ -50,24 +56,19 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     `keep_outputs`: graph outputs may carry the units (the rewrite slices them
     back to the original units: `UnitGroup.kept_outputs`).
     """
-    tried, queue, failures = set(), [(1, 1)], []
-    width = layer_width(ir, layer)
-    while queue and len(tried) < MAX_LAYOUT_TRIES:
-        unit_width, repeats = queue.pop(0)
-        if (unit_width, repeats) in tried or width % (unit_width * repeats):
-            continue
-        tried.add((unit_width, repeats))
-        group = _walk_layout(ir, layer, unit_width, repeats, keep_outputs)
-        if group.ok:
-            return group
-        failures.append(group)
-        queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
-        queue += _grouped_heads(group)
+    found, failures = _walk_layouts(ir, layer, keep_outputs)
+    if found is not None and (found.size > 1 or not failures):
+        return found
     routing_refusal = None
     if any(f.refusal.op in _ROUTING_OPS for f in failures):  # the stage may grow as one routing region
         routed, routing_refusal = find_routed_group(ir, layer)
         if routed is not None:
             return routed
+    if found is not None:  # the whole layer as one unit (only doubles and more): no routing region grows finer
+        return found
+    shared = _space_of_upstream_layer(ir, layer, keep_outputs)
+    if shared is not None:
+        return shared
     group = failures[0]
     structured = [f for f in failures[1:] if f.size > 1]
     if structured:
@@ -80,6 +81,61 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
         group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as a routing region: {routing_refusal}",
                                 causes=group.refusal.causes + (routing_refusal,))
     return group
+
+
+def _walk_layouts(ir: GraphIR, layer: int, keep_outputs: bool) -> tuple[UnitGroup | None, list[UnitGroup]]:
+    """The first layout whose walk succeeds (or None), and the refused ones in the order tried."""
+    tried, queue, failures = set(), [(1, 1)], []
+    width = layer_width(ir, layer)
+    while queue and len(tried) < MAX_LAYOUT_TRIES:
+        unit_width, repeats = queue.pop(0)
+        if (unit_width, repeats) in tried or width % (unit_width * repeats):
+            continue
+        tried.add((unit_width, repeats))
+        group = _walk_layout(ir, layer, unit_width, repeats, keep_outputs)
+        if group.ok:
+            return group, failures
+        failures.append(group)
+        queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
+        queue += _grouped_heads(group)
+    return None, failures
+
+
+def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> UnitGroup | None:
+    """A depthwise convolution over one repeat of a space (EdgeNeXt's convs
+    over the chunks of a stream that holds its units once per chunk): walked
+    from its own output, the chunks look like different units, and only the
+    layer writing the whole space sees them as one. That layer's group, when
+    this layer passes one repeat of it through, is this layer's group too,
+    seeded here (its width is one repeat)."""
+    node = ir.nodes[layer]
+    if node.op_type != "Conv" or int(node_attr(node, "group", 1)) == 1:
+        return None
+    output = node.output[0]
+    for writer in _upstream_layers(ir, layer, MAX_UPSTREAM_LAYERS):
+        group, _ = _walk_layouts(ir, writer, keep_outputs)
+        if group is None or layer not in group.passthrough:
+            continue
+        if group.placements.get(output) == seed_placement(ir, layer, group.unit_width):
+            return replace(group, seed=layer, repeats=1)
+    return None
+
+
+def _upstream_layers(ir: GraphIR, layer: int, limit: int) -> list[int]:
+    """The nearest weighted layers above `layer`'s data input (breadth first, at most `limit`)."""
+    found, seen = [], set()
+    queue = [ir.nodes[layer].input[0]]
+    while queue and len(found) < limit and len(seen) < MAX_UPSTREAM_VISITS:
+        tensor = queue.pop(0)
+        producer = None if tensor in seen or ir.is_const(tensor) else ir.producer_node(tensor)
+        seen.add(tensor)
+        if producer is None:
+            continue
+        if is_weighted_layer(ir, producer):
+            found.append(producer)
+            continue
+        queue += [name for name in ir.nodes[producer].input if name]
+    return found
 
 
 def _grouped_heads(group: UnitGroup) -> list[tuple[int, int]]:

@@ -84,8 +84,10 @@ class Placement:
 class WeightEdit:
     """Rewrite the constant at `node.input[port]` along `axis`.
 
-    `role` is "copy" for a producer (new unit j copies unit g(j)) and "split"
-    for a consumer (slot j takes slot g(j)'s weights divided among its copies).
+    `role` is "copy" for a producer (new unit j copies unit g(j)), "split"
+    for a consumer (slot j takes slot g(j)'s weights divided among its copies),
+    and "positions" for the indices of a Gather reading every position of the
+    axis in order (they become every position of the grown axis).
     """
 
     node: int

@@ -9,6 +9,12 @@ edits the rewrite must make, or refuses. Walking in both directions finds
 every producer (the weighted layers whose outputs are the space, which
 copy units) and every consumer (the layers reading it, which split).
 
+Some answers depend on what the rest of the walk finds: whether the inputs
+of a concatenation, or the slices of a tensor, hold the same units (chunks
+of a stream that holds its units once per chunk) is known only once every
+one of them is reached. Such a rule defers its decision (`settle`) until the
+queue is empty; the decision may add tensors, and the walk goes on.
+
 Anything the walk does not understand exactly stops it with a `Refusal`
 that names the op and the reason: a refusal is always preferred to a wrong
 answer. The walk never changes the model.
@@ -60,6 +66,8 @@ class Walk:
         self.ir = ir
         self.group = group
         self.queue: list[tuple[str, Placement]] = []
+        #: decisions that need every tensor the walk can reach first (settle()), by key
+        self.deferred: dict[object, Callable[[], None]] = {}
         self.visited_ports: set[tuple[int, str, int]] = set()
         self.outputs = set(ir.graph_outputs)
         self.inputs = set(ir.graph_inputs)
@@ -67,7 +75,11 @@ class Walk:
     def run(self, tensor: str, placement: Placement) -> None:
         """Walk from `tensor` until every tensor carrying the units is visited."""
         self.add(tensor, placement)
-        while self.queue:
+        while self.queue or self.deferred:
+            if not self.queue:
+                key = next(iter(self.deferred))
+                self.deferred.pop(key)()
+                continue
             tensor, placement = self.queue.pop(0)
             self.visit(tensor, placement)
 
@@ -128,6 +140,12 @@ class Walk:
         rule(self, index, side, port, placement)
 
     # -- helpers for rules --------------------------------------------------
+
+    def settle(self, key: object, decide: Callable[[], None]) -> None:
+        """Run `decide` once the queue is empty (once per `key`): for a rule
+        whose answer depends on which of its node's tensors carry the units,
+        which only the rest of the walk can tell."""
+        self.deferred.setdefault(key, decide)
 
     def refuse(self, index: int, reason: str, retry: tuple[tuple[int, int], ...] = (),
                kind: RefusalKind = RefusalKind.UNSUPPORTED) -> NoReturn:

@@ -298,6 +298,8 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     if edit.groups > 1:
         return _apply_grouped_edit(value, edit, mapping, context)
     placement, axis = edit.placement, edit.axis
+    if edit.role == "positions":
+        return _every_position(value, axis, len(source_index(placement, mapping)))
     original = value
     value = np.take(value, source_index(placement, mapping), axis=axis)
     slots = unit_slots(placement, mapping)
@@ -333,6 +335,13 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
         noise = context.rng.normal(0.0, options.added_noise * context.reference_std, size=value.shape)
         value = value + (noise * replicated.reshape(shape)).astype(value.dtype)
     return value
+
+
+def _every_position(indices: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """Gather indices reading every position of the grown axis in order (they read every old one)."""
+    shape = list(indices.shape)
+    shape[axis] = length
+    return np.arange(length, dtype=indices.dtype).reshape(shape)
 
 
 def _average_units(value: np.ndarray, original: np.ndarray, edit, mapping: UnitMapping,

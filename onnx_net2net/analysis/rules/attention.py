@@ -1,9 +1,12 @@
 """Rules for attention: products of two computed tensors, and softmax.
 
-Q K^T and softmax(..) V contract their last two axes: they are per unit only
-on their batch axes, such as the head axis once Q, K and V are viewed as
+Q K^T and softmax(..) V contract their last two axes: they are per unit on
+their batch axes, such as the head axis once Q, K and V are viewed as
 [B, heads, T, head size]. The units (whole heads) pass from every operand to
-the output there, and are refused on the two contracted axes; where plain
+the output there. A @ B is also per unit on A's rows and on B's columns
+(which reach the output's rows and columns), when the other operand does not
+carry the units (EfficientViT's v @ attn^T). On the contracted axes the
+units are refused; where plain
 units fill a contracted axis (a single head: no reshape split the features
 into heads), the refusal asks for a walk with the whole axis as one unit. A softmax is
 per unit on every axis but the one it normalises.
@@ -21,6 +24,9 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
     batch axes (e.g. the head axis of Q K^T and of softmax(..) V)."""
     node = walk.ir.nodes[index]
     from_end = placement.rank - placement.axis
+    if _on_a_free_axis(side, port, from_end) and not placement.batch:
+        _free_axis(walk, index, placement, from_end)
+        return
     if from_end <= 2:
         walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis",
                     _whole_axis_as_one_unit(walk, placement))
@@ -31,6 +37,28 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
             continue
         if not placement.fits(shape[axis]):
             walk.refuse(index, f"'{name}' has {shape[axis]} positions on the unit axis, not {placement.length}")
+        walk.add(name, placement.on_axis(axis, len(shape)))
+
+
+def _on_a_free_axis(side: str, port: int, from_end: int) -> bool:
+    """Whether the units are on A's rows or B's columns of A @ B (or the output's)."""
+    if side == "out":
+        return from_end in (1, 2)
+    return (port, from_end) in ((0, 2), (1, 1))
+
+
+def _free_axis(walk: Walk, index: int, placement: Placement, from_end: int) -> None:
+    """(A @ B)[.., i, j] = sum_t A[.., i, t] B[.., t, j]: row i of the product
+    reads row i of A alone, column j column j of B alone (EfficientViT's
+    v @ attn^T with the units on v's rows), so units there pass between that
+    operand and the output; the other operand must not carry them."""
+    node = walk.ir.nodes[index]
+    operand = node.input[0] if from_end == 2 else node.input[1]
+    for name in (operand, node.output[0]):
+        shape = walk.shape(index, name)
+        axis = len(shape) - from_end
+        if axis < 0 or not placement.fits(shape[axis]):
+            walk.refuse(index, f"'{name}' does not hold the units on the axis {from_end} from its end")
         walk.add(name, placement.on_axis(axis, len(shape)))
 
 

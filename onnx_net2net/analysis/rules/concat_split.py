@@ -28,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...ir import GraphIR, node_attr
-from ..aligned import aligned_inputs
+from ..aligned import aligned_inputs, chunked_source
 from ..refined_shapes import refined_shape
 from ..shape_algebra import clamp
 from ..size_evaluator import SizeEvaluator
@@ -50,8 +50,18 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
     sizes = [walk.dim(index, name, axis) for name in node.input]
     if any(size is None for size in sizes):
         walk.refuse(index, "an input's size on the concatenation axis is unknown")
+    if side == "in" and len(sizes) > 1 and set(sizes) == {placement.length} and not placement.starts:
+        walk.settle(("concat", index), lambda: _settle_equal_inputs(walk, index, sizes))
+        return
     if _concat_of_aligned(walk, index, side, port, placement, sizes):
         return
+    _concat_at_offset(walk, index, side, port, placement, sizes)
+
+
+def _concat_at_offset(walk: Walk, index: int, side: str, port: int, placement: Placement, sizes: list) -> None:
+    """The units of one input, at that input's offset in the output."""
+    ir = walk.ir
+    node = ir.nodes[index]
     if placement.outer != 1:
         walk.refuse(index, "concatenation of interleaved features")
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -64,9 +74,38 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
         if starts[source] <= lo and hi <= starts[source + 1]:
             walk.add(name, replace(placement, offset=lo - int(starts[source]), length=sizes[source]))
             return
-    fills = lo == 0 and hi == total and len(set(sizes)) == 1
-    aligned = fills and len(aligned_inputs(ir, index, 0, axis)) == len(node.input) > 1
-    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if aligned else ())
+    # Equal inputs aligned with each other, or with chunks of one tensor, may hold the same units:
+    # the layout with the space once per input is worth a walk.
+    fills = lo == 0 and hi == total and len(set(sizes)) == 1 and len(node.input) > 1
+    repeated = fills and (len(aligned_inputs(ir, index, 0, placement.axis)) == len(node.input)
+                          or chunked_source(ir, list(node.input), placement.axis) is not None)
+    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if repeated else ())
+
+
+def _settle_equal_inputs(walk: Walk, index: int, sizes: list) -> None:
+    """Inputs of equal size, decided once the walk has reached all it can:
+    those that carry the units in one same placement hold the same units
+    (EdgeNeXt's concat(conv(x[:, :c]), x[:, c:]), where x holds the space
+    twice over), so the output holds it once per such input, like aligned
+    inputs; a single carrier is at its input's offset."""
+    node = walk.ir.nodes[index]
+    placements = walk.group.placements
+    carriers = [port for port, name in enumerate(node.input) if name in placements]
+    shared = {placements[node.input[port]] for port in carriers}
+    if len(carriers) > 1 and len(shared) == 1:
+        placement = shared.pop()
+        if len(carriers) == len(sizes):
+            walk.add(node.output[0], replace(placement, outer=placement.outer * len(sizes),
+                                             length=placement.length * len(sizes)))
+            return
+        if placement.outer != 1 or placement.starts:
+            walk.refuse(index, "the same units repeat in some of its inputs, and inside each of them too")
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        walk.add(node.output[0], replace(placement, starts=tuple(int(offsets[c]) for c in carriers),
+                                         length=int(offsets[-1])))
+        return
+    for port in carriers:
+        _concat_at_offset(walk, index, "in", port, placements[node.input[port]], sizes)
 
 
 def _concat_of_aligned(walk: Walk, index: int, side: str, port: int, placement: Placement, sizes: list) -> bool:
@@ -161,8 +200,9 @@ def _slice_root(ir: GraphIR, tensor: str, unit_axis: int) -> str | None:
     return tensor
 
 
-def split(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
-    """Along the unit axis: the output holding the units (or every output of a repeated space); its sizes grow."""
+def split(walk: Walk, index: int, side: str, port: int, placement: Placement, settled: bool = False) -> None:
+    """Along the unit axis: the output holding the units (or every output of a repeated space); its sizes
+    grow. `settled`: a decision deferred until the walk reached all it could (Walk.settle) is being taken."""
     ir = walk.ir
     node = ir.nodes[index]
     axis = node_attr(node, "axis", 0) % placement.rank
@@ -179,6 +219,14 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement) ->
     known = walk.group.placements.get(source)
     if side == "out" and known is not None and _split_pieces(walk, index, known, sizes, starts).get(port) == placement:
         return  # reached again from a piece of a repeated space already mapped from the input
+    if side == "out" and known is None and len(set(sizes)) == 1 and len(sizes) > 1 and not settled:
+        # The input may hold the space once per output: decide once the rest of the walk has said.
+        walk.settle(("split", index), lambda: split(walk, index, side, port, placement, settled=True))
+        return
+    if side == "out" and known is None and all(walk.group.placements.get(name) == placement for name in node.output):
+        # Every output holds the units alike (settled): the input holds the space once per output.
+        walk.add(source, replace(placement, outer=placement.outer * len(sizes), length=int(starts[-1])))
+        return
     if side == "out":
         walk.add(source, replace(placement, offset=placement.offset + int(starts[port]), length=int(starts[-1])))
         _split_size_edits(walk, index, {port: placement})
@@ -204,7 +252,9 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     fills_blocks = placement.offset == 0 and hi == placement.block
     equal = len(set(sizes)) == 1 and placement.block % len(sizes) == 0
     retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
-    walk.refuse(index, "the units span several split outputs", retry)
+    unequal = f" (of unequal sizes {', '.join(map(str, sizes))}: no layout holds the units once per output)" \
+        if fills_blocks and placement.outer == 1 and len(set(sizes)) > 1 else ""
+    walk.refuse(index, f"the units span several split outputs{unequal}", retry)
 
 
 def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement]) -> None:
@@ -242,8 +292,9 @@ def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement)
         _runtime_bound_growth(walk, index, runtime, bounds[2], edits)
 
 
-def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends) -> None:
-    """slice_op with the bounds' values (constant, or their values now)."""
+def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends, settled: bool = False) -> None:
+    """slice_op with the bounds' values (constant, or their values now); `settled`: a decision
+    deferred until the walk reached all it could (Walk.settle) is being taken."""
     ir = walk.ir
     node = ir.nodes[index]
     rank = placement.rank
@@ -264,6 +315,13 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
     if side == "out" and known is not None and known.outer > 1:
         if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
             return  # reached again from one part of a repeated space already mapped from the input
+    if side == "out" and known is None and not settled and _one_of_equal_parts(start, end, in_length):
+        # The input may hold the space once per part (reached from another part, or from elsewhere):
+        # decide once the rest of the walk has said.
+        walk.settle(("slice", index), lambda: _slice(walk, index, side, placement, starts, ends, settled=True))
+        return
+    if side == "out" and settled and known is None and _add_repeated_source(walk, index, placement, in_length):
+        return
     if side == "out" and placement.outer > 1 and (start or end != in_length or in_length != placement.length):
         walk.refuse(index, f"it keeps positions [{start}, {end}) of {in_length}, and they hold the units "
                            f"{placement.outer} times over (the repeats of the input are unknown)")
@@ -287,9 +345,33 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
     else:
         span = end - start
         fills = lo == 0 and hi == placement.length
-        retry = ((1, in_length // span),) if fills and 0 < span < in_length and in_length % span == 0 \
-            and start % span == 0 else ()
-        walk.refuse(index, "it cuts through the units", retry)
+        retry = ((1, in_length // span),) if fills and _one_of_equal_parts(start, end, in_length) else ()
+        unequal = (f" (it keeps positions [{start}, {end}) of {in_length}, which are not equal parts of {span}: "
+                   "no layout holds the units once per part)") if fills and not retry and 0 < span < in_length else ""
+        walk.refuse(index, f"it cuts through the units{unequal}", retry)
+
+
+def _add_repeated_source(walk: Walk, index: int, placement: Placement, length: int) -> bool:
+    """Reached from a part of a tensor that is cut into k equal parts (EdgeNeXt's
+    chunks), the rest of the walk found k slices of it holding the units alike:
+    the tensor holds the space once per part (each slice, visited from it, checks
+    its own part)."""
+    node = walk.ir.nodes[index]
+    source = node.input[0]
+    parts = length // placement.length if placement.length and length % placement.length == 0 else 0
+    holders = {use.node for use in walk.ir.uses(source) if use.port == 0
+               and walk.ir.nodes[use.node].op_type == "Slice"
+               and walk.group.placements.get(walk.ir.nodes[use.node].output[0]) == placement}
+    if parts < 2 or len(holders) != parts:
+        return False
+    walk.add(source, replace(placement, outer=placement.outer * parts, length=length))
+    return True
+
+
+def _one_of_equal_parts(start: int, end: int, length: int) -> bool:
+    """Whether [start, end) is one of several equal parts of an axis of `length` (a chunk)."""
+    span = end - start
+    return 0 < span < length and length % span == 0 and start % span == 0
 
 
 def _slice_with_runtime_bounds(walk: Walk, index: int, placement: Placement) -> tuple | None:

@@ -220,18 +220,16 @@ def _gather_as_reshape(walk: Walk, index: int, side: str, placement: Placement, 
                        index_rank: int) -> None:
     """A Gather of every position in order (indices arange(L) in a shape with
     one non-1 axis, as exporters write `as_strided`) only moves the axis: the
-    units move with it and the indices are copied like a producer's entries
-    (a copied index reads the copied unit)."""
+    units move with it, wherever they sit on it, and the indices become every
+    position of the grown axis (role "positions")."""
     node = walk.ir.nodes[index]
     indices = walk.ir.const_value(node.input[1])
     length = placement.length
     if (indices is None or indices.size != length or not np.array_equal(indices.reshape(-1), np.arange(length))
             or sum(d != 1 for d in indices.shape) != 1):
         walk.refuse(index, "it gathers along the unit axis")
-    if placement.offset or placement.outer != 1 or walk.group.size * placement.inner != length:
-        walk.refuse(index, "it gathers part of an axis that holds other data besides the units")
     k = next(i for i, d in enumerate(indices.shape) if d != 1)
-    walk.weight(index, 1, k, replace(placement, axis=k, rank=index_rank), "copy")
+    walk.weight(index, 1, k, replace(placement, axis=k, rank=index_rank), "positions")
     walk.add(node.input[0], placement.on_axis(axis, in_rank))
     walk.add(node.output[0], placement.on_axis(axis + k, in_rank - 1 + index_rank))
 
