@@ -1,0 +1,30 @@
+"""tools/check_zoo.py's float32 floor: how far one ulp on every weight moves a model's output."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from helpers import ROOT, H, make_model, mlp_model, rand
+from onnx_net2net.verification import ReferenceRun
+
+
+def _check_zoo():
+    spec = importlib.util.spec_from_file_location("check_zoo", ROOT / "tools" / "check_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_floor_is_the_move_of_one_ulp_on_the_weights():
+    model = mlp_model(6, 8, 3)
+    floor = _check_zoo().float_floor(ReferenceRun(model), model)
+    assert 0 < floor < 1e-5
+
+
+def test_constants_that_are_not_weights_keep_their_values():
+    """A float constant outside Conv/Gemm/MatMul (a scale, a size) is not moved: the floor is 0."""
+    rng = np.random.default_rng(0)
+    model = make_model([H("Mul", ["x", "scale"], ["y"])], [("x", ["N", 4])], ["y"], {"scale": rand(rng, 4)})
+    assert _check_zoo().float_floor(ReferenceRun(model), model) == 0
