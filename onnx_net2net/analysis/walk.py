@@ -93,7 +93,8 @@ class Walk:
         known = self.group.placements.get(tensor)
         if known is not None:
             if known != placement:
-                raise Refusal(f"tensor '{tensor}' carries the units in two different layouts")
+                raise Refusal(f"tensor '{tensor}' carries the units in two different layouts "
+                              f"({_difference(known, placement)})")
             return
         self.group.placements[tensor] = placement
         self.queue.append((tensor, placement))
@@ -224,3 +225,10 @@ class Walk:
             self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
         if not allow_blocks and (placement.outer != 1 or placement.inner != 1):
             self.refuse(index, "the units are interleaved with other data on the channel axis")
+
+
+def _difference(first: Placement, second: Placement) -> str:
+    """How two placements of the units on one tensor differ: 'offset 0 vs 30'."""
+    names = ("axis", "length", "offset", "inner", "outer", "batch", "starts")
+    return ", ".join(f"{name} {getattr(first, name)} vs {getattr(second, name)}" for name in names
+                     if getattr(first, name) != getattr(second, name))
