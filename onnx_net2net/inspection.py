@@ -177,6 +177,9 @@ def _widen_note(group: UnitGroup, ir: GraphIR) -> str | None:
     if group.repeats > 1:
         why = "a concatenation of the same units" if "Concat" in group.ops else "fused projections"
         notes.append(f"the units repeat {group.repeats}x along the output ({why})")
+    if group.repeat_of is not None:
+        notes.append(f"it passes one repeat of the units '{layer_name(ir, group.repeat_of)}' writes, and grows "
+                     "with them")
     if group.tile and group.average_expansion:
         carry = "the mean" if group.extras == "mean" else "zero (RMS norms)"
         notes.append(f"normalised units: widths that are not multiples use LEMON's average expansion "

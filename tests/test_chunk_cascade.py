@@ -93,6 +93,7 @@ def test_a_chunk_convolution_grows_with_its_stream(how):
     entry = inspected(model)["dw1"]
     assert entry["widen"]["ok"], entry["widen"]["reason"]
     assert entry["width"] == 3
+    assert "passes one repeat of the units 'stem' writes" in entry["widen"]["note"]
     wider, _ = widen_exact(model, {"dw1": 5})
     assert node_weight(wider, "dw1").shape[0] == 5 and node_weight(wider, "stem").shape[0] == 20
     assert inspected(wider)["dw1"]["width"] == 5

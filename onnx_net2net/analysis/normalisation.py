@@ -68,8 +68,12 @@ def average_expansion_blocker(ir: GraphIR, group: UnitGroup) -> str | None:
     """Why LEMON's average expansion cannot be used for this group (None: it
     can). Sets `group.extras` (what the extra units carry) and
     `group.decomposed_norms`, and gives their gamma / beta edits the norm roles."""
-    if group.step != group.size or group.unit_width != 1 or group.repeats != 1:
-        return "the units are structured (heads or grouped convolutions)"
+    if group.unit_width != 1:
+        return "the units are whole attention heads"
+    if group.repeats != 1:
+        return f"the units repeat {group.repeats}x along the output"
+    if group.step != group.size:
+        return "the units come in grouped-convolution groups"
     grouped = [norm for norm in group.norms if ir.nodes[norm].op_type == "InstanceNormalization"]
     if grouped:
         return (f"{ir.nodes[grouped[0]].op_type} {ir.label(grouped[0])} normalises the units together with their "

@@ -117,7 +117,7 @@ def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> Uni
         if group is None or layer not in group.passthrough:
             continue
         if group.placements.get(output) == seed_placement(ir, layer, group.unit_width):
-            return replace(group, seed=layer, repeats=1)
+            return replace(group, seed=layer, repeats=1, repeat_of=writer)
     return None
 
 

@@ -151,6 +151,9 @@ class UnitGroup:
             LayerNormalization, or zero up to every RMSNormalization);
             `average_blocker` says why not otherwise.
         extras: what the extra units carry, "mean" or "zero".
+        repeat_of: the layer writing the whole space, when the seed (a
+            depthwise convolution) passes one repeat of it (EdgeNeXt's chunk
+            convolutions); None otherwise.
         kept_outputs: graph outputs carrying the units (only when asked for):
             the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
@@ -184,6 +187,7 @@ class UnitGroup:
     size_edits: list = field(default_factory=list)
     runtime_bounds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     kept_outputs: dict[str, Placement] = field(default_factory=dict)
+    repeat_of: int | None = None
 
     @property
     def features_per_unit(self) -> int:
