@@ -252,7 +252,7 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     fills_blocks = placement.offset == 0 and hi == placement.block
     equal = len(set(sizes)) == 1 and placement.block % len(sizes) == 0
     retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
-    unequal = f" (of unequal sizes {', '.join(map(str, sizes))}: no layout holds the units once per output)" \
+    unequal = f" (of unequal sizes {', '.join(map(str, sizes))})" \
         if fills_blocks and placement.outer == 1 and len(set(sizes)) > 1 else ""
     walk.refuse(index, f"the units span several split outputs{unequal}", retry)
 
@@ -346,8 +346,8 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
         span = end - start
         fills = lo == 0 and hi == placement.length
         retry = ((1, in_length // span),) if fills and _one_of_equal_parts(start, end, in_length) else ()
-        unequal = (f" (it keeps positions [{start}, {end}) of {in_length}, which are not equal parts of {span}: "
-                   "no layout holds the units once per part)") if fills and not retry and 0 < span < in_length else ""
+        unequal = (f" (it keeps positions [{start}, {end}) of {in_length}, which is not cut into equal parts of "
+                   f"{span})") if fills and not retry and 0 < span < in_length else ""
         walk.refuse(index, f"it cuts through the units{unequal}", retry)
 
 
