@@ -169,17 +169,19 @@ class WidenPass(_Pass):
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
             return requests
-        by_group: dict[frozenset, tuple[str, int]] = {}
+        by_group: dict[frozenset, tuple[str, int, int]] = {}
         for name, width in self.widths.items():
             group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
             self._check_options(group)
             key = frozenset(group.producers)
-            if key in by_group and by_group[key][1] != width:
+            units = width // group.features_per_unit  # layers of one group may hold it once or several times
+            if key in by_group and by_group[key][2] != units:
                 other = by_group[key][0]
-                raise UserError(f"layers '{other}' and '{name}' grow together; give them the same width")
-            by_group.setdefault(key, (name, width))
-        return list(by_group.values())
+                raise UserError(f"layers '{other}' and '{name}' grow together; give them widths for the same "
+                                "number of units (see `inspect`)")
+            by_group.setdefault(key, (name, width, units))
+        return [(name, width) for name, width, _ in by_group.values()]
 
     def _factor_width(self, ir: GraphIR, group: UnitGroup) -> int | None:
         if group.width * group.features_per_unit * self.factor >= MAX_UNITS:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
-
+import onnx
 from helpers import ROOT, H, make_model, mlp_model, rand
+from onnx import numpy_helper
+
 from onnx_net2net.verification import ReferenceRun
 
 
@@ -28,3 +30,18 @@ def test_constants_that_are_not_weights_keep_their_values():
     rng = np.random.default_rng(0)
     model = make_model([H("Mul", ["x", "scale"], ["y"])], [("x", ["N", 4])], ["y"], {"scale": rand(rng, 4)})
     assert _check_zoo().float_floor(ReferenceRun(model), model) == 0
+
+
+def test_the_float64_judge_sees_the_rewrite_not_float32_arithmetic():
+    import onnx_net2net as n2n
+
+    model = mlp_model(6, 8, 3)
+    judge = _check_zoo().Float64Judge(ReferenceRun(model), model)
+    wider, _ = n2n.widen(model, {"fc1": 12})
+    assert judge.error(wider, "widen") < 1e-6
+    broken = onnx.ModelProto()
+    broken.CopyFrom(wider)
+    weight = numpy_helper.to_array(wider.graph.initializer[0]) * 1.01
+    broken.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, wider.graph.initializer[0].name))
+    assert judge.error(broken, "broken") > 1e-4
+    assert len(judge.rechecks) == 2

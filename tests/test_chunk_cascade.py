@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import (
+    H,
+    assert_same_function,
+    inspected,
+    make_model,
+    node_weight,
+    rand,
+    widen_exact,
+)
 
 import onnx_net2net as n2n
-
-from helpers import H, assert_same_function, inspected, make_model, node_weight, rand, widen_exact
 
 
 def _conv(name, x, y, inits, rng, c_out, c_in, k=1, group=1):
@@ -147,3 +154,12 @@ def test_units_on_the_rows_of_a_product_of_computed_tensors():
     # attn's units are the keys it normalises over: still refused.
     assert not layers["attn_proj"]["widen"]["ok"]
     assert_same_function(model, wider)
+
+
+def test_widths_for_one_group_are_compared_in_units():
+    """dw0 holds the stream's units once, stem four times: 5 and 20 ask for the same growth."""
+    model = cascade(4)
+    wider, _ = widen_exact(model, {"dw0": 5, "stem": 20})
+    assert node_weight(wider, "dw0").shape[0] == 5
+    with pytest.raises(n2n.UserError, match="same number of units"):
+        n2n.widen(model, {"dw0": 5, "stem": 16})

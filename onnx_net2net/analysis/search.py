@@ -57,7 +57,10 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     back to the original units: `UnitGroup.kept_outputs`).
     """
     found, failures = _walk_layouts(ir, layer, keep_outputs)
-    if found is not None and (found.size > 1 or not failures):
+    # A layout with the whole layer as one unit grows by doubling only; a routing region, where the
+    # plain layout stopped at an op that moves channels, may grow the same layer one channel at a time.
+    whole_layer_as_one_unit = found is not None and found.size == 1 and failures
+    if found is not None and not whole_layer_as_one_unit:
         return found
     routing_refusal = None
     if any(f.refusal.op in _ROUTING_OPS for f in failures):  # the stage may grow as one routing region
@@ -122,7 +125,9 @@ def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> Uni
 
 
 def _upstream_layers(ir: GraphIR, layer: int, limit: int) -> list[int]:
-    """The nearest weighted layers above `layer`'s data input (breadth first, at most `limit`)."""
+    """The nearest weighted layers above `layer`'s data input (breadth first,
+    at most `limit`); past a depthwise one too (a chain of them over a chunk),
+    since its own search may not see the space either."""
     found, seen = [], set()
     queue = [ir.nodes[layer].input[0]]
     while queue and len(found) < limit and len(seen) < MAX_UPSTREAM_VISITS:
@@ -131,10 +136,13 @@ def _upstream_layers(ir: GraphIR, layer: int, limit: int) -> list[int]:
         seen.add(tensor)
         if producer is None:
             continue
+        node = ir.nodes[producer]
         if is_weighted_layer(ir, producer):
             found.append(producer)
+            if node.op_type == "Conv" and int(node_attr(node, "group", 1)) > 1:
+                queue.append(node.input[0])
             continue
-        queue += [name for name in ir.nodes[producer].input if name]
+        queue += [name for name in node.input if name]
     return found
 
 

@@ -66,8 +66,10 @@ class Walk:
         self.ir = ir
         self.group = group
         self.queue: list[tuple[str, Placement]] = []
-        #: decisions that need every tensor the walk can reach first (settle()), by key
+        #: decisions that need every tensor the walk can reach first (settle()), by key; the late
+        #: ones run once no other is left
         self.deferred: dict[object, Callable[[], None]] = {}
+        self.deferred_late: dict[object, Callable[[], None]] = {}
         self.visited_ports: set[tuple[int, str, int]] = set()
         self.outputs = set(ir.graph_outputs)
         self.inputs = set(ir.graph_inputs)
@@ -75,10 +77,10 @@ class Walk:
     def run(self, tensor: str, placement: Placement) -> None:
         """Walk from `tensor` until every tensor carrying the units is visited."""
         self.add(tensor, placement)
-        while self.queue or self.deferred:
+        while self.queue or self.deferred or self.deferred_late:
             if not self.queue:
-                key = next(iter(self.deferred))
-                self.deferred.pop(key)()
+                pending = self.deferred or self.deferred_late
+                pending.pop(next(iter(pending)))()
                 continue
             tensor, placement = self.queue.pop(0)
             self.visit(tensor, placement)
@@ -142,11 +144,15 @@ class Walk:
 
     # -- helpers for rules --------------------------------------------------
 
-    def settle(self, key: object, decide: Callable[[], None]) -> None:
-        """Run `decide` once the queue is empty (once per `key`): for a rule
-        whose answer depends on which of its node's tensors carry the units,
-        which only the rest of the walk can tell."""
-        self.deferred.setdefault(key, decide)
+    def settle(self, key: object, decide: Callable[[], None], late: bool = False) -> None:
+        """Run `decide` once the queue is empty: for a rule whose answer
+        depends on which of its node's tensors carry the units, which only the
+        rest of the walk can tell. One decision per `key` is pending at a time
+        (a later request while it is pending is dropped), so `decide` must look
+        at every port of its node, not at the one that asked. `late`: after
+        every other pending decision (a Concat's waits for the Slices and
+        Splits that may show its inputs are chunks of one tensor)."""
+        (self.deferred_late if late else self.deferred).setdefault(key, decide)
 
     def refuse(self, index: int, reason: str, retry: tuple[tuple[int, int], ...] = (),
                kind: RefusalKind = RefusalKind.UNSUPPORTED) -> NoReturn:

@@ -24,7 +24,7 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
     batch axes (e.g. the head axis of Q K^T and of softmax(..) V)."""
     node = walk.ir.nodes[index]
     from_end = placement.rank - placement.axis
-    if _on_a_free_axis(side, port, from_end) and not placement.batch:
+    if _on_a_free_axis(side, port, from_end) and not placement.batch and _both_matrices(walk, index):
         _free_axis(walk, index, placement, from_end)
         return
     if from_end <= 2:
@@ -47,11 +47,18 @@ def _on_a_free_axis(side: str, port: int, from_end: int) -> bool:
     return (port, from_end) in ((0, 2), (1, 1))
 
 
+def _both_matrices(walk: Walk, index: int) -> bool:
+    """Whether both operands have rows and columns (a vector operand has only the contracted axis)."""
+    return all(walk.rank(index, name) >= 2 for name in walk.ir.nodes[index].input[:2])
+
+
 def _free_axis(walk: Walk, index: int, placement: Placement, from_end: int) -> None:
     """(A @ B)[.., i, j] = sum_t A[.., i, t] B[.., t, j]: row i of the product
     reads row i of A alone, column j column j of B alone (EfficientViT's
     v @ attn^T with the units on v's rows), so units there pass between that
-    operand and the output; the other operand must not carry them."""
+    operand and the output. The other operand must not carry them: if it did,
+    its own visit here would place them on the output again, differently, and
+    the walk refuses the second layout."""
     node = walk.ir.nodes[index]
     operand = node.input[0] if from_end == 2 else node.input[1]
     for name in (operand, node.output[0]):

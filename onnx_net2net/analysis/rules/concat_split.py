@@ -51,7 +51,7 @@ def concat(walk: Walk, index: int, side: str, port: int, placement: Placement) -
     if any(size is None for size in sizes):
         walk.refuse(index, "an input's size on the concatenation axis is unknown")
     if side == "in" and len(sizes) > 1 and set(sizes) == {placement.length} and not placement.starts:
-        walk.settle(("concat", index), lambda: _settle_equal_inputs(walk, index, sizes))
+        walk.settle(("concat", index), lambda: _settle_equal_inputs(walk, index, sizes), late=True)
         return
     if _concat_of_aligned(walk, index, side, port, placement, sizes):
         return
@@ -221,7 +221,7 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement, se
         return  # reached again from a piece of a repeated space already mapped from the input
     if side == "out" and known is None and len(set(sizes)) == 1 and len(sizes) > 1 and not settled:
         # The input may hold the space once per output: decide once the rest of the walk has said.
-        walk.settle(("split", index), lambda: split(walk, index, side, port, placement, settled=True))
+        walk.settle(("split", index), lambda: _settle_split(walk, index))
         return
     if side == "out" and known is None and all(walk.group.placements.get(name) == placement for name in node.output):
         # Every output holds the units alike (settled): the input holds the space once per output.
@@ -235,6 +235,17 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement, se
     for piece, piece_placement in pieces.items():
         walk.add(node.output[piece], piece_placement)
     _split_size_edits(walk, index, pieces)
+
+
+def _settle_split(walk: Walk, index: int) -> None:
+    """The deferred decision of a Split reached from its outputs: every output
+    that carries the units is decided (the first may find that they all hold
+    them alike: the input holds the space once per output; otherwise each one
+    places the units at its offset of the input, and two conflict)."""
+    node = walk.ir.nodes[index]
+    for port, name in enumerate(node.output):
+        if name in walk.group.placements:
+            split(walk, index, "out", port, walk.group.placements[name], settled=True)
 
 
 def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, starts) -> dict[int, Placement]:
@@ -353,9 +364,11 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
 
 def _add_repeated_source(walk: Walk, index: int, placement: Placement, length: int) -> bool:
     """Reached from a part of a tensor that is cut into k equal parts (EdgeNeXt's
-    chunks), the rest of the walk found k slices of it holding the units alike:
-    the tensor holds the space once per part (each slice, visited from it, checks
-    its own part)."""
+    chunks), the rest of the walk found k Slices of it holding the units alike
+    (k Slice nodes, not checked to be k different parts): the tensor holds the
+    space once per part. The guess is checked: each Slice, visited again from
+    the tensor, maps its own bounds, and a part read twice or not at all is
+    still the same units in every repeat."""
     node = walk.ir.nodes[index]
     source = node.input[0]
     parts = length // placement.length if placement.length and length % placement.length == 0 else 0
