@@ -51,6 +51,16 @@ T; ``shrink``, ``fresh``: the chosen shrink-and-perturb point of a ``+sp`` arm, 
 (the table and the validation tuning tables) and PNG curves. Grown models and runs are cached in ``--out``
 (per (λ, p) for the perturbed ones), so an interrupted run resumes and a wider grid reuses what exists.
 
+``--tune-seeds N`` overrides the number of tuning seeds (every arm alike; the models' defaults: 2, the LM 1).
+``--teacher-steps N`` grows from a teacher trained for N steps (its own complete schedule: 5 % warmup,
+cosine to zero) instead of the model's default ("grow earlier": Ash & Adams, NeurIPS 2020, find warm starts
+from less-trained networks generalise better); every other part of the protocol is unchanged. The teacher's
+steps are never counted in the students' budget (T/3 is the student's alone, for every teacher length);
+each row records ``teacher_steps`` (null for the random-init students, which do not use the teacher) so that
+teacher + student steps can be read off. Such a teacher's grown models and the runs that depend on it
+(grown arms, ``teacher+T/3``) are cached apart, in ``cache/<model>/teacher<N>/``; the random-init runs are
+shared.
+
 ``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
 student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
 always added.
@@ -63,6 +73,8 @@ Usage::
     python tools/reproduce_net2net.py --only char-lm --budget 3000 --grid 0.003 0.001   # T and LR grid overridden
     python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --sp-grid 0.2:0.1 0.4:0.1 0.8:0.1
                                                              # widen arms only, (λ, p) tuned on validation
+    python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --teacher-steps 2000
+                                                             # grow from a teacher trained 2,000 steps
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
@@ -136,6 +148,7 @@ class Experiment:
     evals: int = 8            # test/validation evaluations per run (plus step 0)
     quick: dict = field(default_factory=dict)
     sp_grid: tuple = ((SHRINK, FRESH),)   # (shrink, fresh) points tried for the +sp arms
+    teacher_tag: str = ""     # set when --teacher-steps differs from the default: the grown models' cache folder
 
 
 EXPERIMENTS = {
@@ -146,7 +159,7 @@ EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN (8 -> 16 channels, hidden 32 -> 64)",
         {"channels": 8, "hidden": 32}, "last-conv+last-dense", 6000, 1e-2, 3000, (3e-3, 1e-2, 3e-2, 1e-1),
-        tune_seeds=1, input_shape=(1, 40),
+        input_shape=(1, 40),
         quick={"teacher_steps": 300, "T": 120, "grid": (1e-2, 3e-2), "tune_seeds": 1, "seeds": 1, "evals": 3}),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN (4/8 -> 8/16 channels, hidden 16 -> 32)",
@@ -506,7 +519,10 @@ class Lab:
         torch.set_num_threads(threads)
         self.exp, self.task, self.out = exp, Task(exp, data), out
         self.dir = out / "cache" / exp.name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # what depends on the teacher (grown models, their runs, teacher+T/3) of a --teacher-steps teacher
+        # lives in its own folder; the random-init students do not depend on it and stay shared
+        self.grown_dir = self.dir / exp.teacher_tag if exp.teacher_tag else self.dir
+        self.grown_dir.mkdir(parents=True, exist_ok=True)
         self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
         self.perturbed_models = {}
 
@@ -546,7 +562,7 @@ class Lab:
         if seed in self.grown_models:
             return self.grown_models[seed]
         names = [("widen", "net2net"), ("widen", "zero-sum"), ("deepen", "net2net")]
-        paths = {key: self.dir / f"seed{seed}_{key[0]}_{key[1]}.onnx" for key in names}
+        paths = {key: self.grown_dir / f"seed{seed}_{key[0]}_{key[1]}.onnx" for key in names}
         proto, teacher_metric, _ = self.teacher(seed)
         if all(p.is_file() for p in paths.values()):
             models = {key: onnx.load(str(p)) for key, p in paths.items()}
@@ -574,7 +590,7 @@ class Lab:
         key = (seed, growth, base, tuple(sp))
         if key in self.perturbed_models:
             return self.perturbed_models[key]
-        path = self.dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
+        path = self.grown_dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
         if path.is_file():
             model = onnx.load(str(path))
         else:
@@ -625,7 +641,7 @@ class Lab:
         sp = tuple(sp) if is_sp(arm) else None
         steps = exp.T if arm == "random-init" else short(exp)
         name = f"{growth}_{arm.replace('/', '_').replace('+', '_')}{sp_tag(sp)}_lr{lr:g}_seed{seed}_{steps}.json"
-        path = self.dir / "runs" / name
+        path = (self.dir if arm.startswith("random-init") else self.grown_dir) / "runs" / name
         if path.is_file():
             return json.loads(path.read_text())
         t = time.time()
@@ -748,7 +764,8 @@ def summary_rows(exp: Experiment, arms: dict) -> list[dict]:
                      "steps": entry["steps"][-1], "steps_to_target": steps_to(entry["steps"], mean, target, exp.metric),
                      "target_steps": target_steps, "final_mean": float(np.mean(finals)), "final_sem": sem(finals),
                      "seeds": len(finals), "target": target, "metric": exp.metric,
-                     "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh")})
+                     "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh"),
+                     "teacher_steps": None if entry["arm"].startswith("random-init") else exp.teacher_steps})
     return rows
 
 
@@ -885,6 +902,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--grid", type=float, nargs="+", default=None, metavar="LR",
                    help="override the peak learning rates tried for every arm (the same grid for all arms)")
+    p.add_argument("--tune-seeds", type=int, default=None, metavar="N",
+                   help="override the number of seeds every arm's learning rate (and +sp point) is tuned on "
+                        "(the same for all arms; at most --seeds)")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+                   help="train the teacher for N steps (its own complete warmup + cosine schedule) instead of "
+                        "the model's default before growing ('grow earlier'); not counted in the students' "
+                        "budget; the grown models and their runs are cached apart (cache/<model>/teacherN/)")
     p.add_argument("--budget", type=int, default=None, metavar="T",
                    help="override T, the random-init students' budget (grown students get T/3), e.g. a longer "
                         "check of a model whose random-init student has not converged at its default T")
@@ -901,6 +925,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: must be at least 1")
+    for flag, value in (("--tune-seeds", args.tune_seeds), ("--teacher-steps", args.teacher_steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} {value}: must be at least 1")
     if args.budget is not None and args.budget < 3:
         p.error(f"--budget {args.budget}: must be at least 3 (grown students get T/3 steps)")
     if args.grid is not None and not all(lr > 0 for lr in args.grid):
@@ -926,6 +953,10 @@ def main(argv=None) -> int:
         exp = settle(EXPERIMENTS[name], args.quick)
         if args.seeds:
             exp = replace(exp, seeds=args.seeds, tune_seeds=min(exp.tune_seeds, args.seeds))
+        if args.tune_seeds is not None:
+            exp = replace(exp, tune_seeds=min(args.tune_seeds, exp.seeds))
+        if args.teacher_steps is not None and args.teacher_steps != exp.teacher_steps:
+            exp = replace(exp, teacher_steps=args.teacher_steps, teacher_tag=f"teacher{args.teacher_steps}")
         if args.budget is not None:
             exp = replace(exp, T=args.budget)
         if args.grid:
@@ -971,7 +1002,8 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "errors": errors,
                                                        "plots": plots, "experiments": results}, indent=1))
     (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {
-        "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh")}
+        "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh"),
+        "teacher_steps": r.get("teacher_steps")}
         for r in rows], indent=1))
     table = format_table(rows)
     (args.out / "results.md").write_text(table + "\n\n" + format_details(results))
