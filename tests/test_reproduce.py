@@ -270,3 +270,96 @@ def test_quick_sp_grid_is_tuned_on_validation_and_cached(tmp_path):
     assert "| widen/net2net+sp | 0.4/0.1" in md and "| widen/net2net+sp | 0.8/0.1" in md and "(chosen)" in md
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and "steps, val" not in again.stderr   # every run came from the cache
+
+
+def test_tune_seeds_and_teacher_steps_options_are_parsed_and_checked():
+    r = _script_module()
+    args = r.parse_args([])
+    assert args.tune_seeds is None and args.teacher_steps is None            # the default: unchanged behaviour
+    assert {name: exp.tune_seeds for name, exp in r.EXPERIMENTS.items()} == {   # the CNN tunes like the others
+        "mnist1d-mlp": 2, "mnist1d-cnn": 2, "digits-cnn": 2, "char-lm": 1}
+    args = r.parse_args(["--tune-seeds", "3", "--teacher-steps", "2000"])
+    assert args.tune_seeds == 3 and args.teacher_steps == 2000
+    for argv in (["--tune-seeds", "0"], ["--teacher-steps", "0"], ["--teacher-steps", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            r.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_quick_teacher_steps_grows_from_a_shorter_teacher_cached_apart(tmp_path):
+    """--teacher-steps: the teacher trained N steps on its own schedule, its grown models and runs cached in
+    cache/<model>/teacher<N>/, the random-init runs shared with the default teacher's; rows record it."""
+    base = [sys.executable, str(SCRIPT), "--quick", "--only", "mnist1d-cnn", "--arms", "widen/net2net",
+            "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.run(base + ["--teacher-steps", "150"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
+    assert exp["teacher"]["steps"] == 150
+    rows = {r["arm"]: r for r in exp["rows"]}
+    assert rows["net2net"]["teacher_steps"] == 150 and rows["random-init"]["teacher_steps"] is None
+    assert rows["net2net"]["steps"] == exp["short"]                # the student's budget is unchanged
+    written = {r["arm"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert written["net2net"]["teacher_steps"] == 150
+    checks = [c for c in exp["step0_checks"] if c["exact"]]
+    assert checks and all(abs(c["step0"] - c["teacher"]) <= 0.001 + 1e-9 for c in checks)
+    cache = tmp_path / "cache" / "mnist1d-cnn"
+    assert (cache / "teacher_seed0_150.onnx").is_file()
+    assert (cache / "teacher150" / "seed0_widen_net2net.onnx").is_file()
+    assert not (cache / "seed0_widen_net2net.onnx").exists()
+    assert list((cache / "teacher150" / "runs").glob("widen_net2net_lr*.json"))
+    assert list((cache / "runs").glob("widen_random-init_lr*.json"))
+    assert not list((cache / "runs").glob("widen_net2net_lr*.json"))
+    # the default teacher: its own grown models and runs; the random-init runs come from the cache
+    again = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "widen/net2net lr" in again.stderr and "widen/random-init lr" not in again.stderr
+    assert (cache / "seed0_widen_net2net.onnx").is_file()
+    exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
+    assert exp["teacher"]["steps"] == 300
+
+
+def test_wd_grid_option_is_parsed_and_checked():
+    r = _script_module()
+    assert r.parse_args([]).wd_grid == [0.0]                     # the default: plain Adam, unchanged behaviour
+    assert r.parse_args(["--wd-grid", "0", "0.01", "0"]).wd_grid == [0.0, 0.01]
+    for argv in (["--wd-grid", "-0.1"], ["--wd-grid", "nan"], ["--wd-grid", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            r.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_quick_wd_grid_is_tuned_for_every_arm_and_recorded(tmp_path):
+    """--wd-grid: the weight decay chosen with the rate (and a +sp arm's point) on validation, for random
+    init as for the grown arms; recorded per arm, row and run; the default decay 0 keeps the cache names."""
+    argv = [sys.executable, str(SCRIPT), "--quick", "--only", "digits-cnn", "--arms", "widen/net2net+sp",
+            "--sp-grid", "0.4:0.1", "0.8:0.1", "--wd-grid", "0", "0.05", "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    exp = results["experiments"]["digits-cnn"]
+    assert exp["wd_grid"] == [0.0, 0.05]
+    base, sp = exp["arms"]["widen/random-init"], exp["arms"]["widen/net2net+sp"]
+    assert set(base["validation_by_wd"]) == {"0", "0.05"} and "validation_grid" not in base
+    assert {(c["shrink"], c["fresh"], c["weight_decay"]) for c in sp["validation_grid"]} == {
+        (a, 0.1, w) for a in (0.4, 0.8) for w in (0.0, 0.05)}
+    for entry in (base, sp):
+        best = max(c for c in (v for table in entry["validation_by_wd"].values() for v in table.values()))
+        assert entry["validation_by_lr"][str(entry["lr"])] >= best - 1e-6
+        assert all(c.get("weight_decay", 0.0) == entry["weight_decay"] for c in entry["curves"])
+    rows = {r["arm"]: r for r in results["summary"]}
+    assert rows["net2net+sp"]["weight_decay"] == sp["weight_decay"]
+    runs = tmp_path / "cache" / "digits-cnn" / "runs"
+    assert len(list(runs.glob("widen_random-init_wd0.05_lr*.json"))) == 2
+    assert len(list(runs.glob("widen_random-init_lr*.json"))) >= 2                 # decay 0: the old names
+    md = (tmp_path / "results.md").read_text()
+    assert "weight decays tried for every arm" in md and "| widen/random-init | -, wd 0.05" in md
+
+
+def test_experiments_kept_from_an_older_results_json_get_teacher_steps_and_weight_decay():
+    r = _script_module()
+    exp = {"teacher": {"steps": 6000}, "arms": {},
+           "rows": [{"arm": "random-init", "shrink": None, "fresh": None}, {"arm": "net2net", "shrink": None,
+                                                                             "fresh": None}]}
+    r.fill_sp(exp, {})
+    assert [(row["teacher_steps"], row["weight_decay"]) for row in exp["rows"]] == [(None, 0.0), (6000, 0.0)]

@@ -51,6 +51,20 @@ T; ``shrink``, ``fresh``: the chosen shrink-and-perturb point of a ``+sp`` arm, 
 (the table and the validation tuning tables) and PNG curves. Grown models and runs are cached in ``--out``
 (per (λ, p) for the perturbed ones), so an interrupted run resumes and a wider grid reuses what exists.
 
+``--tune-seeds N`` overrides the number of tuning seeds (every arm alike; the models' defaults: 2, the LM 1).
+``--teacher-steps N`` grows from a teacher trained for N steps (its own complete schedule: 5 % warmup,
+cosine to zero) instead of the model's default ("grow earlier": Ash & Adams, NeurIPS 2020, find warm starts
+from less-trained networks generalise better); every other part of the protocol is unchanged. The teacher's
+steps are never counted in the students' budget (T/3 is the student's alone, for every teacher length);
+each row records ``teacher_steps`` (null for the random-init students, which do not use the teacher) so that
+teacher + student steps can be read off. Such a teacher's grown models and the runs that depend on it
+(grown arms, ``teacher+T/3``) are cached apart, in ``cache/<model>/teacher<N>/``; the random-init runs are
+shared.
+
+``--wd-grid`` makes decoupled weight decay (AdamW; 0, the default, is plain Adam) a knob tuned with the rate on
+validation for *every* arm alike (random init included); for a +sp arm jointly with (λ, p). The chosen decay
+is recorded per arm and row (``weight_decay``).
+
 ``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
 student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
 always added.
@@ -63,6 +77,8 @@ Usage::
     python tools/reproduce_net2net.py --only char-lm --budget 3000 --grid 0.003 0.001   # T and LR grid overridden
     python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --sp-grid 0.2:0.1 0.4:0.1 0.8:0.1
                                                              # widen arms only, (λ, p) tuned on validation
+    python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --teacher-steps 2000
+                                                             # grow from a teacher trained 2,000 steps
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
@@ -136,6 +152,8 @@ class Experiment:
     evals: int = 8            # test/validation evaluations per run (plus step 0)
     quick: dict = field(default_factory=dict)
     sp_grid: tuple = ((SHRINK, FRESH),)   # (shrink, fresh) points tried for the +sp arms
+    teacher_tag: str = ""     # set when --teacher-steps differs from the default: the grown models' cache folder
+    wd_grid: tuple = (0.0,)   # decoupled weight decays tried for every arm (0: plain Adam)
 
 
 EXPERIMENTS = {
@@ -146,7 +164,7 @@ EXPERIMENTS = {
     "mnist1d-cnn": Experiment(
         "mnist1d-cnn", "mnist1d", "cnn1d", "MNIST-1D, 1D CNN (8 -> 16 channels, hidden 32 -> 64)",
         {"channels": 8, "hidden": 32}, "last-conv+last-dense", 6000, 1e-2, 3000, (3e-3, 1e-2, 3e-2, 1e-1),
-        tune_seeds=1, input_shape=(1, 40),
+        input_shape=(1, 40),
         quick={"teacher_steps": 300, "T": 120, "grid": (1e-2, 3e-2), "tune_seeds": 1, "seeds": 1, "evals": 3}),
     "digits-cnn": Experiment(
         "digits-cnn", "digits", "cnn2d", "sklearn digits, 2D CNN (4/8 -> 8/16 channels, hidden 16 -> 32)",
@@ -439,11 +457,13 @@ def eval_points(steps: int, count: int) -> list[int]:
     return sorted({0} | {int(round(steps * k / count)) for k in range(1, count + 1)})
 
 
-def train(model, task: Task, steps: int, peak: float, seed: int, evals: int) -> dict:
-    """Adam over `steps` on the schedule of `lr_at`; validation and test metric at `eval_points`."""
+def train(model, task: Task, steps: int, peak: float, seed: int, evals: int, wd: float = 0.0) -> dict:
+    """Adam over `steps` on the schedule of `lr_at` (AdamW with decoupled weight decay `wd` when `wd` > 0, on
+    every parameter); validation and test metric at `eval_points`."""
     import torch
 
-    opt = torch.optim.Adam(model.parameters(), lr=peak)
+    opt = (torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=wd) if wd
+           else torch.optim.Adam(model.parameters(), lr=peak))
     points = eval_points(steps, evals)
     curve = {"steps": [0], "val": [task.evaluate(model, "val")], "test": [task.evaluate(model, "test")]}
     batches = task.batches(seed)
@@ -506,7 +526,10 @@ class Lab:
         torch.set_num_threads(threads)
         self.exp, self.task, self.out = exp, Task(exp, data), out
         self.dir = out / "cache" / exp.name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # what depends on the teacher (grown models, their runs, teacher+T/3) of a --teacher-steps teacher
+        # lives in its own folder; the random-init students do not depend on it and stay shared
+        self.grown_dir = self.dir / exp.teacher_tag if exp.teacher_tag else self.dir
+        self.grown_dir.mkdir(parents=True, exist_ok=True)
         self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
         self.perturbed_models = {}
 
@@ -546,7 +569,7 @@ class Lab:
         if seed in self.grown_models:
             return self.grown_models[seed]
         names = [("widen", "net2net"), ("widen", "zero-sum"), ("deepen", "net2net")]
-        paths = {key: self.dir / f"seed{seed}_{key[0]}_{key[1]}.onnx" for key in names}
+        paths = {key: self.grown_dir / f"seed{seed}_{key[0]}_{key[1]}.onnx" for key in names}
         proto, teacher_metric, _ = self.teacher(seed)
         if all(p.is_file() for p in paths.values()):
             models = {key: onnx.load(str(p)) for key, p in paths.items()}
@@ -574,7 +597,7 @@ class Lab:
         key = (seed, growth, base, tuple(sp))
         if key in self.perturbed_models:
             return self.perturbed_models[key]
-        path = self.dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
+        path = self.grown_dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
         if path.is_file():
             model = onnx.load(str(path))
         else:
@@ -617,46 +640,54 @@ class Lab:
             return to_torch(export_onnx(build_model(exp, shape), exp))
         return reinitialise(to_torch(self.grown(seed)[(growth, "net2net")]), 1_000 + seed)
 
-    def run(self, growth: str, arm: str, lr: float, seed: int, sp=None) -> dict:
-        """One training run (cached); `sp` (shrink, fresh) for the +sp arms."""
+    def run(self, growth: str, arm: str, lr: float, seed: int, sp=None, wd: float = 0.0) -> dict:
+        """One training run (cached); `sp` (shrink, fresh) for the +sp arms; `wd` the weight decay."""
         exp = self.exp
         if is_sp(arm) and sp is None:
             raise ValueError(f"{growth}/{arm}: a shrink-and-perturb arm needs its (shrink, fresh)")
         sp = tuple(sp) if is_sp(arm) else None
         steps = exp.T if arm == "random-init" else short(exp)
-        name = f"{growth}_{arm.replace('/', '_').replace('+', '_')}{sp_tag(sp)}_lr{lr:g}_seed{seed}_{steps}.json"
-        path = self.dir / "runs" / name
+        wd_tag = f"_wd{wd:g}" if wd else ""
+        name = (f"{growth}_{arm.replace('/', '_').replace('+', '_')}{sp_tag(sp)}{wd_tag}_lr{lr:g}_seed{seed}_"
+                f"{steps}.json")
+        path = (self.dir if arm.startswith("random-init") else self.grown_dir) / "runs" / name
         if path.is_file():
             return json.loads(path.read_text())
         t = time.time()
-        curve = train(self.student(growth, arm, seed, sp), self.task, steps, lr, seed, exp.evals)
+        curve = train(self.student(growth, arm, seed, sp), self.task, steps, lr, seed, exp.evals, wd)
         curve.update(lr=lr, seed=seed, seconds=round(time.time() - t, 1))
+        if wd:
+            curve.update(weight_decay=wd)
         if sp is not None:
             curve.update(shrink=sp[0], fresh=sp[1])
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(curve))
-        point = f" shrink {sp[0]:g} fresh {sp[1]:g}" if sp else ""
+        point = (f" shrink {sp[0]:g} fresh {sp[1]:g}" if sp else "") + (f" wd {wd:g}" if wd else "")
         log(f"{exp.name} {growth}/{arm}{point} lr {lr:g} seed {seed}: {steps} steps, val {curve['val'][-1]:.4f} "
             f"test {curve['test'][-1]:.4f} ({curve['seconds']:.0f}s)")
         return curve
 
-    def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, dict]:
-        """The peak rate, and for a +sp arm the (shrink, fresh) point of ``exp.sp_grid``, with the best mean
-        final validation metric over the tuning seeds (ties, within TIE of float32 rounding: the first in grid
-        order, λ:p pairs in the order given, then rates). Returns (lr, sp or None, {sp or None: {lr: validation}})."""
+    def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, float, dict]:
+        """The peak rate, the weight decay of ``exp.wd_grid`` and for a +sp arm the (shrink, fresh) point of
+        ``exp.sp_grid``, with the best mean final validation metric over the tuning seeds (ties, within TIE of
+        float32 rounding: the first in grid order, λ:p pairs in the order given, then weight decays, then
+        rates). Returns (lr, sp or None, wd, {(sp or None, wd): {lr: validation}})."""
         points = [tuple(sp) for sp in self.exp.sp_grid] if is_sp(arm) else [None]
         table, best = {}, None
         for sp in points:
-            scores = table.setdefault(sp, {})
-            for lr in self.exp.grid:
-                finals = [self.run(growth, arm, lr, seed, sp)["val"][-1] for seed in range(self.exp.tune_seeds)]
-                scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
-                if math.isfinite(scores[lr]) and (best is None or
-                                                  self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
-                    best = (sp, lr)
+            for wd in self.exp.wd_grid:
+                scores = table.setdefault((sp, wd), {})
+                for lr in self.exp.grid:
+                    finals = [self.run(growth, arm, lr, seed, sp, wd)["val"][-1]
+                              for seed in range(self.exp.tune_seeds)]
+                    scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
+                    if math.isfinite(scores[lr]) and (best is None or
+                                                      self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
+                        best = ((sp, wd), lr)
         if best is None:
             raise RuntimeError(f"{self.exp.name} {growth}/{arm}: every tuning run diverged")
-        return best[1], best[0], table
+        (sp, wd), lr = best
+        return lr, sp, wd, table
 
 
 # --------------------------------------------------------------------------- summary
@@ -705,22 +736,28 @@ def run_experiment(exp: Experiment, data: dict, out: Path, threads: int, selecte
             for point in exp.sp_grid:
                 for seed in range(exp.tune_seeds):
                     lab.perturbed(seed, growth, arm[:-len("+sp")], tuple(point))
-        lr, sp, table = lab.tune(growth, arm)
+        lr, sp, wd, table = lab.tune(growth, arm)
         if sp is not None:
             for seed in range(exp.seeds):
                 lab.perturbed(seed, growth, arm[:-len("+sp")], sp)
-        curves = [lab.run(growth, arm, lr, seed, sp) for seed in range(exp.seeds)]
+        curves = [lab.run(growth, arm, lr, seed, sp, wd) for seed in range(exp.seeds)]
         entry = {"growth": growth, "arm": arm, "lr": lr, "shrink": sp[0] if sp else None,
-                 "fresh": sp[1] if sp else None, "validation_by_lr": table[sp]}
-        if sp is not None:
-            entry["validation_by_sp"] = {sp_key(point): scores for point, scores in table.items()}
+                 "fresh": sp[1] if sp else None, "weight_decay": wd, "validation_by_lr": table[(sp, wd)]}
+        if sp is not None:   # at the chosen weight decay
+            entry["validation_by_sp"] = {sp_key(point): scores for (point, w), scores in table.items() if w == wd}
+        if len(exp.wd_grid) > 1:   # at the chosen (shrink, fresh)
+            entry["validation_by_wd"] = {f"{w:g}": scores for (point, w), scores in table.items() if point == sp}
+        if len(exp.wd_grid) > 1 and sp is not None:   # every candidate
+            entry["validation_grid"] = [{"shrink": point[0], "fresh": point[1], "weight_decay": w, "lr": x, "val": v}
+                                        for (point, w), scores in table.items() for x, v in scores.items()]
         arms[f"{growth}/{arm}"] = entry | {"steps": curves[0]["steps"], "curves": curves}
-        point = f", shrink {sp[0]:g} fresh {sp[1]:g}" if sp else ""
-        log(f"{exp.name} {growth}/{arm}: lr {lr:g}{point} (validation {entry.get('validation_by_sp', table[sp])}); "
+        point = (f", shrink {sp[0]:g} fresh {sp[1]:g}" if sp else "") + (f", wd {wd:g}" if wd else "")
+        log(f"{exp.name} {growth}/{arm}: lr {lr:g}{point} (validation {entry.get('validation_by_sp', table[(sp, wd)])}); "
             f"test {np.mean([c['test'][-1] for c in curves]):.4f}")
     teachers = [lab.teacher(seed)[1] for seed in range(exp.seeds)]
     return {"title": exp.title, "metric": exp.metric, "dataset": data["source"], "T": exp.T, "short": short(exp),
-            "grid": list(exp.grid), "sp_grid": [list(sp) for sp in exp.sp_grid], "tune_seeds": exp.tune_seeds,
+            "grid": list(exp.grid), "sp_grid": [list(sp) for sp in exp.sp_grid], "wd_grid": list(exp.wd_grid),
+            "tune_seeds": exp.tune_seeds,
             "seeds": exp.seeds, "batch": exp.batch,
             "teacher": {"steps": exp.teacher_steps, "lr": exp.teacher_lr, "test": teachers,
                         "mean": float(np.mean(teachers)), "widths": exp.widths},
@@ -748,15 +785,17 @@ def summary_rows(exp: Experiment, arms: dict) -> list[dict]:
                      "steps": entry["steps"][-1], "steps_to_target": steps_to(entry["steps"], mean, target, exp.metric),
                      "target_steps": target_steps, "final_mean": float(np.mean(finals)), "final_sem": sem(finals),
                      "seeds": len(finals), "target": target, "metric": exp.metric,
-                     "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh")})
+                     "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh"),
+                     "teacher_steps": None if entry["arm"].startswith("random-init") else exp.teacher_steps,
+                     "weight_decay": entry.get("weight_decay", 0.0)})
     return rows
 
 
 def arm_label(row: dict) -> str:
-    """The arm, with its shrink-and-perturb point for a +sp arm."""
-    if row.get("shrink") is None:
-        return row["arm"]
-    return f"{row['arm']} ({row['shrink']:g}/{row['fresh']:g})"
+    """The arm, with its shrink-and-perturb point for a +sp arm and its weight decay when not 0."""
+    extra = [] if row.get("shrink") is None else [f"{row['shrink']:g}/{row['fresh']:g}"]
+    extra += [f"wd {row['weight_decay']:g}"] if row.get("weight_decay") else []
+    return f"{row['arm']} ({', '.join(extra)})" if extra else row["arm"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -780,6 +819,7 @@ def format_details(experiments: dict) -> str:
         scale, fmt = (1, "{:.3f}") if exp["metric"] == "bpc" else (100, "{:.2f}")   # choices differ by 0.05 %
         teacher = exp["teacher"]
         grid_points = exp.get("sp_grid") or [[SHRINK, FRESH]]
+        several_wd = len(exp.get("wd_grid") or [0.0]) > 1
         parts.append(f"### {name}: {exp['title']}\n\n"
                      f"data: {exp['dataset']}\n\n"
                      f"teacher: {teacher['steps']} steps, Adam peak {teacher['lr']:g}, test "
@@ -788,18 +828,22 @@ def format_details(experiments: dict) -> str:
                      f"grown students T/3 = {exp['short']}; batch {exp['batch']}; learning rate tuned on "
                      f"{exp['tune_seeds']} seed(s), reported on {exp['seeds']}; shrink/fresh points tried for "
                      f"the +sp arms: {', '.join(f'{a:g}/{b:g}' for a, b in grid_points)}"
-                     f"{' (tuned on validation with the rate)' if len(grid_points) > 1 else ''}.\n")
+                     f"{' (tuned on validation with the rate)' if len(grid_points) > 1 else ''}"
+                     + (f"; weight decays tried for every arm (AdamW, tuned on validation with the rate): "
+                        f"{', '.join(f'{w:g}' for w in exp['wd_grid'])}" if several_wd else "") + ".\n")
         grid = exp["grid"]
-        lines = ["| arm | shrink/fresh | " + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen lr |",
+        lines = [f"| arm | shrink/fresh{', weight decay' if several_wd else ''} | "
+                 + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen lr |",
                  "|---|---|" + "---|" * (len(grid) + 1)]
         for key, entry in exp["arms"].items():
-            if entry.get("shrink") is None:
-                tables = [("-", entry["validation_by_lr"], True)]
-            else:
-                chosen = sp_key((entry["shrink"], entry["fresh"]))
-                by_sp = entry.get("validation_by_sp") or {chosen: entry["validation_by_lr"]}
-                tables = [(point.replace(":", "/") + (" (chosen)" if point == chosen and len(by_sp) > 1 else ""),
-                           scores, point == chosen) for point, scores in by_sp.items()]
+            candidates = tuning_candidates(entry)
+            chosen = (sp_key((entry["shrink"], entry["fresh"])) if entry.get("shrink") is not None else "-",
+                      entry.get("weight_decay", 0.0))
+            tables = []
+            for (point, wd), scores in candidates:
+                label = point.replace(":", "/") + (f", wd {wd:g}" if several_wd else "")
+                mark = (point, wd) == chosen
+                tables.append((label + (" (chosen)" if mark and len(candidates) > 1 else ""), scores, mark))
             for point, scores, chosen_row in tables:
                 cells = []
                 for lr in grid:
@@ -809,6 +853,22 @@ def format_details(experiments: dict) -> str:
                              f" | {format(entry['lr'], 'g') if chosen_row else ''} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def tuning_candidates(entry: dict) -> list[tuple[tuple[str, float], dict]]:
+    """An arm's validation tables: [((shrink/fresh key or "-", weight decay), {lr: validation})]."""
+    wd = entry.get("weight_decay", 0.0)
+    sp = sp_key((entry["shrink"], entry["fresh"])) if entry.get("shrink") is not None else "-"
+    if "validation_grid" in entry:
+        grouped = {}
+        for c in entry["validation_grid"]:
+            grouped.setdefault((sp_key((c["shrink"], c["fresh"])), c["weight_decay"]), {})[c["lr"]] = c["val"]
+        return list(grouped.items())
+    if "validation_by_wd" in entry:
+        return [((sp, float(w)), scores) for w, scores in entry["validation_by_wd"].items()]
+    if "validation_by_sp" in entry:
+        return [((point, wd), scores) for point, scores in entry["validation_by_sp"].items()]
+    return [((sp, wd), entry["validation_by_lr"])]
 
 
 def plot(experiments: dict, out: Path) -> list[str]:
@@ -831,6 +891,7 @@ def plot(experiments: dict, out: Path) -> list[str]:
                 m = values.mean(0)
                 e = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0 * m
                 point = "" if entry.get("shrink") is None else f", {entry['shrink']:g}/{entry['fresh']:g}"
+                point += f", wd {entry['weight_decay']:g}" if entry.get("weight_decay") else ""
                 ax.plot(entry["steps"], m, color=colors[entry["arm"]], marker=".",
                         label=f"{LABELS[entry['arm']]} (lr {entry['lr']:g}{point})")
                 ax.fill_between(entry["steps"], m - e, m + e, color=colors[entry["arm"]], alpha=0.2, lw=0)
@@ -885,6 +946,16 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     p.add_argument("--grid", type=float, nargs="+", default=None, metavar="LR",
                    help="override the peak learning rates tried for every arm (the same grid for all arms)")
+    p.add_argument("--tune-seeds", type=int, default=None, metavar="N",
+                   help="override the number of seeds every arm's learning rate (and +sp point) is tuned on "
+                        "(the same for all arms; at most --seeds)")
+    p.add_argument("--teacher-steps", type=int, default=None, metavar="N",
+                   help="train the teacher for N steps (its own complete warmup + cosine schedule) instead of "
+                        "the model's default before growing ('grow earlier'); not counted in the students' "
+                        "budget; the grown models and their runs are cached apart (cache/<model>/teacherN/)")
+    p.add_argument("--wd-grid", type=float, nargs="+", default=[0.0], metavar="WD",
+                   help="decoupled weight decays (AdamW; 0: plain Adam, the default) tuned with the learning rate "
+                        "on validation for every arm alike, e.g. 0 0.01 0.1")
     p.add_argument("--budget", type=int, default=None, metavar="T",
                    help="override T, the random-init students' budget (grown students get T/3), e.g. a longer "
                         "check of a model whose random-init student has not converged at its default T")
@@ -901,11 +972,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: must be at least 1")
+    for flag, value in (("--tune-seeds", args.tune_seeds), ("--teacher-steps", args.teacher_steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} {value}: must be at least 1")
     if args.budget is not None and args.budget < 3:
         p.error(f"--budget {args.budget}: must be at least 3 (grown students get T/3 steps)")
     if args.grid is not None and not all(lr > 0 for lr in args.grid):
         p.error(f"--grid {' '.join(map(str, args.grid))}: learning rates must be positive")
+    if not all(math.isfinite(wd) and wd >= 0 for wd in args.wd_grid):
+        p.error(f"--wd-grid {' '.join(map(str, args.wd_grid))}: weight decays must be >= 0")
     args.sp_grid = list(dict.fromkeys(tuple(sp) for sp in args.sp_grid))   # duplicates dropped, order kept
+    args.wd_grid = list(dict.fromkeys(float(wd) for wd in args.wd_grid))
     args.selected = select_arms(args.arms)
     return args
 
@@ -926,11 +1003,15 @@ def main(argv=None) -> int:
         exp = settle(EXPERIMENTS[name], args.quick)
         if args.seeds:
             exp = replace(exp, seeds=args.seeds, tune_seeds=min(exp.tune_seeds, args.seeds))
+        if args.tune_seeds is not None:
+            exp = replace(exp, tune_seeds=min(args.tune_seeds, exp.seeds))
+        if args.teacher_steps is not None and args.teacher_steps != exp.teacher_steps:
+            exp = replace(exp, teacher_steps=args.teacher_steps, teacher_tag=f"teacher{args.teacher_steps}")
         if args.budget is not None:
             exp = replace(exp, T=args.budget)
         if args.grid:
             exp = replace(exp, grid=tuple(args.grid))
-        exp = replace(exp, sp_grid=tuple(args.sp_grid))
+        exp = replace(exp, sp_grid=tuple(args.sp_grid), wd_grid=tuple(args.wd_grid))
         try:
             with no_network():
                 data = load_dataset(exp.dataset)
@@ -948,13 +1029,18 @@ def main(argv=None) -> int:
 
 def fill_sp(exp: dict, meta: dict) -> None:
     """An experiment of a results.json written before (λ, p) were tuned: its +sp arms used the meta's single
-    point; record it per arm and row like the current version does."""
+    point; record it per arm and row like the current version does (and the teacher's steps and weight decay
+    0 per row)."""
     point = (meta.get("shrink", SHRINK), meta.get("fresh", FRESH))
     exp.setdefault("sp_grid", [list(point)])
     for item in list(exp.get("arms", {}).values()) + exp.get("rows", []):
         if "shrink" not in item:
             sp = is_sp(item["arm"])
             item["shrink"], item["fresh"] = (point if sp else (None, None))
+    for row in exp.get("rows", []):   # written before teacher_steps and weight_decay were recorded per row
+        if "teacher_steps" not in row:
+            row["teacher_steps"] = None if row["arm"].startswith("random-init") else exp["teacher"]["steps"]
+        row.setdefault("weight_decay", 0.0)
 
 
 def write_outputs(results: dict, errors: list, args, argv) -> None:
@@ -965,13 +1051,14 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
             "platform": platform.platform(), "runtime_s": round(time.time() - _T0, 1),
             # shrink/fresh: the default point; the point each +sp arm used is in its row (``shrink``, ``fresh``)
             "zero_sum_noise": ZERO_SUM_NOISE, "shrink": SHRINK, "fresh": FRESH, "warmup": 0.05,
-            "sp_grid": [list(sp) for sp in args.sp_grid], "arms": [f"{g}/{a}" for g, a in args.selected],
+            "sp_grid": [list(sp) for sp in args.sp_grid], "wd_grid": list(args.wd_grid), "arms": [f"{g}/{a}" for g, a in args.selected],
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
     plots = [] if args.no_plots or not results else plot(results, args.out)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "errors": errors,
                                                        "plots": plots, "experiments": results}, indent=1))
     (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {
-        "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh")}
+        "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh"),
+        "teacher_steps": r.get("teacher_steps"), "weight_decay": r.get("weight_decay", 0.0)}
         for r in rows], indent=1))
     table = format_table(rows)
     (args.out / "results.md").write_text(table + "\n\n" + format_details(results))
