@@ -27,6 +27,19 @@ def model_path(name: str) -> Path:
     return MODELS / f"{name}.onnx"
 
 
+def tool_module(name: str):
+    """tools/<name>.py as a module, loaded once (registered before it runs: dataclasses look their module up)."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 # ----------------------------------------------------------------------------
 # Building graphs
 

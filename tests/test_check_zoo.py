@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import onnx
-from helpers import ROOT, H, make_model, mlp_model, rand
+from helpers import H, make_model, mlp_model, rand, tool_module
 from onnx import numpy_helper
 
 from onnx_net2net.verification import ReferenceRun
 
 
 def _check_zoo():
-    spec = importlib.util.spec_from_file_location("check_zoo", ROOT / "tools" / "check_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("check_zoo")
 
 
 def test_the_floor_is_the_move_of_one_ulp_on_the_weights():

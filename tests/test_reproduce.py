@@ -24,6 +24,7 @@ pytest.importorskip("matplotlib")
 import onnx  # noqa: E402
 
 import onnx_net2net as n2n  # noqa: E402
+from helpers import tool_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "reproduce_net2net.py"
@@ -156,15 +157,8 @@ def test_deepened_model_loads_in_onnx2torch():
 
 
 def _script_module():
-    """tools/reproduce_net2net.py as a module (registered first: its dataclasses look their module up)."""
-    import importlib.util
-
-    if "reproduce_net2net" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reproduce_net2net", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reproduce_net2net"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reproduce_net2net"]
+    """tools/reproduce_net2net.py as a module."""
+    return tool_module("reproduce_net2net")
 
 
 def test_schedule_warms_up_then_decays_to_zero():

@@ -3,17 +3,11 @@ the rewrites import one way, no module imports another's private names."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, tool_module
 
 
 def _check_imports():
-    spec = importlib.util.spec_from_file_location("check_imports", ROOT / "tools" / "check_imports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("check_imports")
 
 
 def test_no_private_names_cross_modules():
