@@ -174,9 +174,17 @@ def _widen_note(group: UnitGroup, ir: GraphIR) -> str | None:
     notes = group.step_notes(ir)
     if group.unit_width > 1:
         notes.append(f"whole attention heads of {group.unit_width}")
-    if group.repeats > 1:
+    if group.repeats > 1 and group.fixed_features:
+        notes.append(f"the units sit in {group.repeats} parts of the output; its other {group.fixed_features} "
+                     "features keep their number")
+    elif group.repeats > 1:
         why = "a concatenation of the same units" if "Concat" in group.ops else "fused projections"
         notes.append(f"the units repeat {group.repeats}x along the output ({why})")
+    if any(edit.divided for edit in group.weight_edits):
+        divided = sorted({layer_name(ir, edit.node) if edit.node in group.producers else ir.label(edit.node)
+                          for edit in group.weight_edits if edit.divided})
+        notes.append(f"a product sums over the units (q^T k): the copies made by {', '.join(divided)} share "
+                     "their unit's value")
     if group.repeat_of is not None:
         notes.append(f"it passes one repeat of the units '{layer_name(ir, group.repeat_of)}' writes, and grows "
                      "with them")

@@ -139,22 +139,23 @@ class WidenPass(_Pass):
         ir = GraphIR(handle)
         requests = self._requests(ir)
         changes = []
-        for number, (name, width) in enumerate(requests):
+        for number, (name, units) in enumerate(requests):
             if number:
                 ir = GraphIR(handle)  # the previous request rewrote the model
             group = _group_of(ir, name, self.keep_output_shapes)
-            width //= group.features_per_unit
-            _check_memory(ir, group, width)
+            _check_memory(ir, group, units)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
             names = [layer_name(ir, p) for p in group.producers + group.passthrough]
             with _rewriting(handle):
-                changes.append(asdict(grow_group(group, ir, width, options, names)))
+                changes.append(asdict(grow_group(group, ir, units, options, names)))
         return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
     def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
-        """One (layer, width) per group, checked before anything changes."""
+        """One (layer, number of units) per group, checked before anything
+        changes (in units: a layer's width may also count features of another
+        group, which an earlier request may grow)."""
         if self.factor is not None:
             requests, grown = [], set()
             for group in analyse_groups(ir, self.keep_output_shapes):
@@ -165,29 +166,32 @@ class WidenPass(_Pass):
                     width = self._factor_width(ir, group)
                     if width is not None:
                         self._check_options(group)
-                        requests.append((layer_name(ir, group.seed), width))
+                        requests.append((layer_name(ir, group.seed), group.units_of(width)))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
             return requests
-        by_group: dict[frozenset, tuple[str, int, int]] = {}
+        by_group: dict[frozenset, tuple[str, int]] = {}
         for name, width in self.widths.items():
             group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
             self._check_options(group)
             key = frozenset(group.producers)
-            units = width // group.features_per_unit  # layers of one group may hold it once or several times
-            if key in by_group and by_group[key][2] != units:
+            units = group.units_of(width)  # layers of one group may hold it once or several times
+            if key in by_group and by_group[key][1] != units:
                 other = by_group[key][0]
                 raise UserError(f"layers '{other}' and '{name}' grow together; give them widths for the same "
                                 "number of units (see `inspect`)")
-            by_group.setdefault(key, (name, width, units))
-        return [(name, width) for name, width, _ in by_group.values()]
+            by_group.setdefault(key, (name, units))
+        return list(by_group.values())
 
     def _factor_width(self, ir: GraphIR, group: UnitGroup) -> int | None:
+        """The first valid width from the group's own features times the factor up (a layer's
+        features outside the group, EfficientViT's v beside q and k, keep their number)."""
+        own = group.width - group.fixed_features
         if group.width * group.features_per_unit * self.factor >= MAX_UNITS:
             raise UserError(f"factor {self.factor:g}: layer '{layer_name(ir, group.seed)}' would grow to "
                             f"{group.width * self.factor:.3g} units; widths are limited to {MAX_UNITS - 1}")
-        return group.next_width(ir, math.ceil(group.width * self.factor))
+        return group.next_width(ir, math.ceil(own * self.factor) + group.fixed_features)
 
     def _check_options(self, group: UnitGroup) -> None:
         if group.exact_only and (self.options.init == "random-pad" or self.options.added_noise):
@@ -561,11 +565,12 @@ def _check_memory(ir: GraphIR, group: UnitGroup, width: int) -> None:
     """Refuse, before allocating, a widening that cannot fit in memory."""
     needed = group.grown_weight_bytes(ir, width)
     available = available_memory()
-    if width * group.features_per_unit >= MAX_UNITS:
-        raise UserError(f"width {width * group.features_per_unit} would need about {needed / 2**30:.3g} GiB for the new "
+    features = width * group.features_per_unit + group.fixed_features
+    if features >= MAX_UNITS:
+        raise UserError(f"width {features} would need about {needed / 2**30:.3g} GiB for the new "
                         f"weights; widths are limited to {MAX_UNITS - 1}")
     if available and needed * 3 > available:
-        raise UserError(f"widening to {width * group.features_per_unit} needs about {needed / 2**30:.3g} GiB for the new weights, "
+        raise UserError(f"widening to {features} needs about {needed / 2**30:.3g} GiB for the new weights, "
                         f"more than this machine can hold ({available / 2**30:.1f} GiB available)")
 
 

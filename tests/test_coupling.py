@@ -328,15 +328,25 @@ def test_refuse_unknown_layer():
         n2n.deepen(dense_sandwich(unary("Relu")), ["nope"])
 
 
-def test_refuse_attention_style_matmul():
-    """A product of two computed tensors (x Wq)(x Wk)^T mixes units."""
+def test_attention_scores_grow_the_key_size():
+    """(x Wq)(x Wk)^T sums over the units of q and k: they grow together, k's copies divided."""
     rng = np.random.default_rng(0)
     inits = {"Wq": rand(rng, 4, 3), "Wk": rand(rng, 4, 3)}
     nodes = [H("MatMul", ["x", "Wq"], ["q"], name="Q"), H("MatMul", ["x", "Wk"], ["k"], name="K"),
              H("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), H("MatMul", ["q", "kt"], ["y"], name="QK")]
     model = make_model(nodes, [("x", ["N", 5, 4])], ["y"], inits)
+    wider, _ = widen_exact(model, {"Q": 5})
+    assert node_weight(wider, "K").shape == (4, 5)
+
+
+def test_refuse_a_product_of_a_tensor_with_itself():
+    """(x Wq)(x Wq)^T: both sides are the same tensor, so neither can be divided."""
+    rng = np.random.default_rng(0)
+    nodes = [H("MatMul", ["x", "Wq"], ["q"], name="Q"), H("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
+             H("MatMul", ["q", "qt"], ["y"], name="QQ")]
+    model = make_model(nodes, [("x", ["N", 5, 4])], ["y"], {"Wq": rand(rng, 4, 3)})
     message = refused(model, "Q", 4)
-    assert "QK" in message and "mixes" in message
+    assert "QQ" in message and "contracts the units" in message and "also read by" in message
 
 
 def test_refusals_are_reported_by_inspect():

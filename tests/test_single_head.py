@@ -3,7 +3,9 @@ user models): viewing q, k, v as [B, T, 1, d] splits nothing, so no reshape
 shows that the features form a head; the walk is refused at q k^T, which
 contracts them. Retried with the whole axis as one unit, the head grows into
 several copies, exactly (each copy computes the same attention; the output
-projection's rows are split)."""
+projection's rows are split). Where copies of the head cannot be told apart
+from a longer head (an Unsqueeze made the head axis), the head's size grows
+instead (contraction.py)."""
 
 from __future__ import annotations
 
@@ -83,15 +85,18 @@ def test_partial_heads_stay_refused():
 
 
 @pytest.mark.parametrize("split, merge", [("Unsqueeze", "Reshape"), ("Reshape", "Squeeze"), ("Unsqueeze", "Squeeze")])
-def test_a_single_head_made_by_unsqueeze_or_squeeze_stays_refused(split, merge):
+def test_a_single_head_made_by_unsqueeze_or_squeeze_grows_its_size(split, merge):
     """An Unsqueeze inserting the axis of 1, or a Squeeze removing it, cannot
-    give that axis several heads: growing the head would feed q k^T all the
-    copies at once (not exact) or squeeze an axis of 2 (an invalid model)."""
+    give that axis several heads: growing the head by copies would feed q k^T
+    all the copies at once (not exact) or squeeze an axis of 2 (an invalid
+    model). The head's size grows instead, k's copies divided by their number
+    (contraction.py)."""
     model = single_head_attention(fused=False, split=split, merge=merge)
     layer = inspected(model)["q_proj"]
-    assert not layer["widen"]["ok"]
-    with pytest.raises(n2n.GrowthRefused):
-        n2n.widen(model, {"q_proj": 2 * D})
+    assert layer["widen"]["ok"] and layer["widen"]["step"] == 1
+    grown, _ = widen_exact(model, {"q_proj": D + 3})
+    assert inspected(grown)["k_proj"]["width"] == D + 3
+    assert inspected(grown)["v_proj"]["width"] == D  # v is a space of its own
 
 
 def single_head_kv(seed: int = 0):

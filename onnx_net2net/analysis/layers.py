@@ -71,7 +71,11 @@ def layer_output_placement(ir: GraphIR, index: int) -> Placement:
     return Placement(axis=axis, rank=rank, length=layer_width(ir, index))
 
 
-def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 1) -> Placement:
+def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 1,
+                   starts: tuple[int, ...] = ()) -> Placement:
     """The layer's output placement with units of `unit_width` features,
-    the whole space repeated `repeats` times along the axis."""
+    the whole space repeated `repeats` times along the axis, or once at each
+    of `starts` (the rest of the output holding other data)."""
+    if starts:
+        return replace(layer_output_placement(ir, layer), inner=unit_width, starts=starts)
     return replace(layer_output_placement(ir, layer), inner=unit_width, outer=repeats)

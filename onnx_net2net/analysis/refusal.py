@@ -30,6 +30,15 @@ class RefusalKind(Enum):
     NOT_DEEPENABLE = "not deepenable"      # no identity layer or block can be inserted here
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Parts of a layer's output that may hold one space each (of `size`
+    features, at `starts`), the rest of the output holding other data."""
+
+    size: int
+    starts: tuple[int, ...]
+
+
 @dataclass(eq=False)
 class Refusal(Exception):
     """Why something cannot grow exactly.
@@ -46,6 +55,9 @@ class Refusal(Exception):
             unit, repeats) of the current one: a reshape into [heads, head
             size] suggests whole heads; an even Split of the whole space
             suggests one space repeated.
+        parts: layouts worth a walk in which the space sits in some parts of
+            the layer's output only (an uneven split of the whole output:
+            EfficientViT's q | k | v, q and k holding one space, v another).
     """
 
     reason: str
@@ -55,6 +67,7 @@ class Refusal(Exception):
     op: str | None = None
     causes: tuple[Refusal, ...] = ()
     retry: tuple[tuple[int, int], ...] = ()
+    parts: tuple[Parts, ...] = ()
 
     def __post_init__(self) -> None:
         super().__init__(self.reason)
@@ -70,9 +83,9 @@ class Refusal(Exception):
 
     @classmethod
     def at_op(cls, ir, index: int, reason: str, kind: RefusalKind = RefusalKind.UNSUPPORTED,
-              retry: tuple[tuple[int, int], ...] = ()) -> Refusal:
+              retry: tuple[tuple[int, int], ...] = (), parts: tuple[Parts, ...] = ()) -> Refusal:
         """A refusal by node `index` of `ir` (a GraphIR) acting as its op."""
-        return cls(reason, kind, index, ir.label(index), ir.nodes[index].op_type, retry=retry)
+        return cls(reason, kind, index, ir.label(index), ir.nodes[index].op_type, retry=retry, parts=parts)
 
     @classmethod
     def at_layer(cls, ir, index: int, reason: str, kind: RefusalKind = RefusalKind.UNSUPPORTED) -> Refusal:

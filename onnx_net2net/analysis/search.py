@@ -5,9 +5,12 @@
 1. walk the layer's output units (walk.py with the op rules of rules/) in
    the plain layout, one unit per feature; when a reshape or a split shows
    that the features are structured (whole attention heads, a fused Q/K/V
-   projection, grouped-query heads), walk again in that layout, at most
-   MAX_LAYOUT_TRIES layouts, each checked by a full walk (a wrong guess is
-   only a refusal);
+   projection, grouped-query heads, or, last, a space in some equal parts
+   of a split output only: EfficientViT's q | k beside v), walk again in
+   that layout, at most MAX_LAYOUT_TRIES layouts, each checked by a full
+   walk (a wrong guess is only a refusal); a layout in which a product sums
+   over the units (q^T k, contraction.py: one side's copies divided) gives
+   way to a later one in which none does (whole heads);
 2. check the sizes read at run time from grown tensors (runtime_shapes) and,
    for units normalised together, whether LEMON's average expansion applies
    (normalisation.py);
@@ -23,10 +26,11 @@ layouts and the routing region said (its `causes`).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..ir import GraphIR, node_attr
 from ..ops import WEIGHTED_LAYERS
+from .contraction import divide_contractions, whole_axis_layouts
 from .layers import is_weighted_layer, layer_width, seed_placement
 from .normalisation import average_expansion_blocker
 from .refined_shapes import refined_shape
@@ -77,7 +81,8 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     if structured:
         later = structured[0]
         layout = f"{later.size} units of {later.unit_width} features" + (
-            f", repeated {later.repeats}x" if later.repeats > 1 else "")
+            f", repeated {later.repeats}x" if later.repeats > 1 else "") + (
+            f" beside {later.fixed_features} other features" if later.fixed_features else "")
         group.refusal = replace(group.refusal, reason=f"{group.refusal.reason}; as {layout}: {later.refusal}",
                                 retry=(), causes=group.refusal.causes + (later.refusal,))
     if routing_refusal and group.refusal.has_kind(RefusalKind.CHANNEL_SHUFFLE):
@@ -86,22 +91,78 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     return group
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A guess at how the seed layer's output holds its units: units of
+    `unit_width` features, the space repeated `repeats` times along the
+    output, or once at each of `starts` in parts of `part` features (the
+    rest of the output holding other data: EfficientViT's q | k | v)."""
+
+    unit_width: int = 1
+    repeats: int = 1
+    starts: tuple[int, ...] = ()
+    part: int = 0
+
+    def fits(self, width: int) -> bool:
+        if self.starts:
+            return self.part % self.unit_width == 0
+        return width % (self.unit_width * self.repeats) == 0
+
+    def size(self, width: int) -> int:
+        """The number of units of a layer `width` features wide."""
+        return (self.part if self.starts else width // self.repeats) // self.unit_width
+
+    def scaled(self, unit_width: int, repeats: int) -> Layout | None:
+        """The layout with units `unit_width` times wider, repeated `repeats` times more (None: not with parts)."""
+        if self.starts and repeats != 1:
+            return None
+        return replace(self, unit_width=self.unit_width * unit_width, repeats=self.repeats * repeats)
+
+
 def _walk_layouts(ir: GraphIR, layer: int, keep_outputs: bool) -> tuple[UnitGroup | None, list[UnitGroup]]:
-    """The first layout whose walk succeeds (or None), and the refused ones in the order tried."""
-    tried, queue, failures = set(), [(1, 1)], []
+    """The first layout whose walk succeeds (or None), and the refused ones in the order tried.
+
+    A layout whose units a product contracts (q^T k: contraction.py) gives way
+    to a later one in which no product does (whole heads of a multi-head
+    attention grow rather than their size)."""
+    tried, queue, failures = set(), [Layout()], []
+    in_parts = []  # the space in some parts of the output only: the last guesses (most layers fill theirs)
+    contracted = None  # the first layout found whose units a product contracts
     width = layer_width(ir, layer)
-    while queue and len(tried) < MAX_LAYOUT_TRIES:
-        unit_width, repeats = queue.pop(0)
-        if (unit_width, repeats) in tried or width % (unit_width * repeats):
+    while (queue or (in_parts and contracted is None)) and len(tried) < MAX_LAYOUT_TRIES:
+        layout = queue.pop(0) if queue else in_parts.pop(0)
+        if layout is None or layout in tried or not layout.fits(width):
             continue
-        tried.add((unit_width, repeats))
-        group = _walk_layout(ir, layer, unit_width, repeats, keep_outputs)
-        if group.ok:
+        tried.add(layout)
+        group = _walk_layout(ir, layer, layout, keep_outputs)
+        if group.ok and not group.contractions:
             return group, failures
+        if group.ok:
+            contracted = contracted or _parts_instead(ir, layer, group, in_parts, keep_outputs) or group
+            queue += [layout.scaled(w, r) for w, r in whole_axis_layouts(ir, group)]
+            continue
         failures.append(group)
-        queue += [(unit_width * w, repeats * r) for w, r in group.refusal.retry]
-        queue += _grouped_heads(group)
-    return None, failures
+        queue += [layout.scaled(w, r) for w, r in group.refusal.retry]
+        queue += [layout.scaled(d, 1) for d in _grouped_heads(group)]
+        in_parts += [Layout(repeats=len(parts.starts), starts=parts.starts, part=parts.size)
+                     for parts in group.refusal.parts]
+    return contracted, failures
+
+
+def _parts_instead(ir: GraphIR, layer: int, group: UnitGroup, in_parts: list[Layout],
+                   keep_outputs: bool) -> UnitGroup | None:
+    """A space repeated in every part of a split output that contracts with
+    itself (q | k | v of equal sizes, q^T k summing over the units) holds v
+    only because the sizes are equal: v's channels may belong to another
+    space (EfficientViT's v, a chunk of the stream). The first layout of
+    some parts only that also walks is the finer group (q and k alone)."""
+    if not group.contractions or group.repeats == 1:
+        return None
+    for layout in in_parts[:MAX_LAYOUT_TRIES]:
+        finer = _walk_layout(ir, layer, layout, keep_outputs)
+        if finer.ok:
+            return finer
+    return None
 
 
 def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> UnitGroup | None:
@@ -120,7 +181,7 @@ def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> Uni
         if group is None or layer not in group.passthrough:
             continue
         if group.placements.get(output) == seed_placement(ir, layer, group.unit_width):
-            return replace(group, seed=layer, repeats=1, repeat_of=writer)
+            return replace(group, seed=layer, repeats=1, repeat_of=writer, fixed_features=0)
     return None
 
 
@@ -146,23 +207,28 @@ def _upstream_layers(ir: GraphIR, layer: int, limit: int) -> list[int]:
     return found
 
 
-def _grouped_heads(group: UnitGroup) -> list[tuple[int, int]]:
+def _grouped_heads(group: UnitGroup) -> list[int]:
     """Heads that another reshape merges in groups (grouped-query attention:
     K/V heads repeated for n_rep query heads each): units of d heads, for the
-    small divisors d of the head count."""
+    small divisors d of the head count (as factors of the unit width)."""
     refusal = group.refusal
     if group.unit_width == 1 or refusal.op != "Reshape" or refusal.kind != RefusalKind.SPLITS_UNIT_AXIS:
         return []
-    return [(group.unit_width * d, group.repeats) for d in range(2, 9) if group.size % d == 0 and d < group.size]
+    return [d for d in range(2, 9) if group.size % d == 0 and d < group.size]
 
 
-def _walk_layout(ir: GraphIR, layer: int, unit_width: int, repeats: int, keep_outputs: bool = False) -> UnitGroup:
-    """One walk with units of `unit_width` features repeated `repeats` times,
-    then the runtime size and normalisation checks; refusals land in the group."""
+def _walk_layout(ir: GraphIR, layer: int, layout: Layout, keep_outputs: bool = False) -> UnitGroup:
+    """One walk of the layer's units in `layout`, then the contractions, the
+    runtime size and normalisation checks; refusals land in the group."""
     width = layer_width(ir, layer)
-    group = UnitGroup(seed=layer, size=width // (unit_width * repeats), unit_width=unit_width, repeats=repeats)
+    repeats = len(layout.starts) or layout.repeats
+    size = layout.size(width)
+    group = UnitGroup(seed=layer, size=size, unit_width=layout.unit_width, repeats=repeats,
+                      fixed_features=width - size * layout.unit_width * repeats)
     try:
-        Walk(ir, group, rule_for, keep_outputs).run(ir.nodes[layer].output[0], seed_placement(ir, layer, unit_width, repeats))
+        seed = seed_placement(ir, layer, layout.unit_width, layout.repeats, layout.starts)
+        Walk(ir, group, rule_for, keep_outputs).run(ir.nodes[layer].output[0], seed)
+        divide_contractions(ir, group)
         _deduplicate(group)
         _check_runtime_sizes(ir, group)
         if layer not in group.producers and layer not in group.passthrough:

@@ -96,6 +96,9 @@ class WeightEdit:
     placement: Placement
     role: str
     groups: int = 1
+    #: for "copy": the repeats of `placement` whose copies also share their unit's value, each
+    #: divided by its copy count (the divided side of a contraction over the units, contraction.py)
+    divided: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,11 @@ class UnitGroup:
         repeat_of: the layer writing the whole space, when the seed (a
             depthwise convolution) passes one repeat of it (EdgeNeXt's chunk
             convolutions); None otherwise.
+        fixed_features: output features of the seed layer outside the space
+            (EfficientViT's v channels beside the q and k channels holding
+            it): they keep their number.
+        contractions: products of two computed tensors that contract the
+            units (q^T k); contraction.py divides one side's copies.
         kept_outputs: graph outputs carrying the units (only when asked for):
             the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
@@ -188,6 +196,8 @@ class UnitGroup:
     runtime_bounds: dict[tuple[int, int, int], int] = field(default_factory=dict)
     kept_outputs: dict[str, Placement] = field(default_factory=dict)
     repeat_of: int | None = None
+    fixed_features: int = 0
+    contractions: list[int] = field(default_factory=list)
 
     @property
     def features_per_unit(self) -> int:
@@ -196,8 +206,12 @@ class UnitGroup:
 
     @property
     def width(self) -> int:
-        """The seed layer's width in features (units times features per unit)."""
-        return self.size * self.features_per_unit
+        """The seed layer's width in features (units times features per unit, and those outside the space)."""
+        return self.size * self.features_per_unit + self.fixed_features
+
+    def units_of(self, width: int) -> int:
+        """The number of units at which the seed layer is `width` features wide."""
+        return (width - self.fixed_features) // self.features_per_unit
 
     @property
     def feature_step(self) -> int:

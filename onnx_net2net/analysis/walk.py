@@ -32,7 +32,7 @@ from ..ir import GraphIR
 from ..ops import ELEMENTWISE_NARY, ELEMENTWISE_UNARY, POOLING, RESHAPES
 from .quantized import dequantized_constant, quantized_reason
 from .refined_shapes import refined_shape
-from .refusal import Refusal, RefusalKind
+from .refusal import Parts, Refusal, RefusalKind
 from .units import Placement, UnitGroup, WeightEdit
 
 #: Ops that keep units merged with a batch of unknown size apart (Placement.batch):
@@ -41,8 +41,10 @@ BATCH_MERGED_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | RESHAPES
                              | {"Transpose", "Shape", "Size", "Softmax", "LogSoftmax", "MatMul"})
 
 #: Ops that keep a space repeated at uneven offsets (Placement.starts) in place:
-#: per-channel ops, and convolutions reading or writing the channels.
-UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | POOLING | {"BatchNormalization", "Conv", "Concat"})
+#: per-channel ops, convolutions reading or writing the channels, a Split
+#: into the repeats, and reshapes that keep the unit axis whole (their rule checks it).
+UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | POOLING | RESHAPES
+                               | {"BatchNormalization", "Conv", "Concat", "Split", "Shape", "Size"})
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
 #: tensors and edits to the walk's group, or refuses.
@@ -155,9 +157,9 @@ class Walk:
         (self.deferred_late if late else self.deferred).setdefault(key, decide)
 
     def refuse(self, index: int, reason: str, retry: tuple[tuple[int, int], ...] = (),
-               kind: RefusalKind = RefusalKind.UNSUPPORTED) -> NoReturn:
+               kind: RefusalKind = RefusalKind.UNSUPPORTED, parts: tuple[Parts, ...] = ()) -> NoReturn:
         """Stop the walk: node `index` cannot carry the units exactly."""
-        raise Refusal.at_op(self.ir, index, reason, kind, retry)
+        raise Refusal.at_op(self.ir, index, reason, kind, retry, parts)
 
     def shape(self, index: int, tensor: str) -> tuple:
         """The tensor's shape, inferred or refined (refused when unknown)."""

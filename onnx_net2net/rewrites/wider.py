@@ -227,7 +227,7 @@ def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOpt
         mapping = UnitMapping.tile(n, q) if q % n == 0 else UnitMapping.average(n, q, group.extras)
     else:
         mapping = UnitMapping.draw(n, q, rng, group.step)
-    record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.features_per_unit,
+    record = GrownGroup(layers=layer_names, old_width=group.width, new_width=q * group.features_per_unit + group.fixed_features,
                         tensors=sorted(group.placements))
 
     by_input = defaultdict(list)
@@ -310,6 +310,8 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     in_space = slots >= 0
     new = (in_space & mapping.is_new[np.maximum(slots, 0)]).reshape(shape)
     options = context.options
+    if edit.divided:
+        value = _divide_copies(value, edit, mapping, slots, options)
     if options.init == Init.ZERO:
         if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
             value = np.where(new, np.zeros((), value.dtype), value)
@@ -335,6 +337,38 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
         noise = context.rng.normal(0.0, options.added_noise * context.reference_std, size=value.shape)
         value = value + (noise * replicated.reshape(shape)).astype(value.dtype)
     return value
+
+
+def _divide_copies(value: np.ndarray, edit, mapping: UnitMapping, slots: np.ndarray,
+                   options: WidenOptions) -> np.ndarray:
+    """The divided side of a contraction over the units (analysis/contraction.py):
+    in the repeats `edit.divided`, every copy of unit u carries its value / c(u)
+    (with `init="zero"`: the old units keep theirs, the new ones carry 0)."""
+    shape = [1] * value.ndim
+    shape[edit.axis] = -1
+    divided = (slots >= 0) & np.isin(repeat_index(edit.placement, mapping), edit.divided)
+    if options.init == Init.ZERO:
+        new = divided & mapping.is_new[np.maximum(slots, 0)]
+        return np.where(new.reshape(shape), np.zeros((), value.dtype), value)
+    copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
+    factors = np.where(divided, 1.0 / np.maximum(copies, 1), 1.0)
+    return scaled_once(value, factors.reshape(shape))
+
+
+def repeat_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
+    """For each position of the widened axis, the repeat of the space it is in (or -1 outside it)."""
+    slots = unit_slots(placement, mapping)
+    if placement.starts:
+        span = mapping.new * placement.inner
+        repeats, done = [], 0
+        for r, start in enumerate(placement.starts):
+            first = start + placement.offset + (mapping.new - mapping.old) * placement.inner * r
+            repeats += [np.full(first - done, -1), np.full(span, r)]
+            done = first + span
+        repeats.append(np.full(len(slots) - done, -1))
+        return np.concatenate(repeats).astype(np.int64)
+    block = len(slots) // placement.outer
+    return np.where(slots >= 0, np.arange(len(slots)) // block, -1)
 
 
 def _every_position(indices: np.ndarray, axis: int, length: int) -> np.ndarray:

@@ -27,6 +27,9 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
     if _on_a_free_axis(side, port, from_end) and not placement.batch and _both_matrices(walk, index):
         _free_axis(walk, index, placement, from_end)
         return
+    if _on_the_contracted_axis(side, port, from_end) and not placement.batch and _both_matrices(walk, index):
+        _contracted_axis(walk, index, port, placement)
+        return
     if from_end <= 2:
         walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis",
                     _whole_axis_as_one_unit(walk, placement))
@@ -45,6 +48,28 @@ def _on_a_free_axis(side: str, port: int, from_end: int) -> bool:
     if side == "out":
         return from_end in (1, 2)
     return (port, from_end) in ((0, 2), (1, 1))
+
+
+def _on_the_contracted_axis(side: str, port: int, from_end: int) -> bool:
+    """Whether the units are on A's columns or B's rows of A @ B (the axis it sums over)."""
+    return side == "in" and (port, from_end) in ((0, 1), (1, 2))
+
+
+def _contracted_axis(walk: Walk, index: int, port: int, placement: Placement) -> None:
+    """(A @ B)[.., i, j] = sum_t A[.., i, t] B[.., t, j] with the units on t
+    (q^T k over the key channels): position t of both operands is the same
+    unit, so the other operand holds the units the same way on its
+    contracted axis, and the product does not hold them. Copies of a unit
+    would count its term once per copy: contraction.py divides one side's
+    copies by their number once the walk is done."""
+    node = walk.ir.nodes[index]
+    other = node.input[1 - port]
+    shape = walk.shape(index, other)
+    axis = len(shape) - (1 if port == 1 else 2)
+    if axis < 0 or not placement.fits(shape[axis]):
+        walk.refuse(index, f"'{other}' does not hold the units on the axis the product contracts")
+    walk.add(other, placement.on_axis(axis, len(shape)))
+    walk.group.contractions.append(index)
 
 
 def _both_matrices(walk: Walk, index: int) -> bool:

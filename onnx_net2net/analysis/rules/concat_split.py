@@ -18,18 +18,24 @@ them; runtime_shapes then checks that they move as constant bounds would
 
 A space repeated k times (q | k | v of a fused projection, or Swin's patch
 merging of strided slices) is split into, sliced from or concatenated to
-its repeats whole: every repeat holds the same units.
+its repeats whole: every repeat holds the same units. A space repeated in
+some parts of a Split only (q and k of EfficientViT's q | k | v, v holding
+another space) is split into its repeats; a refused split of the whole
+space suggests such layouts (`Refusal.parts`: equal parts).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import replace
+from itertools import combinations
 
 import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..aligned import aligned_inputs, chunked_source
 from ..refined_shapes import refined_shape
+from ..refusal import Parts
 from ..shape_algebra import clamp
 from ..size_evaluator import SizeEvaluator
 from ..units import Placement, ValueEdit
@@ -219,6 +225,8 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement, se
     known = walk.group.placements.get(source)
     if side == "out" and known is not None and _split_pieces(walk, index, known, sizes, starts).get(port) == placement:
         return  # reached again from a piece of a repeated space already mapped from the input
+    if side == "out" and placement.starts:
+        walk.refuse(index, "the units repeat at uneven offsets of one of its outputs")
     if side == "out" and known is None and len(set(sizes)) == 1 and len(sizes) > 1 and not settled:
         # The input may hold the space once per output: decide once the rest of the walk has said.
         walk.settle(("split", index), lambda: _settle_split(walk, index))
@@ -252,6 +260,8 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     """The outputs of a Split that carry the units, with their placements:
     the one output holding all of them, or, for a space repeated once per
     output (q | k | v of a fused projection), every output."""
+    if placement.starts:
+        return _pieces_of_uneven_repeats(walk, index, placement, sizes, starts)
     lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
     if placement.outer == 1:
         for piece in range(len(sizes)):
@@ -265,7 +275,50 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     retry = ((1, len(sizes)),) if fills_blocks and placement.outer == 1 and equal else ()
     unequal = f" (of unequal sizes {', '.join(map(str, sizes))})" \
         if fills_blocks and placement.outer == 1 and len(set(sizes)) > 1 else ""
-    walk.refuse(index, f"the units span several split outputs{unequal}", retry)
+    group = walk.group
+    plain_seed = (fills_blocks and placement.outer == 1 and placement.inner == 1 and group.unit_width == 1
+                  and group.repeats == 1 and placement.length == group.size)
+    walk.refuse(index, f"the units span several split outputs{unequal}", retry,
+                parts=_equal_parts(sizes, starts) if plain_seed else ())
+
+
+#: At most this many layouts of equal parts are suggested by one split.
+MAX_PART_LAYOUTS = 4
+
+
+def _equal_parts(sizes: list, starts) -> tuple[Parts, ...]:
+    """Layouts in which some equal parts of a split of the whole seed output
+    hold one space each (q and k of q | k | v), most parts first; all the
+    parts alike is the (1, k) retry already."""
+    by_size = defaultdict(list)
+    for piece, size in enumerate(sizes):
+        by_size[size].append(int(starts[piece]))
+    layouts = [Parts(size, chosen) for size, offsets in by_size.items()
+               for count in range(len(offsets), 1, -1) for chosen in combinations(offsets, count)
+               if count < len(sizes)]
+    return tuple(layouts[:MAX_PART_LAYOUTS])
+
+
+def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
+                              starts) -> dict[int, Placement]:
+    """The outputs holding the repeats of a space at uneven offsets (q and k
+    of q | k | v): each repeat must lie in one output, which then holds it
+    (or the repeats it holds, at their offsets in it)."""
+    held = defaultdict(list)
+    span = walk.group.size * placement.inner
+    for start in placement.starts:
+        lo = start + placement.offset
+        pieces = [piece for piece in range(len(sizes)) if starts[piece] <= lo and lo + span <= starts[piece + 1]]
+        if not pieces:
+            walk.refuse(index, f"a repeat of the units (positions {lo} to {lo + span}) spans several split outputs")
+        held[pieces[0]].append(start - int(starts[pieces[0]]))
+    pieces = {}
+    for piece, offsets in held.items():
+        if len(offsets) == 1:
+            pieces[piece] = replace(placement, offset=placement.offset + offsets[0], starts=(), length=sizes[piece])
+        else:
+            pieces[piece] = replace(placement, starts=tuple(offsets), length=sizes[piece])
+    return pieces
 
 
 def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement]) -> None:

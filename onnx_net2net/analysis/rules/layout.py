@@ -69,6 +69,9 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
                       "channels (the other concatenated branch)")
             kind = RefusalKind.CHANNEL_SHUFFLE
         walk.refuse(index, reason, refusal.retry or unit_layout_hints(placement, src, dst), kind)
+    if placement.starts and replace(moved, axis=placement.axis, rank=placement.rank) != placement:
+        walk.refuse(index, f"reshape {format_shape(src)} -> {format_shape(dst)} regroups an axis holding the units "
+                           "at uneven offsets")
     if node.op_type in ("Squeeze", "Unsqueeze") and replace(moved, axis=0, rank=0) != replace(placement, axis=0,
                                                                                               rank=0):
         # Only a Reshape's target can grow an axis: these insert or remove axes of 1, nothing else.
