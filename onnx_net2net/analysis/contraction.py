@@ -201,9 +201,11 @@ def _divide_outputs(path: _Path, index: int, ports: tuple[int, ...]) -> None:
         produced = group.placements.get(ir.nodes[index].output[0])
         if produced is None or _layout(produced) != _layout(counted_in):
             raise path.refuse(f"the repeats of the units change between {ir.label(index)} and the part it divides")
-    for port in ports:
-        if _carries_units(group, index, port):
-            path.divisions[(index, port)] = repeats
+    divided = [port for port in ports if _carries_units(group, index, port)]
+    if not divided:
+        raise path.refuse(f"{ir.label(index)}, producing the side it would divide, has no per-unit constant to divide")
+    for port in divided:
+        path.divisions[(index, port)] = repeats
 
 
 def _layout(placement: Placement) -> Placement:
