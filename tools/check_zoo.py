@@ -45,7 +45,7 @@ TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", 
 OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
 #: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
 PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
-            "bert_encoder", "fastvit_t8", "coatnet_nano", "edgenext_xx_small", "efficientvit_m0"]
+            "bert_encoder", "fastvit_t8", "coatnet_nano", "edgenext_xx_small", "efficientvit_m0", "mobilevitv2_050"]
 
 
 def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
@@ -200,6 +200,11 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         import timm
 
         model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=10, img_size=64)
+        example = torch.randn(1, 3, 64, 64)
+    elif name == "mobilevitv2_050":  # separable attention: one conv writes [1 | k | v], k and v one space
+        import timm
+
+        model = timm.create_model("mobilevitv2_050", pretrained=False, num_classes=10)
         example = torch.randn(1, 3, 64, 64)
     elif name == "timm_vit":
         import timm
