@@ -119,10 +119,10 @@ def _step_back(path: _Path, index: int, tensor: str) -> str:
         if not _carries_units(group, index, bias_port):
             raise path.refuse(f"{op} {ir.label(index)} adds a constant that is not per unit, so '{tensor}' is not "
                               "linear in what it would divide")
-        path.divisions[(index, bias_port)] = None
+        path.divisions[(index, bias_port)] = _repeats_at(path, index)
         return computed[0]
     if op == "Conv" and index in group.passthrough:  # depthwise: linear per channel, but for its bias
-        path.divisions[(index, 2)] = None
+        path.divisions[(index, 2)] = _repeats_at(path, index)
         return node.input[0]
     if op in ("Split", "Slice") and path.selected is None:
         path.selected = _selected_repeats(path, index, tensor)
@@ -194,16 +194,23 @@ def _repeat_starts(placement: Placement) -> list[int]:
 
 def _divide_outputs(path: _Path, index: int, ports: tuple[int, ...]) -> None:
     """Divide the constants of node `index` that produce the units (weight rows and bias, or a norm's scale and bias)."""
-    ir, group = path.ir, path.group
-    repeats = None
-    if path.selected is not None:
-        counted_in, repeats = path.selected
-        produced = group.placements.get(ir.nodes[index].output[0])
-        if produced is None or _layout(produced) != _layout(counted_in):
-            raise path.refuse(f"the repeats of the units change between {ir.label(index)} and the part it divides")
+    repeats = _repeats_at(path, index)
     for port in ports:
-        if _carries_units(group, index, port):
+        if _carries_units(path.group, index, port):
             path.divisions[(index, port)] = repeats
+
+
+def _repeats_at(path: _Path, index: int) -> tuple[int, ...] | None:
+    """The repeats of node `index`'s constants to divide: those a Split or
+    Slice further down the path selected (q | k | v: k's only), else all."""
+    if path.selected is None:
+        return None
+    ir = path.ir
+    counted_in, repeats = path.selected
+    produced = path.group.placements.get(ir.nodes[index].output[0])
+    if produced is None or _layout(produced) != _layout(counted_in):
+        raise path.refuse(f"the repeats of the units change between {ir.label(index)} and the part it divides")
+    return repeats
 
 
 def _layout(placement: Placement) -> Placement:
