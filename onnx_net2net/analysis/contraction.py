@@ -15,8 +15,8 @@ transposes, a Split or Slice taking k's part of a wider output (q | k | v:
 only k's repeat of the space is divided), products and quotients by
 constants, a constant bias (divided too), a depthwise convolution (its bias
 divided), a BatchNormalization (its scale and bias divided instead of the
-layer's rows), and no other reader on the way (its values would change),
-except Shape. The side tried first is B's (k of q^T k), then A's.
+layer's rows), and no other reader on the way but Shape, nor a graph output
+(its values would change). The side tried first is B's (k of q^T k), then A's.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ def _carries_units(group: UnitGroup, index: int, port: int) -> bool:
 
 def _check_sole_reader(path: _Path, tensor: str, reader: int) -> None:
     ir = path.ir
+    if tensor in ir.graph_outputs:  # kept with keep_output_shapes: its copies would be divided
+        raise path.refuse(f"'{tensor}', on the side it would divide, is a graph output")
     for use in ir.uses(tensor):
         if use.node != reader and ir.nodes[use.node].op_type not in _SHAPE_READERS:
             raise path.refuse(f"'{tensor}', on the side it would divide, is also read by "
