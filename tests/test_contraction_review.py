@@ -160,3 +160,33 @@ def test_factor_pass_on_q_k_and_v_spaces_is_exact():
     result = WidenPass(factor=1.5)(model)
     from helpers import assert_same_function
     assert_same_function(model, result.model)
+
+
+# -- 5. the divided side gathered from a constant table (learned key embeddings)
+
+
+def gathered_keys(seed: int = 0):
+    """q = x Wq; k = E[ids] (a constant table gathered by run-time indices): scores q k^T."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    inits = {"wq": rand(rng, 6, 4), "E": rand(rng, 7, 4), "wv": rand(rng, 6, 6), "wo": rand(rng, 6, 3)}
+    nodes = [H("MatMul", ["x", "wq"], ["q"], name="q_proj"), H("Gather", ["E", "ids"], ["k"], axis=0, name="emb"),
+             H("Transpose", ["k"], ["kT"], perm=[0, 2, 1]), H("MatMul", ["q", "kT"], ["s"]),
+             H("Softmax", ["s"], ["p"], axis=-1), H("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             H("MatMul", ["p", "v"], ["c"]), H("MatMul", ["c", "wo"], ["y"], name="out")]
+    inputs = [("x", [2, 5, 6]), helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])]
+    return make_model(nodes, inputs, [("y", [2, 5, 3])], inits)
+
+
+def test_keys_gathered_from_a_table_divide_the_tables_copies():
+    """The table is the Gather's input 0: its copied columns must be divided
+    (before: nothing was divided and the scores doubled for copied units)."""
+    from helpers import max_rel_error
+
+    model = gathered_keys()
+    entry = inspected(model)["q_proj"]["widen"]
+    if not entry["ok"]:
+        return  # refusing is exact too
+    wider, _ = n2n.widen(model, {"q_proj": 6}, verify=False)  # its own random ids overrun the table
+    assert max_rel_error(model, wider) <= 1e-5
