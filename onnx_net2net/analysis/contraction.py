@@ -8,8 +8,9 @@ side's copies by their number, k'_j = k_g(j) / c(g(j)), gives
 sum_u c(u) q_u k_u / c(u) = s exactly.
 
 k is a computed tensor, so the division is made where it is produced: the
-weight rows (and bias) of the layer writing it are divided along with being
-copied (`WeightEdit.divided`). That is exact when everything between that
+weight rows (and bias) of the layer writing it, or the columns of the
+embedding table it is gathered from, are divided along with being copied
+(`WeightEdit.divided`). That is exact when everything between that
 layer and the product is linear in k and reads nothing else: reshapes and
 transposes, a Split or Slice taking k's part of a wider output (q | k | v:
 only k's repeat of the space is divided), products and quotients by
@@ -97,8 +98,8 @@ def _divisions(ir: GraphIR, group: UnitGroup, index: int, port: int) -> dict[tup
         if producer is None:
             raise path.refuse(f"'{tensor}', the side it would divide, is not computed by a layer")
         node = ir.nodes[producer]
-        if producer in group.producers:
-            _divide_outputs(path, producer, (1, 2))
+        if producer in group.producers:  # its weight and bias, or an embedding table (a Gather's input 0)
+            _divide_outputs(path, producer, _copied_ports(group, producer))
             return path.divisions
         if node.op_type == "BatchNormalization":
             _divide_outputs(path, producer, (1, 2))
@@ -197,9 +198,16 @@ def _repeat_starts(placement: Placement) -> list[int]:
 def _divide_outputs(path: _Path, index: int, ports: tuple[int, ...]) -> None:
     """Divide the constants of node `index` that produce the units (weight rows and bias, or a norm's scale and bias)."""
     repeats = _repeats_at(path, index)
-    for port in ports:
-        if _carries_units(path.group, index, port):
-            path.divisions[(index, port)] = repeats
+    divided = [port for port in ports if _carries_units(path.group, index, port)]
+    if not divided:
+        raise path.refuse(f"{path.ir.label(index)} has no constant copying the units to divide")
+    for port in divided:
+        path.divisions[(index, port)] = repeats
+
+
+def _copied_ports(group: UnitGroup, index: int) -> tuple[int, ...]:
+    """The ports of node `index` whose constants a copy edit grows."""
+    return tuple(sorted({edit.port for edit in group.weight_edits if edit.node == index and edit.role == "copy"}))
 
 
 def _repeats_at(path: _Path, index: int) -> tuple[int, ...] | None:
