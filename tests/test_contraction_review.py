@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from helpers import H, inspected, make_model, rand, widen_exact
 from test_contraction import cascaded_head
 
@@ -190,3 +191,31 @@ def test_keys_gathered_from_a_table_divide_the_tables_copies():
         return  # refusing is exact too
     wider, _ = n2n.widen(model, {"q_proj": 6}, verify=False)  # its own random ids overrun the table
     assert max_rel_error(model, wider) <= 1e-5
+
+
+# -- 6. a Gemm producing the divided side with a bias broadcast over the units
+
+
+def gemm_keys(bias_shape: tuple, seed: int = 0):
+    """q = Gemm(x, Wq); k = Gemm(x, Wk, C) with C of `bias_shape`; y = q k^T (the raw scores)."""
+    rng = np.random.default_rng(seed)
+    bias = rand(rng, *bias_shape) if bias_shape else np.array(0.7, np.float32)
+    inits = {"wq": rand(rng, 6, 4), "wk": rand(rng, 6, 4), "ck": bias}
+    nodes = [H("Gemm", ["x", "wq"], ["q"], name="q_proj"), H("Gemm", ["x", "wk", "ck"], ["k"], name="k_proj"),
+             H("Transpose", ["k"], ["kT"], perm=[1, 0]), H("MatMul", ["q", "kT"], ["y"], name="scores")]
+    return make_model(nodes, [("x", [5, 6])], [("y", [5, 5])], inits)
+
+
+
+@pytest.mark.parametrize("bias_shape", [(), (1,), (5, 1)])
+def test_a_gemm_bias_broadcast_over_the_units_is_not_divided_by_dividing_the_weight(bias_shape):
+    """k = x Wk + c with c the same for every unit: dividing Wk's copied columns leaves
+    c whole in every copy, so q k^T counts c once per copy (refuse, or divide q)."""
+    model = gemm_keys(bias_shape)
+    if inspected(model)["q_proj"]["widen"]["ok"]:
+        widen_exact(model, {"q_proj": 6})
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (1, 4)])
+def test_a_gemm_bias_per_unit_is_divided(bias_shape):
+    widen_exact(gemm_keys(bias_shape), {"q_proj": 6})
