@@ -99,6 +99,10 @@ def _divisions(ir: GraphIR, group: UnitGroup, index: int, port: int) -> dict[tup
             raise path.refuse(f"'{tensor}', the side it would divide, is not computed by a layer")
         node = ir.nodes[producer]
         if producer in group.producers:  # its weight and bias, or an embedding table (a Gather's input 0)
+            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] \
+                    and not _carries_units(group, producer, 2):
+                raise path.refuse(f"Gemm {ir.label(producer)} adds a bias that is not per unit, so '{tensor}' is "
+                                  "not linear in what it would divide")
             _divide_outputs(path, producer, _copied_ports(group, producer))
             return path.divisions
         if node.op_type == "BatchNormalization":
