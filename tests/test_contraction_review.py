@@ -2,7 +2,16 @@
 units divide one side's copies, spaces in some parts of a split output.
 
 Each test is a graph where `inspect` says ok and `widen` must be exact (or a
-request that must be honoured).
+request that must be honoured). All failed on 6a28777:
+
+1. a bias Add or depthwise conv before the Split that selects k (fused
+   q | k | v, GPT-style c_attn with one head) had all its repeats divided;
+2. a tensor on the divided side that is a graph output (keep_output_shapes);
+3. AlignPass asked qkv and the depthwise conv on q for different unit counts;
+4. the requests of two spaces written by one layer (q | k and v) were taken
+   for one group (factor grew only one; widths for both were refused);
+5. keys gathered from a constant table: nothing was divided;
+6. a Gemm bias broadcast over the units on the divided side.
 """
 
 from __future__ import annotations
