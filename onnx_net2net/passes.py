@@ -161,8 +161,8 @@ class WidenPass(_Pass):
             for group in analyse_groups(ir, self.keep_output_shapes):
                 # The same space seeded from layers writing it once and twice (GhostNet's
                 # primary convolution and the stem writing [S | S]) is one group: grown once.
-                if group.ok and frozenset(group.producers) not in grown:
-                    grown.add(frozenset(group.producers))
+                if group.ok and space_key(ir, group) not in grown:
+                    grown.add(space_key(ir, group))
                     width = self._factor_width(ir, group)
                     if width is not None:
                         self._check_options(group)
@@ -175,7 +175,7 @@ class WidenPass(_Pass):
             group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
             self._check_options(group)
-            key = frozenset(group.producers)
+            key = space_key(ir, group)
             units = group.units_of(width)  # layers of one group may hold it once or several times
             if key in by_group and by_group[key][1] != units:
                 other = by_group[key][0]
@@ -367,10 +367,11 @@ class AlignPass(_Pass):
 
     def apply(self, handle: ModelHandle) -> dict:
         ir = GraphIR(handle)
-        widths = {}
+        widths, spaces = {}, set()
         for group in analyse_groups(ir):
-            if not group.ok:
-                continue
+            if not group.ok or space_key(ir, group) in spaces:
+                continue  # a space seeded from two layers (a depthwise conv passing it) is aligned once
+            spaces.add(space_key(ir, group))
             target = group.aligned_width(ir, self.multiple)
             if target is not None and target != group.width:
                 widths[layer_name(ir, group.seed)] = target
@@ -519,6 +520,13 @@ def analyse_groups(ir: GraphIR, keep_outputs: bool = False) -> list[UnitGroup]:
     for group in groups_by_layer(ir, keep_outputs).values():
         unique.setdefault(id(group), group)
     return list(unique.values())
+
+
+def space_key(ir: GraphIR, group: UnitGroup) -> frozenset:
+    """What tells groups apart: their producers, and where each one's output
+    holds the units (one layer may write two spaces: EfficientViT's q | k
+    beside v; the same space seeded from another layer has the same key)."""
+    return frozenset((p, group.placements.get(ir.nodes[p].output[0])) for p in group.producers)
 
 
 def groups_by_layer(ir: GraphIR, keep_outputs: bool = False) -> dict[int, UnitGroup]:

@@ -8,15 +8,16 @@ side's copies by their number, k'_j = k_g(j) / c(g(j)), gives
 sum_u c(u) q_u k_u / c(u) = s exactly.
 
 k is a computed tensor, so the division is made where it is produced: the
-weight rows (and bias) of the layer writing it are divided along with being
-copied (`WeightEdit.divided`). That is exact when everything between that
+weight rows (and bias) of the layer writing it, or the columns of the
+embedding table it is gathered from, are divided along with being copied
+(`WeightEdit.divided`). That is exact when everything between that
 layer and the product is linear in k and reads nothing else: reshapes and
 transposes, a Split or Slice taking k's part of a wider output (q | k | v:
 only k's repeat of the space is divided), products and quotients by
 constants, a constant bias (divided too), a depthwise convolution (its bias
 divided), a BatchNormalization (its scale and bias divided instead of the
-layer's rows), and no other reader on the way (its values would change),
-except Shape. The side tried first is B's (k of q^T k), then A's.
+layer's rows), and no other reader on the way but Shape, nor a graph output
+(its values would change). The side tried first is B's (k of q^T k), then A's.
 """
 
 from __future__ import annotations
@@ -97,8 +98,12 @@ def _divisions(ir: GraphIR, group: UnitGroup, index: int, port: int) -> dict[tup
         if producer is None:
             raise path.refuse(f"'{tensor}', the side it would divide, is not computed by a layer")
         node = ir.nodes[producer]
-        if producer in group.producers:
-            _divide_outputs(path, producer, (1, 2))
+        if producer in group.producers:  # its weight and bias, or an embedding table (a Gather's input 0)
+            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] \
+                    and not _carries_units(group, producer, 2):
+                raise path.refuse(f"Gemm {ir.label(producer)} adds a bias that is not per unit, so '{tensor}' is "
+                                  "not linear in what it would divide")
+            _divide_outputs(path, producer, _copied_ports(group, producer))
             return path.divisions
         if node.op_type == "BatchNormalization":
             _divide_outputs(path, producer, (1, 2))
@@ -119,10 +124,10 @@ def _step_back(path: _Path, index: int, tensor: str) -> str:
         if not _carries_units(group, index, bias_port):
             raise path.refuse(f"{op} {ir.label(index)} adds a constant that is not per unit, so '{tensor}' is not "
                               "linear in what it would divide")
-        path.divisions[(index, bias_port)] = None
+        path.divisions[(index, bias_port)] = _repeats_at(path, index)
         return computed[0]
     if op == "Conv" and index in group.passthrough:  # depthwise: linear per channel, but for its bias
-        path.divisions[(index, 2)] = None
+        path.divisions[(index, 2)] = _repeats_at(path, index)
         return node.input[0]
     if op in ("Split", "Slice") and path.selected is None:
         path.selected = _selected_repeats(path, index, tensor)
@@ -137,6 +142,8 @@ def _carries_units(group: UnitGroup, index: int, port: int) -> bool:
 
 def _check_sole_reader(path: _Path, tensor: str, reader: int) -> None:
     ir = path.ir
+    if tensor in ir.graph_outputs:  # kept with keep_output_shapes: its copies would be divided
+        raise path.refuse(f"'{tensor}', on the side it would divide, is a graph output")
     for use in ir.uses(tensor):
         if use.node != reader and ir.nodes[use.node].op_type not in _SHAPE_READERS:
             raise path.refuse(f"'{tensor}', on the side it would divide, is also read by "
@@ -194,18 +201,30 @@ def _repeat_starts(placement: Placement) -> list[int]:
 
 def _divide_outputs(path: _Path, index: int, ports: tuple[int, ...]) -> None:
     """Divide the constants of node `index` that produce the units (weight rows and bias, or a norm's scale and bias)."""
-    ir, group = path.ir, path.group
-    repeats = None
-    if path.selected is not None:
-        counted_in, repeats = path.selected
-        produced = group.placements.get(ir.nodes[index].output[0])
-        if produced is None or _layout(produced) != _layout(counted_in):
-            raise path.refuse(f"the repeats of the units change between {ir.label(index)} and the part it divides")
-    divided = [port for port in ports if _carries_units(group, index, port)]
+    repeats = _repeats_at(path, index)
+    divided = [port for port in ports if _carries_units(path.group, index, port)]
     if not divided:
-        raise path.refuse(f"{ir.label(index)}, producing the side it would divide, has no per-unit constant to divide")
+        raise path.refuse(f"{path.ir.label(index)} has no constant copying the units to divide")
     for port in divided:
         path.divisions[(index, port)] = repeats
+
+
+def _copied_ports(group: UnitGroup, index: int) -> tuple[int, ...]:
+    """The ports of node `index` whose constants a copy edit grows."""
+    return tuple(sorted({edit.port for edit in group.weight_edits if edit.node == index and edit.role == "copy"}))
+
+
+def _repeats_at(path: _Path, index: int) -> tuple[int, ...] | None:
+    """The repeats of node `index`'s constants to divide: those a Split or
+    Slice further down the path selected (q | k | v: k's only), else all."""
+    if path.selected is None:
+        return None
+    ir = path.ir
+    counted_in, repeats = path.selected
+    produced = path.group.placements.get(ir.nodes[index].output[0])
+    if produced is None or _layout(produced) != _layout(counted_in):
+        raise path.refuse(f"the repeats of the units change between {ir.label(index)} and the part it divides")
+    return repeats
 
 
 def _layout(placement: Placement) -> Placement:
