@@ -357,3 +357,69 @@ def test_experiments_kept_from_an_older_results_json_get_teacher_steps_and_weigh
                                                                              "fresh": None}]}
     r.fill_sp(exp, {})
     assert [(row["teacher_steps"], row["weight_decay"]) for row in exp["rows"]] == [(None, 0.0), (6000, 0.0)]
+
+
+def test_noise_grid_option_is_parsed_and_checked():
+    r = _script_module()
+    assert r.parse_args([]).noise_grid == [r.ZERO_SUM_NOISE] == [0.1]   # the default: unchanged behaviour
+    assert r.parse_args(["--noise-grid", "0.3", "0.01", "0.3"]).noise_grid == [0.3, 0.01]
+    for argv in (["--noise-grid", "0"], ["--noise-grid", "-0.1"], ["--noise-grid", "nan"], ["--noise-grid", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            r.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_quick_noise_grid_is_tuned_for_the_zero_sum_arms_and_recorded(tmp_path):
+    """--noise-grid: the zero-sum noise scale chosen with the rate (and a +sp arm's point) on validation, for
+    the zero-sum arms only; every scale's model exact at step 0 and cached apart (the default keeps the old
+    names); the choice recorded per arm, row and run; a second invocation recomputes nothing."""
+    argv = [sys.executable, str(SCRIPT), "--quick", "--only", "mnist1d-cnn", "--arms", "widen/net2net",
+            "widen/zero-sum", "widen/zero-sum+sp", "--noise-grid", "0.1", "1.5", "--out", str(tmp_path),
+            "--no-plots"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    exp = results["experiments"]["mnist1d-cnn"]
+    assert exp["noise_grid"] == [0.1, 1.5] and results["meta"]["noise_grid"] == [0.1, 1.5]
+    arms = exp["arms"]
+    for key in ("widen/random-init", "widen/net2net"):   # not a zero-sum arm: no noise, no noise tuning
+        assert arms[key]["noise"] is None and "validation_by_noise" not in arms[key]
+    for key in ("widen/zero-sum", "widen/zero-sum+sp"):
+        entry = arms[key]
+        assert set(entry["validation_by_noise"]) == {"0.1", "1.5"} and entry["noise"] in (0.1, 1.5)
+        grid = entry["validation_grid"]
+        assert {c["noise"] for c in grid} == {0.1, 1.5} and len(grid) == 2 * len(exp["grid"])
+        best = max(c["val"] for c in grid)
+        assert entry["validation_by_lr"][str(entry["lr"])] >= best - 1e-6
+        assert entry["validation_by_lr"] == entry["validation_by_noise"][f"{entry['noise']:g}"]
+        assert all(c.get("noise", 0.1) == entry["noise"] for c in entry["curves"])
+    rows = {r["arm"]: r for r in results["summary"]}
+    written = {r["arm"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    for arm in ("random-init", "net2net", "zero-sum", "zero-sum+sp"):
+        expected = arms[f"widen/{arm}"]["noise"]
+        assert rows[arm]["noise"] == written[arm]["noise"] == expected
+    # every scale's zero-sum model is exact (step 0 = the teacher's metric), and the scales differ
+    checks = [c for c in exp["step0_checks"] if c["arm"] == "zero-sum"]
+    assert {c.get("noise", 0.1) for c in checks} == {0.1, 1.5}
+    assert all(c["exact"] and abs(c["step0"] - c["teacher"]) <= 0.001 + 1e-9 for c in checks)
+    cache = tmp_path / "cache" / "mnist1d-cnn"
+    # the scale reaches the rewrite: distance of each zero-sum model from the plain equal split of the teacher
+    equal = n2n.widen(onnx.load(str(cache / f"teacher_seed0_{exp['teacher']['steps']}.onnx")), factor=2.0,
+                      split="equal", seed=0)[0]
+    reference = {i.name: onnx.numpy_helper.to_array(i) for i in equal.graph.initializer}
+    spread = {}
+    for scale, name in ((0.1, "seed0_widen_zero-sum.onnx"), (1.5, "seed0_widen_zero-sum_n1.5.onnx")):
+        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(cache / name)).graph.initializer}
+        assert weights.keys() == reference.keys()
+        spread[scale] = sum(float(abs(weights[k] - reference[k]).sum()) for k in weights)
+    assert spread[1.5] > 5 * spread[0.1] > 0
+    assert (cache / "seed0_widen_zero-sum_n1.5_sp.onnx").is_file()
+    assert (cache / "seed0_widen_zero-sum_sp.onnx").is_file()                  # the default: the old name
+    runs = cache / "runs"
+    assert len(list(runs.glob("widen_zero-sum_n1.5_lr*.json"))) == len(exp["grid"])
+    assert len(list(runs.glob("widen_zero-sum_lr*.json"))) == len(exp["grid"])       # the default: old names
+    assert len(list(runs.glob("widen_zero-sum_sp_n1.5_lr*.json"))) == len(exp["grid"])
+    md = (tmp_path / "results.md").read_text()
+    assert "zero-sum noise scales tried" in md and "| widen/zero-sum | -, noise 1.5" in md
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and "steps, val" not in again.stderr   # every run came from the cache

@@ -65,6 +65,12 @@ shared.
 validation for *every* arm alike (random init included); for a +sp arm jointly with (λ, p). The chosen decay
 is recorded per arm and row (``weight_decay``).
 
+``--noise-grid`` makes the zero-sum split's noise scale (``n2n.widen(split="zero-sum", noise=S)``: the std of
+the +N/-N noise relative to each consumer weight's std; exact for every S; default the single scale
+``ZERO_SUM_NOISE``) a knob of the zero-sum arms (``zero-sum``, ``zero-sum+sp``), tuned on validation with the
+rate (and the +sp point and weight decay); the chosen scale is recorded per arm and row (``noise``; null on the
+other arms). Zero-sum models and runs of a non-default scale are cached with an ``_n<S>`` suffix.
+
 ``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
 student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
 always added.
@@ -79,6 +85,8 @@ Usage::
                                                              # widen arms only, (λ, p) tuned on validation
     python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen --teacher-steps 2000
                                                              # grow from a teacher trained 2,000 steps
+    python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen/zero-sum --noise-grid 0.01 0.1 1
+                                                             # the zero-sum noise scale tuned on validation
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
@@ -154,6 +162,7 @@ class Experiment:
     sp_grid: tuple = ((SHRINK, FRESH),)   # (shrink, fresh) points tried for the +sp arms
     teacher_tag: str = ""     # set when --teacher-steps differs from the default: the grown models' cache folder
     wd_grid: tuple = (0.0,)   # decoupled weight decays tried for every arm (0: plain Adam)
+    noise_grid: tuple = (ZERO_SUM_NOISE,)   # zero-sum noise scales tried for the zero-sum arms
 
 
 EXPERIMENTS = {
@@ -215,6 +224,19 @@ def sp_tag(sp) -> str:
 
 def sp_key(sp) -> str:
     return f"{sp[0]:g}:{sp[1]:g}"
+
+
+def is_zero_sum(arm: str) -> bool:
+    """The arms grown with ``split="zero-sum"`` (with or without shrink and perturb): they have a noise scale."""
+    return arm in ("zero-sum", "zero-sum+sp")
+
+
+def noise_tag(noise) -> str:
+    """File-name suffix of a zero-sum noise scale: empty for the default one (the caches of earlier versions
+    stay valid), else ``_n<noise>``."""
+    if noise is None or noise == ZERO_SUM_NOISE:
+        return ""
+    return f"_n{noise:g}"
 
 
 # --------------------------------------------------------------------------- data (numpy)
@@ -531,7 +553,7 @@ class Lab:
         self.grown_dir = self.dir / exp.teacher_tag if exp.teacher_tag else self.dir
         self.grown_dir.mkdir(parents=True, exist_ok=True)
         self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
-        self.perturbed_models = {}
+        self.perturbed_models, self.zero_sum_models = {}, {}
 
     # -- teachers ----------------------------------------------------------------
     def teacher(self, seed: int):
@@ -587,34 +609,62 @@ class Lab:
         self.grown_models[seed] = models
         return models
 
-    def perturbed(self, seed: int, growth: str, base: str, sp: tuple):
-        """The exact grown model `base` of a seed after ``n2n.perturb(shrink=sp[0], fresh=sp[1], seed=seed)``
-        (the same fresh draw for every (λ, p) of a seed), cached per (λ, p); step 0 recorded once."""
+    def zero_sum(self, seed: int, noise: float | None):
+        """The zero-sum widened model of a seed at noise scale `noise` (``n2n.widen(split="zero-sum",
+        noise=noise)``; exact whatever the scale). The default scale is the one of `grown`; the others are
+        cached per scale (``seed<N>_widen_zero-sum_n<noise>.onnx``), step 0 checked once."""
         import onnx
 
         import onnx_net2net as n2n
 
-        key = (seed, growth, base, tuple(sp))
-        if key in self.perturbed_models:
-            return self.perturbed_models[key]
-        path = self.grown_dir / f"seed{seed}_{growth}_{base}_sp{sp_tag(sp)}.onnx"
+        if noise is None or noise == ZERO_SUM_NOISE:
+            return self.grown(seed)[("widen", "zero-sum")]
+        key = (seed, noise)
+        if key in self.zero_sum_models:
+            return self.zero_sum_models[key]
+        path = self.grown_dir / f"seed{seed}_widen_zero-sum{noise_tag(noise)}.onnx"
+        proto, teacher_metric, _ = self.teacher(seed)
         if path.is_file():
             model = onnx.load(str(path))
         else:
-            model = grow(n2n.perturb, self.grown(seed)[(growth, base)], self.relaxed, shrink=sp[0], fresh=sp[1],
-                         seed=seed)
+            model = grow(n2n.widen, proto, self.relaxed, factor=2.0, split="zero-sum", noise=noise, seed=seed)
             onnx.save(model, str(path))
-        self.check_step0(seed, (growth, f"{base}+sp"), model, self.teacher(seed)[1], sp)
+        self.check_step0(seed, ("widen", "zero-sum"), model, teacher_metric, noise=noise)
+        self.zero_sum_models[key] = model
+        return model
+
+    def perturbed(self, seed: int, growth: str, base: str, sp: tuple, noise: float | None = None):
+        """The exact grown model `base` of a seed (for ``zero-sum``, at noise scale `noise`) after
+        ``n2n.perturb(shrink=sp[0], fresh=sp[1], seed=seed)`` (the same fresh draw for every (λ, p) of a seed),
+        cached per (noise, λ, p); step 0 recorded once."""
+        import onnx
+
+        import onnx_net2net as n2n
+
+        noise = noise if is_zero_sum(base) else None
+        key = (seed, growth, base, tuple(sp), noise)
+        if key in self.perturbed_models:
+            return self.perturbed_models[key]
+        path = self.grown_dir / f"seed{seed}_{growth}_{base}{noise_tag(noise)}_sp{sp_tag(sp)}.onnx"
+        if path.is_file():
+            model = onnx.load(str(path))
+        else:
+            source = self.zero_sum(seed, noise) if is_zero_sum(base) else self.grown(seed)[(growth, base)]
+            model = grow(n2n.perturb, source, self.relaxed, shrink=sp[0], fresh=sp[1], seed=seed)
+            onnx.save(model, str(path))
+        self.check_step0(seed, (growth, f"{base}+sp"), model, self.teacher(seed)[1], sp, noise)
         self.perturbed_models[key] = model
         return model
 
-    def check_step0(self, seed: int, key: tuple, model, teacher_metric: float, sp=None) -> None:
+    def check_step0(self, seed: int, key: tuple, model, teacher_metric: float, sp=None, noise=None) -> None:
         exact = not is_sp(key[1])
         metric = self.task.evaluate(to_torch(model), "test")
         check = {"seed": seed, "growth": key[0], "arm": key[1], "exact": exact, "teacher": teacher_metric,
                  "step0": metric}
         if sp is not None:
             check.update(shrink=sp[0], fresh=sp[1])
+        if noise is not None and noise != ZERO_SUM_NOISE:
+            check.update(noise=noise)
         self.checks.append(check)
         if exact:
             tolerance = 1e-4 if self.exp.metric == "bpc" else 0.001 + 1e-9
@@ -623,12 +673,14 @@ class Lab:
                                      f"does not reproduce the teacher's test metric ({metric} vs {teacher_metric})")
 
     # -- students ----------------------------------------------------------------
-    def student(self, growth: str, arm: str, seed: int, sp=None):
+    def student(self, growth: str, arm: str, seed: int, sp=None, noise=None):
         exp = self.exp
         if growth == "teacher":
             return to_torch(self.teacher(seed)[0])
         if is_sp(arm):
-            return to_torch(self.perturbed(seed, growth, arm[:-len("+sp")], sp))
+            return to_torch(self.perturbed(seed, growth, arm[:-len("+sp")], sp, noise))
+        if is_zero_sum(arm):
+            return to_torch(self.zero_sum(seed, noise))
         if not arm.startswith("random-init"):
             return to_torch(self.grown(seed)[(growth, arm)])
         if exp.model == "charlm":
@@ -640,54 +692,62 @@ class Lab:
             return to_torch(export_onnx(build_model(exp, shape), exp))
         return reinitialise(to_torch(self.grown(seed)[(growth, "net2net")]), 1_000 + seed)
 
-    def run(self, growth: str, arm: str, lr: float, seed: int, sp=None, wd: float = 0.0) -> dict:
-        """One training run (cached); `sp` (shrink, fresh) for the +sp arms; `wd` the weight decay."""
+    def run(self, growth: str, arm: str, lr: float, seed: int, sp=None, wd: float = 0.0, noise=None) -> dict:
+        """One training run (cached); `sp` (shrink, fresh) for the +sp arms; `wd` the weight decay; `noise` the
+        zero-sum noise scale of a zero-sum arm (None: the default, ZERO_SUM_NOISE; ignored on other arms)."""
         exp = self.exp
         if is_sp(arm) and sp is None:
             raise ValueError(f"{growth}/{arm}: a shrink-and-perturb arm needs its (shrink, fresh)")
         sp = tuple(sp) if is_sp(arm) else None
+        noise = (ZERO_SUM_NOISE if noise is None else noise) if is_zero_sum(arm) else None
         steps = exp.T if arm == "random-init" else short(exp)
         wd_tag = f"_wd{wd:g}" if wd else ""
-        name = (f"{growth}_{arm.replace('/', '_').replace('+', '_')}{sp_tag(sp)}{wd_tag}_lr{lr:g}_seed{seed}_"
-                f"{steps}.json")
+        name = (f"{growth}_{arm.replace('/', '_').replace('+', '_')}{noise_tag(noise)}{sp_tag(sp)}{wd_tag}_lr{lr:g}_"
+                f"seed{seed}_{steps}.json")
         path = (self.dir if arm.startswith("random-init") else self.grown_dir) / "runs" / name
         if path.is_file():
             return json.loads(path.read_text())
         t = time.time()
-        curve = train(self.student(growth, arm, seed, sp), self.task, steps, lr, seed, exp.evals, wd)
+        curve = train(self.student(growth, arm, seed, sp, noise), self.task, steps, lr, seed, exp.evals, wd)
         curve.update(lr=lr, seed=seed, seconds=round(time.time() - t, 1))
         if wd:
             curve.update(weight_decay=wd)
+        if noise_tag(noise):
+            curve.update(noise=noise)
         if sp is not None:
             curve.update(shrink=sp[0], fresh=sp[1])
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(curve))
-        point = (f" shrink {sp[0]:g} fresh {sp[1]:g}" if sp else "") + (f" wd {wd:g}" if wd else "")
+        point = ((f" noise {noise:g}" if noise_tag(noise) else "") + (f" shrink {sp[0]:g} fresh {sp[1]:g}" if sp
+                                                                      else "") + (f" wd {wd:g}" if wd else ""))
         log(f"{exp.name} {growth}/{arm}{point} lr {lr:g} seed {seed}: {steps} steps, val {curve['val'][-1]:.4f} "
             f"test {curve['test'][-1]:.4f} ({curve['seconds']:.0f}s)")
         return curve
 
-    def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, float, dict]:
-        """The peak rate, the weight decay of ``exp.wd_grid`` and for a +sp arm the (shrink, fresh) point of
-        ``exp.sp_grid``, with the best mean final validation metric over the tuning seeds (ties, within TIE of
-        float32 rounding: the first in grid order, λ:p pairs in the order given, then weight decays, then
-        rates). Returns (lr, sp or None, wd, {(sp or None, wd): {lr: validation}})."""
+    def tune(self, growth: str, arm: str) -> tuple[float, tuple | None, float, float | None, dict]:
+        """The peak rate, the weight decay of ``exp.wd_grid``, for a zero-sum arm the noise scale of
+        ``exp.noise_grid`` and for a +sp arm the (shrink, fresh) point of ``exp.sp_grid``, with the best mean
+        final validation metric over the tuning seeds (ties, within TIE of float32 rounding: the first in grid
+        order, noise scales in the order given, then λ:p pairs, then weight decays, then rates).
+        Returns (lr, sp or None, wd, noise or None, {(noise or None, sp or None, wd): {lr: validation}})."""
         points = [tuple(sp) for sp in self.exp.sp_grid] if is_sp(arm) else [None]
+        noises = list(self.exp.noise_grid) if is_zero_sum(arm) else [None]
         table, best = {}, None
-        for sp in points:
-            for wd in self.exp.wd_grid:
-                scores = table.setdefault((sp, wd), {})
-                for lr in self.exp.grid:
-                    finals = [self.run(growth, arm, lr, seed, sp, wd)["val"][-1]
-                              for seed in range(self.exp.tune_seeds)]
-                    scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
-                    if math.isfinite(scores[lr]) and (best is None or
-                                                      self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
-                        best = ((sp, wd), lr)
+        for noise in noises:
+            for sp in points:
+                for wd in self.exp.wd_grid:
+                    scores = table.setdefault((noise, sp, wd), {})
+                    for lr in self.exp.grid:
+                        finals = [self.run(growth, arm, lr, seed, sp, wd, noise)["val"][-1]
+                                  for seed in range(self.exp.tune_seeds)]
+                        scores[lr] = float(np.mean(finals)) if all(math.isfinite(f) for f in finals) else float("nan")
+                        if math.isfinite(scores[lr]) and (best is None or
+                                                          self.task.better(scores[lr], table[best[0]][best[1]], TIE)):
+                            best = ((noise, sp, wd), lr)
         if best is None:
             raise RuntimeError(f"{self.exp.name} {growth}/{arm}: every tuning run diverged")
-        (sp, wd), lr = best
-        return lr, sp, wd, table
+        (noise, sp, wd), lr = best
+        return lr, sp, wd, noise, table
 
 
 # --------------------------------------------------------------------------- summary
@@ -732,32 +792,48 @@ def run_experiment(exp: Experiment, data: dict, out: Path, threads: int, selecte
         lab.grown(seed)
     arms = {}
     for growth, arm in selected:
-        if is_sp(arm):   # the step-0 record of every perturbed model the runs use (cached runs included)
-            for point in exp.sp_grid:
-                for seed in range(exp.tune_seeds):
-                    lab.perturbed(seed, growth, arm[:-len("+sp")], tuple(point))
-        lr, sp, wd, table = lab.tune(growth, arm)
-        if sp is not None:
-            for seed in range(exp.seeds):
-                lab.perturbed(seed, growth, arm[:-len("+sp")], sp)
-        curves = [lab.run(growth, arm, lr, seed, sp, wd) for seed in range(exp.seeds)]
+        noises = list(exp.noise_grid) if is_zero_sum(arm) else [None]
+        for seed in range(exp.tune_seeds):   # the step-0 record of every grown model the runs use (cached runs
+            for noise in noises:             # included)
+                if is_sp(arm):
+                    for point in exp.sp_grid:
+                        lab.perturbed(seed, growth, arm[:-len("+sp")], tuple(point), noise)
+                elif is_zero_sum(arm):
+                    lab.zero_sum(seed, noise)
+        lr, sp, wd, noise, table = lab.tune(growth, arm)
+        for seed in range(exp.seeds):
+            if sp is not None:
+                lab.perturbed(seed, growth, arm[:-len("+sp")], sp, noise)
+            elif noise is not None:
+                lab.zero_sum(seed, noise)
+        curves = [lab.run(growth, arm, lr, seed, sp, wd, noise) for seed in range(exp.seeds)]
         entry = {"growth": growth, "arm": arm, "lr": lr, "shrink": sp[0] if sp else None,
-                 "fresh": sp[1] if sp else None, "weight_decay": wd, "validation_by_lr": table[(sp, wd)]}
-        if sp is not None:   # at the chosen weight decay
-            entry["validation_by_sp"] = {sp_key(point): scores for (point, w), scores in table.items() if w == wd}
-        if len(exp.wd_grid) > 1:   # at the chosen (shrink, fresh)
-            entry["validation_by_wd"] = {f"{w:g}": scores for (point, w), scores in table.items() if point == sp}
-        if len(exp.wd_grid) > 1 and sp is not None:   # every candidate
-            entry["validation_grid"] = [{"shrink": point[0], "fresh": point[1], "weight_decay": w, "lr": x, "val": v}
-                                        for (point, w), scores in table.items() for x, v in scores.items()]
+                 "fresh": sp[1] if sp else None, "weight_decay": wd, "noise": noise,
+                 "validation_by_lr": table[(noise, sp, wd)]}
+        if sp is not None:   # at the chosen weight decay (and noise)
+            entry["validation_by_sp"] = {sp_key(point): scores for (n, point, w), scores in table.items()
+                                         if w == wd and n == noise}
+        if len(exp.wd_grid) > 1:   # at the chosen (shrink, fresh) (and noise)
+            entry["validation_by_wd"] = {f"{w:g}": scores for (n, point, w), scores in table.items()
+                                         if point == sp and n == noise}
+        several_noise = noise is not None and len(exp.noise_grid) > 1
+        if several_noise:   # at the chosen (shrink, fresh) and weight decay
+            entry["validation_by_noise"] = {f"{n:g}": scores for (n, point, w), scores in table.items()
+                                            if point == sp and w == wd}
+        if (len(exp.wd_grid) > 1 and sp is not None) or several_noise:   # every candidate
+            entry["validation_grid"] = [
+                {"shrink": point[0] if point else None, "fresh": point[1] if point else None, "weight_decay": w,
+                 **({"noise": n} if several_noise else {}), "lr": x, "val": v}
+                for (n, point, w), scores in table.items() for x, v in scores.items()]
         arms[f"{growth}/{arm}"] = entry | {"steps": curves[0]["steps"], "curves": curves}
-        point = (f", shrink {sp[0]:g} fresh {sp[1]:g}" if sp else "") + (f", wd {wd:g}" if wd else "")
-        log(f"{exp.name} {growth}/{arm}: lr {lr:g}{point} (validation {entry.get('validation_by_sp', table[(sp, wd)])}); "
+        point = ((f", noise {noise:g}" if several_noise else "") + (f", shrink {sp[0]:g} fresh {sp[1]:g}" if sp
+                                                                    else "") + (f", wd {wd:g}" if wd else ""))
+        log(f"{exp.name} {growth}/{arm}: lr {lr:g}{point} (validation {entry.get('validation_by_sp', table[(noise, sp, wd)])}); "
             f"test {np.mean([c['test'][-1] for c in curves]):.4f}")
     teachers = [lab.teacher(seed)[1] for seed in range(exp.seeds)]
     return {"title": exp.title, "metric": exp.metric, "dataset": data["source"], "T": exp.T, "short": short(exp),
             "grid": list(exp.grid), "sp_grid": [list(sp) for sp in exp.sp_grid], "wd_grid": list(exp.wd_grid),
-            "tune_seeds": exp.tune_seeds,
+            "noise_grid": list(exp.noise_grid), "tune_seeds": exp.tune_seeds,
             "seeds": exp.seeds, "batch": exp.batch,
             "teacher": {"steps": exp.teacher_steps, "lr": exp.teacher_lr, "test": teachers,
                         "mean": float(np.mean(teachers)), "widths": exp.widths},
@@ -787,13 +863,15 @@ def summary_rows(exp: Experiment, arms: dict) -> list[dict]:
                      "seeds": len(finals), "target": target, "metric": exp.metric,
                      "step0_mean": float(mean[0]), "shrink": entry.get("shrink"), "fresh": entry.get("fresh"),
                      "teacher_steps": None if entry["arm"].startswith("random-init") else exp.teacher_steps,
-                     "weight_decay": entry.get("weight_decay", 0.0)})
+                     "weight_decay": entry.get("weight_decay", 0.0), "noise": entry.get("noise")})
     return rows
 
 
 def arm_label(row: dict) -> str:
-    """The arm, with its shrink-and-perturb point for a +sp arm and its weight decay when not 0."""
-    extra = [] if row.get("shrink") is None else [f"{row['shrink']:g}/{row['fresh']:g}"]
+    """The arm, with its zero-sum noise scale when not the default, its shrink-and-perturb point for a +sp arm
+    and its weight decay when not 0."""
+    extra = [f"noise {row['noise']:g}"] if noise_tag(row.get("noise")) else []
+    extra += [] if row.get("shrink") is None else [f"{row['shrink']:g}/{row['fresh']:g}"]
     extra += [f"wd {row['weight_decay']:g}"] if row.get("weight_decay") else []
     return f"{row['arm']} ({', '.join(extra)})" if extra else row["arm"]
 
@@ -820,6 +898,7 @@ def format_details(experiments: dict) -> str:
         teacher = exp["teacher"]
         grid_points = exp.get("sp_grid") or [[SHRINK, FRESH]]
         several_wd = len(exp.get("wd_grid") or [0.0]) > 1
+        several_noise = len(exp.get("noise_grid") or [ZERO_SUM_NOISE]) > 1
         parts.append(f"### {name}: {exp['title']}\n\n"
                      f"data: {exp['dataset']}\n\n"
                      f"teacher: {teacher['steps']} steps, Adam peak {teacher['lr']:g}, test "
@@ -830,19 +909,23 @@ def format_details(experiments: dict) -> str:
                      f"the +sp arms: {', '.join(f'{a:g}/{b:g}' for a, b in grid_points)}"
                      f"{' (tuned on validation with the rate)' if len(grid_points) > 1 else ''}"
                      + (f"; weight decays tried for every arm (AdamW, tuned on validation with the rate): "
-                        f"{', '.join(f'{w:g}' for w in exp['wd_grid'])}" if several_wd else "") + ".\n")
+                        f"{', '.join(f'{w:g}' for w in exp['wd_grid'])}" if several_wd else "")
+                     + (f"; zero-sum noise scales tried for the zero-sum arms (relative to each consumer weight's "
+                        f"std, tuned on validation with the rate): {', '.join(f'{n:g}' for n in exp['noise_grid'])}"
+                        if several_noise else "") + ".\n")
         grid = exp["grid"]
-        lines = [f"| arm | shrink/fresh{', weight decay' if several_wd else ''} | "
+        lines = [f"| arm | shrink/fresh{', weight decay' if several_wd else ''}{', noise' if several_noise else ''} | "
                  + " | ".join(f"val @ {lr:g}" for lr in grid) + " | chosen lr |",
                  "|---|---|" + "---|" * (len(grid) + 1)]
         for key, entry in exp["arms"].items():
             candidates = tuning_candidates(entry)
             chosen = (sp_key((entry["shrink"], entry["fresh"])) if entry.get("shrink") is not None else "-",
-                      entry.get("weight_decay", 0.0))
+                      entry.get("weight_decay", 0.0), entry.get("noise"))
             tables = []
-            for (point, wd), scores in candidates:
-                label = point.replace(":", "/") + (f", wd {wd:g}" if several_wd else "")
-                mark = (point, wd) == chosen
+            for (point, wd, noise), scores in candidates:
+                label = (point.replace(":", "/") + (f", wd {wd:g}" if several_wd else "")
+                         + (f", noise {noise:g}" if several_noise and noise is not None else ""))
+                mark = (point, wd, noise) == chosen
                 tables.append((label + (" (chosen)" if mark and len(candidates) > 1 else ""), scores, mark))
             for point, scores, chosen_row in tables:
                 cells = []
@@ -855,20 +938,22 @@ def format_details(experiments: dict) -> str:
     return "\n".join(parts)
 
 
-def tuning_candidates(entry: dict) -> list[tuple[tuple[str, float], dict]]:
-    """An arm's validation tables: [((shrink/fresh key or "-", weight decay), {lr: validation})]."""
-    wd = entry.get("weight_decay", 0.0)
+def tuning_candidates(entry: dict) -> list[tuple[tuple[str, float, float | None], dict]]:
+    """An arm's validation tables: [((shrink/fresh key or "-", weight decay, noise or None), {lr: validation})]
+    (noise: the arm's zero-sum noise scale; None on the other arms)."""
+    wd, noise = entry.get("weight_decay", 0.0), entry.get("noise")
     sp = sp_key((entry["shrink"], entry["fresh"])) if entry.get("shrink") is not None else "-"
     if "validation_grid" in entry:
         grouped = {}
         for c in entry["validation_grid"]:
-            grouped.setdefault((sp_key((c["shrink"], c["fresh"])), c["weight_decay"]), {})[c["lr"]] = c["val"]
+            point = sp_key((c["shrink"], c["fresh"])) if c.get("shrink") is not None else "-"
+            grouped.setdefault((point, c["weight_decay"], c.get("noise", noise)), {})[c["lr"]] = c["val"]
         return list(grouped.items())
     if "validation_by_wd" in entry:
-        return [((sp, float(w)), scores) for w, scores in entry["validation_by_wd"].items()]
+        return [((sp, float(w), noise), scores) for w, scores in entry["validation_by_wd"].items()]
     if "validation_by_sp" in entry:
-        return [((point, wd), scores) for point, scores in entry["validation_by_sp"].items()]
-    return [((sp, wd), entry["validation_by_lr"])]
+        return [((point, wd, noise), scores) for point, scores in entry["validation_by_sp"].items()]
+    return [((sp, wd, noise), entry["validation_by_lr"])]
 
 
 def plot(experiments: dict, out: Path) -> list[str]:
@@ -892,6 +977,7 @@ def plot(experiments: dict, out: Path) -> list[str]:
                 e = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0 * m
                 point = "" if entry.get("shrink") is None else f", {entry['shrink']:g}/{entry['fresh']:g}"
                 point += f", wd {entry['weight_decay']:g}" if entry.get("weight_decay") else ""
+                point += f", noise {entry['noise']:g}" if noise_tag(entry.get("noise")) else ""
                 ax.plot(entry["steps"], m, color=colors[entry["arm"]], marker=".",
                         label=f"{LABELS[entry['arm']]} (lr {entry['lr']:g}{point})")
                 ax.fill_between(entry["steps"], m - e, m + e, color=colors[entry["arm"]], alpha=0.2, lw=0)
@@ -963,6 +1049,11 @@ def parse_args(argv=None):
                    help="shrink-and-perturb points for the +sp arms (theta <- shrink*theta + fresh*theta_fresh), "
                         "tuned with the learning rate on the validation split (default: the single point "
                         f"{SHRINK:g}:{FRESH:g}), e.g. 0.2:0.1 0.4:0.1 0.6:0.1 0.8:0.1 0.4:0.3")
+    p.add_argument("--noise-grid", type=float, nargs="+", default=None, metavar="S",
+                   help="zero-sum noise scales (n2n.widen(split='zero-sum', noise=S): the std of the +N/-N noise "
+                        "relative to each consumer weight's std; exact for every S) for the zero-sum arms, tuned "
+                        "with the learning rate (and the +sp point and weight decay) on the validation split "
+                        f"(default: the single scale {ZERO_SUM_NOISE:g}), e.g. 0.01 0.03 0.1 0.3 1")
     p.add_argument("--arms", nargs="+", default=None, choices=arm_choices(), metavar="ARM",
                    help="run only these arms (growth/arm, or a whole growth: widen, deepen, teacher); the "
                         "random-init student at T of each growth involved (the target) is always added. "
@@ -981,6 +1072,9 @@ def parse_args(argv=None):
         p.error(f"--grid {' '.join(map(str, args.grid))}: learning rates must be positive")
     if not all(math.isfinite(wd) and wd >= 0 for wd in args.wd_grid):
         p.error(f"--wd-grid {' '.join(map(str, args.wd_grid))}: weight decays must be >= 0")
+    if args.noise_grid is not None and not all(math.isfinite(n) and n > 0 for n in args.noise_grid):
+        p.error(f"--noise-grid {' '.join(map(str, args.noise_grid))}: noise scales must be > 0")
+    args.noise_grid = list(dict.fromkeys(float(n) for n in (args.noise_grid or [ZERO_SUM_NOISE])))
     args.sp_grid = list(dict.fromkeys(tuple(sp) for sp in args.sp_grid))   # duplicates dropped, order kept
     args.wd_grid = list(dict.fromkeys(float(wd) for wd in args.wd_grid))
     args.selected = select_arms(args.arms)
@@ -1011,7 +1105,8 @@ def main(argv=None) -> int:
             exp = replace(exp, T=args.budget)
         if args.grid:
             exp = replace(exp, grid=tuple(args.grid))
-        exp = replace(exp, sp_grid=tuple(args.sp_grid), wd_grid=tuple(args.wd_grid))
+        exp = replace(exp, sp_grid=tuple(args.sp_grid), wd_grid=tuple(args.wd_grid),
+                      noise_grid=tuple(args.noise_grid))
         try:
             with no_network():
                 data = load_dataset(exp.dataset)
@@ -1041,6 +1136,8 @@ def fill_sp(exp: dict, meta: dict) -> None:
         if "teacher_steps" not in row:
             row["teacher_steps"] = None if row["arm"].startswith("random-init") else exp["teacher"]["steps"]
         row.setdefault("weight_decay", 0.0)
+    for item in list(exp.get("arms", {}).values()) + exp.get("rows", []):   # written before noise was tuned
+        item.setdefault("noise", meta.get("zero_sum_noise", ZERO_SUM_NOISE) if is_zero_sum(item["arm"]) else None)
 
 
 def write_outputs(results: dict, errors: list, args, argv) -> None:
@@ -1051,14 +1148,15 @@ def write_outputs(results: dict, errors: list, args, argv) -> None:
             "platform": platform.platform(), "runtime_s": round(time.time() - _T0, 1),
             # shrink/fresh: the default point; the point each +sp arm used is in its row (``shrink``, ``fresh``)
             "zero_sum_noise": ZERO_SUM_NOISE, "shrink": SHRINK, "fresh": FRESH, "warmup": 0.05,
-            "sp_grid": [list(sp) for sp in args.sp_grid], "wd_grid": list(args.wd_grid), "arms": [f"{g}/{a}" for g, a in args.selected],
+            "sp_grid": [list(sp) for sp in args.sp_grid], "wd_grid": list(args.wd_grid),
+            "noise_grid": list(args.noise_grid), "arms": [f"{g}/{a}" for g, a in args.selected],
             "command": " ".join(["tools/reproduce_net2net.py"] + (argv if argv is not None else sys.argv[1:]))}
     plots = [] if args.no_plots or not results else plot(results, args.out)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "errors": errors,
                                                        "plots": plots, "experiments": results}, indent=1))
     (args.out / "summary.json").write_text(json.dumps([{k: r[k] for k in SUMMARY_KEYS} | {
         "target": r["target"], "metric": r["metric"], "shrink": r.get("shrink"), "fresh": r.get("fresh"),
-        "teacher_steps": r.get("teacher_steps"), "weight_decay": r.get("weight_decay", 0.0)}
+        "teacher_steps": r.get("teacher_steps"), "weight_decay": r.get("weight_decay", 0.0), "noise": r.get("noise")}
         for r in rows], indent=1))
     table = format_table(rows)
     (args.out / "results.md").write_text(table + "\n\n" + format_details(results))
