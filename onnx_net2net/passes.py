@@ -188,9 +188,9 @@ class WidenPass(_Pass):
         """The first valid width from the group's own features times the factor up (a layer's
         features outside the group, EfficientViT's v beside q and k, keep their number)."""
         own = group.width - group.fixed_features
-        if group.width * group.features_per_unit * self.factor >= MAX_UNITS:
+        if group.width * self.factor >= MAX_UNITS:
             raise UserError(f"factor {self.factor:g}: layer '{layer_name(ir, group.seed)}' would grow to "
-                            f"{group.width * self.factor:.3g} units; widths are limited to {MAX_UNITS - 1}")
+                            f"{group.width * self.factor:.3g} features; widths are limited to {MAX_UNITS - 1}")
         return group.next_width(ir, math.ceil(own * self.factor) + group.fixed_features)
 
     def _check_options(self, group: UnitGroup) -> None:
@@ -569,11 +569,11 @@ def _group_of(ir: GraphIR, name: str, keep_outputs: bool = False) -> UnitGroup:
 MAX_UNITS = 1 << 31
 
 
-def _check_memory(ir: GraphIR, group: UnitGroup, width: int) -> None:
+def _check_memory(ir: GraphIR, group: UnitGroup, units: int) -> None:
     """Refuse, before allocating, a widening that cannot fit in memory."""
-    needed = group.grown_weight_bytes(ir, width)
+    needed = group.grown_weight_bytes(ir, units)
     available = available_memory()
-    features = width * group.features_per_unit + group.fixed_features
+    features = units * group.features_per_unit + group.fixed_features
     if features >= MAX_UNITS:
         raise UserError(f"width {features} would need about {needed / 2**30:.3g} GiB for the new "
                         f"weights; widths are limited to {MAX_UNITS - 1}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from ..ir import GraphIR, node_attr
 from .refusal import Refusal
-from .units import Placement, UnitGroup
+from .units import Placement, UnitGroup, whole_axis_as_one_unit
 
 #: Ops that move values without changing them.
 _MOVES = frozenset("Reshape Flatten Transpose Squeeze Unsqueeze Identity".split())
@@ -47,14 +47,15 @@ class _Path:
     selected: tuple[Placement, tuple[int, ...]] | None = None
 
     def refuse(self, reason: str) -> Refusal:
-        return Refusal.at_op(self.ir, self.contraction, f"it contracts the units, and {reason}")
+        """Why this side cannot be divided (divide_contractions names the product)."""
+        return Refusal(reason)
 
 
 def divide_contractions(ir: GraphIR, group: UnitGroup) -> None:
     """Mark, for every product contracting the units, one side's producing
     constants as divided by the copy counts (refused when neither side can be)."""
     for index in dict.fromkeys(group.contractions):
-        retry = _whole_axis_as_one_unit(group, group.placements[ir.nodes[index].input[0]])
+        retry = whole_axis_as_one_unit(group.placements[ir.nodes[index].input[0]], group.size)
         if group.tile:
             raise Refusal.at_op(ir, index, "it contracts units over which a normalisation takes statistics "
                                 "(the divided copies would change it)", retry=retry)
@@ -66,26 +67,20 @@ def divide_contractions(ir: GraphIR, group: UnitGroup) -> None:
             except Refusal as refusal:
                 refusals.append(refusal)
         else:
-            raise replace(refusals[0], retry=retry)
+            right, left = refusals
+            raise Refusal.at_op(ir, index, f"it contracts the units, and neither side can be divided: the right "
+                                f"one (k of q^T k) because {right.reason}; the left one because {left.reason}",
+                                retry=retry)
         _mark(group, divisions)
 
 
 def whole_axis_layouts(ir: GraphIR, group: UnitGroup) -> tuple[tuple[int, int], ...]:
     """Layouts (as factors of the group's) in which no product contracts the
     units: a single head whose units fill the contracted axis may grow by
-    copies of the whole head instead of by its size."""
+    copies of the whole head instead of by its size (also the retry when
+    neither side can be divided: a norm on q and on k)."""
     return tuple(dict.fromkeys(factor for index in group.contractions
-                               for factor in _whole_axis_as_one_unit(group, group.placements[ir.nodes[index].input[0]])))
-
-
-def _whole_axis_as_one_unit(group: UnitGroup, placement: Placement) -> tuple[tuple[int, int], ...]:
-    """A single head whose sides cannot be divided (a norm on q and on k):
-    the units fill the contracted axis, so the walk is worth retrying with all
-    of them as one unit, one head that grows by copies (each copy computes
-    the same attention)."""
-    whole = (placement.offset == 0 and placement.inner == 1 and placement.outer == 1 and not placement.batch
-             and not placement.starts and placement.length == group.size > 1)
-    return ((group.size, 1),) if whole else ()
+                               for factor in whole_axis_as_one_unit(group.placements[ir.nodes[index].input[0]], group.size)))
 
 
 def _divisions(ir: GraphIR, group: UnitGroup, index: int, port: int) -> dict[tuple[int, int], tuple[int, ...] | None]:
@@ -179,8 +174,7 @@ def _kept_range(ir: GraphIR, index: int, tensor: str, source: Placement) -> tupl
             return None
         port = list(node.output).index(tensor)
         return sum(sizes[:port]), sum(sizes[:port + 1])
-    values = [ir.const_value(name) if name else None for name in list(node.input[1:5]) + [""] * 4][:4]
-    starts, ends, axes, steps = values
+    starts, ends, axes, steps = (_const_input(ir, node, port) for port in (1, 2, 3, 4))
     if starts is None or ends is None or len(starts.reshape(-1)) != 1:
         return None
     axis = int(axes.reshape(-1)[0]) % source.rank if axes is not None else 0
@@ -190,6 +184,11 @@ def _kept_range(ir: GraphIR, index: int, tensor: str, source: Placement) -> tupl
     if lo < 0 or hi < 0:
         return None
     return lo, min(hi, source.length)
+
+
+def _const_input(ir: GraphIR, node, port: int):
+    """The constant at input `port` of `node` (None when absent or computed)."""
+    return ir.const_value(node.input[port]) if port < len(node.input) and node.input[port] else None
 
 
 def _repeat_starts(placement: Placement) -> list[int]:

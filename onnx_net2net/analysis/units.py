@@ -271,6 +271,16 @@ class UnitGroup:
         return []
 
 
+def whole_axis_as_one_unit(placement: Placement, size: int) -> tuple[tuple[int, int], ...]:
+    """A single head: plain units fill the axis a product contracts ([B, 1, T, d],
+    no reshape split them), so a walk with all `size` of them as one unit (one
+    head growing by copies) is worth a try: the retry factor, or () when the
+    units do not fill the axis."""
+    whole = (placement.offset == 0 and placement.inner == 1 and placement.outer == 1 and not placement.batch
+             and not placement.starts and placement.length == size > 1)
+    return ((size, 1),) if whole else ()
+
+
 def axis_only(placement: Placement) -> Placement:
     """The placement on a parameter vector: the unit axis alone (axis 0, rank 1)."""
     return Placement(axis=0, rank=1, length=placement.length, offset=placement.offset,

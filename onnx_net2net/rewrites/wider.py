@@ -217,11 +217,11 @@ def _uneven_repeats(placement: Placement, mapping: UnitMapping) -> tuple[np.ndar
     return np.concatenate(sources).astype(np.int64), np.concatenate(slots).astype(np.int64)
 
 
-def widen_group(ir: GraphIR, group: UnitGroup, new_width: int, options: WidenOptions,
+def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
                 layer_names: list[str]) -> GrownGroup:
-    """Apply the widening of `group` to `new_width` units (heads when the units
+    """Apply the widening of `group` to `size` units (heads when the units
     are attention heads) on the model of `ir`."""
-    n, q = group.size, new_width
+    n, q = group.size, size
     rng = np.random.default_rng(options.seed)
     if group.tile:
         mapping = UnitMapping.tile(n, q) if q % n == 0 else UnitMapping.average(n, q, group.extras)

@@ -15,7 +15,7 @@ per unit on every axis but the one it normalises.
 from __future__ import annotations
 
 from ...ir import GraphIR, node_attr
-from ..units import Placement
+from ..units import Placement, whole_axis_as_one_unit
 from ..walk import Walk
 
 
@@ -32,7 +32,7 @@ def batched_matmul(walk: Walk, index: int, side: str, port: int, placement: Plac
         return
     if from_end <= 2:
         walk.refuse(index, "a product of two computed tensors contracts or mixes the unit axis",
-                    _whole_axis_as_one_unit(walk, placement))
+                    whole_axis_as_one_unit(placement, walk.group.size))
     for name in list(node.input) + list(node.output):
         shape = walk.shape(index, name)
         axis = len(shape) - from_end
@@ -92,15 +92,6 @@ def _free_axis(walk: Walk, index: int, placement: Placement, from_end: int) -> N
         if axis < 0 or not placement.fits(shape[axis]):
             walk.refuse(index, f"'{name}' does not hold the units on the axis {from_end} from its end")
         walk.add(name, placement.on_axis(axis, len(shape)))
-
-
-def _whole_axis_as_one_unit(walk: Walk, placement: Placement) -> tuple[tuple[int, int], ...]:
-    """A single head: the units fill the contracted axis ([B, 1, T, d], no
-    reshape split them), so the walk is worth retrying with all of them as
-    one unit, one head that grows by copies."""
-    whole = (placement.offset == 0 and placement.inner == 1 and placement.outer == 1 and not placement.batch
-             and placement.length == walk.group.size > 1)
-    return ((walk.group.size, 1),) if whole else ()
 
 
 def softmax(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
