@@ -144,3 +144,34 @@ def test_single_head_grows_its_head_size_by_one():
     assert node_weight(wider, "k_proj").shape[1] == 7
     assert node_weight(wider, "v_proj").shape[1] == 6  # v is its own space
     assert n2n.inspect(wider, trial=False)["layers"][0]["width"] == 7
+
+
+def gated_head(v_and_g_are_outputs: bool = False, seed: int = 0):
+    """x -> one conv writing q | k | v | g (4 equal parts) -> q^T k -> softmax
+    -> v @ attn^T, gated by sigmoid(g) -> proj -> y. q and k hold one space,
+    v and g another; `v_and_g_are_outputs`: v and g are also graph outputs."""
+    rng = np.random.default_rng(seed)
+    inits = {"w": rand(rng, 4 * KEY, C, 1, 1), "b": rand(rng, 4 * KEY), "sizes": _i64(KEY, KEY, KEY, KEY),
+             "flat": _i64(1, KEY, POSITIONS), "proj_w": rand(rng, KEY, 5)}
+    nodes = [H("Conv", ["x", "w", "b"], ["qkvg"], name="qkvg"),
+             H("Split", ["qkvg", "sizes"], ["q", "k", "v", "g"], name="split", axis=1)]
+    nodes += [H("Reshape", [p, "flat"], [f"{p}_flat"]) for p in "qkvg"]
+    nodes += [H("Transpose", ["q_flat"], ["q_t"], perm=[0, 2, 1]), H("MatMul", ["q_t", "k_flat"], ["scores"]),
+              H("Softmax", ["scores"], ["attn"], axis=-1), H("Transpose", ["attn"], ["attn_t"], perm=[0, 2, 1]),
+              H("MatMul", ["v_flat", "attn_t"], ["context"]), H("Sigmoid", ["g_flat"], ["gate"]),
+              H("Mul", ["context", "gate"], ["gated"]), H("Transpose", ["gated"], ["gated_t"], perm=[0, 2, 1]),
+              H("MatMul", ["gated_t", "proj_w"], ["y"], name="proj")]
+    outputs = [("y", [1, POSITIONS, 5])] + ([("v", [1, KEY, SIDE, SIDE]), ("g", [1, KEY, SIDE, SIDE])]
+                                             if v_and_g_are_outputs else [])
+    return make_model(nodes, [("x", [1, C, SIDE, SIDE])], outputs, inits)
+
+
+@pytest.mark.parametrize("v_and_g_are_outputs", [False, True])
+def test_q_and_k_among_four_equal_parts(v_and_g_are_outputs):
+    """Of q | k | v | g the neighbouring pair q, k is tried first: v and g
+    (another space, here possibly graph outputs) keep their channels."""
+    model = gated_head(v_and_g_are_outputs)
+    entry = inspected(model)["qkvg"]["widen"]
+    assert entry["ok"] and entry["step"] == 2, entry["reason"]
+    wider, _ = widen_exact(model, {"qkvg": 4 * KEY + 2 * 3})
+    assert node_weight(wider, "proj").shape[0] == KEY

@@ -288,15 +288,21 @@ MAX_PART_LAYOUTS = 4
 
 def _equal_parts(sizes: list, starts) -> tuple[Parts, ...]:
     """Layouts in which some equal parts of a split of the whole seed output
-    hold one space each (q and k of q | k | v), most parts first; all the
-    parts alike is the (1, k) retry already."""
+    hold one space each: pairs of neighbouring parts first (q and k of
+    q | k | v or q | k | v | g), then larger sets; all the parts alike is the
+    (1, k) retry already."""
     by_size = defaultdict(list)
     for piece, size in enumerate(sizes):
-        by_size[size].append(int(starts[piece]))
-    layouts = [Parts(size, chosen) for size, offsets in by_size.items()
-               for count in range(len(offsets), 1, -1) for chosen in combinations(offsets, count)
-               if count < len(sizes)]
-    return tuple(layouts[:MAX_PART_LAYOUTS])
+        by_size[size].append(piece)
+    neighbours, larger = [], []
+    for size, pieces in by_size.items():
+        for count in range(len(pieces), 1, -1):
+            for chosen in combinations(pieces, count):
+                if count == len(sizes):
+                    continue
+                layout = Parts(size, tuple(int(starts[piece]) for piece in chosen))
+                (neighbours if count == 2 and chosen[1] == chosen[0] + 1 else larger).append(layout)
+    return tuple((neighbours + larger)[:MAX_PART_LAYOUTS])
 
 
 def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
