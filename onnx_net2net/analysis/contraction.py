@@ -79,8 +79,9 @@ def whole_axis_layouts(ir: GraphIR, group: UnitGroup) -> tuple[tuple[int, int], 
     units: a single head whose units fill the contracted axis may grow by
     copies of the whole head instead of by its size (also the retry when
     neither side can be divided: a norm on q and on k)."""
-    return tuple(dict.fromkeys(factor for index in group.contractions
-                               for factor in whole_axis_as_one_unit(group.placements[ir.nodes[index].input[0]], group.size)))
+    placements = [group.placements[ir.nodes[index].input[0]] for index in group.contractions]
+    return tuple(dict.fromkeys(factor for placement in placements
+                               for factor in whole_axis_as_one_unit(placement, group.size)))
 
 
 def _divisions(ir: GraphIR, group: UnitGroup, index: int, port: int) -> dict[tuple[int, int], tuple[int, ...] | None]:
