@@ -139,10 +139,14 @@ class WidenPass(_Pass):
         ir = GraphIR(handle)
         requests = self._requests(ir)
         changes = []
-        for number, (name, units) in enumerate(requests):
+        for number, (name, units, width) in enumerate(requests):
             if number:
                 ir = GraphIR(handle)  # the previous request rewrote the model
             group = _group_of(ir, name, self.keep_output_shapes)
+            if width is not None and group.fixed_features:
+                units = _units_beside_grown_features(ir, name, group, width)
+                if units == group.size:
+                    continue  # the other requests already made it `width` wide
             _check_memory(ir, group, units)
             options = WidenOptions(self.options.split, self.options.noise, self.options.init,
                                    self.options.seed + number)
@@ -152,10 +156,11 @@ class WidenPass(_Pass):
         return {"pass": self.name, "options": asdict(self.options), "changes": changes, "folded": folded,
                 "parameters": {"before": before, "after": parameter_count(handle)}}
 
-    def _requests(self, ir: GraphIR) -> list[tuple[str, int]]:
-        """One (layer, number of units) per group, checked before anything
-        changes (in units: a layer's width may also count features of another
-        group, which an earlier request may grow)."""
+    def _requests(self, ir: GraphIR) -> list[tuple[str, int, int | None]]:
+        """One (layer, number of units, requested width or None) per group,
+        checked before anything changes. A layer whose width also counts
+        features of other groups (EfficientViT's qkv: q and k beside v) comes
+        last: its units are counted again once the others have grown."""
         if self.factor is not None:
             requests, grown = [], set()
             for group in analyse_groups(ir, self.keep_output_shapes):
@@ -166,11 +171,12 @@ class WidenPass(_Pass):
                     width = self._factor_width(ir, group)
                     if width is not None:
                         self._check_options(group)
-                        requests.append((layer_name(ir, group.seed), group.units_of(width)))
+                        requests.append((layer_name(ir, group.seed), group.units_of(width), None))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
             return requests
-        by_group: dict[frozenset, tuple[str, int]] = {}
+        by_group: dict[frozenset, tuple[str, int, int]] = {}
+        counted_last = set()  # layers whose width also counts other groups' features
         for name, width in self.widths.items():
             group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
@@ -181,8 +187,10 @@ class WidenPass(_Pass):
                 other = by_group[key][0]
                 raise UserError(f"layers '{other}' and '{name}' grow together; give them widths for the same "
                                 "number of units (see `inspect`)")
-            by_group.setdefault(key, (name, units))
-        return list(by_group.values())
+            by_group.setdefault(key, (name, units, width))
+            if group.fixed_features:
+                counted_last.add(by_group[key][0])
+        return sorted(by_group.values(), key=lambda request: request[0] in counted_last)
 
     def _factor_width(self, ir: GraphIR, group: UnitGroup) -> int | None:
         """The first valid width from the group's own features times the factor up (a layer's
@@ -196,6 +204,18 @@ class WidenPass(_Pass):
     def _check_options(self, group: UnitGroup) -> None:
         if group.exact_only and (self.options.init == "random-pad" or self.options.added_noise):
             raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
+
+
+def _units_beside_grown_features(ir: GraphIR, name: str, group: UnitGroup, width: int) -> int:
+    """The units at which layer `name` is `width` features wide, counted after
+    the other requests have grown the features it writes beside its group's."""
+    own = width - group.fixed_features
+    units = group.units_of(width)
+    if own % group.features_per_unit or units < group.size or (units - group.size) % group.step:
+        raise UserError(f"layer '{name}': width {width} cannot hold its {group.fixed_features} features outside "
+                        f"this group as the other requested widths leave them (its width is {group.width} "
+                        f"now; ask {group.width} + a multiple of {group.feature_step})")
+    return units
 
 
 def _check_width(ir: GraphIR, name: str, group: UnitGroup, width: int) -> None:

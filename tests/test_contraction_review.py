@@ -157,12 +157,29 @@ def test_factor_grows_both_spaces_of_one_layer():
 
 
 def test_widths_for_both_spaces_of_one_layer():
-    """{"qkv": 18, "dw_v": 8}: q and k grow to 6 units (18 = 2 x 6 + v's 6, counted before
-    anything grows), v to 8; they are not one group, so the requests do not conflict."""
+    """{"qkv": 18, "dw_v": 8}: qkv's width counts v's channels, which dw_v's request grows to 8,
+    so q and k grow to (18 - 8) / 2 = 5 units and qkv ends as wide as asked, in either order."""
     model = cascaded_head_with_v_conv()
-    grown, _ = widen_exact(model, {"qkv": 18, "dw_v": 8})
+    for widths in ({"qkv": 18, "dw_v": 8}, {"dw_v": 8, "qkv": 18}):
+        grown, _ = widen_exact(model, widths)
+        grown_widths = {layer["name"]: layer["width"] for layer in n2n.inspect(grown, trial=False)["layers"]}
+        assert grown_widths["dw"] == 5 and grown_widths["dw_v"] == 8 and grown_widths["qkv"] == 18
+
+
+def test_width_the_other_request_already_reached_grows_only_v():
+    """qkv 16 = q and k's 4 units each + v's 8: dw_v's request alone makes it so."""
+    model = cascaded_head_with_v_conv()
+    grown, _ = widen_exact(model, {"qkv": 16, "dw_v": 8})
     widths = {layer["name"]: layer["width"] for layer in n2n.inspect(grown, trial=False)["layers"]}
-    assert widths["dw"] == 6 and widths["dw_v"] == 8 and widths["qkv"] == 2 * 6 + 8
+    assert widths["dw"] == 4 and widths["dw_v"] == 8 and widths["qkv"] == 16
+
+
+def test_width_that_v_growth_leaves_odd_is_refused_naming_the_layer():
+    """qkv 18 is valid alone (q and k 6 units each beside v's 6), but with v grown to 9 q and k
+    would need 4.5 units each: refused before anything is written, naming qkv."""
+    model = cascaded_head_with_v_conv()
+    with pytest.raises(n2n.UserError, match="layer 'qkv': width 18 cannot hold"):
+        n2n.widen(model, {"qkv": 18, "dw_v": 9})
 
 
 def test_factor_pass_on_q_k_and_v_spaces_is_exact():
