@@ -6,6 +6,7 @@ a fused projection repeats the head space three times."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import onnx_net2net as n2n
 from onnx_net2net.ir import GraphIR
@@ -123,16 +124,17 @@ def test_widen_fused_qkv_refuses_partial_heads():
         n2n.widen(fused_attention("split-sizes"), {QKV: 3 * D + 3})
 
 
-def test_even_split_with_the_units_in_one_output_is_refused_with_the_reason():
+def test_even_split_with_the_units_in_one_output_gets_explicit_sizes():
     rng = np.random.default_rng(0)
     inits = {"w": rand(rng, D, D), "w2": rand(rng, D, 2)}
     nodes = [H("MatMul", ["x", "w"], ["h"], name="layer"), H("Concat", ["h", "x"], ["hx"], axis=1),
              H("Split", ["hx"], ["a", "b"], axis=1, num_outputs=2), H("MatMul", ["a", "w2"], ["y"]),
              H("Identity", ["b"], ["z"])]
     model = make_model(nodes, [("x", [B, D])], [("y", [B, 2]), ("z", [B, D])], inits, opset=18)
-    layer = {l["name"]: l for l in n2n.inspect(model, trial=False)["layers"]}["layer"]
-    assert not layer["widen"]["ok"]
-    assert "splits evenly and the units are in one output only" in layer["widen"]["reason"]
+    wider, _ = widen_exact(model, {"layer": D + 2})
+    split = next(n for n in wider.graph.node if n.op_type == "Split")
+    assert len(split.input) == 2 and not any(a.name == "num_outputs" for a in split.attribute)
+    onnx.checker.check_model(wider, full_check=True)
 
 
 def _flatten_by_gather(indices: np.ndarray):

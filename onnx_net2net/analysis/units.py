@@ -166,6 +166,9 @@ class UnitGroup:
             the rewrite slices them back to the original units.
         size_edits: entries of size inputs computed at run time that become
             constants following the growth (runtime_shapes.SizeEdit).
+        even_splits: Splits written with `num_outputs` (opset 18) whose
+            outputs grow unequally: node -> its output sizes; the rewrite
+            gives them explicit sizes (which `value_edits` grow).
         runtime_bounds: Slice bounds on the unit axis read at run time:
             (node, port, entry) -> the positions the bound must move by per
             unit added (runtime_shapes checks it).
@@ -194,6 +197,7 @@ class UnitGroup:
     extras: str = "mean"
     size_edits: list = field(default_factory=list)
     runtime_bounds: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    even_splits: dict[int, tuple[int, ...]] = field(default_factory=dict)
     kept_outputs: dict[str, Placement] = field(default_factory=dict)
     repeat_of: int | None = None
     fixed_features: int = 0

@@ -355,6 +355,21 @@ def _divide_copies(value: np.ndarray, edit, mapping: UnitMapping, slots: np.ndar
     return scaled_once(value, factors.reshape(shape))
 
 
+def _give_split_sizes(edit: GraphEditor, index: int, sizes: tuple[int, ...], changes, added: int) -> None:
+    """A Split of `num_outputs` equal parts whose outputs grow unequally
+    reads explicit sizes instead (the attribute and a sizes input exclude
+    each other)."""
+    grown = np.array(sizes, dtype=np.int64)
+    for change in changes:
+        grown[change.index] += change.per_unit * added
+    node = edit.ir.nodes[index]
+    name = edit.add_initializer(grown, edit.fresh_name(f"{node.output[0]}/sizes"))
+    node.input.append(name)
+    kept = [attribute for attribute in node.attribute if attribute.name != "num_outputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
 def repeat_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
     """For each position of the widened axis, the repeat of the space it is in (or -1 outside it)."""
     slots = unit_slots(placement, mapping)
@@ -481,6 +496,9 @@ def _apply_value_edits(edit: GraphEditor, group: UnitGroup, added: int) -> None:
         grouped[(change.node, change.port)].append(change)
     values = {}
     for (node, port), changes in grouped.items():
+        if node in group.even_splits:
+            _give_split_sizes(edit, node, group.even_splits[node], changes, added)
+            continue
         value = ir.const_value(ir.nodes[node].input[port]).copy()
         flat = value.reshape(-1)
         for change in changes:

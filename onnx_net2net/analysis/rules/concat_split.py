@@ -237,12 +237,12 @@ def split(walk: Walk, index: int, side: str, port: int, placement: Placement, se
         return
     if side == "out":
         walk.add(source, replace(placement, offset=placement.offset + int(starts[port]), length=int(starts[-1])))
-        _split_size_edits(walk, index, {port: placement})
+        _split_size_edits(walk, index, {port: placement}, sizes)
         return
     pieces = _split_pieces(walk, index, placement, sizes, starts)
     for piece, piece_placement in pieces.items():
         walk.add(node.output[piece], piece_placement)
-    _split_size_edits(walk, index, pieces)
+    _split_size_edits(walk, index, pieces, sizes)
 
 
 def _settle_split(walk: Walk, index: int) -> None:
@@ -327,19 +327,21 @@ def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, size
     return pieces
 
 
-def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement]) -> None:
+def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement], sizes: list) -> None:
     """Grow the sizes of the outputs that gain units (an even split of a space
-    repeated in every output stays even by itself)."""
+    repeated alike in every output stays even by itself; an even split whose
+    outputs grow unequally is given explicit sizes)."""
     node = walk.ir.nodes[index]
     if len(node.input) > 1 and node.input[1]:
         walk.const(index, node.input[1], "split sizes")
-        for piece, placement in pieces.items():
-            walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
-        return
-    if node_attr(node, "split") is not None:
+    elif node_attr(node, "split") is not None:
         walk.refuse(index, "its split sizes are an attribute (opset < 13); re-export at opset 13 or later")
-    if len(pieces) != len(node.output):
-        walk.refuse(index, "it splits evenly and the units are in one output only (the split would become uneven)")
+    elif len(pieces) == len(node.output) and len({placement.growth() for placement in pieces.values()}) == 1:
+        return
+    else:
+        walk.group.even_splits[index] = tuple(int(size) for size in sizes)
+    for piece, placement in pieces.items():
+        walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
 
 
 def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
