@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..ir import GraphIR
-from .runtime_shapes import pad_output_shape, reshape_output_shape, slice_output_shape
+from .runtime_shapes import pad_output_shape, reshape_output_shape, slice_output_shape, tile_output_shape
 
 #: Ops followed one node at a time (a shape computed from their inputs' shapes).
 FOLLOWED = frozenset("""
@@ -29,6 +29,8 @@ FOLLOWED = frozenset("""
     Where Neg Exp Dropout Flatten Concat Split Slice LayerNormalization
     Conv MaxPool AveragePool GlobalAveragePool BatchNormalization Clip LeakyRelu HardSigmoid HardSwish
 """.split())
+#: Ops whose output shape is computed from sizes read at run time (runtime_shapes).
+_COMPUTED = {"Reshape": reshape_output_shape, "Pad": pad_output_shape, "Tile": tile_output_shape}
 #: How far back an unknown shape is followed (a bound on the recursion).
 MAX_DEPTH = 48
 
@@ -79,8 +81,8 @@ def _refined(ir: GraphIR, tensor: str, cache: dict, partial: dict, depth: int) -
             reads_final.append(input_final)
             return refined_input
 
-        if op in ("Reshape", "Pad"):
-            computed = (reshape_output_shape if op == "Reshape" else pad_output_shape)(ir, producer, shape_of)
+        if op in _COMPUTED:
+            computed = _COMPUTED[op](ir, producer, shape_of)
             final = all(reads_final)
         elif op == "Slice":
             inferred, final = _infer_node(ir, producer, tensor, cache, partial, depth)

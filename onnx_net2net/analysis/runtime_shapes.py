@@ -47,15 +47,24 @@ def reshape_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None
     source = shape_of(node.input[0])
     if target is None:
         return None
-    dims = []
-    for k, entry in enumerate(target):
+    dims, kept = [], {}  # kept: target axis -> the input axis whose dim it copies
+    for j, entry in enumerate(target):
         if entry.base == 0 and not int(node_attr(node, "allowzero", 0)):
-            dims.append(source[k] if source is not None and k < len(source) else None)
+            kept[j] = j
+        elif entry.base is None and entry.dim_of is not None and entry.dim_of[0] == node.input[0]:
+            kept[j] = entry.dim_of[1]
+        if j in kept:
+            dims.append(source[kept[j]] if source is not None and kept[j] < len(source) else None)
         else:
             dims.append(None if entry.base is None or entry.base < 0 else entry.base)
-    if -1 in [e.base for e in target] and source is not None and None not in source and dims.count(None) == 1:
-        known = int(np.prod([d for d in dims if d is not None]))
-        dims[dims.index(None)] = int(np.prod(source)) // known if known else None
+    inferred = [j for j, e in enumerate(target) if e.base == -1]
+    if len(inferred) == 1 and source is not None and len(set(kept.values())) == len(kept):
+        # numel(input) / the other target dims, the dims copied from the input cancelled on both sides
+        rest = [d for k, d in enumerate(source) if k not in kept.values()]
+        others = [d for j, d in enumerate(dims) if j not in kept and j != inferred[0]]
+        if None not in rest and None not in others:
+            known = int(np.prod(others, dtype=np.int64))
+            dims[inferred[0]] = int(np.prod(rest, dtype=np.int64)) // known if known else None
     return tuple(dims)
 
 
@@ -106,6 +115,20 @@ def pad_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None:
         return None
     return tuple(None if d is None or pads[k].base is None or pads[k + rank].base is None
                  else d + pads[k].base + pads[k + rank].base for k, d in enumerate(source))
+
+
+def tile_output_shape(ir: GraphIR, index: int, shape_of=None) -> tuple | None:
+    """The output shape of Tile `index` from repeats computed at run time: an
+    axis repeated once keeps the input's dim, even an unknown one (`shape_of`:
+    as for `reshape_output_shape`)."""
+    node = ir.nodes[index]
+    shape_of = shape_of or ir.shape
+    source = shape_of(node.input[0])
+    repeats = SizeEvaluator(ir, {}, shape_of=shape_of).port_entries(index, 1)
+    if source is None or repeats is None or len(repeats) != len(source):
+        return None
+    return tuple(d if r.base == 1 else None if d is None or r.base is None else d * r.base
+                 for d, r in zip(source, repeats))
 
 
 def check_sizes(ir: GraphIR, group, shape_of=None) -> list[SizeEdit]:

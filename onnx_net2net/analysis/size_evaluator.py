@@ -17,7 +17,7 @@ that does not divide base and slope exactly makes the slope *irregular*
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
@@ -46,6 +46,10 @@ class Entry:
 
     base: int | None
     slope: Fraction | None = Fraction(0)
+    #: (tensor, axis) when the entry is that tensor's dim read by Shape and
+    #: moved unchanged since: a dim unknown statically still equals itself
+    #: (a Reshape target [x.shape[0], C, -1] of x keeps x's batch).
+    dim_of: tuple[str, int] | None = field(default=None, compare=False)
 
     @property
     def depends(self) -> bool:
@@ -98,7 +102,7 @@ class SizeEvaluator:
         values = self.entries(node.input[port])
         if values is None:
             return None
-        return [Entry(e.base, None if e.slope is None else e.slope + self.value_edits.get((index, port, k), 0))
+        return [replace(e, slope=None if e.slope is None else e.slope + self.value_edits.get((index, port, k), 0))
                 for k, e in enumerate(values)]
 
     def array(self, index: int, port: int) -> np.ndarray | None:
@@ -147,11 +151,12 @@ def _shape(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     if shape is None:
         return None
     placement = ev.placements.get(node.input[0])
-    dims = [Entry(None if d is None else int(d)) for d in shape]
+    source = node.input[0]
+    dims = [Entry(None if d is None else int(d), dim_of=(source, k)) for k, d in enumerate(shape)]
     if placement is not None and placement.batch:
         dims[placement.axis] = Entry(None, None)  # B x units, B unknown: not affine in the units added
     elif placement is not None:
-        dims[placement.axis] = Entry(placement.length, Fraction(placement.growth()))
+        dims[placement.axis] = Entry(placement.length, Fraction(placement.growth()), (source, placement.axis))
     if node.op_type == "Size":
         return [_product(dims)]
     rank = len(dims)
@@ -274,6 +279,25 @@ def _concat(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     return [entry for piece in pieces for entry in piece]
 
 
+def _one_hot(ev: SizeEvaluator, index: int) -> list[Entry] | None:
+    """OneHot of constant indices into a size vector (`x.repeat` exported by
+    TorchScript: [1, n, 1, 1, 1] as OneHot([1], 5, [1, n]))."""
+    node = ev.ir.nodes[index]
+    indices, depth = ev.ir.const_value(node.input[0]), ev.port_entries(index, 1)
+    values = ev.port_entries(index, 2)
+    if indices is None or indices.ndim > 1 or depth is None or len(depth) != 1 or depth[0].base is None:
+        return None
+    if values is None or len(values) != 2 or any(v.depends for v in values) or depth[0].depends:
+        return None
+    if int(node_attr(node, "axis", -1)) not in (-1, indices.ndim):
+        return None
+    size = depth[0].base
+    rows = [[values[1] if j == int(i) % size else values[0] for j in range(size)] for i in indices.reshape(-1)]
+    if indices.ndim == 1:
+        ev.shapes[node.output[0]] = (len(rows), size)
+    return [entry for row in rows for entry in row]
+
+
 def _arithmetic(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     node = ev.ir.nodes[index]
     if node.op_type == "Neg":
@@ -382,4 +406,5 @@ _RULES = {"Shape": _shape, "Size": _shape, "Unsqueeze": _passthrough, "Squeeze":
           "Cast": _passthrough, "Identity": _passthrough, "Reshape": _passthrough, "Gather": _gather,
           "Slice": _slice, "Concat": _concat, "Add": _arithmetic, "Sub": _arithmetic, "Mul": _arithmetic,
           "Div": _arithmetic, "Neg": _arithmetic, "Where": _where,
-          "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape, "Transpose": _transpose}
+          "Equal": _arithmetic, "Mod": _arithmetic, "ConstantOfShape": _constant_of_shape, "Transpose": _transpose,
+          "OneHot": _one_hot}
