@@ -7,7 +7,8 @@ back. The additions pair channel j of every chunk, so the stream holds c
 units k times over ([S | S | ... ]). Growing the space grows every chunk,
 and a chunk's convolution grows with the stream. EfficientViT's cascaded
 attention adds chunks to heads' outputs v @ attn^T, whose rows are v's rows.
-Unequal chunks (88 channels in 3) hold no such space and are refused.
+Unequal chunks hold no such space across the chunks; a chunk that pairs with
+none grows alone (test_unequal_parts.py).
 """
 
 from __future__ import annotations
@@ -116,14 +117,15 @@ def test_an_identity_gather_over_the_repeated_stream():
 
 
 @pytest.mark.parametrize("how", ["slice", "split"])
-def test_unequal_chunks_are_refused(how):
-    """3 + 3 + 2 channels: the first two chunks pair their channels, the last does not."""
+def test_unequal_chunks_grow_in_the_chunk_that_pairs_with_none(how):
+    """3 + 3 + 2 channels: the first two chunks pair their channels, the last
+    does not; the pair cannot hold one space (the third chunk would have to
+    hold it too), so the last chunk alone grows, the rest of the stream kept."""
     model = cascade(sizes=[3, 3, 2], how=how)
-    entry = inspected(model)["stem"]["widen"]
-    assert not entry["ok"]
-    assert "unequal sizes 3, 3, 2" in entry["reason"] or "not cut into equal parts of 3" in entry["reason"]
-    with pytest.raises(n2n.GrowthRefused):
-        n2n.widen(model, {"stem": 12})
+    assert inspected(model)["stem"]["widen"]["ok"]
+    wider, _ = widen_exact(model, {"stem": 12})
+    assert node_weight(wider, "stem").shape[0] == 12
+    assert node_weight(wider, "dw0").shape[0] == 3 and node_weight(wider, "dw1").shape[0] == 3
 
 
 def cascaded_attention():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import H, infer_mapping, inspected, make_model, node_weight, rand, widen_exact
+from helpers import H, infer_mapping, init, inspected, make_model, node, node_weight, rand, widen_exact
 
 import onnx_net2net as n2n
 
@@ -102,8 +102,25 @@ def test_a_nonlinear_side_is_not_divided_the_other_is():
     widen_exact(model, {"qkv": 2 * KEY + 6 + 2 * 2})
 
 
-def test_neither_side_linear_is_refused():
-    entry = inspected(cascaded_head(k_op="Sigmoid", q_op="Tanh"))["qkv"]["widen"]
+def test_neither_side_linear_grows_v_alone():
+    """q and k cannot grow (no side of q^T k can be divided); v, a part of
+    its own, grows alone and q and k keep their width."""
+    model = cascaded_head(k_op="Sigmoid", q_op="Tanh")
+    assert inspected(model)["qkv"]["widen"]["ok"]
+    wider, _ = widen_exact(model, {"qkv": 2 * KEY + 9})
+    assert init(wider, node(wider, "split").input[1]).tolist() == [KEY, KEY, 9]
+
+
+def test_neither_side_linear_with_v_beside_nothing_is_refused():
+    """With q | k alone in the output (no v), nothing grows: the reason names the product."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rand(rng, 2 * KEY, C, 1, 1), "sizes": _i64(KEY, KEY), "flat": _i64(1, KEY, POSITIONS)}
+    nodes = [H("Conv", ["x", "w"], ["qk"], name="qk"), H("Split", ["qk", "sizes"], ["q", "k"], axis=1),
+             H("Reshape", ["q", "flat"], ["qf"]), H("Reshape", ["k", "flat"], ["kf"]), H("Tanh", ["qf"], ["qt"]),
+             H("Sigmoid", ["kf"], ["ks"]), H("Transpose", ["qt"], ["qT"], perm=[0, 2, 1]),
+             H("MatMul", ["qT", "ks"], ["y"])]
+    model = make_model(nodes, [("x", [1, C, SIDE, SIDE])], [("y", [1, POSITIONS, POSITIONS])], inits)
+    entry = inspected(model)["qk"]["widen"]
     assert not entry["ok"]
     assert "contracts the units" in entry["reason"] and "not linear" in entry["reason"]
 

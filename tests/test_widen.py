@@ -393,19 +393,18 @@ def test_slice_on_channel_axis_last_piece():
 
 
 def test_slice_taking_a_channel_subrange_of_one_layer():
-    """Conv A (5 ch) -> Slice [1:5] -> C: the units are cut. As a routing region
-    (slice bounds scale with the width) only widths where every read channel
-    still reaches C are exact: 10 is, 7 is refused, never wrong."""
+    """Conv A (5 ch) -> Slice [1:5] -> C: the units are cut. The kept range
+    is a space of its own beside channel 0 (which nothing reads), so every
+    width grows it: 7 keeps [1:7]."""
     rng = np.random.default_rng(4)
     inits = {"WA": rand(rng, 5, 2, 1, 1), "WC": rand(rng, 2, 4, 1, 1), "s": np.array([1], np.int64),
              "e": np.array([5], np.int64), "ax": np.array([1], np.int64)}
     nodes = [H("Conv", ["x", "WA"], ["a"], name="A"), H("Slice", ["a", "s", "e", "ax"], ["p"], name="slice"),
              H("Conv", ["p", "WC"], ["y"], name="C")]
     model = make_model(nodes, [("x", ["N", 2, 3, 3])], ["y"], inits)
-    with pytest.raises(n2n.UserError, match="width 7 would change where they go.*widths that route: 10"):
-        n2n.widen(model, {"A": 7})
-    wider, _ = widen_exact(model, {"A": 10})
-    assert init(wider, "s").tolist() == [2] and init(wider, "e").tolist() == [10]
+    wider, _ = widen_exact(model, {"A": 7})
+    assert init(wider, "s").tolist() == [1] and init(wider, "e").tolist() == [7]
+    assert node_weight(wider, "C").shape == (2, 6, 1, 1)
 
 
 def test_transpose_nhwc_then_flatten_into_gemm():

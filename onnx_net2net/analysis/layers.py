@@ -76,6 +76,8 @@ def seed_placement(ir: GraphIR, layer: int, unit_width: int = 1, repeats: int = 
     """The layer's output placement with units of `unit_width` features,
     the whole space repeated `repeats` times along the axis, or once at each
     of `starts` (the rest of the output holding other data)."""
+    if len(starts) == 1:
+        return replace(layer_output_placement(ir, layer), inner=unit_width, offset=starts[0])
     if starts:
         return replace(layer_output_placement(ir, layer), inner=unit_width, starts=starts)
     return replace(layer_output_placement(ir, layer), inner=unit_width, outer=repeats)

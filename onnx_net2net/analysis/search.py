@@ -159,6 +159,8 @@ def _parts_instead(ir: GraphIR, layer: int, group: UnitGroup, in_parts: list[Lay
     if not group.contractions or group.repeats == 1:
         return None
     for layout in in_parts[:MAX_LAYOUT_TRIES]:
+        if len(layout.starts) < 2:
+            continue  # a part alone (v of q | k | v) is no finer group of q and k
         finer = _walk_layout(ir, layer, layout, keep_outputs)
         if finer.ok:
             return finer

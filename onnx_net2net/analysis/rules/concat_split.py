@@ -279,18 +279,20 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     plain_seed = (fills_blocks and placement.outer == 1 and placement.inner == 1 and group.unit_width == 1
                   and group.repeats == 1 and placement.length == group.size)
     walk.refuse(index, f"the units span several split outputs{unequal}", retry,
-                parts=_equal_parts(sizes, starts) if plain_seed else ())
+                parts=_part_layouts(sizes, starts) if plain_seed else ())
 
 
 #: At most this many layouts of equal parts are suggested by one split.
 MAX_PART_LAYOUTS = 4
 
 
-def _equal_parts(sizes: list, starts) -> tuple[Parts, ...]:
-    """Layouts in which some equal parts of a split of the whole seed output
-    hold one space each: pairs of neighbouring parts first (q and k of
-    q | k | v or q | k | v | g), then larger sets; all the parts alike is the
-    (1, k) retry already."""
+def _part_layouts(sizes: list, starts) -> tuple[Parts, ...]:
+    """Layouts in which some parts of a split of the whole seed output hold
+    one space each: pairs of equal neighbouring parts first (q and k of
+    q | k | v or q | k | v | g), then, when the parts are unequal, each part
+    alone (FasterNet's partial convolution over [C/4 | 3C/4], InceptionNeXt's
+    identity part), then larger sets of equal parts (all the parts alike is
+    the (1, k) retry already)."""
     by_size = defaultdict(list)
     for piece, size in enumerate(sizes):
         by_size[size].append(piece)
@@ -302,7 +304,8 @@ def _equal_parts(sizes: list, starts) -> tuple[Parts, ...]:
                     continue
                 layout = Parts(size, tuple(int(starts[piece]) for piece in chosen))
                 (neighbours if count == 2 and chosen[1] == chosen[0] + 1 else larger).append(layout)
-    return tuple((neighbours + larger)[:MAX_PART_LAYOUTS])
+    alone = [Parts(int(size), (int(starts[piece]),)) for piece, size in enumerate(sizes) if len(by_size) > 1]
+    return tuple((neighbours + alone + larger)[:MAX_PART_LAYOUTS])
 
 
 def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
@@ -420,7 +423,49 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
         retry = ((1, in_length // span),) if fills and _one_of_equal_parts(start, end, in_length) else ()
         unequal = (f" (it keeps positions [{start}, {end}) of {in_length}, which is not cut into equal parts of "
                    f"{span})") if fills and not retry and 0 < span < in_length else ""
-        walk.refuse(index, f"it cuts through the units{unequal}", retry)
+        group = walk.group
+        plain_seed = (fills and placement.inner == 1 and group.unit_width == 1 and group.repeats == 1
+                      and placement.length == group.size)
+        walk.refuse(index, f"it cuts through the units{unequal}", retry,
+                    parts=_slice_parts(walk, index, placement.axis, (start, end), in_length)
+                    if plain_seed and unequal else ())
+
+
+def _slice_parts(walk: Walk, index: int, axis: int, kept: tuple[int, int], length: int) -> tuple[Parts, ...]:
+    """Layouts of a space in one part of the seed output, for a Slice that cuts
+    through it: the kept range alone first (RexNet's partial residual adds the
+    shortcut to the first channels of a wider output), then each range between
+    the cuts this Slice and its siblings (Slices of the same tensor with
+    constant bounds on the axis: the chunks of a stream) make."""
+    cuts = {0, length, *kept}
+    source = walk.ir.nodes[index].input[0]
+    for use in walk.ir.uses(source):
+        bounds = _constant_bounds(walk.ir, use.node, axis, length) if use.port == 0 else None
+        cuts.update(bounds or ())
+    cuts = sorted(cuts)
+    ranges = [kept] + [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if (lo, hi) != kept]
+    return tuple(Parts(hi - lo, (lo,)) for lo, hi in ranges if hi > lo)[:MAX_PART_LAYOUTS]
+
+
+def _constant_bounds(ir: GraphIR, index: int, axis: int, length: int) -> tuple[int, int] | None:
+    """[start, end) of a Slice with constant bounds and step 1 on `axis`, clamped to `length`."""
+    node = ir.nodes[index]
+    if node.op_type != "Slice" or len(node.input) < 3:
+        return None
+    names = (list(node.input[1:5]) + ["", ""])[:4]
+    if any(name and not ir.is_const(name) for name in names):
+        return None
+    starts, ends, axes, steps = (ir.const_value(name) if name else None for name in names)
+    rank = ir.rank(node.input[0])
+    if rank is None:
+        return None
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    if axis not in axes:
+        return None
+    k = axes.index(axis)
+    if steps is not None and int(steps.reshape(-1)[k]) != 1:
+        return None
+    return clamp(int(starts.reshape(-1)[k]), length), clamp(int(ends.reshape(-1)[k]), length)
 
 
 def _add_repeated_source(walk: Walk, index: int, placement: Placement, length: int) -> bool:

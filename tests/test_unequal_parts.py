@@ -1,0 +1,103 @@
+"""A space in one part of a layer's output, the other parts holding other data.
+
+FasterNet's partial convolution splits the stream [C/4 | 3C/4] and convolves
+the first part only; RexNet adds the shortcut to the first channels of a
+wider output (`out[:, :C] += x`); InceptionNeXt splits the stream into an
+identity part and three depthwise branches of unequal sizes. Seeded whole,
+the layer's units span the parts and are refused; the search then tries each
+part alone (a `Parts` layout of one start): the units at that part's offset,
+the other features fixed (`UnitGroup.fixed_features`). Each case is grown,
+compared in onnxruntime, checked with the full checker and inspected again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from helpers import H, inspected, make_model, rand, widen_exact
+
+
+def _conv(name, x, y, inits, rng, c_out, c_in, k=1, group=1):
+    inits[f"{name}_w"] = rand(rng, c_out, c_in // group, k, k)
+    inits[f"{name}_b"] = rand(rng, c_out)
+    return H("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name, pads=[k // 2] * 4, group=group)
+
+
+def partial_conv_block(c: int = 8, part: int = 2) -> onnx.ModelProto:
+    """stem -> s; Split(s, [part, c - part]) -> 3x3 conv on the first part ->
+    concat -> mix 1x1 (c -> 2c) -> relu -> proj (2c -> c) -> + s -> head."""
+    rng, inits = np.random.default_rng(0), {"sizes": np.array([part, c - part], np.int64)}
+    nodes = [_conv("stem", "x", "s", inits, rng, c, 2, k=3),
+             H("Split", ["s", "sizes"], ["p0", "p1"], axis=1),
+             _conv("partial", "p0", "q0", inits, rng, part, part, k=3), H("Concat", ["q0", "p1"], ["cat"], axis=1),
+             _conv("mix", "cat", "m", inits, rng, 2 * c, c), H("Relu", ["m"], ["mr"]),
+             _conv("proj", "mr", "pr", inits, rng, c, 2 * c), H("Add", ["s", "pr"], ["t"]),
+             _conv("head", "t", "y", inits, rng, 3, c)]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+
+
+def partial_residual(c: int = 6, out: int = 9) -> onnx.ModelProto:
+    """a -> x (c); b: x -> out channels; y = concat(out[:, :c] + x, out[:, c:]) -> head."""
+    rng = np.random.default_rng(1)
+    inits = {"zero": np.array([0], np.int64), "c": np.array([c], np.int64), "end": np.array([out], np.int64),
+             "axis": np.array([1], np.int64)}
+    nodes = [_conv("a", "x", "xa", inits, rng, c, 2), H("Relu", ["xa"], ["xr"]),
+             _conv("b", "xr", "o", inits, rng, out, c, k=3),
+             H("Slice", ["o", "zero", "c", "axis"], ["o_first"]), H("Slice", ["o", "c", "end", "axis"], ["o_rest"]),
+             H("Add", ["o_first", "xr"], ["shortcut"]), H("Concat", ["shortcut", "o_rest"], ["cat"], axis=1),
+             _conv("head", "cat", "y", inits, rng, 3, out)]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+
+
+def inception_mixer(c: int = 10, band: int = 2) -> onnx.ModelProto:
+    """stem -> s; Split(s, [c - 3 band, band, band, band]): identity and three
+    depthwise convs -> concat -> layer scale -> mix -> + s -> head."""
+    rng = np.random.default_rng(2)
+    identity = c - 3 * band
+    inits = {"sizes": np.array([identity, band, band, band], np.int64),
+             "gamma": rand(rng, c, 1, 1)}
+    nodes = [_conv("stem", "x", "s", inits, rng, c, 2, k=3),
+             H("Split", ["s", "sizes"], ["i", "b0", "b1", "b2"], axis=1)]
+    outs = ["i"]
+    for k, name in enumerate(("b0", "b1", "b2")):
+        nodes.append(_conv(f"dw{k}", name, f"{name}_out", inits, rng, band, band, k=2 * k + 1, group=band))
+        outs.append(f"{name}_out")
+    nodes += [H("Concat", outs, ["cat"], axis=1), H("Mul", ["cat", "gamma"], ["scaled"]),
+              _conv("mix", "scaled", "m", inits, rng, c, c), H("Add", ["s", "m"], ["t"]),
+              _conv("head", "t", "y", inits, rng, 3, c)]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+
+
+def _grows(model, layer, width):
+    report = inspected(model)[layer]["widen"]
+    assert report["ok"], report
+    wider, _ = widen_exact(model, {layer: width})
+    onnx.checker.check_model(wider, full_check=True)
+    onnx.shape_inference.infer_shapes(wider, check_type=True, strict_mode=True)
+    assert inspected(wider)[layer]["width"] == width
+    return wider
+
+
+def test_the_stream_of_a_partial_convolution_grows_in_one_part():
+    wider = _grows(partial_conv_block(), "stem", 11)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in wider.graph.initializer}
+    assert weights["partial_w"].shape[:2] == (2, 5)  # the convolved part grew 2 -> 5; its own units did not
+    assert weights["sizes"].tolist() == [5, 6]
+
+
+def test_the_part_a_partial_residual_adds_to_grows_with_the_shortcut():
+    model = partial_residual()
+    wider = _grows(model, "b", 12)
+    widths = inspected(wider)
+    assert (widths["a"]["width"], widths["b"]["width"]) == (9, 12)  # the shortcut's space grew, b's rest did not
+
+
+def test_an_inception_mixer_grows_its_identity_part():
+    _grows(inception_mixer(), "stem", 14)
+
+
+def test_every_layer_of_the_three_models_is_growable():
+    for model in (partial_conv_block(), partial_residual(), inception_mixer()):
+        refused = {name: layer["widen"]["reason"] for name, layer in inspected(model).items()
+                   if not layer["widen"]["ok"] and name != "head"}
+        assert not refused, refused
