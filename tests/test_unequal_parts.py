@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import H, inspected, make_model, rand, widen_exact
+from helpers import H, inspected, make_model, node_weight, rand, widen_exact
 
 
 def _conv(name, x, y, inits, rng, c_out, c_in, k=1, group=1):
@@ -81,8 +81,8 @@ def _grows(model, layer, width):
 def test_the_stream_of_a_partial_convolution_grows_in_one_part():
     wider = _grows(partial_conv_block(), "stem", 11)
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in wider.graph.initializer}
-    assert weights["partial_w"].shape[:2] == (2, 5)  # the convolved part grew 2 -> 5; its own units did not
-    assert weights["sizes"].tolist() == [5, 6]
+    assert weights["partial_w"].shape[:2] == (2, 2)  # the larger part grew (6 -> 9), the convolved one did not
+    assert weights["sizes"].tolist() == [2, 9]
 
 
 def test_the_part_a_partial_residual_adds_to_grows_with_the_shortcut():
@@ -101,3 +101,34 @@ def test_every_layer_of_the_three_models_is_growable():
         refused = {name: layer["widen"]["reason"] for name, layer in inspected(model).items()
                    if not layer["widen"]["ok"] and name != "head"}
         assert not refused, refused
+
+
+def mixconv(split_sizes=(3, 5)) -> onnx.ModelProto:
+    """MixNet: grouped pointwise convs pw0, pw1 (4 channels each) concatenated,
+    split again into kernel groups of `split_sizes` (depthwise 3x3 and 5x5),
+    concatenated, then a grouped projection (split 4 | 4) -> head."""
+    rng = np.random.default_rng(3)
+    inits = {"groups": np.array(split_sizes, np.int64), "halves": np.array([4, 4], np.int64)}
+    nodes = [_conv("pw0", "x", "a0", inits, rng, 4, 2), _conv("pw1", "x", "a1", inits, rng, 4, 2),
+             H("Concat", ["a0", "a1"], ["a"], axis=1), H("Relu", ["a"], ["ar"]),
+             H("Split", ["ar", "groups"], ["g0", "g1"], axis=1),
+             _conv("dw0", "g0", "d0", inits, rng, split_sizes[0], split_sizes[0], k=3, group=split_sizes[0]),
+             _conv("dw1", "g1", "d1", inits, rng, split_sizes[1], split_sizes[1], k=5, group=split_sizes[1]),
+             H("Concat", ["d0", "d1"], ["d"], axis=1), H("Split", ["d", "halves"], ["h0", "h1"], axis=1),
+             _conv("pwl0", "h0", "p0", inits, rng, 3, 4), _conv("pwl1", "h1", "p1", inits, rng, 3, 4),
+             H("Concat", ["p0", "p1"], ["p"], axis=1), _conv("head", "p", "y", inits, rng, 2, 6)]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 2, 5, 5])], inits)
+
+
+def test_kernel_groups_that_cut_a_grouped_pointwise_conv_grow_piece_by_piece():
+    """pw0's 4 channels are cut 3 | 1 by the kernel groups: its first 3 grow
+    (the piece in one group); dw1's 5 channels span pw0 and pw1: its first
+    one (from pw0) or the rest grows, never across the cut."""
+    model = mixconv()
+    refused = {name: layer["widen"]["reason"] for name, layer in inspected(model).items()
+               if not layer["widen"]["ok"] and name != "head"}
+    assert not refused, refused
+    wider = _grows(model, "pw0", 6)
+    assert node_weight(wider, "dw0").shape[0] == 5 and node_weight(wider, "dw1").shape[0] == 5
+    wider = _grows(model, "dw1", 7)
+    assert node_weight(wider, "pw0").shape[0] + node_weight(wider, "pw1").shape[0] == 10

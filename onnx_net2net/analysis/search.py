@@ -63,7 +63,7 @@ def find_group(ir: GraphIR, layer: int, *, keep_outputs: bool = False) -> UnitGr
     found, failures = _walk_layouts(ir, layer, keep_outputs)
     # A layout with the whole layer as one unit grows by doubling only; a routing region, where the
     # plain layout stopped at an op that moves channels, may grow the same layer one channel at a time.
-    whole_layer_as_one_unit = found is not None and found.size == 1 and failures
+    whole_layer_as_one_unit = found is not None and found.size == 1 and not found.fixed_features and failures
     if found is not None and not whole_layer_as_one_unit:
         return found
     routing_refusal = None

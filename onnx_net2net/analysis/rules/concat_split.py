@@ -85,7 +85,8 @@ def _concat_at_offset(walk: Walk, index: int, side: str, port: int, placement: P
     fills = lo == 0 and hi == total and len(set(sizes)) == 1 and len(node.input) > 1
     repeated = fills and (len(aligned_inputs(ir, index, 0, placement.axis)) == len(node.input)
                           or chunked_source(ir, list(node.input), placement.axis) is not None)
-    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if repeated else ())
+    walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if repeated else (),
+                parts=_seed_parts(walk, placement, starts))
 
 
 def _settle_equal_inputs(walk: Walk, index: int, sizes: list) -> None:
@@ -279,7 +280,28 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     plain_seed = (fills_blocks and placement.outer == 1 and placement.inner == 1 and group.unit_width == 1
                   and group.repeats == 1 and placement.length == group.size)
     walk.refuse(index, f"the units span several split outputs{unequal}", retry,
-                parts=_part_layouts(sizes, starts) if plain_seed else ())
+                parts=_part_layouts(sizes, starts) if plain_seed else _seed_parts(walk, placement, starts))
+
+
+def _seed_parts(walk: Walk, placement: Placement, cuts) -> tuple[Parts, ...]:
+    """Where the seed layer's whole output sits in a range of a longer axis
+    (MixNet's grouped pointwise convs concatenated, then split again into
+    kernel groups of other sizes) and the cuts there pass through it: the
+    pieces between the cuts, in the seed's own positions, all alike when equal
+    (one space repeated), then each alone, the largest first."""
+    group = walk.group
+    if (placement.outer != 1 or placement.inner != 1 or placement.starts or group.unit_width != 1
+            or group.repeats != 1 or group.fixed_features):
+        return ()
+    lo, hi = placement.offset, placement.offset + group.size
+    local = sorted({0, group.size} | {int(cut) - lo for cut in cuts if lo < cut < hi})
+    pieces = [(start, end - start) for start, end in zip(local, local[1:])]
+    if len(pieces) < 2:
+        return ()
+    sizes = {size for _, size in pieces}
+    alike = [Parts(pieces[0][1], tuple(start for start, _ in pieces))] if len(sizes) == 1 else []
+    alone = sorted((Parts(size, (start,)) for start, size in pieces), key=lambda parts: -parts.size)
+    return tuple(alike + alone)[:MAX_PART_LAYOUTS]
 
 
 #: At most this many layouts of equal parts are suggested by one split.
@@ -292,7 +314,8 @@ def _part_layouts(sizes: list, starts) -> tuple[Parts, ...]:
     q | k | v or q | k | v | g), then, when the parts are unequal, each part
     alone (FasterNet's partial convolution over [C/4 | 3C/4], InceptionNeXt's
     identity part), then larger sets of equal parts (all the parts alike is
-    the (1, k) retry already)."""
+    the (1, k) retry already), then equal parts alone (MixNet's kernel
+    groups, which a later split cuts otherwise)."""
     by_size = defaultdict(list)
     for piece, size in enumerate(sizes):
         by_size[size].append(piece)
@@ -304,8 +327,11 @@ def _part_layouts(sizes: list, starts) -> tuple[Parts, ...]:
                     continue
                 layout = Parts(size, tuple(int(starts[piece]) for piece in chosen))
                 (neighbours if count == 2 and chosen[1] == chosen[0] + 1 else larger).append(layout)
-    alone = [Parts(int(size), (int(starts[piece]),)) for piece, size in enumerate(sizes) if len(by_size) > 1]
-    return tuple((neighbours + alone + larger)[:MAX_PART_LAYOUTS])
+    alone = sorted((Parts(int(size), (int(starts[piece]),)) for piece, size in enumerate(sizes)),
+                   key=lambda parts: -parts.size)  # the largest space first
+    if len(by_size) > 1:
+        return tuple((neighbours + alone + larger)[:MAX_PART_LAYOUTS])
+    return tuple((neighbours + larger + alone)[:MAX_PART_LAYOUTS])  # equal parts alone last (MixNet's groups)
 
 
 def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
@@ -436,14 +462,15 @@ def _slice_parts(walk: Walk, index: int, axis: int, kept: tuple[int, int], lengt
     through it: the kept range alone first (RexNet's partial residual adds the
     shortcut to the first channels of a wider output), then each range between
     the cuts this Slice and its siblings (Slices of the same tensor with
-    constant bounds on the axis: the chunks of a stream) make."""
+    constant bounds on the axis: the chunks of a stream) make, largest first."""
     cuts = {0, length, *kept}
     source = walk.ir.nodes[index].input[0]
     for use in walk.ir.uses(source):
         bounds = _constant_bounds(walk.ir, use.node, axis, length) if use.port == 0 else None
         cuts.update(bounds or ())
     cuts = sorted(cuts)
-    ranges = [kept] + [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if (lo, hi) != kept]
+    others = sorted(((lo, hi) for lo, hi in zip(cuts, cuts[1:]) if (lo, hi) != kept), key=lambda r: r[0] - r[1])
+    ranges = [kept] + others
     return tuple(Parts(hi - lo, (lo,)) for lo, hi in ranges if hi > lo)[:MAX_PART_LAYOUTS]
 
 
