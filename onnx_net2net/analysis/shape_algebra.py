@@ -93,10 +93,14 @@ def map_through_reshape(placement: Placement, src: tuple, dst: tuple) -> tuple[P
         if i1 - i0 == 1 and j1 - j0 == 1:
             return placement.on_axis(j0, len(dst)), None
         if j1 - j0 == 1:
-            if placement.outer != 1:
-                return None, Refusal("flattening interleaved features again")
             after = int(np.prod(src[a + 1:i1], dtype=np.int64))
             before = int(np.prod(src[i0:a], dtype=np.int64))
+            if placement.outer != 1 and before == 1:
+                # the repeats of a space stay on the merged axis ([.., 2 n, d] -> [.., 2 n d])
+                return replace(placement, axis=j0, rank=len(dst), length=placement.length * after,
+                               offset=placement.offset * after, inner=placement.inner * after), None
+            if placement.outer != 1:
+                return None, Refusal("flattening interleaved features again")
             length = placement.length * after
             return Placement(axis=j0, rank=len(dst), length=length * before, offset=placement.offset * after,
                              inner=placement.inner * after, outer=before), None
@@ -367,6 +371,12 @@ def _unflatten(placement: Placement, dst: tuple, j0: int, j1: int) -> tuple[Plac
             continue
         return Placement(axis=j, rank=len(dst), length=dst[j], offset=placement.offset // after,
                          inner=placement.inner // after), None
+    after = int(np.prod(dst[j0 + 1:j1], dtype=np.int64))
+    if placement.outer > 1 and not placement.inner % after and not placement.offset % after \
+            and not placement.block % after:
+        # the repeats stay on the first axis ([S | S] of heads of d: [.., 2 n d] -> [.., 2 n, d])
+        return Placement(axis=j0, rank=len(dst), length=dst[j0], offset=placement.offset // after,
+                         inner=placement.inner // after, outer=placement.outer), None
     return None, Refusal("the reshape splits the unit axis across the units", RefusalKind.SPLITS_UNIT_AXIS)
 
 

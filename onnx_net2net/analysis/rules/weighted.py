@@ -47,6 +47,10 @@ def conv(walk: Walk, index: int, side: str, port: int, placement: Placement) -> 
     if groups == channels_in and groups == walk.dim(index, node.input[0], 1):
         _depthwise(walk, index, side, placement, weight.shape[0] // groups)
         return
+    block_in, block_out = channels_in // groups, weight.shape[0] // groups
+    if _units_are_whole_groups(placement, block_in if side == "in" else block_out):
+        _groupwise(walk, index, side, placement, block_in, block_out)
+        return
     walk.require_blocks(index, placement, groups)
     _split_or_copy(walk, index, side, placement, input_axis=1, output_axis=0, groups=groups)
 
@@ -80,6 +84,34 @@ def _depthwise(walk: Walk, index: int, side: str, placement: Placement, multipli
     walk.weight(index, 1, 0, axis_only(out), "copy")
     walk.weight(index, 2, 0, axis_only(out), "copy")
     walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.growth()))
+    walk.group.passthrough.append(index)
+    walk.add(node.input[0], inp)
+    walk.add(node.output[0], out)
+
+
+def _units_are_whole_groups(placement: Placement, block: int) -> bool:
+    """Whether every unit is whole groups of `block` channels of a grouped
+    convolution (EfficientViT's multi-scale attention: heads of q | k | v
+    through a grouped 1x1 conv of one group per q, k or v)."""
+    return (block > 1 and placement.outer == 1 and not placement.starts and placement.inner % block == 0
+            and placement.offset % block == 0)
+
+
+def _groupwise(walk: Walk, index: int, side: str, placement: Placement, block_in: int, block_out: int) -> None:
+    """A grouped conv whose units are whole groups acts per unit (a depthwise
+    conv with groups of `block_in` channels): a copied unit copies its groups'
+    filters and the group count grows by the unit's groups."""
+    node = walk.ir.nodes[index]
+
+    def scaled(known: Placement, by_from: int, by_to: int) -> Placement:
+        return replace(known, offset=known.offset // by_from * by_to, inner=known.inner // by_from * by_to,
+                       length=known.length // by_from * by_to)
+
+    inp = placement if side == "in" else scaled(placement, block_out, block_in)
+    out = scaled(placement, block_in, block_out) if side == "in" else placement
+    walk.weight(index, 1, 0, axis_only(out), "copy")
+    walk.weight(index, 2, 0, axis_only(out), "copy")
+    walk.group.attribute_edits.append(AttributeEdit(index, "group", inp.growth() // block_in))
     walk.group.passthrough.append(index)
     walk.add(node.input[0], inp)
     walk.add(node.output[0], out)
