@@ -203,10 +203,15 @@ class Walk:
         self.group.weight_edits.append(WeightEdit(index, port, axis, placement, role, groups))
 
     def require_blocks(self, index: int, placement: Placement, blocks: int) -> None:
-        """The space must split into `blocks` equal blocks (grouped convolution)."""
+        """The space must split into `blocks` equal blocks (grouped convolution);
+        a space repeated R times along the channels (ResNeSt's radix splits,
+        one group each) splits into blocks / R blocks in every repeat."""
         group = self.group
-        if placement.offset or placement.inner != 1 or placement.outer != 1 or placement.length != group.size:
+        repeats = placement.outer
+        if (placement.offset or placement.inner != 1 or placement.length != group.size * repeats
+                or blocks % repeats or placement.starts):
             self.refuse(index, f"grouped convolution (group={blocks}) over part of a concatenation")
+        blocks //= repeats
         if group.tile and 1 < blocks < group.size:
             self.refuse(index, f"a normalisation takes statistics over these grouped-convolution units "
                                f"(group={blocks})")

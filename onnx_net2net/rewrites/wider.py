@@ -423,11 +423,13 @@ def _average_units(value: np.ndarray, original: np.ndarray, edit, mapping: UnitM
 
 def _apply_grouped_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditContext) -> np.ndarray:
     """A grouped conv's input channels: its weight holds each group's channels
-    in local numbering on axis 1, for that group's block of output rows."""
+    in local numbering on axis 1, for that group's block of output rows (with
+    the space repeated R times, group k is block k mod G/R of its repeat)."""
     groups = edit.groups
+    per_repeat = groups // edit.placement.outer
     rows = value.shape[0] // groups
     local = replace(edit, groups=1, placement=Placement(axis=1, rank=value.ndim, length=value.shape[1]))
-    pieces = [_apply_edit(value[k * rows:(k + 1) * rows], local, mapping.block(k, groups), context)
+    pieces = [_apply_edit(value[k * rows:(k + 1) * rows], local, mapping.block(k % per_repeat, per_repeat), context)
               for k in range(groups)]
     return np.concatenate(pieces, axis=0)
 
