@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import onnx
 
-from .analysis import Refusal, RefusalKind, UnitGroup, layer_name, layer_width
+from .analysis import Refusal, RefusalKind, UnitGroup, groups_by_layer, layer_name, layer_width
 from .analysis.quantized import quantized_deepen_reason, quantized_layer_refusal, quantized_layers
 from .errors import UserError
 from .folding import computed_weights, fold_computed_weights
 from .io import ModelHandle
 from .ir import GraphIR
-from .passes import DeepenPass, WidenPass, groups_by_layer
+from .passes import DeepenPass, WidenPass
 from .rewrites import deeper
 from .verification import InputSpec, ReferenceRun
 

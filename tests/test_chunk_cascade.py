@@ -7,8 +7,8 @@ back. The additions pair channel j of every chunk, so the stream holds c
 units k times over ([S | S | ... ]). Growing the space grows every chunk,
 and a chunk's convolution grows with the stream. EfficientViT's cascaded
 attention adds chunks to heads' outputs v @ attn^T, whose rows are v's rows.
-Unequal chunks hold no such space across the chunks; a chunk that pairs with
-none grows alone (test_unequal_parts.py).
+Unequal chunks hold no such space across all the chunks; the chunks that
+pair grow as one space repeated, the others keep their width.
 """
 
 from __future__ import annotations
@@ -117,15 +117,18 @@ def test_an_identity_gather_over_the_repeated_stream():
 
 
 @pytest.mark.parametrize("how", ["slice", "split"])
-def test_unequal_chunks_grow_in_the_chunk_that_pairs_with_none(how):
+def test_unequal_chunks_grow_in_the_chunks_that_pair(how):
     """3 + 3 + 2 channels: the first two chunks pair their channels, the last
-    does not; the pair cannot hold one space (the third chunk would have to
-    hold it too), so the last chunk alone grows, the rest of the stream kept."""
+    does not: cut by a Split, the pair holds one space twice ([S | S | 2
+    others]), which grows; the last chunk keeps its width. Cut by Slices
+    (whose rule keeps no repeats at uneven offsets), the last chunk grows
+    alone and the pair keeps its width."""
     model = cascade(sizes=[3, 3, 2], how=how)
     assert inspected(model)["stem"]["widen"]["ok"]
     wider, _ = widen_exact(model, {"stem": 12})
     assert node_weight(wider, "stem").shape[0] == 12
-    assert node_weight(wider, "dw0").shape[0] == 3 and node_weight(wider, "dw1").shape[0] == 3
+    pair = 5 if how == "split" else 3
+    assert node_weight(wider, "dw0").shape[0] == pair and node_weight(wider, "dw1").shape[0] == pair
 
 
 def cascaded_attention():

@@ -132,3 +132,38 @@ def test_kernel_groups_that_cut_a_grouped_pointwise_conv_grow_piece_by_piece():
     assert node_weight(wider, "dw0").shape[0] == 5 and node_weight(wider, "dw1").shape[0] == 5
     wider = _grows(model, "dw1", 7)
     assert node_weight(wider, "pw0").shape[0] + node_weight(wider, "pw1").shape[0] == 10
+
+
+def gated_block(g: int = 6, i: int = 4, c: int = 2) -> onnx.ModelProto:
+    """MambaOut's gated CNN block (channels last): fc1 -> [g | i | c];
+    c through a depthwise conv; fc2(gelu(g) * cat(i, conv(c))) + x."""
+    rng = np.random.default_rng(4)
+    d = 3
+    inits = {"stem_w": rand(rng, 2, d), "fc1_w": rand(rng, d, g + i + c), "fc1_b": rand(rng, g + i + c),
+             "sizes": np.array([g, i, c], np.int64), "dw_w": rand(rng, c, 1, 3, 3), "fc2_w": rand(rng, g, d),
+             "head_w": rand(rng, d, 2)}
+    nodes = [H("MatMul", ["x", "stem_w"], ["s"], name="stem"),
+             H("MatMul", ["s", "fc1_w"], ["f"], name="fc1"), H("Add", ["f", "fc1_b"], ["fb"]),
+             H("Split", ["fb", "sizes"], ["pg", "pi", "pc"], axis=3),
+             H("Transpose", ["pc"], ["pcT"], perm=[0, 3, 1, 2]),
+             H("Conv", ["pcT", "dw_w"], ["dc"], name="dw", group=c, pads=[1, 1, 1, 1]),
+             H("Transpose", ["dc"], ["dcT"], perm=[0, 2, 3, 1]), H("Concat", ["pi", "dcT"], ["ic"], axis=3),
+             H("Sigmoid", ["pg"], ["gate"]), H("Mul", ["gate", "ic"], ["gated"]),
+             H("MatMul", ["gated", "fc2_w"], ["out"], name="fc2"), H("Add", ["s", "out"], ["t"]),
+             H("MatMul", ["t", "head_w"], ["y"], name="head")]
+    return make_model(nodes, [("x", ["N", 4, 4, 2])], [("y", ["N", 4, 4, 2])], inits)
+
+
+def test_a_gated_block_grows_the_gate_with_the_part_it_gates():
+    """g's head pairs with i, its tail with c: fc1 holds two spaces, each at
+    two offsets ([g1 g2 | i | c], g1 ~ i, g2 ~ c); the first found grows, and
+    the depthwise conv over c grows the other (its writer's second layout)."""
+    model = gated_block()
+    refused = {name: layer["widen"]["reason"] for name, layer in inspected(model).items()
+               if not layer["widen"]["ok"] and name != "head"}
+    assert not refused, refused
+    wider = _grows(model, "fc1", 16)  # i's space: 4 -> 6 units, at two offsets (the 4 others kept)
+    assert [int(v) for v in next(onnx.numpy_helper.to_array(t) for t in wider.graph.initializer
+                                 if t.name == "sizes")] == [8, 6, 2]
+    wider = _grows(model, "dw", 4)  # c's space: 2 -> 4, with g's tail
+    assert node_weight(wider, "fc1").shape[1] == 16

@@ -179,12 +179,31 @@ def _space_of_upstream_layer(ir: GraphIR, layer: int, keep_outputs: bool) -> Uni
         return None
     output = node.output[0]
     for writer in _upstream_layers(ir, layer, MAX_UPSTREAM_LAYERS):
-        group, _ = _walk_layouts(ir, writer, keep_outputs)
-        if group is None or layer not in group.passthrough:
-            continue
-        if group.placements.get(output) == seed_placement(ir, layer, group.unit_width):
-            return replace(group, seed=layer, repeats=1, repeat_of=writer, fixed_features=0)
+        for group in _spaces_of(ir, writer, keep_outputs):
+            if layer in group.passthrough and group.placements.get(output) == seed_placement(
+                    ir, layer, group.unit_width):
+                return replace(group, seed=layer, repeats=1, repeat_of=writer, fixed_features=0)
     return None
+
+
+def _spaces_of(ir: GraphIR, layer: int, keep_outputs: bool):
+    """The groups of a layer's output: the one its search finds, then those of
+    the other part layouts its refusals suggested (MambaOut's fc1 writes
+    [g | i | c]: the head of g pairs with i, its tail with c, two spaces)."""
+    found, failures = _walk_layouts(ir, layer, keep_outputs)
+    if found is None:
+        return
+    yield found
+    tried = 0
+    for failure in failures:
+        for parts in failure.refusal.parts:
+            if tried >= MAX_LAYOUT_TRIES:
+                return
+            layout = Layout(repeats=len(parts.starts), starts=parts.starts, part=parts.size)
+            tried += 1
+            group = _walk_layout(ir, layer, layout, keep_outputs)
+            if group.ok and not group.contractions:
+                yield group
 
 
 def _upstream_layers(ir: GraphIR, layer: int, limit: int) -> list[int]:

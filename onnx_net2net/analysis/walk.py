@@ -41,9 +41,11 @@ BATCH_MERGED_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | RESHAPES
                              | {"Transpose", "Shape", "Size", "Softmax", "LogSoftmax", "MatMul"})
 
 #: Ops that keep a space repeated at uneven offsets (Placement.starts) in place:
-#: per-channel ops, convolutions reading or writing the channels, a Split
-#: into the repeats, and reshapes that keep the unit axis whole (their rule checks it).
-UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | POOLING | RESHAPES
+#: per-channel ops (broadcasting ones edit a constant operand like a bias),
+#: convolutions reading or writing the channels, a Split into the repeats, and
+#: reshapes that keep the unit axis whole (their rule checks it). A MatMul or
+#: Gemm with a constant weight keeps them on its weight's axis (`_edits_weight_axis`).
+UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | POOLING | RESHAPES
                                | {"BatchNormalization", "Conv", "Concat", "Split", "Shape", "Size"})
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
@@ -138,7 +140,8 @@ class Walk:
         if placement.batch and node.op_type not in BATCH_MERGED_OPS:
             self.refuse(index, "the units are merged with a batch of unknown size on this axis (heads viewed as "
                                "[batch x heads]), which this op is not known to keep apart")
-        if placement.starts and node.op_type not in UNEVEN_REPEATS_OPS:
+        if placement.starts and node.op_type not in UNEVEN_REPEATS_OPS and not _edits_weight_axis(
+                self.ir, index, placement):
             self.refuse(index, "the units repeat at uneven offsets of a concatenation on this axis, "
                                "which this op is not known to keep")
         self.group.ops.add(node.op_type)
@@ -238,6 +241,15 @@ class Walk:
             self.refuse(index, f"the units are on axis {placement.axis}, not the channel axis")
         if not allow_blocks and (placement.outer != 1 or placement.inner != 1):
             self.refuse(index, "the units are interleaved with other data on the channel axis")
+
+
+def _edits_weight_axis(ir: GraphIR, index: int, placement: Placement) -> bool:
+    """A MatMul or Gemm with a constant weight reading or writing the units on
+    the last axis: its rule edits the weight there (any placement, like a Conv)."""
+    node = ir.nodes[index]
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or not ir.is_const(node.input[1]):
+        return False
+    return not ir.is_const(node.input[0]) and placement.axis == placement.rank - 1
 
 
 def _difference(first: Placement, second: Placement) -> str:

@@ -20,22 +20,22 @@ A space repeated k times (q | k | v of a fused projection, or Swin's patch
 merging of strided slices) is split into, sliced from or concatenated to
 its repeats whole: every repeat holds the same units. A space repeated in
 some parts of a Split only (q and k of EfficientViT's q | k | v, v holding
-another space) is split into its repeats; a refused split of the whole
-space suggests such layouts (`Refusal.parts`: equal parts).
+another space) is split into its repeats; a refused split, slice or
+concatenation of the seed's units suggests layouts of a space in some parts
+only (`Refusal.parts`, listed by part_layouts.py).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import replace
-from itertools import combinations
 
 import numpy as np
 
 from ...ir import GraphIR, node_attr
 from ..aligned import aligned_inputs, chunked_source
 from ..refined_shapes import refined_shape
-from ..refusal import Parts
+from ..part_layouts import part_layouts, seed_parts, slice_parts
 from ..shape_algebra import clamp
 from ..size_evaluator import SizeEvaluator
 from ..units import Placement, ValueEdit
@@ -86,7 +86,7 @@ def _concat_at_offset(walk: Walk, index: int, side: str, port: int, placement: P
     repeated = fills and (len(aligned_inputs(ir, index, 0, placement.axis)) == len(node.input)
                           or chunked_source(ir, list(node.input), placement.axis) is not None)
     walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if repeated else (),
-                parts=_seed_parts(walk, placement, starts))
+                parts=seed_parts(walk.group, placement, starts))
 
 
 def _settle_equal_inputs(walk: Walk, index: int, sizes: list) -> None:
@@ -280,58 +280,7 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     plain_seed = (fills_blocks and placement.outer == 1 and placement.inner == 1 and group.unit_width == 1
                   and group.repeats == 1 and placement.length == group.size)
     walk.refuse(index, f"the units span several split outputs{unequal}", retry,
-                parts=_part_layouts(sizes, starts) if plain_seed else _seed_parts(walk, placement, starts))
-
-
-def _seed_parts(walk: Walk, placement: Placement, cuts) -> tuple[Parts, ...]:
-    """Where the seed layer's whole output sits in a range of a longer axis
-    (MixNet's grouped pointwise convs concatenated, then split again into
-    kernel groups of other sizes) and the cuts there pass through it: the
-    pieces between the cuts, in the seed's own positions, all alike when equal
-    (one space repeated), then each alone, the largest first."""
-    group = walk.group
-    if (placement.outer != 1 or placement.inner != 1 or placement.starts or group.unit_width != 1
-            or group.repeats != 1 or group.fixed_features):
-        return ()
-    lo, hi = placement.offset, placement.offset + group.size
-    local = sorted({0, group.size} | {int(cut) - lo for cut in cuts if lo < cut < hi})
-    pieces = [(start, end - start) for start, end in zip(local, local[1:])]
-    if len(pieces) < 2:
-        return ()
-    sizes = {size for _, size in pieces}
-    alike = [Parts(pieces[0][1], tuple(start for start, _ in pieces))] if len(sizes) == 1 else []
-    alone = sorted((Parts(size, (start,)) for start, size in pieces), key=lambda parts: -parts.size)
-    return tuple(alike + alone)[:MAX_PART_LAYOUTS]
-
-
-#: At most this many layouts of equal parts are suggested by one split.
-MAX_PART_LAYOUTS = 4
-
-
-def _part_layouts(sizes: list, starts) -> tuple[Parts, ...]:
-    """Layouts in which some parts of a split of the whole seed output hold
-    one space each: pairs of equal neighbouring parts first (q and k of
-    q | k | v or q | k | v | g), then, when the parts are unequal, each part
-    alone (FasterNet's partial convolution over [C/4 | 3C/4], InceptionNeXt's
-    identity part), then larger sets of equal parts (all the parts alike is
-    the (1, k) retry already), then equal parts alone (MixNet's kernel
-    groups, which a later split cuts otherwise)."""
-    by_size = defaultdict(list)
-    for piece, size in enumerate(sizes):
-        by_size[size].append(piece)
-    neighbours, larger = [], []
-    for size, pieces in by_size.items():
-        for count in range(len(pieces), 1, -1):
-            for chosen in combinations(pieces, count):
-                if count == len(sizes):
-                    continue
-                layout = Parts(size, tuple(int(starts[piece]) for piece in chosen))
-                (neighbours if count == 2 and chosen[1] == chosen[0] + 1 else larger).append(layout)
-    alone = sorted((Parts(int(size), (int(starts[piece]),)) for piece, size in enumerate(sizes)),
-                   key=lambda parts: -parts.size)  # the largest space first
-    if len(by_size) > 1:
-        return tuple((neighbours + alone + larger)[:MAX_PART_LAYOUTS])
-    return tuple((neighbours + larger + alone)[:MAX_PART_LAYOUTS])  # equal parts alone last (MixNet's groups)
+                parts=part_layouts(sizes, starts) if plain_seed else seed_parts(walk.group, placement, starts))
 
 
 def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
@@ -453,46 +402,8 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
         plain_seed = (fills and placement.inner == 1 and group.unit_width == 1 and group.repeats == 1
                       and placement.length == group.size)
         walk.refuse(index, f"it cuts through the units{unequal}", retry,
-                    parts=_slice_parts(walk, index, placement.axis, (start, end), in_length)
+                    parts=slice_parts(walk.ir, index, placement.axis, (start, end), in_length)
                     if plain_seed and unequal else ())
-
-
-def _slice_parts(walk: Walk, index: int, axis: int, kept: tuple[int, int], length: int) -> tuple[Parts, ...]:
-    """Layouts of a space in one part of the seed output, for a Slice that cuts
-    through it: the kept range alone first (RexNet's partial residual adds the
-    shortcut to the first channels of a wider output), then each range between
-    the cuts this Slice and its siblings (Slices of the same tensor with
-    constant bounds on the axis: the chunks of a stream) make, largest first."""
-    cuts = {0, length, *kept}
-    source = walk.ir.nodes[index].input[0]
-    for use in walk.ir.uses(source):
-        bounds = _constant_bounds(walk.ir, use.node, axis, length) if use.port == 0 else None
-        cuts.update(bounds or ())
-    cuts = sorted(cuts)
-    others = sorted(((lo, hi) for lo, hi in zip(cuts, cuts[1:]) if (lo, hi) != kept), key=lambda r: r[0] - r[1])
-    ranges = [kept] + others
-    return tuple(Parts(hi - lo, (lo,)) for lo, hi in ranges if hi > lo)[:MAX_PART_LAYOUTS]
-
-
-def _constant_bounds(ir: GraphIR, index: int, axis: int, length: int) -> tuple[int, int] | None:
-    """[start, end) of a Slice with constant bounds and step 1 on `axis`, clamped to `length`."""
-    node = ir.nodes[index]
-    if node.op_type != "Slice" or len(node.input) < 3:
-        return None
-    names = (list(node.input[1:5]) + ["", ""])[:4]
-    if any(name and not ir.is_const(name) for name in names):
-        return None
-    starts, ends, axes, steps = (ir.const_value(name) if name else None for name in names)
-    rank = ir.rank(node.input[0])
-    if rank is None:
-        return None
-    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
-    if axis not in axes:
-        return None
-    k = axes.index(axis)
-    if steps is not None and int(steps.reshape(-1)[k]) != 1:
-        return None
-    return clamp(int(starts.reshape(-1)[k]), length), clamp(int(ends.reshape(-1)[k]), length)
 
 
 def _add_repeated_source(walk: Walk, index: int, placement: Placement, length: int) -> bool:
