@@ -43,9 +43,17 @@ MAX_REL = 1e-5  # max |a - b| / max(1, |a|) over every output element
 TORCHVISION = ["resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5",
                "squeezenet1_0", "densenet121"]
 OTHERS = ["convnext_atto", "timm_vit", "bert_cls", "vit", "gpt2", "nanogpt"]
+#: timm models (64x64, 10 classes) whose units sit in some parts of an output or in grouped-conv groups.
+TIMM_PARTS = {
+    "fasternet_t0": "partial convolution: the stream split [C/4 | 3C/4], one part convolved",
+    "mambaout_femto": "gated block: fc1 writes [g | i | c], g's head gates i and its tail c",
+    "resnest14d": "split attention: a grouped conv writes one radix split per group",
+    "efficientvit_b0": "multi-scale linear attention: heads through a grouped conv, viewed [2 n, 3 d]",
+}
 #: Patterns of issue 14 (packed attention, runtime sizes, patch merging...): run them by name.
 PATTERNS = ["mha_vit", "lraspp", "weightnorm_conv", "swin_t", "mixer", "mobilevit_xxs", "llama_gqa", "qwen2_gqa",
-            "bert_encoder", "fastvit_t8", "coatnet_nano", "edgenext_xx_small", "efficientvit_m0", "mobilevitv2_050"]
+            "bert_encoder", "fastvit_t8", "coatnet_nano", "edgenext_xx_small", "efficientvit_m0", "mobilevitv2_050",
+            *list(TIMM_PARTS)]
 
 
 def nanogpt(vocab: int = 100, width: int = 64, heads: int = 4, layers: int = 2, context: int = 32):
@@ -174,7 +182,11 @@ def export(name: str, path: Path, exporter: str = "legacy") -> None:
         def forward(self, x):
             return self.model(x)[self.key]
 
-    if name in TORCHVISION:
+    if name in TIMM_PARTS:
+        import timm
+
+        model, example = timm.create_model(name, pretrained=False, num_classes=10), torch.randn(1, 3, 64, 64)
+    elif name in TORCHVISION:
         import torchvision
 
         model, example = getattr(torchvision.models, name)(weights=None), torch.randn(1, 3, 64, 64)
