@@ -167,3 +167,32 @@ def test_a_gated_block_grows_the_gate_with_the_part_it_gates():
                                  if t.name == "sizes")] == [8, 6, 2]
     wider = _grows(model, "dw", 4)  # c's space: 2 -> 4, with g's tail
     assert node_weight(wider, "fc1").shape[1] == 16
+
+
+def repeats_sliced(cut: int = 7) -> onnx.ModelProto:
+    """a (3) -> cat = [a | b | relu(a)] (3 + 2 + 3): a's units at offsets 0
+    and 5; Slices [0, cut) and [cut, 8) -> two heads; with cut 5 each repeat
+    lies in one slice, with cut 7 the slice [0, 7) ends inside a repeat."""
+    rng = np.random.default_rng(5)
+    inits = {"zero": np.array([0], np.int64), "cut": np.array([cut], np.int64), "end": np.array([8], np.int64),
+             "from_end": np.array([-3], np.int64), "axis": np.array([1], np.int64)}
+    nodes = [_conv("a", "x", "ya", inits, rng, 3, 2), _conv("b", "x", "yb", inits, rng, 2, 2),
+             H("Relu", ["ya"], ["ra"]), H("Concat", ["ya", "yb", "ra"], ["cat"], axis=1),
+             H("Slice", ["cat", "zero", "cut", "axis"], ["first"]), H("Slice", ["cat", "cut", "end", "axis"], ["rest"]),
+             H("Slice", ["cat", "from_end", "end", "axis"], ["tail"]),
+             _conv("h1", "first", "y1", inits, rng, 2, cut), _conv("h2", "rest", "y2", inits, rng, 2, 8 - cut),
+             _conv("h3", "tail", "y3", inits, rng, 2, 3), H("Add", ["y1", "y2"], ["y12"]), H("Add", ["y12", "y3"], ["y"])]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 2, 5, 5])], inits)
+
+
+def test_slices_of_repeats_at_uneven_offsets_move_their_bounds():
+    """Cut at 5: [0, 5) holds the first repeat, [5, 8) the second; a bound
+    moves by the units of the repeats before it (counted from the end: after it)."""
+    wider = _grows(repeats_sliced(cut=5), "a", 5)
+    bounds = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in wider.graph.initializer}
+    assert bounds["cut"] == [7] and bounds["end"] == [12] and bounds["from_end"] == [-5]
+
+
+def test_a_slice_ending_inside_a_repeat_is_refused():
+    widen = inspected(repeats_sliced(cut=7))["a"]["widen"]
+    assert not widen["ok"] and "which cut a repeat of the units" in widen["reason"]

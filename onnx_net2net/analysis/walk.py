@@ -42,11 +42,11 @@ BATCH_MERGED_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | RESHAPES
 
 #: Ops that keep a space repeated at uneven offsets (Placement.starts) in place:
 #: per-channel ops (broadcasting ones edit a constant operand like a bias),
-#: convolutions reading or writing the channels, a Split into the repeats, and
+#: convolutions reading or writing the channels, a Split or Slice of the repeats, and
 #: reshapes that keep the unit axis whole (their rule checks it). A MatMul or
 #: Gemm with a constant weight keeps them on its weight's axis (`_edits_weight_axis`).
 UNEVEN_REPEATS_OPS = frozenset(ELEMENTWISE_UNARY | ELEMENTWISE_NARY | POOLING | RESHAPES
-                               | {"BatchNormalization", "Conv", "Concat", "Split", "Shape", "Size"})
+                               | {"BatchNormalization", "Conv", "Concat", "Split", "Slice", "Shape", "Size"})
 
 #: An op rule: (walk, node index, side, port, placement) -> None; it adds
 #: tensors and edits to the walk's group, or refuses.

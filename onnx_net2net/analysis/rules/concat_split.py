@@ -365,6 +365,9 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
     if side == "out" and known is not None and known.outer > 1:
         if _slice_of_repeats(walk, index, k, first, last, known, record=False) == placement:
             return  # reached again from one part of a repeated space already mapped from the input
+    if side == "out" and known is not None and known.starts:
+        if _kept_repeats(known, (start, end), walk.group.size * known.inner) == placement:
+            return  # likewise, for repeats at uneven offsets
     if side == "out" and known is None and not settled and _one_of_equal_parts(start, end, in_length):
         # The input may hold the space once per part (reached from another part, or from elsewhere):
         # decide once the rest of the walk has said.
@@ -378,6 +381,9 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
     if side == "out":
         walk.add(node.input[0], replace(placement, offset=placement.offset + start, length=in_length))
         _shift_slice_bounds(walk, index, k, first, last, in_length, growth, True, False)
+        return
+    if placement.starts:
+        _slice_of_uneven_repeats(walk, index, k, (first, last), (start, end), in_length, placement)
         return
     lo, hi = placement.offset, placement.offset + walk.group.size * placement.inner
     if placement.outer != 1:
@@ -404,6 +410,41 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
         walk.refuse(index, f"it cuts through the units{unequal}", retry,
                     parts=slice_parts(walk.ir, index, placement.axis, (start, end), in_length)
                     if plain_seed and unequal else ())
+
+
+def _slice_of_uneven_repeats(walk: Walk, index: int, k: int, bounds: tuple[int, int], kept: tuple[int, int],
+                             length: int, placement: Placement) -> None:
+    """A range [start, end) of a tensor holding the space at uneven offsets
+    (`starts`): every repeat lies inside or outside it; the output holds the
+    repeats inside, and a bound moves by the units of the repeats before it
+    (counted from the end: of those after it)."""
+    start, end = kept
+    span = walk.group.size * placement.inner
+    repeats = [begin + placement.offset for begin in placement.starts]
+    if any(lo < end and start < lo + span and not (start <= lo and lo + span <= end) for lo in repeats):
+        walk.refuse(index, f"it keeps positions [{start}, {end}) of {length}, which cut a repeat of the units")
+    output = _kept_repeats(placement, kept, span)
+    if output is not None:
+        walk.add(walk.ir.nodes[index].output[0], output)
+    for port, value, position in ((1, bounds[0], start), (2, bounds[1], end)):
+        if value < 0:
+            per_unit = -placement.inner * sum(lo >= position for lo in repeats)
+        elif value <= length:
+            per_unit = placement.inner * sum(lo + span <= position for lo in repeats)
+        else:
+            per_unit = 0  # past the end: stays past it
+        if per_unit:
+            walk.group.value_edits.append(ValueEdit(index, port, k, per_unit))
+
+
+def _kept_repeats(placement: Placement, kept: tuple[int, int], span: int) -> Placement | None:
+    """Where the repeats (`starts`) inside [start, end) sit in the slice (None: none inside)."""
+    start, end = kept
+    inside = [begin + placement.offset - start for begin in placement.starts
+              if start <= begin + placement.offset and begin + placement.offset + span <= end]
+    if len(inside) == 1:
+        return replace(placement, offset=inside[0], starts=(), length=end - start)
+    return replace(placement, offset=0, starts=tuple(inside), length=end - start) if inside else None
 
 
 def _add_repeated_source(walk: Walk, index: int, placement: Placement, length: int) -> bool:
