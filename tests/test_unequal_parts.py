@@ -196,3 +196,26 @@ def test_slices_of_repeats_at_uneven_offsets_move_their_bounds():
 def test_a_slice_ending_inside_a_repeat_is_refused():
     widen = inspected(repeats_sliced(cut=7))["a"]["widen"]
     assert not widen["ok"] and "which cut a repeat of the units" in widen["reason"]
+
+
+def mixconv_squeeze_excite() -> onnx.ModelProto:
+    """MixNet's squeeze-excite: kernel groups k0 (3), k1 (5) concatenated ->
+    d; gate = sigmoid(expand(relu(reduce(pool(d))))) (8); d * gate split in
+    halves 4 | 4 by the grouped projection. The gate's units are cut at 4 by
+    the halves and at 3 by the kernel groups: a part of a part grows."""
+    rng = np.random.default_rng(6)
+    inits = {"halves": np.array([4, 4], np.int64)}
+    nodes = [_conv("k0", "x", "a0", inits, rng, 3, 2, k=3), _conv("k1", "x", "a1", inits, rng, 5, 2, k=5),
+             H("Concat", ["a0", "a1"], ["d"], axis=1), H("GlobalAveragePool", ["d"], ["pooled"]),
+             _conv("reduce", "pooled", "r", inits, rng, 2, 8), H("Relu", ["r"], ["rr"]),
+             _conv("expand", "rr", "e", inits, rng, 8, 2), H("Sigmoid", ["e"], ["gate"]),
+             H("Mul", ["d", "gate"], ["gated"]), H("Split", ["gated", "halves"], ["g0", "g1"], axis=1),
+             _conv("pwl0", "g0", "p0", inits, rng, 2, 4), _conv("pwl1", "g1", "p1", inits, rng, 2, 4),
+             H("Add", ["p0", "p1"], ["y"])]
+    return make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 2, 5, 5])], inits)
+
+
+def test_a_gate_cut_twice_grows_a_part_of_a_part():
+    model = mixconv_squeeze_excite()
+    wider = _grows(model, "expand", 11)  # the piece [0, 3) (k0's channels, in the first half) grows 3 -> 6
+    assert node_weight(wider, "k0").shape[0] == 6 and node_weight(wider, "pwl0").shape[1] == 7

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 from ..ir import GraphIR
 from .refusal import Parts
 from .shape_algebra import clamp
-from .units import Placement, UnitGroup
+from .units import Placement
+
+if TYPE_CHECKING:  # the walk calls these; they only read its group and index
+    from .walk import Walk
 
 #: At most this many layouts of parts are suggested by one split or slice.
 MAX_PART_LAYOUTS = 6
@@ -80,18 +84,23 @@ def _gated_runs(sizes: list, starts) -> list[Parts]:
     return layouts
 
 
-def seed_parts(group: UnitGroup, placement: Placement, cuts) -> tuple[Parts, ...]:
-    """Where the seed layer's whole output sits in a range of a longer axis
-    (MixNet's grouped pointwise convs concatenated, then split again into
-    kernel groups of other sizes) and the cuts there pass through it: the
-    pieces between the cuts, in the seed's own positions, all alike when equal
-    (one space repeated), then each alone, the largest first."""
-    if (placement.outer != 1 or placement.inner != 1 or placement.starts or group.unit_width != 1
-            or group.repeats != 1 or group.fixed_features):
+def seed_parts(walk: Walk, placement: Placement, cuts) -> tuple[Parts, ...]:
+    """Where the seed's units sit in a range of a longer axis (MixNet's
+    grouped pointwise convs concatenated, then split again into kernel groups
+    of other sizes) and the cuts there pass through them: the pieces between
+    the cuts, in the seed's own positions, all alike when equal (one space
+    repeated), then each alone, the largest first. The units may themselves be
+    one part of the seed's output (a part of a part: MixNet's squeeze-excite
+    gate, cut in halves by the projection and in kernel groups by the
+    product it gates)."""
+    group = walk.group
+    seed = group.placements.get(walk.ir.nodes[group.seed].output[0])
+    if (seed is None or seed.starts or placement.outer != 1 or placement.inner != 1 or placement.starts
+            or group.unit_width != 1 or group.repeats != 1):
         return ()
     lo, hi = placement.offset, placement.offset + group.size
     local = sorted({0, group.size} | {int(cut) - lo for cut in cuts if lo < cut < hi})
-    pieces = [(start, end - start) for start, end in zip(local, local[1:])]
+    pieces = [(seed.offset + start, end - start) for start, end in zip(local, local[1:])]
     if len(pieces) < 2:
         return ()
     sizes = {size for _, size in pieces}

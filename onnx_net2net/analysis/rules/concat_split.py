@@ -86,7 +86,7 @@ def _concat_at_offset(walk: Walk, index: int, side: str, port: int, placement: P
     repeated = fills and (len(aligned_inputs(ir, index, 0, placement.axis)) == len(node.input)
                           or chunked_source(ir, list(node.input), placement.axis) is not None)
     walk.refuse(index, "the units span several concatenated inputs", ((1, len(node.input)),) if repeated else (),
-                parts=seed_parts(walk.group, placement, starts))
+                parts=seed_parts(walk, placement, starts))
 
 
 def _settle_equal_inputs(walk: Walk, index: int, sizes: list) -> None:
@@ -280,7 +280,7 @@ def _split_pieces(walk: Walk, index: int, placement: Placement, sizes: list, sta
     plain_seed = (fills_blocks and placement.outer == 1 and placement.inner == 1 and group.unit_width == 1
                   and group.repeats == 1 and placement.length == group.size)
     walk.refuse(index, f"the units span several split outputs{unequal}", retry,
-                parts=part_layouts(sizes, starts) if plain_seed else seed_parts(walk.group, placement, starts))
+                parts=part_layouts(sizes, starts) if plain_seed else seed_parts(walk, placement, starts))
 
 
 def _pieces_of_uneven_repeats(walk: Walk, index: int, placement: Placement, sizes: list,
