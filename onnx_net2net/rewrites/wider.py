@@ -25,6 +25,24 @@ on activations, which is why any activation stays exact.
 Otherwise `noise` adds the paper's Gaussian noise (relative to each weight's std) to the
 replicated entries; `init="random-pad"` is the paper's non-preserving baseline
 (new units random, old units untouched). Both change the function on purpose.
+
+`init="fresh"` copies nothing into the layers: a new unit's incoming weights
+(the producing layer's rows for it) and that layer's own bias get PyTorch's
+default initialisation for the layer, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+(kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear / nn.ConvNd, with
+fan_in as in perturb.py, from the grown weight's shape), and its outgoing
+weights (every consumer's slot) are zero; the old units keep their weights,
+nothing is divided. The new units' values reach the output only through those
+zero weights, so the model is exact wherever the units meet nothing but
+per-unit ops on the way (passes.py refuses the groups where they meet a
+normalisation or reduction over the units, or an op that could make them
+NaN). Per-unit constants other than a layer's bias (BatchNormalization's
+parameters and statistics, PReLU slopes, per-channel scales, embedding
+columns) are copied from the unit g(j), as Net2Net does. On the divided side
+of a contraction over the units (q^T k) the new units are zero, as with
+`init="zero"`, so the product is unchanged. A layer that both reads and writes
+the group (a residual branch) gets fresh entries also where a new unit reads
+a new unit; a layer whose input grows in a *later* widening keeps zeros there.
 """
 
 from __future__ import annotations
@@ -68,10 +86,13 @@ class WidenOptions:
             the function; 0: exact). With split "zero-sum": the std of the
             zero-sum noise, relative to each consumer weight's std (the model
             stays exact; 0 means ZERO_SUM_NOISE).
-        init: "net2net" (function-preserving), "zero" (function-preserving: new
-            units get zero outgoing weights, so the original weights are kept
-            as they are; for alignment, not for training), or "random-pad"
-            (the paper's baseline: new units random, not preserving).
+        init: "net2net" (function-preserving), "fresh" (function-preserving:
+            new units get PyTorch's default init for their incoming weights
+            and bias and zero outgoing weights; the old units are untouched),
+            "zero" (function-preserving: new units get zero outgoing weights,
+            so the original weights are kept as they are; for alignment, not
+            for training), or "random-pad" (the paper's baseline: new units
+            random, not preserving).
         seed: seeds the mapping g, the split fractions and the noise.
     """
 
@@ -243,6 +264,8 @@ def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
             value = _apply_edit(value, edit, mapping, edit_context)
         new_values[(node, port)] = value
+    if options.init == Init.FRESH:
+        _fresh_units(ir, by_input, new_values, mapping, rng)
     ratio = mapping.variance_ratio
     for norm in group.decomposed_norms if ratio != 1.0 else ():
         node, port = norm.epsilon
@@ -264,6 +287,42 @@ def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
             record.sliced_outputs = slice_kept_outputs(edit, group.kept_outputs,
                                                        lambda placement: original_positions(placement, mapping))
     return record
+
+
+#: Ops that may turn a finite input into NaN or infinity (on the input named by the port).
+_MAY_NOT_BE_FINITE = {"Log": 0, "Sqrt": 0, "Reciprocal": 0, "Div": 1, "Pow": 0}
+
+
+def fresh_refusal(ir: GraphIR, group: UnitGroup) -> str | None:
+    """Why `init="fresh"` would change the function of this group (None: it
+    is exact). Fresh new units carry values unlike any old unit's; they stay
+    invisible only if they reach the output through their zero outgoing
+    weights alone: not through a normalisation or reduction over the units
+    (their statistics would change), nor an op that could make them NaN or
+    infinite (0 * NaN is NaN)."""
+    for index in list(group.norms) + list(group.reductions):
+        node = ir.nodes[index]
+        return (f"the units pass {node.op_type} {ir.label(index)}, which takes statistics over them: fresh new "
+                "units would change them (use init net2net)")
+    if group.tile or group.decomposed_norms:
+        return ("a normalisation takes statistics over the units: fresh new units would change them "
+                "(use init net2net)")
+    for index, node in enumerate(ir.nodes):
+        port = _MAY_NOT_BE_FINITE.get(node.op_type)
+        if port is None or port >= len(node.input) or node.input[port] not in group.placements:
+            continue
+        if node.op_type == "Pow" and _integer_exponent(ir, node):
+            continue
+        return (f"the units reach {node.op_type} {ir.label(index)}, which may make fresh new units NaN or "
+                "infinite, and zero outgoing weights do not cancel those (use init net2net)")
+    return None
+
+
+def _integer_exponent(ir: GraphIR, node) -> bool:
+    if len(node.input) < 2 or not ir.is_const(node.input[1]):
+        return False
+    exponent = np.asarray(ir.const_value(node.input[1]), dtype=np.float64)
+    return bool(np.all(exponent == np.round(exponent)) and np.all(exponent >= 0))
 
 
 def original_positions(placement: Placement, mapping: UnitMapping) -> np.ndarray:
@@ -312,7 +371,7 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     options = context.options
     if edit.divided:
         value = _divide_copies(value, edit, mapping, slots, options)
-    if options.init == Init.ZERO:
+    if options.init in (Init.ZERO, Init.FRESH):  # FRESH: the incoming side is drawn later (_fresh_units)
         if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
             value = np.where(new, np.zeros((), value.dtype), value)
         return value
@@ -347,12 +406,55 @@ def _divide_copies(value: np.ndarray, edit, mapping: UnitMapping, slots: np.ndar
     shape = [1] * value.ndim
     shape[edit.axis] = -1
     divided = (slots >= 0) & np.isin(repeat_index(edit.placement, mapping), edit.divided)
-    if options.init == Init.ZERO:
+    if options.init in (Init.ZERO, Init.FRESH):
         new = divided & mapping.is_new[np.maximum(slots, 0)]
         return np.where(new.reshape(shape), np.zeros((), value.dtype), value)
     copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
     factors = np.where(divided, 1.0 / np.maximum(copies, 1), 1.0)
     return scaled_once(value, factors.reshape(shape))
+
+
+def _fresh_units(ir: GraphIR, by_input: dict, new_values: dict, mapping: UnitMapping,
+                 rng: np.random.Generator) -> None:
+    """`init="fresh"`: the new units' entries of each producing layer's weight
+    and own bias become U(-b, b), b = 1/sqrt(fan_in) of the grown layer
+    (PyTorch's default); entries on a contraction's divided side stay zero.
+    Drawn in the order of the layers' nodes, weight before bias."""
+    from .perturb import _bias_tensors, layer_fan_in
+
+    layer_of = {}   # (node, port) -> the weighted layer whose fresh init it takes
+    for (node, port) in by_input:
+        op = ir.nodes[node].op_type
+        if op in WEIGHTED_LAYERS and port in (1, 2) and (port == 1 or op != "MatMul"):
+            layer_of[(node, port)] = node
+    producers = {node for (node, port) in layer_of if ir.nodes[node].op_type == "MatMul"}
+    for layer in producers:   # MatMul -> Add(bias): nn.Linear on 3-D inputs
+        weight_shape = ir.const_value(ir.nodes[layer].input[1]).shape
+        for tensor in _bias_tensors(ir, layer, weight_shape):
+            for (node, port) in by_input:
+                if ir.nodes[node].input[port] == tensor and ir.nodes[node].op_type == "Add":
+                    layer_of[(node, port)] = layer
+    for key in sorted(layer_of, key=lambda k: (layer_of[k], k[0] != layer_of[k], k)):
+        value = new_values[key]
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        layer = layer_of[key]
+        weight = new_values.get((layer, 1))
+        shape = weight.shape if weight is not None else ir.const_value(ir.nodes[layer].input[1]).shape
+        bound = 1.0 / np.sqrt(max(layer_fan_in(ir, layer, shape), 1))
+        for edit in by_input[key]:
+            if edit.role != "copy" or edit.groups > 1:
+                continue
+            slots = unit_slots(edit.placement, mapping)
+            fresh = (slots >= 0) & mapping.is_new[np.maximum(slots, 0)]
+            fresh &= ~np.isin(repeat_index(edit.placement, mapping), edit.divided)
+            if not fresh.any():
+                continue
+            moved = np.moveaxis(value, edit.axis, 0).copy()
+            draws = rng.uniform(-bound, bound, size=(int(fresh.sum()),) + moved.shape[1:])
+            moved[fresh] = draws.astype(value.dtype)
+            value = np.moveaxis(moved, 0, edit.axis)
+        new_values[key] = np.ascontiguousarray(value)
 
 
 def repeat_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
