@@ -420,7 +420,7 @@ def _fresh_units(ir: GraphIR, by_input: dict, new_values: dict, mapping: UnitMap
     and own bias become U(-b, b), b = 1/sqrt(fan_in) of the grown layer
     (PyTorch's default); entries on a contraction's divided side stay zero.
     Drawn in the order of the layers' nodes, weight before bias."""
-    from .perturb import _bias_tensors, layer_fan_in
+    from .perturb import bias_tensors, layer_fan_in
 
     layer_of = {}   # (node, port) -> the weighted layer whose fresh init it takes
     for (node, port) in by_input:
@@ -430,7 +430,7 @@ def _fresh_units(ir: GraphIR, by_input: dict, new_values: dict, mapping: UnitMap
     producers = {node for (node, port) in layer_of if ir.nodes[node].op_type == "MatMul"}
     for layer in producers:   # MatMul -> Add(bias): nn.Linear on 3-D inputs
         weight_shape = ir.const_value(ir.nodes[layer].input[1]).shape
-        for tensor in _bias_tensors(ir, layer, weight_shape):
+        for tensor in bias_tensors(ir, layer, weight_shape):
             for (node, port) in by_input:
                 if ir.nodes[node].input[port] == tensor and ir.nodes[node].op_type == "Add":
                     layer_of[(node, port)] = layer
