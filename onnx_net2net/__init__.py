@@ -140,7 +140,14 @@ def widen(model, widths: dict[str, int] | None = None, *, factor: float | None =
         noise: with "equal"/"random": relative noise on replicated weights
             (changes the function); with "zero-sum": the relative std of its
             zero-sum noise (still exact; 0 means 0.1).
-        init: "net2net" or "random-pad" (the paper's baseline, not exact).
+        init: "net2net", "fresh" (exact: new units get PyTorch's default
+            init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for their incoming
+            weights and their layer's bias, and zero outgoing weights; old
+            units keep their weights; per-unit constants such as
+            BatchNormalization's are copied; seeded by `seed`; refused, with
+            the reason, where the units meet a normalisation or reduction
+            over them; `split` and `noise` do not apply) or "random-pad"
+            (the paper's baseline, not exact).
         seed: seeds the mapping and the random choices.
         keep_output_shapes: let graph outputs carry the widened units (an
             encoder's last hidden state) and slice them back to the original

@@ -440,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--split zero-sum: the std of the zero-sum noise relative to each consumer weight's "
                             "std (stays exact; default 0.1)")
     widen.add_argument("--init", choices=[str(init) for init in WIDEN_INITS], default="net2net",
-                       help="random-pad: the paper's baseline, new units random (NOT function-preserving)")
+                       help="net2net: new units copy old ones, outgoing weights divided among the copies; "
+                            "fresh: new units get PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for "
+                            "their incoming weights and bias and zero outgoing weights, old units untouched "
+                            "(exact; refused where the units meet a normalisation over them); random-pad: the "
+                            "paper's baseline, new units random (NOT function-preserving)")
     widen.add_argument("--seed", type=int, default=0, help="seed of the unit mapping, splits and noise")
     widen.add_argument("--keep-output-shapes", action="store_true",
                        help="graph outputs may carry the widened units (an encoder's hidden state): they are "

@@ -40,12 +40,14 @@ class Init(Choice):
 
     NET2NET = "net2net"
     RANDOM_PAD = "random-pad"
+    #: New units get a fresh default initialisation (incoming) and zero outgoing weights (exact).
+    FRESH = "fresh"
     #: New units get zero outgoing weights (alignment; not offered by `widen`).
     ZERO = "zero"
 
 
 #: The inits `widen` offers (ZERO is what `align --fill zero` uses).
-WIDEN_INITS = (Init.NET2NET, Init.RANDOM_PAD)
+WIDEN_INITS = (Init.NET2NET, Init.FRESH, Init.RANDOM_PAD)
 
 
 class DeepenMode(Choice):

@@ -43,6 +43,7 @@ from .rewrites import blocks, deeper, perturb
 from .rewrites.deeper import DeepenOptions
 from .rewrites.grow import grow_group
 from .rewrites.perturb import PerturbOptions
+from .rewrites.fresh_init import fresh_refusal
 from .rewrites.wider import WidenOptions
 
 
@@ -132,6 +133,12 @@ class WidenPass(_Pass):
         self.options.init = parse(Init, "init", self.options.init)
         if self.options.noise < 0:
             raise UserError(f"{option('noise', self.options.noise)}: must be >= 0")
+        if self.options.init == Init.FRESH and (self.options.noise or self.options.split != Split.EQUAL):
+            given = [option(name, value) for name, value in (("noise", self.options.noise),
+                                                             ("split", self.options.split))
+                     if value and value != Split.EQUAL]
+            raise UserError(f"{', '.join(given)}: not used by {option('init', 'fresh')} (it copies no unit: new "
+                            "units are freshly initialised and their outgoing weights are zero)")
 
     def apply(self, handle: ModelHandle) -> dict:
         before = parameter_count(handle)
@@ -171,7 +178,7 @@ class WidenPass(_Pass):
                     grown.add(space_key(ir, group))
                     width = self._factor_width(ir, group)
                     if width is not None:
-                        self._check_options(group)
+                        self._check_options(ir, group)
                         requests.append((layer_name(ir, group.seed), group.units_of(width), None))
             if not requests:
                 raise GrowthRefused("no layer of this model can be widened exactly (see `inspect`)")
@@ -181,7 +188,7 @@ class WidenPass(_Pass):
         for name, width in self.widths.items():
             group = _group_of(ir, name, self.keep_output_shapes)
             _check_width(ir, name, group, width)
-            self._check_options(group)
+            self._check_options(ir, group)
             key = space_key(ir, group)
             units = group.units_of(width)  # layers of one group may hold it once or several times
             if key in by_group and by_group[key][1] != units:
@@ -202,9 +209,16 @@ class WidenPass(_Pass):
                             f"{group.width * self.factor:.3g} features; widths are limited to {MAX_UNITS - 1}")
         return group.next_width(ir, math.ceil(own * self.factor) + group.fixed_features)
 
-    def _check_options(self, group: UnitGroup) -> None:
+    def _check_options(self, ir: GraphIR, group: UnitGroup) -> None:
         if group.exact_only and (self.options.init == "random-pad" or self.options.added_noise):
             raise UserError("channel routing regions (shuffles, slices) grow exactly only (no random-pad, no noise)")
+        if self.options.init == Init.FRESH:
+            if group.exact_only:
+                raise UserError(f"layer '{layer_name(ir, group.seed)}': {option('init', 'fresh')} is not offered "
+                                "for channel routing regions (shuffles, slices); use init net2net")
+            if why := fresh_refusal(ir, group):
+                raise UserError(f"layer '{layer_name(ir, group.seed)}': {option('init', 'fresh')} would change "
+                                f"the function: {why}")
 
 
 def _units_beside_grown_features(ir: GraphIR, name: str, group: UnitGroup, width: int) -> int:

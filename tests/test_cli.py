@@ -146,6 +146,19 @@ def test_widen_random_pad_warns(tmp_path, capsys):
     assert code == 0 and "NOT compute the same function" in err and out.exists()
 
 
+def test_widen_init_fresh_is_exact_and_a_refusal_names_the_norm(tmp_path, capsys):
+    out, report_path = tmp_path / "f.onnx", tmp_path / "report.json"
+    code, _, err = run_cli(capsys, "widen", model_path("cnn"), "--factor", "2", "--init", "fresh", "--seed", "3",
+                           "-o", out, "--report", report_path)
+    assert code == 0 and "WARNING" not in err and out.exists()
+    assert_same_function(model_path("cnn"), out)
+    report = json.loads(report_path.read_text())
+    assert report["exact"] is True and report["options"]["init"] == "fresh"
+    code, _, err = run_cli(capsys, "widen", model_path("gpt2_tiny"), "--factor", "2", "--init", "fresh",
+                           "-o", tmp_path / "g.onnx")
+    assert code != 0 and "--init fresh" in err and "LayerNormalization" in err
+
+
 def test_deepen_with_report(tmp_path, capsys):
     out, report_path = tmp_path / "deep.onnx", tmp_path / "report.json"
     code, stdout, _ = run_cli(capsys, "deepen", model_path("cnn"), "--after", "/0/Conv", "--after", "/9/Gemm",

@@ -192,3 +192,19 @@ def test_q_and_k_among_four_equal_parts(v_and_g_are_outputs):
     assert entry["ok"] and entry["step"] == 2, entry["reason"]
     wider, _ = widen_exact(model, {"qkvg": 4 * KEY + 2 * 3})
     assert node_weight(wider, "proj").shape[0] == KEY
+
+
+@pytest.mark.parametrize("k_op", [None, "Sigmoid"])
+def test_fresh_new_units_are_zero_on_the_divided_side(k_op):
+    """init="fresh": q's (or, when k is not linear, k's) new rows are fresh, the divided side's are zero, so
+    q^T k is unchanged."""
+    model = cascaded_head(k_op=k_op)
+    wider, _ = widen_exact(model, {"qkv": 2 * KEY + 6 + 2 * 3}, init="fresh", seed=1)
+    old, new = node_weight(model, "qkv"), node_weight(wider, "qkv")
+    grown = KEY + 3
+    q_rows, k_rows = new[KEY:grown], new[grown + KEY:2 * grown]
+    fresh, divided = (q_rows, k_rows) if k_op is None else (k_rows, q_rows)
+    assert np.all(fresh != 0) and not divided.any()
+    np.testing.assert_array_equal(new[:KEY], old[:KEY])
+    np.testing.assert_array_equal(new[grown:grown + KEY], old[KEY:2 * KEY])   # old units: not divided
+    np.testing.assert_array_equal(new[2 * grown:], old[2 * KEY:])

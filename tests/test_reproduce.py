@@ -210,12 +210,17 @@ def test_overrides_are_checked_before_anything_runs(monkeypatch):
 def test_sp_grid_and_arms_options_are_parsed_and_checked():
     r = _script_module()
     args = r.parse_args([])
-    assert args.sp_grid == [(0.4, 0.1)] and args.selected == r.ARMS   # the default: unchanged behaviour
+    default = [a for a in r.ARMS if a not in r.OPT_IN_ARMS]
+    assert args.sp_grid == [(0.4, 0.1)] and args.selected == default   # the default: unchanged behaviour
     args = r.parse_args(["--sp-grid", "0.2:0.1", "0.4:0.3", "0.2:0.1", "--arms", "widen/net2net+sp"])
     assert args.sp_grid == [(0.2, 0.1), (0.4, 0.3)]
     assert args.selected == [("widen", "random-init"), ("widen", "net2net+sp")]   # the target is always run
     assert r.select_arms(["teacher"]) == [("widen", "random-init"), ("teacher", "teacher+T/3")]
     assert r.select_arms(["deepen"]) == [a for a in r.ARMS if a[0] == "deepen"]
+    # the fresh arms run only when named
+    assert ("widen", "fresh") in r.ARMS and not set(r.OPT_IN_ARMS) & set(r.select_arms(["widen"]))
+    assert r.parse_args(["--arms", "widen/fresh", "widen/fresh+sp"]).selected == [
+        ("widen", "random-init"), ("widen", "fresh"), ("widen", "fresh+sp")]
     for argv in (["--sp-grid", "0.4"], ["--sp-grid", "a:b"], ["--sp-grid", "-1:0.1"], ["--sp-grid", "0:0"],
                  ["--arms", "widen/nope"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -423,3 +428,24 @@ def test_quick_noise_grid_is_tuned_for_the_zero_sum_arms_and_recorded(tmp_path):
     assert "zero-sum noise scales tried" in md and "| widen/zero-sum | -, noise 1.5" in md
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0 and "steps, val" not in again.stderr   # every run came from the cache
+
+
+def test_quick_fresh_arms_start_exact_and_are_recorded(tmp_path):
+    """--arms widen/fresh widen/fresh+sp: the model grown with init="fresh" reproduces the teacher at step 0
+    (through onnx2torch), the perturbed one does not have to; both get summary rows."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))   # this checkout's onnx_net2net, whatever is installed
+    argv = [sys.executable, str(SCRIPT), "--quick", "--only", "mnist1d-cnn", "--arms", "widen/fresh",
+            "widen/fresh+sp", "--out", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    exp = results["experiments"]["mnist1d-cnn"]
+    assert list(exp["arms"]) == ["widen/random-init", "widen/fresh", "widen/fresh+sp"]
+    checks = [c for c in exp["step0_checks"] if c["arm"] == "fresh"]
+    assert checks and all(c["exact"] and abs(c["step0"] - c["teacher"]) <= 0.001 for c in checks)
+    assert abs(exp["arms"]["widen/fresh"]["curves"][0]["test"][0] - exp["teacher"]["test"][0]) <= 0.001
+    rows = {r["arm"]: r for r in results["summary"]}
+    assert set(rows) == {"random-init", "fresh", "fresh+sp"} and rows["fresh+sp"]["shrink"] == 0.4
+    assert (tmp_path / "cache" / "mnist1d-cnn" / "seed0_widen_fresh.onnx").is_file()

@@ -926,3 +926,117 @@ def test_slice_with_negative_start_keeps_counting_from_the_end():
     wider, _ = widen_exact(model, {"B": 5})
     assert int(init(wider, node(wider, "slice").input[1])[0]) == -8
     assert node_weight(wider, "C").shape == (2, 8, 1, 1)
+
+
+# ----------------------------------------------------------------------------
+# init="fresh": new units freshly initialised, zero outgoing weights
+
+
+def check_fresh_rows(old, new, fan_in, axis=0):
+    """Old units untouched; new ones nonzero, within PyTorch's default bound, unlike every old unit."""
+    n = old.shape[axis]
+    np.testing.assert_array_equal(np.take(new, range(n), axis=axis), old)
+    fresh = np.take(new, range(n, new.shape[axis]), axis=axis)
+    bound = 1 / np.sqrt(fan_in)
+    assert np.all(fresh != 0) and np.abs(fresh).max() <= bound
+    assert np.abs(fresh).max() > 0.5 * bound                       # drawn over the whole range
+    for j in range(fresh.shape[axis]):
+        row = np.take(fresh, j, axis=axis)
+        assert all(not np.allclose(row, np.take(old, u, axis=axis)) for u in range(n))
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_fresh_mlp_is_exact_with_fresh_incoming_and_zero_outgoing(trans_b):
+    model = dense_sandwich(unary("Relu"), c=3, trans_b=trans_b)
+    wider, report = widen_exact(model, {"L1": 8}, init="fresh", seed=4)
+    assert report["options"]["init"] == "fresh" and report["verification"]["max_rel"] < 1e-6
+    axis = 0 if trans_b else 1
+    check_fresh_rows(init(model, "W1"), node_weight(wider, "L1"), fan_in=4, axis=axis)
+    check_fresh_rows(init(model, "B1"), node_weight(wider, "L1", 2), fan_in=4)
+    w2 = node_weight(wider, "L2")
+    consumer_axis = 1 if trans_b else 0
+    np.testing.assert_array_equal(np.take(w2, range(3), axis=consumer_axis), init(model, "W2"))   # not divided
+    assert not np.take(w2, range(3, 8), axis=consumer_axis).any()                               # zero outgoing
+
+
+def test_fresh_matmul_add_bias_is_fresh_too():
+    model = dense_sandwich(unary("Tanh"), c=3, kind="matmul")
+    wider, _ = widen_exact(model, {"L1": 6}, init="fresh", seed=1)
+    check_fresh_rows(init(model, "W1"), node_weight(wider, "L1"), fan_in=4, axis=1)
+    check_fresh_rows(init(model, "B1"), node_weight(wider, "L1/bias"), fan_in=4)
+    assert not node_weight(wider, "L2")[3:].any()
+
+
+def test_fresh_cnn_with_batchnorm_copies_the_bn_parameters():
+    model = conv_sandwich(chain(batchnorm, unary("Relu")))
+    wider, report = widen_exact(model, {"L1": 7}, init="fresh", seed=2)
+    assert report["verification"]["max_rel"] < 1e-6
+    check_fresh_rows(init(model, "W1"), node_weight(wider, "L1"), fan_in=2 * 9)
+    check_fresh_rows(init(model, "B1"), node_weight(wider, "L1", 2), fan_in=2 * 9)
+    for port, name in enumerate(("bn_scale", "bn_bias", "bn_mean", "bn_var"), start=1):
+        old, new = init(model, name), node_weight(wider, "BN", port)
+        np.testing.assert_array_equal(new[:3], old)
+        assert all(value in old for value in new[3:])            # a source unit's parameters and statistics
+    w2 = node_weight(wider, "L2")
+    np.testing.assert_array_equal(w2[:, :3], init(model, "W2"))
+    assert not w2[:, 3:].any()
+
+
+def test_fresh_residual_block_reads_new_units_with_fresh_weights():
+    model = residual_model()
+    wider, _ = widen_exact(model, {"A": 6}, init="fresh", seed=3)
+    wa, wb, wc = (node_weight(wider, name) for name in "ABC")
+    check_fresh_rows(init(model, "WA"), wa, fan_in=2 * 9)
+    np.testing.assert_array_equal(wb[:3, :3], init(model, "WB"))
+    assert not wb[:3, 3:].any()                         # old units do not read the new ones
+    bound = 1 / np.sqrt(6 * 9)                          # B reads the grown stream: fan_in 6 * 3 * 3
+    assert np.all(wb[3:] != 0) and np.abs(wb[3:]).max() <= bound   # new units read old and new ones
+    assert not wc[:, 3:].any()
+
+
+def test_fresh_is_seeded():
+    model = conv_sandwich(unary("Relu"))
+    first, _ = n2n.widen(model, {"L1": 6}, init="fresh", seed=7)
+    again, _ = n2n.widen(model, {"L1": 6}, init="fresh", seed=7)
+    other, _ = n2n.widen(model, {"L1": 6}, init="fresh", seed=8)
+    assert first.SerializeToString() == again.SerializeToString()
+    assert not np.allclose(node_weight(first, "L1")[3:], node_weight(other, "L1")[3:])
+
+
+def test_fresh_factor_on_the_mlp_zoo_model():
+    model = onnx.load(str(model_path("mlp")))
+    widen_exact(model, factor=2.0, init="fresh", seed=0)
+
+
+def layernorm_over_units_model(seed=0):
+    """x -> Gemm L1 -> LayerNormalization over the units -> Relu -> Gemm L2 -> y."""
+    rng = np.random.default_rng(seed)
+    inits = {"W1": rand(rng, 3, 4), "B1": rand(rng, 4), "g": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+             "b": rand(rng, 4), "W2": rand(rng, 4, 2)}
+    nodes = [H("Gemm", ["x", "W1", "B1"], ["h"], name="L1"),
+             H("LayerNormalization", ["h", "g", "b"], ["n"], name="LN", axis=-1), H("Relu", ["n"], ["r"]),
+             H("Gemm", ["r", "W2"], ["y"], name="L2")]
+    return make_model(nodes, [("x", ["N", 3])], ["y"], inits)
+
+
+def test_fresh_is_refused_where_a_norm_takes_statistics_over_the_units():
+    model = layernorm_over_units_model()
+    widen_exact(model, {"L1": 8})                                   # Net2Net grows it (tiled copies)
+    with pytest.raises(n2n.UserError, match=r"init=fresh.*LayerNormalization 'LN'.*statistics"):
+        n2n.widen(model, {"L1": 8}, init="fresh")
+    with pytest.raises(n2n.UserError, match="LayerNormalization"):
+        n2n.widen(model, factor=2.0, init="fresh")
+
+
+def test_fresh_is_refused_where_units_reach_a_sqrt():
+    model = dense_sandwich(chain(unary("Relu"), unary("Sqrt")), c=3)
+    widen_exact(model, {"L1": 6})
+    with pytest.raises(n2n.UserError, match="Sqrt"):
+        n2n.widen(model, {"L1": 6}, init="fresh")
+
+
+def test_fresh_takes_no_split_or_noise():
+    model = dense_sandwich(unary("Relu"), c=3)
+    for kwargs in ({"split": "random"}, {"noise": 0.1}):
+        with pytest.raises(n2n.UserError, match="not used by"):
+            n2n.widen(model, {"L1": 6}, init="fresh", **kwargs)

@@ -26,7 +26,10 @@ For each model and seed:
 Arms and budgets (T: the budget of the random-init student of the grown architecture, ``Experiment.T``):
 
 * widen:  ``random-init`` (T), ``random-init-T/3``, ``net2net`` (random split), ``zero-sum``,
-  ``net2net+sp``, ``zero-sum+sp`` (shrink and perturb), all grown ones T/3;
+  ``net2net+sp``, ``zero-sum+sp`` (shrink and perturb), all grown ones T/3; on request (``--arms``, see below)
+  also ``fresh`` (``n2n.widen(factor=2, init="fresh", seed=seed)``: new units get PyTorch's default init for
+  their incoming weights and bias and zero outgoing weights, the old units keep theirs; exact, checked at
+  step 0 like the other exact arms) and ``fresh+sp`` (that model after shrink and perturb), T/3;
 * deepen: ``random-init`` (T), ``random-init-T/3``, ``net2net``, ``net2net+sp`` (T/3);
 * ``teacher+T/3``: the teacher itself trained T/3 more steps (a control: is the growth needed?).
 
@@ -73,7 +76,10 @@ other arms). Zero-sum models and runs of a non-default scale are cached with an 
 
 ``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
 student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
-always added.
+always added. The ``fresh`` arms (``OPT_IN_ARMS``) run only when named (``--arms widen/fresh widen/fresh+sp``),
+never by default nor with a whole growth: the LM's widened residual stream passes its LayerNorms, for which
+``init="fresh"`` is refused (fresh new units would change the statistics), and the default runs and their
+committed tables stay as they were.
 
 Usage::
 
@@ -187,12 +193,16 @@ EXPERIMENTS = {
         quick={"teacher_steps": 60, "T": 30, "grid": (3e-3,), "tune_seeds": 1, "seeds": 1, "evals": 2}),
 }
 
-WIDEN_ARMS = ("random-init", "random-init-T/3", "net2net", "zero-sum", "net2net+sp", "zero-sum+sp")
+WIDEN_ARMS = ("random-init", "random-init-T/3", "net2net", "zero-sum", "net2net+sp", "zero-sum+sp", "fresh",
+              "fresh+sp")
 DEEPEN_ARMS = ("random-init", "random-init-T/3", "net2net", "net2net+sp")
 ARMS = [("widen", a) for a in WIDEN_ARMS] + [("deepen", a) for a in DEEPEN_ARMS] + [("teacher", "teacher+T/3")]
+#: Arms that run only when named in --arms (not by default, not with a whole growth).
+OPT_IN_ARMS = (("widen", "fresh"), ("widen", "fresh+sp"))
 LABELS = {"random-init": "random init, T", "random-init-T/3": "random init, T/3",
           "net2net": "Net2Net (exact)", "zero-sum": "Net2Net zero-sum split (exact)",
           "net2net+sp": "Net2Net + shrink-perturb", "zero-sum+sp": "zero-sum + shrink-perturb",
+          "fresh": "fresh new units, zero outgoing (exact)", "fresh+sp": "fresh new units + shrink-perturb",
           "teacher+T/3": "teacher trained T/3 more"}
 LM_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "configparser.py", "csv.py", "dataclasses.py",
             "datetime.py", "difflib.py", "enum.py", "fractions.py", "functools.py", "gettext.py", "heapq.py",
@@ -553,7 +563,7 @@ class Lab:
         self.grown_dir = self.dir / exp.teacher_tag if exp.teacher_tag else self.dir
         self.grown_dir.mkdir(parents=True, exist_ok=True)
         self.checks, self.relaxed, self.teachers, self.grown_models = [], [], {}, {}
-        self.perturbed_models, self.zero_sum_models = {}, {}
+        self.perturbed_models, self.zero_sum_models, self.fresh_models = {}, {}, {}
 
     # -- teachers ----------------------------------------------------------------
     def teacher(self, seed: int):
@@ -633,6 +643,26 @@ class Lab:
         self.zero_sum_models[key] = model
         return model
 
+    def fresh(self, seed: int):
+        """The model widened with ``n2n.widen(factor=2, init="fresh", seed=seed)`` (exact: new units freshly
+        initialised, their outgoing weights zero), cached as ``seed<N>_widen_fresh.onnx``, step 0 checked once."""
+        import onnx
+
+        import onnx_net2net as n2n
+
+        if seed in self.fresh_models:
+            return self.fresh_models[seed]
+        path = self.grown_dir / f"seed{seed}_widen_fresh.onnx"
+        proto, teacher_metric, _ = self.teacher(seed)
+        if path.is_file():
+            model = onnx.load(str(path))
+        else:
+            model = grow(n2n.widen, proto, self.relaxed, factor=2.0, init="fresh", seed=seed)
+            onnx.save(model, str(path))
+        self.check_step0(seed, ("widen", "fresh"), model, teacher_metric)
+        self.fresh_models[seed] = model
+        return model
+
     def perturbed(self, seed: int, growth: str, base: str, sp: tuple, noise: float | None = None):
         """The exact grown model `base` of a seed (for ``zero-sum``, at noise scale `noise`) after
         ``n2n.perturb(shrink=sp[0], fresh=sp[1], seed=seed)`` (the same fresh draw for every (λ, p) of a seed),
@@ -649,7 +679,8 @@ class Lab:
         if path.is_file():
             model = onnx.load(str(path))
         else:
-            source = self.zero_sum(seed, noise) if is_zero_sum(base) else self.grown(seed)[(growth, base)]
+            source = (self.zero_sum(seed, noise) if is_zero_sum(base) else self.fresh(seed) if base == "fresh"
+                      else self.grown(seed)[(growth, base)])
             model = grow(n2n.perturb, source, self.relaxed, shrink=sp[0], fresh=sp[1], seed=seed)
             onnx.save(model, str(path))
         self.check_step0(seed, (growth, f"{base}+sp"), model, self.teacher(seed)[1], sp, noise)
@@ -681,6 +712,8 @@ class Lab:
             return to_torch(self.perturbed(seed, growth, arm[:-len("+sp")], sp, noise))
         if is_zero_sum(arm):
             return to_torch(self.zero_sum(seed, noise))
+        if arm == "fresh":
+            return to_torch(self.fresh(seed))
         if not arm.startswith("random-init"):
             return to_torch(self.grown(seed)[(growth, arm)])
         if exp.model == "charlm":
@@ -768,10 +801,10 @@ def select_arms(selection=None) -> list[tuple[str, str]]:
     """The arms of `selection` (``growth/arm`` or a whole growth), in ARMS order, plus the random-init
     student at T of every growth involved (the target; the teacher arm is measured against widen's)."""
     if not selection:
-        return list(ARMS)
+        return [key for key in ARMS if key not in OPT_IN_ARMS]
     chosen = set()
     for item in selection:
-        matched = [(g, a) for g, a in ARMS if item in (g, f"{g}/{a}")]
+        matched = [(g, a) for g, a in ARMS if item == f"{g}/{a}" or (item == g and (g, a) not in OPT_IN_ARMS)]
         if not matched:
             raise ValueError(f"unknown arm {item!r}: one of {', '.join(arm_choices())}")
         chosen.update(matched)
@@ -785,7 +818,7 @@ def arm_choices() -> list[str]:
 
 
 def run_experiment(exp: Experiment, data: dict, out: Path, threads: int, selected=None) -> dict:
-    selected = list(ARMS) if selected is None else selected
+    selected = select_arms() if selected is None else selected
     lab = Lab(exp, data, out, threads)
     for seed in range(exp.seeds):
         lab.teacher(seed)
@@ -800,6 +833,8 @@ def run_experiment(exp: Experiment, data: dict, out: Path, threads: int, selecte
                         lab.perturbed(seed, growth, arm[:-len("+sp")], tuple(point), noise)
                 elif is_zero_sum(arm):
                     lab.zero_sum(seed, noise)
+                elif arm == "fresh":
+                    lab.fresh(seed)
         lr, sp, wd, noise, table = lab.tune(growth, arm)
         for seed in range(exp.seeds):
             if sp is not None:
@@ -964,7 +999,7 @@ def plot(experiments: dict, out: Path) -> list[str]:
 
     written = []
     colors = dict(zip(WIDEN_ARMS + ("teacher+T/3",), ("black", "tab:gray", "tab:blue", "tab:green", "tab:orange",
-                                                      "tab:red", "tab:purple")))
+                                                      "tab:red", "tab:brown", "tab:pink", "tab:purple")))
     for name, exp in experiments.items():
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         scale = 1 if exp["metric"] == "bpc" else 100

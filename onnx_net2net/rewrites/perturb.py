@@ -89,7 +89,7 @@ def perturb_model(ir: GraphIR, options: PerturbOptions) -> list[PerturbedLayer]:
         fan_in = layer_fan_in(ir, layer, weight.shape)
         bound = 1.0 / math.sqrt(max(fan_in, 1))
         record = PerturbedLayer([layer_name(ir, layer)], node.op_type, int(fan_in), bound)
-        for tensor in [node.input[1]] + _bias_tensors(ir, layer, weight.shape):
+        for tensor in [node.input[1]] + bias_tensors(ir, layer, weight.shape):
             root = ir.const_root(tensor)
             if root in done:
                 continue
@@ -119,7 +119,9 @@ def layer_fan_in(ir: GraphIR, layer: int, shape: tuple) -> int:
     return int(shape[-2]) if len(shape) >= 2 else int(shape[0])  # MatMul: x @ W, W is [..., K, N]
 
 
-def _bias_tensors(ir: GraphIR, layer: int, weight_shape: tuple) -> list[str]:
+def bias_tensors(ir: GraphIR, layer: int, weight_shape: tuple) -> list[str]:
+    """The layer's own bias (input 2), or a MatMul's per-unit bias added right after it (also used by
+    wider.py's `init="fresh"`)."""
     node = ir.nodes[layer]
     if node.op_type != "MatMul":
         return [node.input[2]] if len(node.input) > 2 and node.input[2] and ir.is_const(node.input[2]) else []

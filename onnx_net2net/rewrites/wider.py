@@ -25,6 +25,24 @@ on activations, which is why any activation stays exact.
 Otherwise `noise` adds the paper's Gaussian noise (relative to each weight's std) to the
 replicated entries; `init="random-pad"` is the paper's non-preserving baseline
 (new units random, old units untouched). Both change the function on purpose.
+
+`init="fresh"` copies nothing into the layers: a new unit's incoming weights
+(the producing layer's rows for it) and that layer's own bias get PyTorch's
+default initialisation for the layer, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+(kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear / nn.ConvNd, with
+fan_in as in perturb.py, from the grown weight's shape), and its outgoing
+weights (every consumer's slot) are zero; the old units keep their weights,
+nothing is divided. The new units' values reach the output only through those
+zero weights, so the model is exact wherever the units meet nothing but
+per-unit ops on the way (passes.py refuses the groups where they meet a
+normalisation or reduction over the units, or an op that could make them
+NaN). Per-unit constants other than a layer's bias (BatchNormalization's
+parameters and statistics, PReLU slopes, per-channel scales, embedding
+columns) are copied from the unit g(j), as Net2Net does. On the divided side
+of a contraction over the units (q^T k) the new units are zero, as with
+`init="zero"`, so the product is unchanged. A layer that both reads and writes
+the group (a residual branch) gets fresh entries also where a new unit reads
+a new unit; a layer whose input grows in a *later* widening keeps zeros there.
 """
 
 from __future__ import annotations
@@ -40,6 +58,8 @@ from ..editor import GraphEditor
 from ..ir import GraphIR
 from ..ops import WEIGHTED_LAYERS
 from ..options import Init, Split
+from .fresh_init import fresh_units
+from .unit_mapping import UnitMapping, original_positions, repeat_index, source_index, unit_slots
 
 #: The +/- magnitude of `split="zero-sum"`, relative to each consumer weight's
 #: std, when `noise` is 0.
@@ -68,10 +88,13 @@ class WidenOptions:
             the function; 0: exact). With split "zero-sum": the std of the
             zero-sum noise, relative to each consumer weight's std (the model
             stays exact; 0 means ZERO_SUM_NOISE).
-        init: "net2net" (function-preserving), "zero" (function-preserving: new
-            units get zero outgoing weights, so the original weights are kept
-            as they are; for alignment, not for training), or "random-pad"
-            (the paper's baseline: new units random, not preserving).
+        init: "net2net" (function-preserving), "fresh" (function-preserving:
+            new units get PyTorch's default init for their incoming weights
+            and bias and zero outgoing weights; the old units are untouched),
+            "zero" (function-preserving: new units get zero outgoing weights,
+            so the original weights are kept as they are; for alignment, not
+            for training), or "random-pad" (the paper's baseline: new units
+            random, not preserving).
         seed: seeds the mapping g, the split fractions and the noise.
     """
 
@@ -112,111 +135,6 @@ class GrownGroup:
     sliced_outputs: list[str] = field(default_factory=list)
 
 
-@dataclass
-class UnitMapping:
-    """g: new unit j -> old unit g(j), which new units are added, and c(u).
-
-    With `blocks` > 1 (grouped convolutions) the units form equal blocks; each
-    block keeps its old units in order, followed by its new units, which copy
-    units of the same block. With one block, the first n units keep their place.
-    """
-
-    g: np.ndarray
-    is_new: np.ndarray
-    counts: np.ndarray
-    #: Units that carry the mean of the old units (LEMON's average expansion)
-    #: instead of copying one; their g is 0 and they are not in `counts`.
-    is_average: np.ndarray | None = None
-    #: What the average units carry: "mean" (LayerNorm) or "zero" (RMSNorm).
-    extras: str = "mean"
-
-    @property
-    def old(self) -> int:
-        return len(self.counts)
-
-    @property
-    def new(self) -> int:
-        return len(self.g)
-
-    @classmethod
-    def tile(cls, n: int, q: int) -> UnitMapping:
-        """Every unit copied q/n times: g(j) = j mod n."""
-        g = np.arange(q, dtype=np.int64) % n
-        return cls(g, np.arange(q) >= n, np.bincount(g, minlength=n))
-
-    @classmethod
-    def average(cls, n: int, q: int, extras: str = "mean") -> UnitMapping:
-        """LEMON: each unit copied q // n times, then q % n units that carry
-        the mean of the units (or zero, for an RMS norm)."""
-        tiled = q // n * n
-        g = np.concatenate([np.arange(tiled) % n, np.zeros(q - tiled)]).astype(np.int64)
-        is_average = np.arange(q) >= tiled
-        return cls(g, np.arange(q) >= n, np.bincount(g[:tiled], minlength=n), is_average, extras)
-
-    @property
-    def variance_ratio(self) -> float:
-        """s = k*n / q: the variance of the widened units over that of the old."""
-        return 1.0 if self.is_average is None else float((~self.is_average).sum()) / self.new
-
-    @classmethod
-    def draw(cls, n: int, q: int, rng: np.random.Generator, blocks: int = 1) -> UnitMapping:
-        per_old, per_added = n // blocks, (q - n) // blocks
-        g, is_new = [], []
-        for block in range(blocks):
-            start = block * per_old
-            g += [start + np.arange(per_old), start + rng.integers(0, per_old, size=per_added)]
-            is_new += [np.zeros(per_old, bool), np.ones(per_added, bool)]
-        g = np.concatenate(g).astype(np.int64)
-        return cls(g, np.concatenate(is_new), np.bincount(g, minlength=n))
-
-    def block(self, index: int, blocks: int) -> UnitMapping:
-        """The mapping restricted to one block, in the block's local numbering."""
-        per_new, per_old = self.new // blocks, self.old // blocks
-        window = slice(index * per_new, (index + 1) * per_new)
-        local = self.g[window] - index * per_old
-        return UnitMapping(local, self.is_new[window], self.counts[index * per_old:(index + 1) * per_old])
-
-
-def source_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
-    """For each position of the widened axis, the old position it copies."""
-    if placement.starts:
-        return _uneven_repeats(placement, mapping)[0]
-    block = placement.block
-    base = np.arange(block)
-    units = (placement.offset + mapping.g[:, None] * placement.inner + np.arange(placement.inner)).ravel()
-    end = placement.offset + mapping.old * placement.inner
-    new_block = np.concatenate([base[: placement.offset], units, base[end:]])
-    return (new_block[None, :] + block * np.arange(placement.outer)[:, None]).ravel()
-
-
-def unit_slots(placement: Placement, mapping: UnitMapping) -> np.ndarray:
-    """For each position of the widened axis, its unit j (or -1 outside the space)."""
-    if placement.starts:
-        return _uneven_repeats(placement, mapping)[1]
-    n, q = mapping.old, mapping.new
-    new_block = placement.block + (q - n) * placement.inner
-    slots = np.full(new_block, -1, dtype=np.int64)
-    span = np.repeat(np.arange(q), placement.inner)
-    slots[placement.offset: placement.offset + q * placement.inner] = span
-    return np.tile(slots, placement.outer)
-
-
-def _uneven_repeats(placement: Placement, mapping: UnitMapping) -> tuple[np.ndarray, np.ndarray]:
-    """source_index and unit_slots of a space repeated at uneven starts: the
-    data between the repeats keeps its order, each repeat is widened by g."""
-    n, q, inner = mapping.old, mapping.new, placement.inner
-    units = (mapping.g[:, None] * inner + np.arange(inner)).ravel()
-    sources, slots, done = [], [], 0
-    for start in placement.starts:
-        first = start + placement.offset
-        sources += [np.arange(done, first), first + units]
-        slots += [np.full(first - done, -1), np.repeat(np.arange(q), inner)]
-        done = first + n * inner
-    sources.append(np.arange(done, placement.length))
-    slots.append(np.full(placement.length - done, -1))
-    return np.concatenate(sources).astype(np.int64), np.concatenate(slots).astype(np.int64)
-
-
 def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
                 layer_names: list[str]) -> GrownGroup:
     """Apply the widening of `group` to `size` units (heads when the units
@@ -243,6 +161,8 @@ def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
         for edit in sorted(edits, key=lambda e: (e.axis, e.role)):
             value = _apply_edit(value, edit, mapping, edit_context)
         new_values[(node, port)] = value
+    if options.init == Init.FRESH:
+        fresh_units(ir, by_input, new_values, mapping, rng)
     ratio = mapping.variance_ratio
     for norm in group.decomposed_norms if ratio != 1.0 else ():
         node, port = norm.epsilon
@@ -264,12 +184,6 @@ def widen_group(ir: GraphIR, group: UnitGroup, size: int, options: WidenOptions,
             record.sliced_outputs = slice_kept_outputs(edit, group.kept_outputs,
                                                        lambda placement: original_positions(placement, mapping))
     return record
-
-
-def original_positions(placement: Placement, mapping: UnitMapping) -> np.ndarray:
-    """Positions of the widened axis that hold an original unit or other data."""
-    slots = unit_slots(placement, mapping)
-    return np.flatnonzero((slots < 0) | ~mapping.is_new[np.maximum(slots, 0)])
 
 
 def _scale_norm_epsilons(edit: GraphEditor, group: UnitGroup, ratio: float) -> None:
@@ -312,7 +226,7 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     options = context.options
     if edit.divided:
         value = _divide_copies(value, edit, mapping, slots, options)
-    if options.init == Init.ZERO:
+    if options.init in (Init.ZERO, Init.FRESH):  # FRESH: the incoming side is drawn later (_fresh_units)
         if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
             value = np.where(new, np.zeros((), value.dtype), value)
         return value
@@ -347,7 +261,7 @@ def _divide_copies(value: np.ndarray, edit, mapping: UnitMapping, slots: np.ndar
     shape = [1] * value.ndim
     shape[edit.axis] = -1
     divided = (slots >= 0) & np.isin(repeat_index(edit.placement, mapping), edit.divided)
-    if options.init == Init.ZERO:
+    if options.init in (Init.ZERO, Init.FRESH):
         new = divided & mapping.is_new[np.maximum(slots, 0)]
         return np.where(new.reshape(shape), np.zeros((), value.dtype), value)
     copies = mapping.counts[mapping.g[np.maximum(slots, 0)]]
@@ -368,22 +282,6 @@ def _give_split_sizes(edit: GraphEditor, index: int, sizes: tuple[int, ...], cha
     kept = [attribute for attribute in node.attribute if attribute.name != "num_outputs"]
     del node.attribute[:]
     node.attribute.extend(kept)
-
-
-def repeat_index(placement: Placement, mapping: UnitMapping) -> np.ndarray:
-    """For each position of the widened axis, the repeat of the space it is in (or -1 outside it)."""
-    slots = unit_slots(placement, mapping)
-    if placement.starts:
-        span = mapping.new * placement.inner
-        repeats, done = [], 0
-        for r, start in enumerate(placement.starts):
-            first = start + placement.offset + (mapping.new - mapping.old) * placement.inner * r
-            repeats += [np.full(first - done, -1), np.full(span, r)]
-            done = first + span
-        repeats.append(np.full(len(slots) - done, -1))
-        return np.concatenate(repeats).astype(np.int64)
-    block = len(slots) // placement.outer
-    return np.where(slots >= 0, np.arange(len(slots)) // block, -1)
 
 
 def _every_position(indices: np.ndarray, axis: int, length: int) -> np.ndarray:
