@@ -134,3 +134,20 @@ def test_one_hot_indices_count_from_the_end_and_out_of_range_ones_are_all_off():
         ir = GraphIR(from_proto(model))
         entries = SizeEvaluator(ir, {}).port_entries(len(ir.nodes) - 1, 1)
         assert [e.base for e in entries] == expected, index
+
+
+def test_a_where_between_two_unknown_dims_is_neither():
+    """Where(c, x.shape[0], x.shape[2]) with c read at run time: both are
+    unknown (equal Entries), but the pick is not x's dim 0 (a Reshape target
+    would have kept it as that dim)."""
+    from onnx_net2net.analysis.size_evaluator import SizeEvaluator
+
+    inits = {"zero": _i64(0), "one": _i64(1), "two": _i64(2), "three": _i64(3)}
+    nodes = [H("Shape", ["x"], ["s"]), H("Slice", ["s", "zero", "one"], ["d0"]),
+             H("Slice", ["s", "two", "three"], ["d2"]), H("Greater", ["d0", "d2"], ["c"]),
+             H("Where", ["c", "d0", "d2"], ["picked"]), H("Concat", ["picked", "one"], ["target"], axis=0),
+             H("Reshape", ["x", "target"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 1, "N"])], ["y"], inits)
+    ir = GraphIR(from_proto(model))
+    entries = SizeEvaluator(ir, {}).port_entries(len(ir.nodes) - 1, 1)
+    assert entries[0].base is None and entries[0].dim_of is None

@@ -363,7 +363,7 @@ def _where(ev: SizeEvaluator, index: int) -> list[Entry] | None:
         if c.base is not None and not c.depends:
             picked.append(a if c.base else b)
         elif a == b:
-            picked.append(a)
+            picked.append(a if a.dim_of == b.dim_of else replace(a, dim_of=None))  # equal sizes, not one dim
         else:
             picked.append(Entry(None, None if a.depends or b.depends or c.depends else Fraction(0)))
     return picked
