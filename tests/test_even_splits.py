@@ -117,3 +117,14 @@ def test_an_even_split_before_opset_13_is_not_given_sizes():
     wider, _ = widen_exact(model, {"a": 5})
     onnx.checker.check_model(wider, full_check=True)
     assert len(node(wider, "chunk").input) == 1
+
+
+def test_an_even_split_with_an_empty_sizes_input_gets_its_sizes_there():
+    """Split(x, "") with num_outputs: the sizes replace the empty name (they
+    were appended as a third input, which Split does not have)."""
+    model = two_producers_one_chunked_tensor()
+    node(model, "chunk").input.append("")
+    onnx.checker.check_model(model, full_check=True)
+    wider, _ = widen_exact(model, {"a": 6})
+    _assert_valid_with_sizes(wider, [6, 4])
+    assert len(node(wider, "chunk").input) == 2
