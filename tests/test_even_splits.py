@@ -120,11 +120,17 @@ def test_an_even_split_before_opset_13_is_not_given_sizes():
 
 
 def test_an_even_split_with_an_empty_sizes_input_gets_its_sizes_there():
-    """Split(x, "") with num_outputs: the sizes replace the empty name (they
+    """Split-13(x, "") splits evenly: the sizes replace the empty name (they
     were appended as a third input, which Split does not have)."""
     model = two_producers_one_chunked_tensor()
-    node(model, "chunk").input.append("")
+    model.opset_import[0].version = 13
+    chunk = node(model, "chunk")
+    kept = [a for a in chunk.attribute if a.name != "num_outputs"]
+    del chunk.attribute[:]
+    chunk.attribute.extend(kept)
+    chunk.input.append("")
     onnx.checker.check_model(model, full_check=True)
+    assert inspected(model)["a"]["widen"]["ok"]
     wider, _ = widen_exact(model, {"a": 6})
     _assert_valid_with_sizes(wider, [6, 4])
     assert len(node(wider, "chunk").input) == 2
