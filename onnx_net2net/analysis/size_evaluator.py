@@ -292,7 +292,9 @@ def _one_hot(ev: SizeEvaluator, index: int) -> list[Entry] | None:
     if int(node_attr(node, "axis", -1)) not in (-1, indices.ndim):
         return None
     size = depth[0].base
-    rows = [[values[1] if j == int(i) % size else values[0] for j in range(size)] for i in indices.reshape(-1)]
+    # index i (or i + depth when negative) is on; one outside [-depth, depth) leaves its row all off
+    rows = [[values[1] if -size <= int(i) < size and j == int(i) % size else values[0] for j in range(size)]
+            for i in indices.reshape(-1)]
     if indices.ndim == 1:
         ev.shapes[node.output[0]] = (len(rows), size)
     return [entry for row in rows for entry in row]
@@ -361,7 +363,7 @@ def _where(ev: SizeEvaluator, index: int) -> list[Entry] | None:
         if c.base is not None and not c.depends:
             picked.append(a if c.base else b)
         elif a == b:
-            picked.append(a)
+            picked.append(a if a.dim_of == b.dim_of else replace(a, dim_of=None))  # equal sizes, not one dim
         else:
             picked.append(Entry(None, None if a.depends or b.depends or c.depends else Fraction(0)))
     return picked

@@ -278,7 +278,10 @@ def _give_split_sizes(edit: GraphEditor, index: int, sizes: tuple[int, ...], cha
         grown[change.index] += change.per_unit * added
     node = edit.ir.nodes[index]
     name = edit.add_initializer(grown, edit.fresh_name(f"{node.output[0]}/sizes"))
-    node.input.append(name)
+    if len(node.input) > 1:
+        node.input[1] = name  # an empty name: the optional input left out
+    else:
+        node.input.append(name)
     kept = [attribute for attribute in node.attribute if attribute.name != "num_outputs"]
     del node.attribute[:]
     node.attribute.extend(kept)

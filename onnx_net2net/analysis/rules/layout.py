@@ -34,6 +34,7 @@ import numpy as np
 from ...ir import GraphIR, node_attr
 from ..refined_shapes import refined_shape
 from ..refusal import RefusalKind
+from ..size_evaluator import SizeEvaluator
 from ..shape_algebra import format_shape, map_through_reshape, merges_only_if_batch_first, unit_layout_hints
 from ..units import Placement, ValueEdit, axis_only
 from ..walk import Walk
@@ -59,6 +60,11 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     src, dst = walk.shape(index, src_name), walk.shape(index, dst_name)  # refined where inference gave up
     src = _with_unit_axis(src, placement)
     dst = _with_unit_axis(dst, walk.group.placements.get(dst_name))
+    moved_dim = _unknown_dim_moved(ir, index)
+    if moved_dim is not None:
+        walk.refuse(index, f"its target puts its input's dim {moved_dim[0]} (of unknown size) at axis {moved_dim[1]} "
+                           "with another stride: a reshape moves no data between axes, so its unknown dims cannot "
+                           "be matched")
     moved, refusal = map_through_reshape(placement, src, dst)
     if moved is None:
         if side == "out":
@@ -85,6 +91,30 @@ def reshape(walk: Walk, index: int, side: str, port: int, placement: Placement) 
     if node.op_type == "Reshape":
         out_placement = moved if side == "in" else placement
         _update_shape_input(walk, index, out_placement)
+
+
+def _unknown_dim_moved(ir: GraphIR, index: int) -> tuple[int, int] | None:
+    """(k, j) when Reshape `index`'s target entry j is its input's own dim k
+    of unknown size read at run time, at another stride: the positions after
+    axis k of the input (prod src[k+1:]) differ from those after axis j of
+    the output, or are unknown ([x.shape[2], -1, x.shape[0]] moves no data
+    between axes; reshape_segments would pair the unknown dims by position).
+    [B*H, T, d] from [B, H, T, d] keeps T's stride (d)."""
+    node = ir.nodes[index]
+    if node.op_type != "Reshape" or len(node.input) < 2:
+        return None
+    target = SizeEvaluator(ir, {}).port_entries(index, 1)
+    src, dst = refined_shape(ir, node.input[0]), refined_shape(ir, node.output[0])
+    for j, entry in enumerate(target or ()):
+        if entry.base is not None or entry.dim_of is None or entry.dim_of[0] != node.input[0]:
+            continue
+        k = entry.dim_of[1]
+        if k == j:
+            continue
+        after = [src[k + 1:] if src else (None,), dst[j + 1:] if dst and len(dst) == len(target) else (None,)]
+        if any(None in dims for dims in after) or int(np.prod(after[0])) != int(np.prod(after[1])):
+            return k, j
+    return None
 
 
 def _refuse_spatial_positions(walk: Walk, index: int, placement: Placement, flat: tuple, input_name: str) -> None:
