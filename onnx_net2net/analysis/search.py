@@ -5,8 +5,9 @@
 1. walk the layer's output units (walk.py with the op rules of rules/) in
    the plain layout, one unit per feature; when a reshape or a split shows
    that the features are structured (whole attention heads, a fused Q/K/V
-   projection, grouped-query heads, or, last, a space in some equal parts
-   of a split output only: EfficientViT's q | k beside v), walk again in
+   projection, grouped-query heads, or, last, a space in some parts of the
+   output only, suggested by the cut that refused it (part_layouts.py:
+   EfficientViT's q | k beside v, FasterNet's partial conv), walk again in
    that layout, at most MAX_LAYOUT_TRIES layouts, each checked by a full
    walk (a wrong guess is only a refusal); a layout in which a product sums
    over the units (q^T k, contraction.py: one side's copies divided) gives
@@ -17,8 +18,9 @@
 3. when every layout was refused at an op that only moves channels, try the
    layer's channel routing region (routing.py: shuffles grow as a stage);
 4. a depthwise convolution refused otherwise may pass one repeat of a space
-   that the layer writing it sees whole (EdgeNeXt's chunk convs): it takes
-   that layer's group, seeded from itself.
+   that the layer writing it sees whole (EdgeNeXt's chunk convs), or a space
+   of one of that layer's other part layouts (MambaOut's conv over c): it
+   takes that layer's group, seeded from itself.
 
 The refusal returned is the plain layout's, with what the structured
 layouts and the routing region said (its `causes`).
