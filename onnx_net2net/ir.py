@@ -207,6 +207,11 @@ class GraphIR:
             seen += 1
         return None
 
+    @property
+    def opset(self) -> int:
+        """The model's default-domain opset (1 when it imports none)."""
+        return next((o.version for o in self.handle.proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
     def const_value(self, tensor: str) -> np.ndarray | None:
         root = self.const_root(tensor)
         if root is None:

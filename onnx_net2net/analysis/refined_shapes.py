@@ -151,7 +151,7 @@ def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, partial: dict
             value.dtype)
         types[name] = helper.make_tensor_type_proto(dtype, list(shape))
     try:
-        schema = onnx.defs.get_schema(node.op_type, _opset(ir), node.domain)
+        schema = onnx.defs.get_schema(node.op_type, ir.opset, node.domain)
         outputs = onnx.shape_inference.infer_node_outputs(schema, node, types, data)
     except Exception:  # noqa: BLE001 - best effort: the shape stays unknown
         return None, final
@@ -159,10 +159,3 @@ def _infer_node(ir: GraphIR, index: int, tensor: str, cache: dict, partial: dict
         return None, final
     dims = outputs[tensor].tensor_type.shape.dim
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims), final
-
-
-def _opset(ir: GraphIR) -> int:
-    for opset in ir.handle.proto.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            return opset.version
-    return 1

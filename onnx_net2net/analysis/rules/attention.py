@@ -14,7 +14,7 @@ per unit on every axis but the one it normalises.
 
 from __future__ import annotations
 
-from ...ir import GraphIR, node_attr
+from ...ir import node_attr
 from ..units import Placement, whole_axis_as_one_unit
 from ..walk import Walk
 
@@ -97,15 +97,8 @@ def _free_axis(walk: Walk, index: int, placement: Placement, from_end: int) -> N
 def softmax(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
     """Per unit on every axis but the normalised one."""
     node = walk.ir.nodes[index]
-    opset = _opset(walk.ir)
+    opset = walk.ir.opset
     axis = int(node_attr(node, "axis", -1 if opset >= 13 else 1)) % placement.rank
     if axis == placement.axis or (opset < 13 and placement.axis >= axis):
         walk.refuse(index, "it normalises over the unit axis")
     walk.same_on_ports(index, placement)
-
-
-def _opset(ir: GraphIR) -> int:
-    for opset in ir.handle.proto.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            return opset.version
-    return 1

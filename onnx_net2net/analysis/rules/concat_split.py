@@ -316,18 +316,13 @@ def _split_size_edits(walk: Walk, index: int, pieces: dict[int, Placement], size
         walk.refuse(index, "its split sizes are an attribute (opset < 13); re-export at opset 13 or later")
     elif len(pieces) == len(node.output) and len({placement.growth() for placement in pieces.values()}) == 1:
         return
-    elif _opset(walk.ir) < 13:
+    elif walk.ir.opset < 13:
         walk.refuse(index, "it splits evenly and its outputs would grow unequally, and before opset 13 a Split "
                            "takes no sizes input; re-export at opset 13 or later")
     else:
         walk.group.even_splits[index] = tuple(int(size) for size in sizes)
     for piece, placement in pieces.items():
         walk.group.value_edits.append(ValueEdit(index, 1, piece, placement.growth()))
-
-
-def _opset(ir: GraphIR) -> int:
-    """The model's default-domain opset (1 when not imported)."""
-    return next((o.version for o in ir.handle.proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def slice_op(walk: Walk, index: int, side: str, port: int, placement: Placement) -> None:
