@@ -101,18 +101,26 @@ def test_res2net_chunks_grow_and_stay_valid():
     assert inspected(wider)["conv1"]["width"] > 12
 
 
+def _even_split_without_num_outputs(opset: int, empty_sizes: bool = False) -> onnx.ModelProto:
+    """The two-producer model at `opset`, its Split even by its output count
+    alone (no `num_outputs`), with an empty sizes input if asked."""
+    model = two_producers_one_chunked_tensor()
+    model.opset_import[0].version = opset
+    chunk = node(model, "chunk")
+    kept = [a for a in chunk.attribute if a.name != "num_outputs"]
+    del chunk.attribute[:]
+    chunk.attribute.extend(kept)
+    if empty_sizes:
+        chunk.input.append("")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
 
 def test_an_even_split_before_opset_13_is_not_given_sizes():
     """Split-11 takes no sizes input: the group of a, whose units are in one
     half only, is refused there (the rewrite wrote a Split-11 with a sizes
     input, an invalid model); a and b then grow together as a routing region."""
-    model = two_producers_one_chunked_tensor()
-    model.opset_import[0].version = 12
-    chunk = node(model, "chunk")
-    kept = [a for a in chunk.attribute if a.name != "num_outputs"]
-    del chunk.attribute[:]
-    chunk.attribute.extend(kept)
-    onnx.checker.check_model(model, full_check=True)
+    model = _even_split_without_num_outputs(opset=12)
     assert inspected(model)["a"]["widen"]["ok"]
     wider, _ = widen_exact(model, {"a": 5})
     onnx.checker.check_model(wider, full_check=True)
@@ -122,14 +130,7 @@ def test_an_even_split_before_opset_13_is_not_given_sizes():
 def test_an_even_split_with_an_empty_sizes_input_gets_its_sizes_there():
     """Split-13(x, "") splits evenly: the sizes replace the empty name (they
     were appended as a third input, which Split does not have)."""
-    model = two_producers_one_chunked_tensor()
-    model.opset_import[0].version = 13
-    chunk = node(model, "chunk")
-    kept = [a for a in chunk.attribute if a.name != "num_outputs"]
-    del chunk.attribute[:]
-    chunk.attribute.extend(kept)
-    chunk.input.append("")
-    onnx.checker.check_model(model, full_check=True)
+    model = _even_split_without_num_outputs(opset=13, empty_sizes=True)
     assert inspected(model)["a"]["widen"]["ok"]
     wider, _ = widen_exact(model, {"a": 6})
     _assert_valid_with_sizes(wider, [6, 4])

@@ -623,44 +623,34 @@ class Lab:
         """The zero-sum widened model of a seed at noise scale `noise` (``n2n.widen(split="zero-sum",
         noise=noise)``; exact whatever the scale). The default scale is the one of `grown`; the others are
         cached per scale (``seed<N>_widen_zero-sum_n<noise>.onnx``), step 0 checked once."""
-        import onnx
-
-        import onnx_net2net as n2n
-
         if noise is None or noise == ZERO_SUM_NOISE:
             return self.grown(seed)[("widen", "zero-sum")]
-        key = (seed, noise)
-        if key in self.zero_sum_models:
-            return self.zero_sum_models[key]
-        path = self.grown_dir / f"seed{seed}_widen_zero-sum{noise_tag(noise)}.onnx"
-        proto, teacher_metric, _ = self.teacher(seed)
-        if path.is_file():
-            model = onnx.load(str(path))
-        else:
-            model = grow(n2n.widen, proto, self.relaxed, factor=2.0, split="zero-sum", noise=noise, seed=seed)
-            onnx.save(model, str(path))
-        self.check_step0(seed, ("widen", "zero-sum"), model, teacher_metric, noise=noise)
-        self.zero_sum_models[key] = model
-        return model
+        return self._widened_once(seed, "zero-sum", noise_tag(noise), self.zero_sum_models, (seed, noise),
+                                  dict(split="zero-sum", noise=noise), noise=noise)
 
     def fresh(self, seed: int):
         """The model widened with ``n2n.widen(factor=2, init="fresh", seed=seed)`` (exact: new units freshly
         initialised, their outgoing weights zero), cached as ``seed<N>_widen_fresh.onnx``, step 0 checked once."""
+        return self._widened_once(seed, "fresh", "", self.fresh_models, seed, dict(init="fresh"))
+
+    def _widened_once(self, seed: int, arm: str, tag: str, cache: dict, key, options: dict, **check):
+        """``n2n.widen(factor=2, seed=seed, **options)`` of a seed's teacher: from `cache`, else from
+        ``seed<N>_widen_<arm><tag>.onnx``, else grown and saved; its step 0 checked once."""
         import onnx
 
         import onnx_net2net as n2n
 
-        if seed in self.fresh_models:
-            return self.fresh_models[seed]
-        path = self.grown_dir / f"seed{seed}_widen_fresh.onnx"
+        if key in cache:
+            return cache[key]
+        path = self.grown_dir / f"seed{seed}_widen_{arm}{tag}.onnx"
         proto, teacher_metric, _ = self.teacher(seed)
         if path.is_file():
             model = onnx.load(str(path))
         else:
-            model = grow(n2n.widen, proto, self.relaxed, factor=2.0, init="fresh", seed=seed)
+            model = grow(n2n.widen, proto, self.relaxed, factor=2.0, seed=seed, **options)
             onnx.save(model, str(path))
-        self.check_step0(seed, ("widen", "fresh"), model, teacher_metric)
-        self.fresh_models[seed] = model
+        self.check_step0(seed, ("widen", arm), model, teacher_metric, **check)
+        cache[key] = model
         return model
 
     def perturbed(self, seed: int, growth: str, base: str, sp: tuple, noise: float | None = None):
