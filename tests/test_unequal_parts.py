@@ -219,3 +219,20 @@ def test_a_gate_cut_twice_grows_a_part_of_a_part():
     model = mixconv_squeeze_excite()
     wider = _grows(model, "expand", 11)  # the piece [0, 3) (k0's channels, in the first half) grows 3 -> 6
     assert node_weight(wider, "k0").shape[0] == 6 and node_weight(wider, "pwl0").shape[1] == 7
+
+
+def test_a_shortcut_added_to_the_last_part_grows_with_it():
+    """RexNet's partial residual the other way round (`out[:, 3:] += x`): the
+    first slice, [0, 3) of 9, is one of three equal parts, which repeats of
+    the units would fill; that fails, and the parts layouts are tried next."""
+    rng = np.random.default_rng(7)
+    inits = {"zero": np.array([0], np.int64), "three": np.array([3], np.int64), "end": np.array([9], np.int64),
+             "axis": np.array([1], np.int64)}
+    nodes = [_conv("a", "x", "xa", inits, rng, 6, 2), H("Relu", ["xa"], ["xr"]),
+             _conv("b", "xr", "o", inits, rng, 9, 6, k=3),
+             H("Slice", ["o", "zero", "three", "axis"], ["o_head"]), H("Slice", ["o", "three", "end", "axis"], ["o_tail"]),
+             H("Add", ["o_tail", "xr"], ["shortcut"]), H("Concat", ["o_head", "shortcut"], ["cat"], axis=1),
+             _conv("head", "cat", "y", inits, rng, 3, 9)]
+    model = make_model(nodes, [("x", ["N", 2, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+    wider = _grows(model, "b", 12)
+    assert node_weight(wider, "a").shape[0] == 9

@@ -412,7 +412,7 @@ def _slice(walk: Walk, index: int, side: str, placement: Placement, starts, ends
                       and placement.length == group.size)
         walk.refuse(index, f"it cuts through the units{unequal}", retry,
                     parts=slice_parts(walk.ir, index, placement.axis, (start, end), in_length)
-                    if plain_seed and unequal else ())
+                    if plain_seed and (unequal or retry) else ())
 
 
 def _slice_of_uneven_repeats(walk: Walk, index: int, k: int, bounds: tuple[int, int], kept: tuple[int, int],
