@@ -7,7 +7,12 @@ output is unchanged exactly when the new units reach it through their
 outgoing weights alone: `fresh_refusal` says why not otherwise (a
 normalisation or reduction over the units, an op that could make a fresh
 value NaN or infinite). On a contraction's divided side (q^T k) the new
-units are zero, so the product does not see them.
+units are zero, so the product does not see them. Per-unit constants other
+than a layer's bias (BatchNormalization's parameters and statistics, PReLU
+slopes, per-channel scales, embedding columns) are copied from the unit g(j),
+as Net2Net does. A layer that both reads and writes the group (a residual
+branch) gets fresh entries also where a new unit reads a new unit; a layer
+whose input grows in a *later* widening keeps zeros there (still exact).
 """
 
 from __future__ import annotations

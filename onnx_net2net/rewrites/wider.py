@@ -26,23 +26,8 @@ Otherwise `noise` adds the paper's Gaussian noise (relative to each weight's std
 replicated entries; `init="random-pad"` is the paper's non-preserving baseline
 (new units random, old units untouched). Both change the function on purpose.
 
-`init="fresh"` copies nothing into the layers: a new unit's incoming weights
-(the producing layer's rows for it) and that layer's own bias get PyTorch's
-default initialisation for the layer, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-(kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear / nn.ConvNd, with
-fan_in as in perturb.py, from the grown weight's shape), and its outgoing
-weights (every consumer's slot) are zero; the old units keep their weights,
-nothing is divided. The new units' values reach the output only through those
-zero weights, so the model is exact wherever the units meet nothing but
-per-unit ops on the way (passes.py refuses the groups where they meet a
-normalisation or reduction over the units, or an op that could make them
-NaN). Per-unit constants other than a layer's bias (BatchNormalization's
-parameters and statistics, PReLU slopes, per-channel scales, embedding
-columns) are copied from the unit g(j), as Net2Net does. On the divided side
-of a contraction over the units (q^T k) the new units are zero, as with
-`init="zero"`, so the product is unchanged. A layer that both reads and writes
-the group (a residual branch) gets fresh entries also where a new unit reads
-a new unit; a layer whose input grows in a *later* widening keeps zeros there.
+`init="fresh"` copies no unit: new units get a fresh incoming side and zero
+outgoing weights (fresh_init.py states the rule and when it is exact).
 """
 
 from __future__ import annotations
@@ -226,7 +211,7 @@ def _apply_edit(value: np.ndarray, edit, mapping: UnitMapping, context: _EditCon
     options = context.options
     if edit.divided:
         value = _divide_copies(value, edit, mapping, slots, options)
-    if options.init in (Init.ZERO, Init.FRESH):  # FRESH: the incoming side is drawn later (_fresh_units)
+    if options.init in (Init.ZERO, Init.FRESH):  # FRESH: the incoming side is drawn later (fresh_units)
         if edit.role == "split" or (context.zero_incoming and context.is_layer_weight):
             value = np.where(new, np.zeros((), value.dtype), value)
         return value

@@ -103,6 +103,9 @@ def _unknown_dim_moved(ir: GraphIR, index: int) -> tuple[int, int] | None:
     node = ir.nodes[index]
     if node.op_type != "Reshape" or len(node.input) < 2:
         return None
+    known = ir.inferred_shape(node.input[0])  # ONNX's inference: cheap, and exact where it knows a dim
+    if known is not None and None not in known:
+        return None  # no dim of unknown size to move (and no target to evaluate on every visit)
     target = SizeEvaluator(ir, {}).port_entries(index, 1)
     src, dst = refined_shape(ir, node.input[0]), refined_shape(ir, node.output[0])
     for j, entry in enumerate(target or ()):
