@@ -318,6 +318,38 @@ def test_quick_teacher_steps_grows_from_a_shorter_teacher_cached_apart(tmp_path)
     assert exp["teacher"]["steps"] == 300
 
 
+def test_student_steps_option_is_parsed_and_checked():
+    r = _script_module()
+    assert r.parse_args([]).student_steps is None                  # the default: T/3, unchanged behaviour
+    assert r.parse_args(["--student-steps", "1500"]).student_steps == 1500
+    exp = r.EXPERIMENTS["mnist1d-cnn"]
+    assert r.short(exp) == exp.T // 3 and r.short(r.replace(exp, student_steps=1500)) == 1500
+    for argv in (["--student-steps", "0"], ["--student-steps", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            r.parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_quick_student_steps_gives_every_arm_but_the_target_that_budget(tmp_path):
+    """--student-steps N: the grown students and the controls train N steps (their runs cached by budget, so
+    the random-init target at T is shared with the default run); the target keeps T."""
+    base = [sys.executable, str(SCRIPT), "--quick", "--only", "mnist1d-cnn", "--arms", "widen/net2net",
+            "widen/random-init-T/3", "teacher", "--out", str(tmp_path), "--no-plots"]
+    proc = subprocess.run(base + ["--student-steps", "60"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
+    rows = {r["arm"]: r for r in exp["rows"]}
+    assert exp["short"] == 60 and exp["T"] == 120
+    assert rows["random-init"]["steps"] == 120
+    assert rows["net2net"]["steps"] == rows["random-init-T/3"]["steps"] == rows["teacher+T/3"]["steps"] == 60
+    again = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "widen/net2net lr" in again.stderr and "widen/random-init lr" not in again.stderr
+    exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
+    assert {r["arm"]: r["steps"] for r in exp["rows"]}["net2net"] == 40 == exp["short"]
+
+
 def test_wd_grid_option_is_parsed_and_checked():
     r = _script_module()
     assert r.parse_args([]).wd_grid == [0.0]                     # the default: plain Adam, unchanged behaviour

@@ -74,6 +74,12 @@ the +N/-N noise relative to each consumer weight's std; exact for every S; defau
 rate (and the +sp point and weight decay); the chosen scale is recorded per arm and row (``noise``; null on the
 other arms). Zero-sum models and runs of a non-default scale are cached with an ``_n<S>`` suffix.
 
+``--student-steps N`` gives the grown students and the equal-budget controls (``random-init-T/3``,
+``teacher+T/3``) N steps instead of T/3 (each on its own complete schedule); the target (random init at T)
+is unchanged and, cached by step count, shared between runs of different N. Sweeping N draws the *budget
+frontier*: the fewest student steps at which a grown arm reaches the target (``tools/budget_frontier.py``
+runs the sweep and tabulates it). Arm names keep their ``T/3`` suffix; ``steps`` in every row is the truth.
+
 ``--arms`` restricts which arms run (``widen/net2net+sp``, or a whole growth: ``widen``); the random-init
 student at T of every growth involved (the target; ``teacher+T/3`` is measured against the widen one) is
 always added. The ``fresh`` arms (``OPT_IN_ARMS``) run only when named (``--arms widen/fresh widen/fresh+sp``),
@@ -93,6 +99,8 @@ Usage::
                                                              # grow from a teacher trained 2,000 steps
     python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen/zero-sum --noise-grid 0.01 0.1 1
                                                              # the zero-sum noise scale tuned on validation
+    python tools/reproduce_net2net.py --only mnist1d-cnn --arms widen/net2net --student-steps 2000
+                                                             # students get 2,000 steps instead of T/3
 
 Needs the experiment extras: torch, onnx2torch, mnist1d, scikit-learn, matplotlib.
 """
@@ -169,6 +177,7 @@ class Experiment:
     teacher_tag: str = ""     # set when --teacher-steps differs from the default: the grown models' cache folder
     wd_grid: tuple = (0.0,)   # decoupled weight decays tried for every arm (0: plain Adam)
     noise_grid: tuple = (ZERO_SUM_NOISE,)   # zero-sum noise scales tried for the zero-sum arms
+    student_steps: int | None = None   # the grown students' and controls' budget (None: T // 3)
 
 
 EXPERIMENTS = {
@@ -217,7 +226,8 @@ def settle(exp: Experiment, quick: bool) -> Experiment:
 
 
 def short(exp: Experiment) -> int:
-    return exp.T // 3
+    """The budget of every arm but the random-init student at T: T // 3, or ``--student-steps``."""
+    return exp.student_steps or exp.T // 3
 
 
 def is_sp(arm: str) -> bool:
@@ -929,7 +939,7 @@ def format_details(experiments: dict) -> str:
                      f"teacher: {teacher['steps']} steps, Adam peak {teacher['lr']:g}, test "
                      f"{teacher['mean'] * scale:.{3 if exp['metric'] == 'bpc' else 1}f} "
                      f"(mean of {len(teacher['test'])}); T = {exp['T']}, "
-                     f"grown students T/3 = {exp['short']}; batch {exp['batch']}; learning rate tuned on "
+                     f"grown students and controls {exp['short']} steps; batch {exp['batch']}; learning rate tuned on "
                      f"{exp['tune_seeds']} seed(s), reported on {exp['seeds']}; shrink/fresh points tried for "
                      f"the +sp arms: {', '.join(f'{a:g}/{b:g}' for a, b in grid_points)}"
                      f"{' (tuned on validation with the rate)' if len(grid_points) > 1 else ''}"
@@ -1067,6 +1077,11 @@ def parse_args(argv=None):
     p.add_argument("--wd-grid", type=float, nargs="+", default=[0.0], metavar="WD",
                    help="decoupled weight decays (AdamW; 0: plain Adam, the default) tuned with the learning rate "
                         "on validation for every arm alike, e.g. 0 0.01 0.1")
+    p.add_argument("--student-steps", type=int, default=None, metavar="N",
+                   help="give the grown students and the controls N steps instead of T/3 (each on its own complete "
+                        "schedule, rates tuned as always): how long a grown student needs to reach the target, "
+                        "against random init at the same budget; the arms keep their names (random-init-T/3 is "
+                        "random init for N steps)")
     p.add_argument("--budget", type=int, default=None, metavar="T",
                    help="override T, the random-init students' budget (grown students get T/3), e.g. a longer "
                         "check of a model whose random-init student has not converged at its default T")
@@ -1088,7 +1103,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: must be at least 1")
-    for flag, value in (("--tune-seeds", args.tune_seeds), ("--teacher-steps", args.teacher_steps)):
+    for flag, value in (("--tune-seeds", args.tune_seeds), ("--teacher-steps", args.teacher_steps),
+                        ("--student-steps", args.student_steps)):
         if value is not None and value < 1:
             p.error(f"{flag} {value}: must be at least 1")
     if args.budget is not None and args.budget < 3:
@@ -1128,6 +1144,8 @@ def main(argv=None) -> int:
             exp = replace(exp, teacher_steps=args.teacher_steps, teacher_tag=f"teacher{args.teacher_steps}")
         if args.budget is not None:
             exp = replace(exp, T=args.budget)
+        if args.student_steps is not None:
+            exp = replace(exp, student_steps=args.student_steps)
         if args.grid:
             exp = replace(exp, grid=tuple(args.grid))
         exp = replace(exp, sp_grid=tuple(args.sp_grid), wd_grid=tuple(args.wd_grid),
