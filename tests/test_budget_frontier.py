@@ -14,9 +14,10 @@ from helpers import tool_module  # noqa: E402
 frontier = tool_module("budget_frontier")
 
 
-def entry(growth: str, arm: str, finals: list[float], lr: float = 0.01, sp=(None, None)) -> dict:
+def entry(growth: str, arm: str, finals: list[float], lr: float = 0.01, sp=(None, None), reverse=False) -> dict:
+    curves = [{"seed": seed, "test": [9.0, final]} for seed, final in enumerate(finals)]
     return {"growth": growth, "arm": arm, "lr": lr, "shrink": sp[0], "fresh": sp[1],
-            "curves": [{"seed": seed, "test": [9.0, final]} for seed, final in enumerate(finals)]}
+            "curves": curves[::-1] if reverse else curves}   # reverse: seeds listed in another order
 
 
 def experiment(metric: str, T: int, arms: dict) -> dict:
@@ -33,7 +34,7 @@ def test_bits_per_character_pairs_by_seed_with_lower_better(tmp_path):
     target = entry("widen", "random-init", [2.10, 2.00, 2.20])
     write_run(tmp_path, 300, "lm", experiment("bpc", 900, {
         "widen/random-init": target,
-        "widen/net2net": entry("widen", "net2net", [2.05, 2.10, 2.20], sp=(0.4, 0.1))}))
+        "widen/net2net": entry("widen", "net2net", [2.05, 2.10, 2.20], sp=(0.4, 0.1), reverse=True)}))
     write_run(tmp_path, 600, "lm", experiment("bpc", 900, {
         "widen/random-init": target, "teacher/teacher+T/3": entry("teacher", "teacher+T/3", [2.0, 1.9, 2.1])}))
     (tmp_path / "n50").mkdir()   # a budget folder without results: not a run yet
@@ -86,10 +87,37 @@ def test_sweep_runs_each_budget_into_its_folder_with_one_shared_cache(tmp_path, 
     assert len(json.loads((tmp_path / "frontier.json").read_text())) == 2
 
 
+def test_runs_of_another_target_are_not_mixed_in(tmp_path, capsys):
+    for steps, T in ((100, 300), (200, 600)):
+        write_run(tmp_path, steps, "cnn", experiment("acc", T, {
+            "widen/random-init": entry("widen", "random-init", [0.96, 0.98]),
+            "widen/net2net": entry("widen", "net2net", [0.9, 0.9])}))
+    assert frontier.main(["--only", "cnn", "--out", str(tmp_path), "--table-only"]) == 2
+    assert "n200: T 600" in capsys.readouterr().err
+    assert not (tmp_path / "frontier.json").exists()
+
+
+def test_each_budget_links_the_shared_cache_replacing_a_stale_link_and_refusing_a_folder(tmp_path):
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "n1" / "cache"
+    stale.parent.mkdir()
+    stale.symlink_to(tmp_path / "gone")
+    frontier.share_cache(stale)
+    assert stale.resolve() == (tmp_path / "cache").resolve() and not stale.readlink().is_absolute()
+    frontier.share_cache(stale)   # already right: kept
+    own = tmp_path / "n2" / "cache"
+    own.mkdir(parents=True)
+    with pytest.raises(frontier.FrontierError, match="folder of its own"):
+        frontier.share_cache(own)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--only", "cnn", "--out", "x"], "--steps N"),
     (["--only", "cnn", "--out", "x", "--steps", "0"], "at least 1"),
     (["--only", "cnn", "--out", "x", "--steps", "5", "--", "--student-steps", "3"], "this tool's own option"),
+    (["--only", "cnn", "--out", "x", "--steps", "5", "--", "--student=3"], "this tool's own option"),
+    (["--only", "cnn", "--out", "x", "--steps", "5", "--", "--out=/y"], "this tool's own option"),
+    (["--only", "cnn", "--out", "x", "--steps", "5", "--", "--bogus"], "not options of reproduce_net2net.py"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -35,12 +35,16 @@ import sys
 from pathlib import Path
 
 TARGET_ARM = "widen/random-init"
-# the arms named after T/3 run N steps here
-LABELS = {"random-init-T/3": "random init, N steps", "teacher+T/3": "teacher + N steps"}
+# the arms that reproduce_net2net.py names after T/3 run N steps here
+BUDGET_NAMES = {"random-init-T/3": "random init, N steps", "teacher+T/3": "teacher + N steps"}
 
 
-def arm_label(row: dict) -> str:
-    return f"{row['growth']}/{LABELS.get(row['arm'], row['arm'])}"
+class FrontierError(Exception):
+    """The budget runs in OUT cannot be compared (a different T or target between them)."""
+
+
+def frontier_label(row: dict) -> str:
+    return f"{row['growth']}/{BUDGET_NAMES.get(row['arm'], row['arm'])}"
 
 
 def reproduce_module():
@@ -55,11 +59,7 @@ def reproduce_module():
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
+    return sum(values) / len(values), reproduce_module().sem(values)
 
 
 def finals_by_seed(entry: dict) -> dict[int, float]:
@@ -80,11 +80,19 @@ def budget_runs(out: Path, model: str) -> list[tuple[int, dict]]:
 
 
 def frontier_rows(model: str, runs: list[tuple[int, dict]]) -> list[dict]:
-    """One row per (N, arm): final metric, paired difference to the target and seeds at the target."""
+    """One row per (N, arm): final metric, paired difference to the target and seeds at the target.
+
+    Raises:
+        FrontierError: the runs do not share T and the target's final metrics (folders of different runs).
+    """
     rows = []
     for steps, exp in runs:
         better = 1 if exp["metric"] == "acc" else -1   # paired differences: positive is better
         target = finals_by_seed(exp["arms"][TARGET_ARM])
+        first_T, first_target = runs[0][1]["T"], finals_by_seed(runs[0][1]["arms"][TARGET_ARM])
+        if (exp["T"], target) != (first_T, first_target):
+            raise FrontierError(f"n{steps}: T {exp['T']} and target {sorted(target.items())} differ from "
+                                f"n{runs[0][0]}'s (T {first_T}, {sorted(first_target.items())}): not one sweep")
         target_mean, target_sem = mean_sem(list(target.values()))
         for key, entry in exp["arms"].items():
             if key == TARGET_ARM:
@@ -96,6 +104,7 @@ def frontier_rows(model: str, runs: list[tuple[int, dict]]) -> list[dict]:
             rows.append({"experiment": model, "metric": exp["metric"], "T": exp["T"], "student_steps": steps,
                          "growth": entry["growth"], "arm": entry["arm"], "lr": entry["lr"],
                          "shrink": entry.get("shrink"), "fresh": entry.get("fresh"),
+                         "weight_decay": entry.get("weight_decay", 0.0), "noise": entry.get("noise"),
                          "final_mean": final_mean, "final_sem": final_sem,
                          "paired_mean": paired_mean, "paired_sem": paired_sem,
                          "seeds_at_target": sum(d >= -1e-9 for d in paired), "seeds": len(paired),
@@ -113,9 +122,13 @@ def format_frontier(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         point = "-" if r["shrink"] is None else f"{r['shrink']:g}/{r['fresh']:g}"
-        lines.append(f"| {r['student_steps']} | {arm_label(r)} | {r['lr']:g} | {point} | "
+        point += f", wd {r['weight_decay']:g}" if r.get("weight_decay") else ""
+        point += f", noise {r['noise']:g}" if r.get("noise") is not None else ""
+        paired = round(scale * r["paired_mean"], digits) + 0.0   # + 0.0: no "-0.00"
+        when = " (the target's budget)" if r["student_steps"] == r["T"] else ""
+        lines.append(f"| {r['student_steps']}{when} | {frontier_label(r)} | {r['lr']:g} | {point} | "
                      f"{scale * r['final_mean']:.{digits}f} +- {scale * r['final_sem']:.{digits}f} | "
-                     f"{scale * r['paired_mean']:+.{digits}f} +- {scale * r['paired_sem']:.{digits}f} | "
+                     f"{paired:+.{digits}f} +- {scale * r['paired_sem']:.{digits}f} | "
                      f"{r['seeds_at_target']}/{r['seeds']} |")
     lines.append(f"\ntarget (random init at T = {rows[0]['T']}): {scale * rows[0]['target_mean']:.{digits}f} "
                  f"+- {scale * rows[0]['target_sem']:.{digits}f} {unit}")
@@ -130,9 +143,9 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
 
     scale = 100 if rows[0]["metric"] == "acc" else 1
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    arms = dict.fromkeys(arm_label(r) for r in rows)
+    arms = dict.fromkeys(frontier_label(r) for r in rows)
     for offset, arm in enumerate(arms):
-        own = [r for r in rows if arm_label(r) == arm]
+        own = [r for r in rows if frontier_label(r) == arm]
         jitter = (offset - (len(arms) - 1) / 2) * 0.01 * own[-1]["student_steps"]   # error bars side by side
         ax.errorbar([r["student_steps"] + jitter for r in own], [scale * r["final_mean"] for r in own],
                     yerr=[scale * r["final_sem"] for r in own], marker="o", capsize=3, label=arm)
@@ -151,6 +164,18 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def share_cache(link: Path) -> None:
+    """Make ``OUT/n<N>/cache`` a relative link to ``OUT/cache`` (replacing a stale link; refusing a folder,
+    which would hold runs of its own that the other budgets do not share)."""
+    if link.is_symlink():
+        if link.resolve() == (link.parent.parent / "cache").resolve():
+            return
+        link.unlink()
+    elif link.exists():
+        raise FrontierError(f"{link} is a folder of its own, not the shared cache: move it away first")
+    link.symlink_to(Path("..") / "cache", target_is_directory=True)
+
+
 def run_budgets(model: str, budgets: list[int], out: Path, passthrough: list[str]) -> int:
     """reproduce_net2net.py once per budget, into OUT/n<N> with OUT/cache shared; the worst exit status."""
     reproduce = reproduce_module()
@@ -160,9 +185,7 @@ def run_budgets(model: str, budgets: list[int], out: Path, passthrough: list[str
     for steps in budgets:
         folder = out / f"n{steps}"
         folder.mkdir(exist_ok=True)
-        link = folder / "cache"
-        if not link.exists():
-            link.symlink_to(cache.resolve(), target_is_directory=True)
+        share_cache(folder / "cache")
         reproduce.log(f"budget frontier: {model}, students {steps} steps -> {folder}")
         status = max(status, reproduce.main(["--only", model, "--student-steps", str(steps), "--out", str(folder),
                                              *passthrough]))
@@ -184,17 +207,25 @@ def parse_args(argv=None):
         p.error("--steps N [N ...] is needed unless --table-only")
     if any(n < 1 for n in args.steps or []):
         p.error("--steps: every budget must be at least 1")
-    for flag in ("--only", "--out", "--student-steps"):
-        if flag in passthrough:
-            p.error(f"{flag} after '--': it is this tool's own option")
+    reproduce = reproduce_module()
+    try:
+        theirs = reproduce.parse_args(passthrough)
+    except SystemExit:
+        p.error(f"after '--': {' '.join(passthrough)}: not options of reproduce_net2net.py (its message above)")
+    if theirs.only or theirs.student_steps is not None or theirs.out != reproduce.DEFAULT_OUT:
+        p.error("--only, --out and --student-steps after '--': they are this tool's own options")
     args.passthrough = passthrough
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    status = 0 if args.table_only else run_budgets(args.only, args.steps, args.out, args.passthrough)
-    rows = frontier_rows(args.only, budget_runs(args.out, args.only))
+    try:
+        status = 0 if args.table_only else run_budgets(args.only, args.steps, args.out, args.passthrough)
+        rows = frontier_rows(args.only, budget_runs(args.out, args.only))
+    except FrontierError as exc:
+        print(f"budget_frontier: {exc}", file=sys.stderr)
+        return 2
     table = format_frontier(rows)
     print(table, flush=True)
     if rows:

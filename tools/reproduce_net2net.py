@@ -164,7 +164,7 @@ class Experiment:
     deepen: str               # which layers get an identity layer ("all", "last-conv+last-dense", "blocks")
     teacher_steps: int
     teacher_lr: float
-    T: int                    # budget of the random-init students; grown students get T // 3
+    T: int                    # budget of the random-init students; grown students get T // 3 (or student_steps)
     grid: tuple               # peak learning rates tried for every arm
     tune_seeds: int = 2
     seeds: int = 5
@@ -991,6 +991,11 @@ def tuning_candidates(entry: dict) -> list[tuple[tuple[str, float, float | None]
     return [((sp, wd, noise), entry["validation_by_lr"])]
 
 
+def budget_label(label: str, exp: dict) -> str:
+    """A label naming T/3, with the students' actual budget when ``--student-steps`` changed it."""
+    return label if exp["short"] == exp["T"] // 3 else label.replace("T/3", f"{exp['short']} steps")
+
+
 def plot(experiments: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -1014,7 +1019,7 @@ def plot(experiments: dict, out: Path) -> list[str]:
                 point += f", wd {entry['weight_decay']:g}" if entry.get("weight_decay") else ""
                 point += f", noise {entry['noise']:g}" if noise_tag(entry.get("noise")) else ""
                 ax.plot(entry["steps"], m, color=colors[entry["arm"]], marker=".",
-                        label=f"{LABELS[entry['arm']]} (lr {entry['lr']:g}{point})")
+                        label=f"{budget_label(LABELS[entry['arm']], exp)} (lr {entry['lr']:g}{point})")
                 ax.fill_between(entry["steps"], m - e, m + e, color=colors[entry["arm"]], alpha=0.2, lw=0)
             rows = [r for r in exp["rows"] if r["growth"] == growth]
             if not rows:      # --arms without this growth
