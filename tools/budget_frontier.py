@@ -86,10 +86,10 @@ def frontier_rows(model: str, runs: list[tuple[int, dict]]) -> list[dict]:
         FrontierError: the runs do not share T and the target's final metrics (folders of different runs).
     """
     rows = []
+    first_T, first_target = (runs[0][1]["T"], finals_by_seed(runs[0][1]["arms"][TARGET_ARM])) if runs else (0, {})
     for steps, exp in runs:
         better = 1 if exp["metric"] == "acc" else -1   # paired differences: positive is better
         target = finals_by_seed(exp["arms"][TARGET_ARM])
-        first_T, first_target = runs[0][1]["T"], finals_by_seed(runs[0][1]["arms"][TARGET_ARM])
         if (exp["T"], target) != (first_T, first_target):
             raise FrontierError(f"n{steps}: T {exp['T']} and target {sorted(target.items())} differ from "
                                 f"n{runs[0][0]}'s (T {first_T}, {sorted(first_target.items())}): not one sweep")
