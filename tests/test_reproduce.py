@@ -348,6 +348,12 @@ def test_quick_student_steps_gives_every_arm_but_the_target_that_budget(tmp_path
     assert "widen/net2net lr" in again.stderr and "widen/random-init lr" not in again.stderr
     exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
     assert {r["arm"]: r["steps"] for r in exp["rows"]}["net2net"] == 40 == exp["short"]
+    at_T = subprocess.run(base + ["--student-steps", "120"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          check=False)   # random init for N = T steps is the target's own runs, not trained again
+    assert at_T.returncode == 0, at_T.stderr[-5000:]
+    assert "widen/random-init-T/3: lr" in at_T.stderr and "widen/random-init-T/3 lr" not in at_T.stderr
+    exp = json.loads((tmp_path / "results.json").read_text())["experiments"]["mnist1d-cnn"]
+    assert exp["arms"]["widen/random-init-T/3"]["curves"] == exp["arms"]["widen/random-init"]["curves"]
 
 
 def test_wd_grid_option_is_parsed_and_checked():

@@ -735,8 +735,9 @@ class Lab:
         noise = (ZERO_SUM_NOISE if noise is None else noise) if is_zero_sum(arm) else None
         steps = exp.T if arm == "random-init" else short(exp)
         wd_tag = f"_wd{wd:g}" if wd else ""
-        name = (f"{growth}_{arm.replace('/', '_').replace('+', '_')}{noise_tag(noise)}{sp_tag(sp)}{wd_tag}_lr{lr:g}_"
-                f"seed{seed}_{steps}.json")
+        # both random-init arms train the same student: named alike, a run of N steps is shared between them
+        model = "random-init" if arm.startswith("random-init") else arm.replace('/', '_').replace('+', '_')
+        name = f"{growth}_{model}{noise_tag(noise)}{sp_tag(sp)}{wd_tag}_lr{lr:g}_seed{seed}_{steps}.json"
         path = (self.dir if arm.startswith("random-init") else self.grown_dir) / "runs" / name
         if path.is_file():
             return json.loads(path.read_text())
